@@ -1,0 +1,1 @@
+"""kvkernels: GPU kernels for delivering knowledge to LLMs as KV caches."""

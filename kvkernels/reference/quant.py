@@ -1,0 +1,139 @@
+"""Torch reference for ``quantize`` / ``dequantize`` (the executable spec; also the CPU path).
+
+Every backend implements the same two functions with the same arguments:
+
+* ``quantize_into(x, fmt, codes, scale, zero, compute_scale)``
+  - ``x``: ``[L, T, H, D]`` bf16/fp16/fp32, ``x.stride(-1) == 1``, other strides arbitrary.
+  - ``codes``: contiguous ``uint8 [L, T, H, D*bits/8]`` (written).
+  - ``scale``/``zero``: contiguous float32 of ``fmt.scale_shape(L, T, H, D)`` (written;
+    for fp8 with ``compute_scale=False`` the scale is read instead). ``zero`` is None for fp8.
+* ``dequantize_into(codes, scale, zero, fmt, out)``
+  - ``out``: ``[L, T, H, D]`` bf16/fp16/fp32, ``out.stride(-1) == 1`` (written).
+
+See docs/quant-spec.md for the math.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..formats import FP8_MAX, QuantFormat
+
+
+def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes ``[..., D]`` (< 2**bits) -> ``[..., D*bits/8]``, first code in the low bits."""
+    if bits == 8:
+        return q
+    k = 8 // bits
+    q = q.reshape(*q.shape[:-1], q.shape[-1] // k, k).to(torch.int32)
+    shifts = torch.arange(k, device=q.device, dtype=torch.int32) * bits
+    return (q << shifts).sum(-1).to(torch.uint8)
+
+
+def _unpack(c: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`_pack`: ``[..., D*bits/8]`` uint8 -> ``[..., D]`` int32."""
+    if bits == 8:
+        return c.to(torch.int32)
+    k = 8 // bits
+    shifts = torch.arange(k, device=c.device, dtype=torch.int32) * bits
+    q = (c.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return q.reshape(*c.shape[:-1], c.shape[-1] * k)
+
+
+def _int_quantize_groups(xg: torch.Tensor, qmax: int, dim):
+    """Quantize float32 ``xg`` in groups reduced over ``dim``; returns (q, scale, zero)."""
+    mn = xg.amin(dim=dim, keepdim=True)
+    mx = xg.amax(dim=dim, keepdim=True)
+    scale = (mx - mn) / qmax
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.floor((xg - mn) / safe + 0.5).clamp_(0, qmax)
+    q = torch.where(scale > 0, q, torch.zeros_like(q))
+    return q.to(torch.uint8), scale, mn
+
+
+def _fp8_scope_amax(x: torch.Tensor, scope: str) -> torch.Tensor:
+    a = x.abs()
+    if scope == "tensor":
+        return a.amax(dim=(1, 2, 3))
+    if scope == "head":
+        return a.amax(dim=(1, 3))
+    return a.amax(dim=3)
+
+
+def _fp8_broadcast(scale: torch.Tensor, scope: str) -> torch.Tensor:
+    """Scale of the scope's shape -> broadcastable against ``[L, T, H, D]``."""
+    if scope == "tensor":
+        return scale.view(-1, 1, 1, 1)
+    if scope == "head":
+        return scale.view(scale.shape[0], 1, scale.shape[1], 1)
+    return scale.unsqueeze(-1)
+
+
+def fp8_compute_scale(x: torch.Tensor, scope: str) -> torch.Tensor:
+    """amax / 448 per scope (float32); a zero scale becomes 1."""
+    s = _fp8_scope_amax(x.float(), scope) / FP8_MAX
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
+def quantize_into(x, fmt: QuantFormat, codes, scale, zero, compute_scale: bool = True) -> None:
+    L, T, H, D = x.shape
+    xf = x.float()
+    if fmt.kind == "fp8":
+        if compute_scale:
+            scale.copy_(fp8_compute_scale(xf, fmt.scope))
+        s = _fp8_broadcast(scale, fmt.scope)
+        y = (xf / s).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        codes.copy_(y.view(torch.uint8))
+        return
+    G = fmt.group_size
+    if fmt.axis == "channel":
+        q, sc, zp = _int_quantize_groups(xf.reshape(L, T, H, D // G, G), fmt.qmax, dim=-1)
+        q = q.reshape(L, T, H, D)
+        scale.copy_(sc.squeeze(-1))
+        zero.copy_(zp.squeeze(-1))
+    else:
+        ng = -(-T // G)
+        pad = ng * G - T
+        if pad:  # pad the last partial group with a copy of its first token (does not change min/max)
+            fill = xf[:, (ng - 1) * G:(ng - 1) * G + 1].expand(L, pad, H, D)
+            xf = torch.cat([xf, fill], dim=1)
+        q, sc, zp = _int_quantize_groups(xf.reshape(L, ng, G, H, D), fmt.qmax, dim=2)
+        q = q.reshape(L, ng * G, H, D)[:, :T]
+        scale.copy_(sc.squeeze(2))
+        zero.copy_(zp.squeeze(2))
+    codes.copy_(_pack(q, fmt.bits))
+
+
+def dequantize_into(codes, scale, zero, fmt: QuantFormat, out) -> None:
+    L, T, H, D = out.shape
+    if fmt.kind == "fp8":
+        y = codes.view(torch.float8_e4m3fn).float() * _fp8_broadcast(scale, fmt.scope)
+        out.copy_(y)
+        return
+    q = _unpack(codes, fmt.bits).float()
+    G = fmt.group_size
+    if fmt.axis == "channel":
+        y = q.reshape(L, T, H, D // G, G) * scale.unsqueeze(-1) + zero.unsqueeze(-1)
+    else:
+        idx = torch.arange(T, device=codes.device) // G
+        y = q * scale[:, idx] + zero[:, idx]
+    out.copy_(y.reshape(L, T, H, D))
+
+
+def dequantize_float64(codes, scale, zero, fmt: QuantFormat, shape) -> torch.Tensor:
+    """Dequantize in float64 (the tests' ground truth for the decoded values)."""
+    out = torch.empty(shape, dtype=torch.float64, device=codes.device)
+    sc = scale.double()
+    zp = zero.double() if zero is not None else None
+    if fmt.kind == "fp8":
+        out.copy_(codes.view(torch.float8_e4m3fn).double() * _fp8_broadcast(sc, fmt.scope))
+        return out
+    L, T, H, D = shape
+    q = _unpack(codes, fmt.bits).double()
+    G = fmt.group_size
+    if fmt.axis == "channel":
+        y = q.reshape(L, T, H, D // G, G) * sc.unsqueeze(-1) + zp.unsqueeze(-1)
+    else:
+        idx = torch.arange(T, device=codes.device) // G
+        y = q * sc[:, idx] + zp[:, idx]
+    out.copy_(y.reshape(shape))
+    return out
