@@ -1,0 +1,20 @@
+"""Test set-up: on a machine without a GPU, Triton kernels run in the interpreter on CPU tensors.
+
+TRITON_INTERPRET must be set before any Triton kernel is imported, so it is set here.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # A fresh but reproducible seed per test: random inputs, failures replayable.
+    torch.manual_seed(hash(request.node.nodeid) % (2**31))

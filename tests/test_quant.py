@@ -1,0 +1,290 @@
+"""quantize / dequantize: every backend against the torch reference (the spec).
+
+Codes, scales and zero points must be bit-identical to the reference; decoded values are checked
+against the input in float64 (within half a quantization step) and against the reference's
+dequantize (tolerances from tests/tolerances.py). Outputs are poisoned before each run.
+"""
+import itertools
+import os
+
+import pytest
+import torch
+
+import kvkernels
+from kvkernels import dispatch
+from kvkernels.formats import QuantFormat
+from kvkernels.quant import dequantize_op, quantize_op
+from kvkernels.reference import quant as ref
+
+from conftest import DEVICE
+from tolerances import FP8_REL, FP8_SUBNORMAL_ABS, INT_STEP_SLACK, OUT_ULP
+
+ON_GPU = DEVICE == "cuda"
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+
+FORMATS = ["int8:g64:channel", "int8:g16:channel", "int4:g32:channel", "int4:g128:channel",
+           "int2:g32:channel", "int2:g16:channel", "int8:g32:token", "int4:g32:token", "int2:g32:token",
+           "int4:g16:token", "fp8:token_head", "fp8:head", "fp8:tensor"]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+# (L, T, H, D): odd token counts, head_dim 64/80/96/128/256
+SHAPES = [(1, 37, 2, 64), (2, 19, 3, 128), (1, 33, 1, 96), (2, 7, 2, 80), (1, 5, 1, 256)]
+if ON_GPU:
+    SHAPES += [(3, 1025, 8, 128), (2, 511, 3, 64)]
+LAYOUTS = ["contiguous", "token_strided", "hnd"]
+KERNEL_BACKENDS = ["cuda", "triton"]
+
+
+def _runnable(backend, t, fmt):
+    return dispatch.refusal("quantize", backend, t, fmt) or dispatch.refusal("dequantize", backend, t, fmt)
+
+
+def make_x(shape, dtype, layout, device=DEVICE):
+    """Random KV ``[L, T, H, D]`` in the requested memory layout (values spread over groups)."""
+    L, T, H, D = shape
+    scale = torch.rand(L, 1, H, 1, device=device) * 4 + 0.1
+    shift = torch.randn(L, 1, H, 1, device=device)
+    base = torch.randn(L, T, H, D, device=device) * scale + shift
+    if layout == "contiguous":
+        return base.to(dtype)
+    if layout == "token_strided":  # tokens interleaved with another tensor (e.g. packed K|V)
+        buf = torch.full((L, T, 2, H, D), float("nan"), device=device, dtype=dtype)
+        buf[:, :, 1] = base.to(dtype)
+        return buf[:, :, 1]
+    if layout == "hnd":  # heads outermost: a permuted view, token stride = D
+        buf = base.permute(0, 2, 1, 3).contiguous().to(dtype)
+        return buf.permute(0, 2, 1, 3)
+    raise AssertionError(layout)
+
+
+def poisoned_outputs(x, fmt):
+    L, T, H, D = x.shape
+    codes = torch.full(fmt.codes_shape(L, T, H, D), 0xAB, dtype=torch.uint8, device=x.device)
+    scale = torch.full(fmt.scale_shape(L, T, H, D), float("nan"), device=x.device)
+    zero = torch.full_like(scale, float("nan")) if fmt.has_zero else None
+    return codes, scale, zero
+
+
+def run_quantize(x, fmt, backend, scale_in=None):
+    codes, scale, zero = poisoned_outputs(x, fmt)
+    if scale_in is not None:
+        scale.copy_(scale_in)
+    quantize_op(x, str(fmt), codes, scale, zero, scale_in is None, backend)
+    return codes, scale, zero
+
+
+def run_dequantize(codes, scale, zero, fmt, shape, dtype, backend, layout="contiguous"):
+    out = make_x(shape, dtype, layout)
+    out.fill_(float("nan"))
+    dequantize_op(codes, scale, zero, str(fmt), out, backend)
+    return out
+
+
+def check_decoded_vs_input(x, codes, scale, zero, fmt):
+    """Decoded values (float64) are within half a quantization step of the input."""
+    xd = x.double()
+    y = ref.dequantize_float64(codes, scale, zero, fmt, x.shape)
+    assert torch.isfinite(y).all()
+    err = (y - xd).abs()
+    if fmt.kind == "int":
+        if fmt.axis == "channel":
+            step = scale.double().repeat_interleave(fmt.group_size, dim=-1)
+        else:
+            step = scale.double()[:, torch.arange(x.shape[1], device=x.device) // fmt.group_size]
+        bound = step / 2 + INT_STEP_SLACK * step * fmt.qmax + 1e-30
+    else:
+        s = ref._fp8_broadcast(scale.double(), fmt.scope).expand_as(xd)
+        bound = torch.maximum(xd.abs() * FP8_REL, s * FP8_SUBNORMAL_ABS) * (1 + 1e-9)
+    bad = err > bound
+    assert not bad.any(), f"{int(bad.sum())} values off by more than half a step; max excess {(err - bound).max()}"
+
+
+def check_close(out, want, dtype):
+    assert not torch.isnan(out).any(), "unwritten (NaN-poisoned) outputs remain"
+    tol = OUT_ULP[dtype] * want.abs().max().item()
+    diff = (out.float() - want.float()).abs().max().item()
+    assert diff <= tol, f"max |diff| {diff} > {tol}"
+
+
+def _cases():
+    # every format x every dtype; shapes and layouts rotate so each meets every format
+    for i, (f, d) in enumerate(itertools.product(FORMATS, DTYPES)):
+        shape = SHAPES[i % len(SHAPES)]
+        try:
+            QuantFormat.parse(f).check_shape(*shape[1:])
+        except ValueError:  # e.g. group 64 on head_dim 80: use head_dim 128 for this format
+            shape = (*shape[:3], 128)
+        yield f, d, shape, LAYOUTS[i % len(LAYOUTS)]
+
+
+CASES = list(_cases())
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("spec,dtype,shape,layout", CASES, ids=[f"{c[0]}-{str(c[1])[6:]}-{'x'.join(map(str, c[2]))}-{c[3]}" for c in CASES])
+def test_quantize_matches_reference(backend, spec, dtype, shape, layout):
+    fmt = QuantFormat.parse(spec)
+    x = make_x(shape, dtype, layout)
+    why = _runnable(backend, x, fmt)
+    if why:
+        pytest.skip(f"{backend}: {why}")
+    codes, scale, zero = run_quantize(x, fmt, backend)
+    rcodes, rscale, rzero = run_quantize(x, fmt, "torch")
+    torch.testing.assert_close(scale, rscale, rtol=0, atol=0)
+    if zero is not None:
+        torch.testing.assert_close(zero, rzero, rtol=0, atol=0)
+    if fmt.kind == "fp8" and INTERP:
+        # the interpreter rounds fp8 casts wrongly: codes within one e4m3 step, checked by decode
+        y = ref.dequantize_float64(codes, scale, zero, fmt, x.shape)
+        yr = ref.dequantize_float64(rcodes, rscale, rzero, fmt, x.shape)
+        s = ref._fp8_broadcast(rscale.double(), fmt.scope).expand_as(y)
+        assert ((y - yr).abs() <= torch.maximum(yr.abs() * 2 * FP8_REL, s * 2 * FP8_SUBNORMAL_ABS)).all()
+    else:
+        assert torch.equal(codes, rcodes), f"{int((codes != rcodes).sum())} codes differ from the reference"
+    check_decoded_vs_input(x, rcodes, rscale, rzero, fmt)
+    # dequantize: backend vs reference on the reference's codes, into a strided output
+    out = run_dequantize(rcodes, rscale, rzero, fmt, shape, dtype, backend, layout)
+    want = run_dequantize(rcodes, rscale, rzero, fmt, shape, dtype, "torch")
+    check_close(out, want, dtype)
+
+
+@pytest.mark.parametrize("spec", FORMATS)
+def test_reference_within_half_step(spec):
+    """The reference itself honours the error bound, on all dtypes, odd shapes, L=1 and L>1."""
+    fmt = QuantFormat.parse(spec)
+    for dtype, shape in zip(DTYPES, [(1, 41, 3, 128), (2, 17, 2, 256), (1, 9, 4, 128)]):
+        x = make_x(shape, dtype, "contiguous")
+        codes, scale, zero = run_quantize(x, fmt, "torch")
+        check_decoded_vs_input(x, codes, scale, zero, fmt)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["torch"])
+@pytest.mark.parametrize("spec", ["fp8:token_head", "fp8:head", "fp8:tensor"])
+def test_fp8_given_scale_saturates(backend, spec):
+    """Given scales are read, not overwritten; values beyond 448*scale saturate to +-448."""
+    fmt = QuantFormat.parse(spec)
+    shape = (2, 13, 2, 64)
+    x = make_x(shape, torch.float32, "contiguous")
+    why = _runnable(backend, x, fmt)
+    if why:
+        pytest.skip(f"{backend}: {why}")
+    given = torch.rand(fmt.scale_shape(*shape), device=DEVICE) * 0.004 + 0.001  # small: forces saturation
+    codes, scale, _ = run_quantize(x, fmt, backend, scale_in=given)
+    assert torch.equal(scale, given)
+    y = codes.view(torch.float8_e4m3fn).float()
+    assert torch.isfinite(y).all() and y.abs().max().item() == 448.0
+    rcodes, _, _ = run_quantize(x, fmt, "torch", scale_in=given)
+    if not INTERP or backend == "torch":
+        assert torch.equal(codes, rcodes)
+
+
+def test_packing_bit_order():
+    """int4: channel 2j in the low nibble of byte j; int2: channel 4j+i at bits 2i."""
+    q = torch.tensor([[1, 2, 3, 0, 15, 7, 0, 9]], dtype=torch.uint8)
+    assert ref._pack(q, 4).tolist() == [[0x21, 0x03, 0x7F, 0x90]]
+    q2 = torch.tensor([[1, 2, 3, 0, 3, 3, 0, 1]], dtype=torch.uint8)
+    assert ref._pack(q2, 2).tolist() == [[0b00111001, 0b01001111]]
+    for bits in (2, 4, 8):
+        r = torch.randint(0, 1 << bits, (5, 64), dtype=torch.uint8)
+        assert torch.equal(ref._unpack(ref._pack(r, bits), bits).to(torch.uint8), r)
+
+
+@pytest.mark.parametrize("spec", ["int4:g32:channel", "int2:g32:token", "fp8:token_head", "fp8:tensor"])
+@pytest.mark.parametrize("layers", [False, True])
+def test_public_api_roundtrip(spec, layers):
+    shape = (2, 21, 3, 64) if layers else (21, 3, 64)
+    x = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16)
+    q = kvkernels.quantize(x, spec)
+    fmt = QuantFormat.parse(spec)
+    L = shape[0] if layers else 1
+    assert q.shape == shape and q.has_layers == layers and q.format == fmt
+    assert tuple(q.scale.shape) == (fmt.scale_shape(L, *shape[-3:]) if layers else fmt.scale_shape(1, *shape)[1:])
+    y = kvkernels.dequantize(q)
+    assert y.dtype == torch.bfloat16 and y.shape == x.shape
+    y32 = kvkernels.dequantize(q, torch.float32)
+    check_close(y, y32, torch.bfloat16)
+    x4 = x if layers else x.unsqueeze(0)
+    sc4 = q.scale.reshape(fmt.scale_shape(L, *x4.shape[1:]))
+    z4 = q.zero.reshape(sc4.shape) if q.zero is not None else None
+    check_decoded_vs_input(x4, q.codes.reshape(L, *q.codes.shape[-3:]).view(torch.uint8), sc4, z4, fmt)
+
+
+def test_given_scale_public_api():
+    x = torch.randn(9, 2, 64, device=DEVICE)
+    s = torch.tensor(0.01, device=DEVICE)
+    q = kvkernels.quantize(x, "fp8:tensor", scale=s)
+    assert q.scale.shape == () and q.scale.item() == pytest.approx(0.01)
+    q2 = kvkernels.quantize(x, "fp8:head", scale=torch.full((2,), 0.02, device=DEVICE))
+    assert torch.equal(q2.scale, torch.full((2,), 0.02, device=DEVICE))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["torch"])
+def test_opcheck(backend):
+    fmt = QuantFormat.parse("int4:g32:channel")
+    x = make_x((1, 9, 2, 64), torch.float16, "contiguous")
+    why = _runnable(backend, x, fmt)
+    if why:
+        pytest.skip(f"{backend}: {why}")
+    codes, scale, zero = poisoned_outputs(x, fmt)
+    torch.library.opcheck(quantize_op, (x, str(fmt), codes, scale, zero, True, backend))
+    quantize_op(x, str(fmt), codes, scale, zero, True, backend)
+    out = torch.empty_like(x)
+    torch.library.opcheck(dequantize_op, (codes, scale, zero, str(fmt), out, backend))
+    f8 = QuantFormat.parse("fp8:head")
+    c8, s8, _ = poisoned_outputs(x, f8)
+    torch.library.opcheck(quantize_op, (x, str(f8), c8, s8, None, True, backend))
+
+
+def test_torch_compile_fullgraph():
+    def roundtrip(x):
+        q = kvkernels.quantize(x, "int4:g32:channel", backend="torch")
+        return kvkernels.dequantize(q, backend="torch")
+
+    x = torch.randn(11, 2, 64, device=DEVICE)
+    got = torch.compile(roundtrip, fullgraph=True)(x)
+    assert torch.equal(got, roundtrip(x))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("spec", ["int4:g32:channel", "fp8:head", "int2:g32:token"])
+def test_cuda_graph_capture(backend, spec):
+    fmt = QuantFormat.parse(spec)
+    x = make_x((2, 64, 4, 128), torch.bfloat16, "contiguous")
+    why = _runnable(backend, x, fmt)
+    if why:
+        pytest.skip(f"{backend}: {why}")
+    codes, scale, zero = poisoned_outputs(x, fmt)
+    out = torch.empty_like(x)
+    # warm up (compiles, caches dispatch) on a side stream, then capture
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        quantize_op(x, str(fmt), codes, scale, zero, True, backend)
+        dequantize_op(codes, scale, zero, str(fmt), out, backend)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        quantize_op(x, str(fmt), codes, scale, zero, True, backend)
+        dequantize_op(codes, scale, zero, str(fmt), out, backend)
+    x.copy_(make_x(x.shape, x.dtype, "contiguous"))  # new data, same buffers
+    out.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    rc, rs, rz = run_quantize(x, fmt, "torch")
+    assert torch.equal(codes, rc) and torch.equal(scale, rs)
+    check_close(out, run_dequantize(rc, rs, rz, fmt, x.shape, x.dtype, "torch"), x.dtype)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+def test_large_offsets_cuda_triton():
+    """More than 2**31 bytes of input: int64 offsets in every kernel."""
+    fmt = QuantFormat.parse("int8:g128:channel")
+    T = (2**31 // (8 * 128 * 2)) + 17
+    x = torch.randn(1, T, 8, 128, device=DEVICE, dtype=torch.bfloat16)
+    rc, rs, rz = run_quantize(x, fmt, "torch")
+    for backend in KERNEL_BACKENDS:
+        if _runnable(backend, x, fmt):
+            continue
+        c, s, z = run_quantize(x, fmt, backend)
+        assert torch.equal(c[:, -64:], rc[:, -64:]) and torch.equal(s, rs)
+        del c, s, z
