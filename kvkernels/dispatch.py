@@ -91,11 +91,12 @@ def refusal(op: str, name: str, *case_args) -> Optional[str]:
     return why
 
 
-def resolve(op: str, key: Hashable, case_args: tuple, backend: Optional[str] = None) -> Tuple[str, Callable]:
-    """Pick the implementation of ``op`` for a case. ``key`` must determine every backend's
-    answer for ``case_args`` (it is the cache key)."""
+def resolve(op: str, key: Hashable, case_args: tuple, backend: Optional[str] = None,
+            device_type: str = "cuda") -> Tuple[str, Callable]:
+    """Pick the implementation of ``op`` for a case on ``device_type``. ``key`` must determine
+    every backend's answer for ``case_args`` (it is the cache key)."""
     want = requested_backend(backend)
-    ck = (op, want, key)
+    ck = (op, want, device_type, key)
     hit = _CACHE.get(ck)
     if hit is not None:
         return hit
@@ -104,6 +105,10 @@ def resolve(op: str, key: Hashable, case_args: tuple, backend: Optional[str] = N
         raise BackendError(f"{op}: no implementation registered")
     reasons = []
     for name in ([want] if want else BACKENDS):
+        if not want and name == "triton" and device_type == "cpu":
+            reasons.append("triton: CPU tensors run in the Triton interpreter (a test tool) only when "
+                           "backend='triton' is requested")
+            continue
         why = refusal(op, name, *case_args)
         if why is None:
             _CACHE[ck] = (name, impls[name][0])

@@ -34,7 +34,7 @@ def quantize_op(x: torch.Tensor, fmt: str, codes: torch.Tensor, scale: torch.Ten
                 zero: Optional[torch.Tensor], compute_scale: bool, backend: Optional[str]) -> None:
     """x [L,T,H,D] -> codes/scale/zero (see ``reference.quant`` for the conventions)."""
     f = _fmt(fmt)
-    _, impl = dispatch.resolve("quantize", _key(x, f), (x, f), backend)
+    _, impl = dispatch.resolve("quantize", _key(x, f), (x, f), backend, x.device.type)
     impl(x, f, codes.view(torch.uint8), scale, zero, compute_scale)
 
 
@@ -48,7 +48,7 @@ def dequantize_op(codes: torch.Tensor, scale: torch.Tensor, zero: Optional[torch
                   out: torch.Tensor, backend: Optional[str]) -> None:
     """codes/scale/zero -> out [L,T,H,D]."""
     f = _fmt(fmt)
-    _, impl = dispatch.resolve("dequantize", _key(out, f), (out, f), backend)
+    _, impl = dispatch.resolve("dequantize", _key(out, f), (out, f), backend, out.device.type)
     impl(codes.view(torch.uint8), scale, zero, f, out)
 
 

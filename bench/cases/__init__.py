@@ -1,0 +1,4 @@
+"""Bench cases, one module per op family; ``CASES`` maps each op name to its runner."""
+from . import quant
+
+CASES = {**quant.CASES}

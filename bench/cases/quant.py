@@ -1,0 +1,98 @@
+"""Bench cases for ``quantize`` and ``dequantize``.
+
+Bytes moved (the floor): quantize reads ``n * in_size`` and writes ``n * bits / 8`` of codes plus
+4 bytes per scale and zero point; dequantize reads those and writes ``n * out_size``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kvkernels import dispatch
+from kvkernels.formats import QuantFormat
+from kvkernels.quant import dequantize_op, quantize_op
+
+# (model, L, H, D); T varies
+MODELS = {"llama3-8b": (32, 8, 128), "smollm2-135m": (30, 3, 64)}
+GPU_SIZES = [("llama3-8b", 4096), ("llama3-8b", 32768), ("smollm2-135m", 4096)]
+CPU_SIZES = [("smollm2-135m", 256)]
+FORMATS = ["fp8:token_head", "fp8:tensor", "int8:g64:channel", "int4:g32:channel", "int2:g32:channel",
+           "int4:g32:token", "int2:g32:token"]
+
+
+def _bufs(fmt, L, T, H, D, device):
+    codes = torch.empty(fmt.codes_shape(L, T, H, D), dtype=torch.uint8, device=device)
+    scale = torch.empty(fmt.scale_shape(L, T, H, D), dtype=torch.float32, device=device)
+    zero = torch.empty_like(scale) if fmt.has_zero else None
+    return codes, scale, zero
+
+
+def _meta_bytes(fmt, L, T, H, D):
+    return math.prod(fmt.scale_shape(L, T, H, D)) * 4 * (2 if fmt.has_zero else 1)
+
+
+def run(args, timer, copy, info, op_names):
+    device = args.device
+    sizes = GPU_SIZES if device == "cuda" else CPU_SIZES
+    if args.tokens:
+        sizes = [(m, t) for m in {m for m, _ in sizes} for t in args.tokens]
+    formats = args.formats or FORMATS
+    rows = []
+    for model, T in sizes:
+        L, H, D = MODELS[model]
+        x = (torch.randn(L, T, H, D, device=device) * 2 + 0.5).to(torch.bfloat16)
+        n = x.numel()
+        for spec in formats:
+            fmt = QuantFormat.parse(spec)
+            try:
+                fmt.check_shape(T, H, D)
+            except ValueError:
+                continue
+            codes_ref, scale_ref, zero_ref = _bufs(fmt, L, T, H, D, device)
+            quantize_op(x, spec, codes_ref, scale_ref, zero_ref, True, "torch")
+            out_ref = torch.empty_like(x)
+            dequantize_op(codes_ref, scale_ref, zero_ref, spec, out_ref, "torch")
+            mb = _meta_bytes(fmt, L, T, H, D)
+            nbytes = {"quantize": n * 2 + n * fmt.bits // 8 + mb, "dequantize": n * fmt.bits // 8 + mb + n * 2}
+            for backend in args.backends:
+                for op in op_names:
+                    why = dispatch.refusal(op, backend, x, fmt)
+                    row = dict(op=op, format=spec, backend=backend, model=model, L=L, T=T, H=H, D=D,
+                               dtype="bfloat16", bytes=nbytes[op], **info)
+                    if why:
+                        rows.append({**row, "status": f"refused: {why}"})
+                        continue
+                    codes, scale, zero = _bufs(fmt, L, T, H, D, device)
+                    out = torch.empty_like(x)
+                    if op == "quantize":
+                        fn = lambda: quantize_op(x, spec, codes, scale, zero, True, backend)  # noqa: E731
+                    else:
+                        fn = lambda: dequantize_op(codes_ref, scale_ref, zero_ref, spec, out, backend)  # noqa: E731
+                    fn()  # reference check before timing
+                    if op == "quantize":
+                        ok = torch.equal(codes, codes_ref) and torch.equal(scale, scale_ref)
+                    else:
+                        ok = (out.float() - out_ref.float()).abs().max().item() <= 2**-7 * out_ref.abs().max().item()
+                    t = timer(fn)
+                    gbps = nbytes[op] / t["median_us"] / 1e3
+                    cgbps = copy.gbps(nbytes[op])
+                    rows.append({**row, **t, "GBps": gbps, "copy_GBps": cgbps, "pct_copy": 100 * gbps / cgbps,
+                                 "check": "ok" if ok else "MISMATCH", "status": "ran"})
+                    del codes, scale, zero, out
+                    print(_fmt_row(rows[-1]), flush=True)
+            del codes_ref, scale_ref, zero_ref, out_ref
+        del x
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _fmt_row(r):
+    return (f"{r['op']:10s} {r['format']:18s} {r['backend']:6s} {r['model']:12s} T={r['T']:<6d} "
+            f"{r['bytes'] / 2**20:9.1f} MiB {r['median_us']:10.1f} us {r['GBps']:8.1f} GB/s "
+            f"{r['pct_copy']:5.1f}% of copy  {r['check']}")
+
+
+CASES = {"quantize": run, "dequantize": run}
+FAMILY = "quant"
