@@ -1,0 +1,37 @@
+"""Markdown table from a bench JSON: ``python -m bench.report bench/results/<file>.json``.
+
+One row per (op, format, model, T): each backend's GB/s and % of the device copy measured in
+the same run. The README's bench table is generated with this.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections import OrderedDict
+
+
+def table(rows, backends=("cuda", "triton", "torch")) -> str:
+    ran = [r for r in rows if r.get("status") == "ran"]
+    if not ran:
+        return "(no rows)"
+    r0 = ran[0]
+    head = (f"{r0['gpu']}, torch {r0['torch']}, triton {r0['triton']}, CUDA {r0.get('cuda')}, {r0['date']}; "
+            f"bf16 input, GB/s counts bytes read + written; % = of a device-to-device copy of the same bytes "
+            f"in the same run ({r0.get('copy_GBps', 0):.0f} GB/s at the first size).")
+    groups = OrderedDict()
+    for r in ran:
+        groups.setdefault((r["op"], r["format"], r["model"], r["T"], r["bytes"]), {})[r["backend"]] = r
+    bs = [b for b in backends if any(b in g for g in groups.values())]
+    lines = [head, "", "| op | format | shape | MiB moved | " + " | ".join(f"{b} GB/s (% copy)" for b in bs) + " |",
+             "| --- | --- | --- | --- | " + " | ".join("---" for _ in bs) + " |"]
+    for (op, fmt, model, T, nbytes), g in groups.items():
+        r = next(iter(g.values()))
+        cells = [f"{g[b]['GBps']:.0f} ({g[b]['pct_copy']:.0f}%)" if b in g else "—" for b in bs]
+        lines.append(f"| `{op}` | `{fmt}` | {model} {r['L']}×{T}×{r['H']}×{r['D']} | {nbytes / 2**20:.0f} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as f:
+        print(table(json.load(f)))

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One call on a GPU machine (no network): build the extension, run the whole test suite on the
+# GPU, run the benches. Usage: bash scripts/gpu_check.sh OUT_DIR [pytest args...]
+# Writes OUT_DIR/{run.log,pytest.log,junit.xml,quant.json,quant.csv,summary.txt}.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:?usage: gpu_check.sh OUT_DIR}; shift || true
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+LOG="$OUT/run.log"
+exec > >(tee -a "$LOG") 2>&1
+echo "== $(date -u +%FT%TZ) $(hostname)"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
+# carried wheels (pytest, pybind11) for machines without them; no network there
+if [ -d wheels ]; then $PY -m pip install --quiet --no-index --no-deps wheels/*.whl 2>&1 | tail -2 || true; fi
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+echo "== build"
+t0=$(date +%s)
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v $PY)" \
+  -DKVK_CUDA_ARCHS="${KVK_CUDA_ARCHS:-90-real}" -DKVK_OUTPUT_DIR="$PWD/kvkernels" > "$OUT/build.txt" 2>&1 \
+  && cmake --build build -j "${MAX_JOBS:-16}" >> "$OUT/build.txt" 2>&1
+brc=$?
+tail -5 "$OUT/build.txt"; echo "build rc=$brc in $(( $(date +%s) - t0 ))s"
+$PY -m kvkernels
+echo "== tests"
+$PY -m pytest -q -x --junitxml="$OUT/junit.xml" "$@" > "$OUT/pytest.log" 2>&1
+trc=$?
+tail -25 "$OUT/pytest.log"
+echo "== bench"
+$PY -m bench quant --out "$OUT" > "$OUT/bench.txt" 2>&1
+bnc=$?
+{
+  echo "build rc=$brc tests rc=$trc bench rc=$bnc"
+  grep -E "passed|failed" "$OUT/pytest.log" | tail -1
+  cat "$OUT/bench.txt"
+} > "$OUT/summary.txt"
+cat "$OUT/summary.txt" | tail -60
