@@ -43,7 +43,9 @@ def _int_quantize_groups(xg: torch.Tensor, qmax: int, dim):
     """Quantize float32 ``xg`` in groups reduced over ``dim``; returns (q, scale, zero)."""
     mn = xg.amin(dim=dim, keepdim=True)
     mx = xg.amax(dim=dim, keepdim=True)
-    scale = (mx - mn) / qmax
+    # a tensor divisor: torch on CUDA turns division by a Python scalar into a multiply by its
+    # reciprocal, which is not the IEEE division the spec asks for
+    scale = (mx - mn) / torch.full_like(mx, float(qmax))
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.floor((xg - mn) / safe + 0.5).clamp_(0, qmax)
     q = torch.where(scale > 0, q, torch.zeros_like(q))
@@ -70,7 +72,8 @@ def _fp8_broadcast(scale: torch.Tensor, scope: str) -> torch.Tensor:
 
 def fp8_compute_scale(x: torch.Tensor, scope: str) -> torch.Tensor:
     """amax / 448 per scope (float32); a zero scale becomes 1."""
-    s = _fp8_scope_amax(x.float(), scope) / FP8_MAX
+    a = _fp8_scope_amax(x.float(), scope)
+    s = a / torch.full_like(a, FP8_MAX)  # IEEE division on every device (see _int_quantize_groups)
     return torch.where(s > 0, s, torch.ones_like(s))
 
 

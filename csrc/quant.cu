@@ -1,0 +1,906 @@
+// quant.cu -- KV quantize / dequantize kernels and their launchers (see quant.h, docs/quant-spec.md).
+//
+// Kernel families (E = elements per thread-vector: 16 bytes of input when D and G allow it,
+// i.e. 8 for fp16/bf16 and 4 for fp32, else 8/bits so that a vector packs into whole bytes):
+//
+//  * quant_rows_kernel  -- groups along the channel dim: int `channel` groups and fp8 (one row of
+//    D channels per (l, t, h); token_head scales are reduced in the same pass). A "unit" is one
+//    group (G >= E: G/E vectors, spread over P = next_pow2 lanes, up to NV = kItems vectors per
+//    lane, reduced by shuffles; padding lanes are masked) or one vector holding E/G small groups
+//    (G < E: reduced in registers). A thread handles one vector when a group spans <= 32 lanes
+//    (fewest registers, most resident warps: measured fastest on H100), else 4.
+//  * dequant_rows_kernel -- the inverse for channel groups and all fp8 scopes: one thread per
+//    vector, kItems vectors per thread, one 16-byte store each.
+//  * quant_tok_kernel / dequant_tok_kernel -- int `token` groups (G consecutive tokens of one
+//    channel): a thread owns E channels (8 bytes of input, at least one code byte) of one
+//    (layer, token group, head); quantize keeps the group's G <= 32 tokens in registers (else
+//    two passes over them, the second from cache).
+//  * amax_kernel + fp8_finalize_kernel -- fp8 tensor/head scopes with computed scales: block
+//    reduction, atomicMax on the bits of non-negative floats, then s = amax / 448 (0 -> 1).
+//
+// Index math: per-launch row/vector counts are < 2^31 (the launchers split L to guarantee it),
+// so decompositions use 32-bit magic-number division; element offsets are int64.
+#include "quant.h"
+#include "quant_math.cuh"
+
+#include <algorithm>
+#include <type_traits>
+
+namespace kvk {
+namespace {
+
+constexpr int kBlock = 256;     // threads per block (rows kernels, amax, token dequant)
+constexpr int kTokBlock = 128;  // threads per block, register-resident token quantize
+#ifndef KVK_ROW_MINB
+#define KVK_ROW_MINB 1
+#endif
+#ifndef KVK_TOK_MINB
+#define KVK_TOK_MINB 2
+#endif
+constexpr int kItems = 4;       // vectors per thread: dequantize, amax; quantize with groups > 32 vectors
+constexpr int kAmaxIters = 4;   // amax: kItems * kAmaxIters vectors per thread
+constexpr int kTokReg = 32;     // token groups up to this size stay in registers
+constexpr int64_t kMaxCount = (int64_t(1) << 31) - 1;
+
+constexpr int codes_per_byte(int mode) { return mode == 0 ? 1 : 8 / mode; }  // mode: bits, 0 = fp8
+
+// The (E, mode) pairs the launchers pick, hence the only ones instantiated.
+template <typename Tr, int E, int MODE>
+constexpr bool valid_vec() {
+  return E * Tr::kSize <= 16 && (E == 16 / Tr::kSize || E == codes_per_byte(MODE));
+}
+// Token groups: 8 bytes of input per thread (keeps a 32-token group in registers), at least one
+// code byte.
+constexpr int tok_vec(int size, int mode) { return 8 / size > codes_per_byte(mode) ? 8 / size : codes_per_byte(mode); }
+template <typename Tr, int E, int MODE>
+constexpr bool valid_tok_vec() {
+  return MODE != 0 && (E == tok_vec(Tr::kSize, MODE) || E == codes_per_byte(MODE));
+}
+
+// ================================================================================================
+// Channel groups / fp8 rows: quantize
+// ================================================================================================
+struct RowQuantArgs {
+  const void* x;         // [L, T, H, D] elements, strides sL/sT/sH, D dense
+  int64_t sL, sT, sH;
+  uint8_t* codes;        // [L, T, H, D*bits/8] (fp8: [L, T, H, D])
+  float* scale;          // int: [L, T, H, D/G]; fp8: [L] / [L, H] / [L, T, H]
+  float* zero;           // int: [L, T, H, D/G]; fp8: unused
+  uint32_t H;
+  uint32_t nunits;       // L * T * H * NU
+  uint32_t lpu;          // vectors per unit (U / E, U = max(G, E))
+  uint32_t Dp;           // code bytes per row
+  int G, logG;           // group size; log2(G) when G < E (then a power of two)
+  int logP, logNV;       // lanes per unit P = 1 << logP (<= 32), vectors per lane NV = 1 << logNV (<= 4)
+  FastDiv divNU, divH, divT;  // NU = units per row
+  bool x_aligned, c_aligned;
+  int fp8_scope;         // 0 tensor, 1 head, 2 token_head
+  bool fp8_reduce;       // fp8: compute the token_head scale in this pass (else read `scale`)
+};
+
+// ITEMS: vectors per thread (1 when a group spans <= 32 lanes: fewest registers, most resident
+// warps, measured fastest on H100; 4 for larger groups: up to 4 vectors per lane).
+template <typename Tr, int E, int MODE, int ITEMS>
+__global__ void __launch_bounds__(kBlock, KVK_ROW_MINB) quant_rows_kernel(const RowQuantArgs a) {
+  using S = typename Tr::storage;
+  constexpr int NB = MODE == 0 ? E : E * MODE / 8;  // code bytes per vector
+  constexpr float kQmax = MODE == 0 ? 0.f : float((1 << (MODE == 0 ? 1 : MODE)) - 1);
+  const S* __restrict__ x = static_cast<const S*>(a.x);
+  const int P = 1 << a.logP;
+  const int NV = 1 << a.logNV;
+  const int upt = ITEMS >> a.logNV;  // units per thread
+  const bool whole = a.G >= E;        // a group is made of whole vectors
+
+  float v[ITEMS][E];
+  uint32_t row[ITEMS], unit[ITEMS], vin[ITEMS], vir[ITEMS];
+  float sc_in[ITEMS];
+  bool act[ITEMS];
+
+  // ---- load: slot i of this thread is vector `vin` (of `lpu`) of unit `unit` -----------------
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int sub = i >> a.logNV, vv = i & (NV - 1);
+    const uint64_t s = (uint64_t(blockIdx.x) * upt + sub) * blockDim.x + threadIdx.x;
+    const uint64_t u = s >> a.logP;
+    vin[i] = uint32_t(vv) * P + (uint32_t(s) & (P - 1));
+    act[i] = u < a.nunits && vin[i] < a.lpu;
+    row[i] = unit[i] = vir[i] = 0;
+    sc_in[i] = 1.f;
+    if (act[i]) {
+      uint32_t r, uir, rt, h, l, t;
+      unit[i] = uint32_t(u);
+      a.divNU.divmod(unit[i], r, uir);
+      a.divH.divmod(r, rt, h);
+      a.divT.divmod(rt, l, t);
+      row[i] = r;
+      vir[i] = uir * a.lpu + vin[i];
+      const int64_t off = int64_t(l) * a.sL + int64_t(t) * a.sT + int64_t(h) * a.sH + int64_t(vir[i]) * E;
+      load_vec<Tr, E>(x + off, a.x_aligned, v[i]);
+      if constexpr (MODE == 0) {
+        if (!a.fp8_reduce) sc_in[i] = __ldg(a.scale + (a.fp8_scope == 0 ? l : a.fp8_scope == 1 ? l * a.H + h : r));
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < E; ++j) v[i][j] = 0.f;
+    }
+  }
+
+  if (whole) {
+    // ---- groups of whole vectors: per-slot stats, then across the unit's slots and lanes ------
+    float smn[ITEMS] = {}, smx[ITEMS] = {};
+    const bool stats = MODE != 0 || a.fp8_reduce;  // uniform
+    if (stats) {
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i) {
+        if constexpr (MODE == 0) {  // amax of |x|; neutral 0
+          float m = 0.f;
+#pragma unroll
+          for (int j = 0; j < E; ++j) m = max_nan(m, fabsf(v[i][j]));
+          smx[i] = m;
+          smn[i] = 0.f;
+        } else {  // min / max; neutral +-inf for masked slots
+          float mn = __int_as_float(0x7f800000), mx = -__int_as_float(0x7f800000);
+          if (act[i]) {
+#pragma unroll
+            for (int j = 0; j < E; ++j) { mn = min_nan(mn, v[i][j]); mx = max_nan(mx, v[i][j]); }
+          }
+          smn[i] = mn;
+          smx[i] = mx;
+        }
+      }
+      // slots i of one unit are consecutive (i >> logNV equal): butterfly over them
+#pragma unroll
+      for (int st = 1; st < ITEMS; st <<= 1) {
+        if (st < NV) {
+          float tmn[ITEMS], tmx[ITEMS];
+#pragma unroll
+          for (int i = 0; i < ITEMS; ++i) { tmn[i] = min_nan(smn[i], smn[i ^ st]); tmx[i] = max_nan(smx[i], smx[i ^ st]); }
+#pragma unroll
+          for (int i = 0; i < ITEMS; ++i) { smn[i] = tmn[i]; smx[i] = tmx[i]; }
+        }
+      }
+      if (P > 1) {  // every lane of the warp takes part (masked lanes hold neutral values)
+#pragma unroll
+        for (int i = 0; i < ITEMS; ++i) {
+          if constexpr (MODE != 0) smn[i] = group_min(smn[i], P);
+          smx[i] = group_max(smx[i], P);
+        }
+      }
+    }
+    // ---- quantize + store --------------------------------------------------------------------
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      if (!act[i]) continue;
+      uint64_t w;
+      if constexpr (MODE == 0) {
+        float sc = sc_in[i];
+        if (a.fp8_reduce) {
+          sc = fp8_scale_from_amax(smx[i]);
+          if (vin[i] == 0) a.scale[row[i]] = sc;  // token_head: [L, T, H] = one per row
+        }
+        const Divisor d = make_divisor(sc);
+        const float lim = fp8_input_limit(sc);
+        float pv[E];
+#pragma unroll
+        for (int j = 0; j < E; ++j) pv[j] = fp8_prescale(v[i][j], d, lim);
+        w = fp8_pack<E>(pv);
+      } else {
+        const IntGroup g = make_int_group(smn[i], smx[i], (1 << MODE) - 1);
+        if (vin[i] == 0) {  // one writer per group; scale index = unit (U = G)
+          a.scale[unit[i]] = g.scale;
+          a.zero[unit[i]] = smn[i];
+        }
+        uint32_t q[E];
+        if (g.nonzero && g.div.fast) {  // the common case: no clamps, no IEEE division
+#pragma unroll
+          for (int j = 0; j < E; ++j) q[j] = int_quantize_fast(v[i][j], g);
+        } else {
+#pragma unroll
+          for (int j = 0; j < E; ++j) q[j] = int_quantize(v[i][j], g, kQmax);
+        }
+        w = pack_codes<MODE == 0 ? 8 : MODE, E>(q);
+      }
+      store_bytes<NB>(a.codes + uint64_t(row[i]) * a.Dp + uint64_t(vir[i]) * NB, w, a.c_aligned);
+    }
+  } else {
+    // ---- G < E (int only): E/G groups inside each vector, reduced in registers ----------------
+    if constexpr (MODE != 0) {
+      const int G = a.G;
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i) {
+        if (!act[i]) continue;
+        float mn[E], mx[E];
+#pragma unroll
+        for (int j = 0; j < E; ++j) mn[j] = mx[j] = v[i][j];
+        // butterfly over aligned blocks of G elements (G a power of two dividing E)
+#pragma unroll
+        for (int st = 1; st < E; st <<= 1) {
+          if (st < G) {
+            float tmn[E], tmx[E];
+#pragma unroll
+            for (int j = 0; j < E; ++j) { tmn[j] = min_nan(mn[j], mn[j ^ st]); tmx[j] = max_nan(mx[j], mx[j ^ st]); }
+#pragma unroll
+            for (int j = 0; j < E; ++j) { mn[j] = tmn[j]; mx[j] = tmx[j]; }
+          }
+        }
+        uint32_t q[E];
+        const uint32_t gpv = uint32_t(E) >> a.logG;  // groups per vector
+#pragma unroll
+        for (int j = 0; j < E; ++j) {
+          const float sc = int_group_scale(mn[j], mx[j], (1 << MODE) - 1);
+          q[j] = int_quantize_one(v[i][j], mn[j], sc, kQmax);
+          if ((j & (G - 1)) == 0) {
+            const uint64_t gi = uint64_t(unit[i]) * gpv + (uint32_t(j) >> a.logG);
+            a.scale[gi] = sc;
+            a.zero[gi] = mn[j];
+          }
+        }
+        store_bytes<NB>(a.codes + uint64_t(row[i]) * a.Dp + uint64_t(vir[i]) * NB, pack_codes<MODE, E>(q),
+                        a.c_aligned);
+      }
+    }
+  }
+}
+
+// ================================================================================================
+// Channel groups / fp8 rows: dequantize
+// ================================================================================================
+struct RowDequantArgs {
+  const uint8_t* codes;  // [L, T, H, D*bits/8] (fp8: [L, T, H, D])
+  const float* scale;    // as RowQuantArgs
+  const float* zero;
+  void* out;             // [L, T, H, D], strides osL/osT/osH, D dense
+  int64_t osL, osT, osH;
+  uint32_t H, nvec;      // nvec = L * T * H * (D/E)
+  uint32_t ngr;          // int: groups per row D/G
+  int G, logG;
+  FastDiv divVPR, divH, divT, divG;  // VPR = D/E vectors per row
+  bool o_aligned, c_aligned;
+  int fp8_scope;
+};
+
+template <typename Tr, int E, int MODE>
+__global__ void __launch_bounds__(kBlock) dequant_rows_kernel(const RowDequantArgs a) {
+  using S = typename Tr::storage;
+  constexpr int NB = MODE == 0 ? E : E * MODE / 8;
+  S* __restrict__ out = static_cast<S*>(a.out);
+  const bool whole = a.G >= E;
+
+  uint64_t w[kItems];
+  float sc[kItems], zp[kItems];
+  int64_t ooff[kItems];
+  uint32_t vidx[kItems];
+  bool act[kItems];
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const uint64_t s = (uint64_t(blockIdx.x) * kItems + i) * blockDim.x + threadIdx.x;
+    act[i] = s < a.nvec;
+    w[i] = 0;
+    sc[i] = zp[i] = 0.f;
+    ooff[i] = 0;
+    vidx[i] = 0;
+    if (act[i]) {
+      uint32_t r, c, rt, h, l, t;
+      vidx[i] = uint32_t(s);
+      a.divVPR.divmod(vidx[i], r, c);
+      a.divH.divmod(r, rt, h);
+      a.divT.divmod(rt, l, t);
+      w[i] = load_bytes<NB>(a.codes + s * NB, a.c_aligned);  // codes rows are dense: vector s
+      ooff[i] = int64_t(l) * a.osL + int64_t(t) * a.osT + int64_t(h) * a.osH + int64_t(c) * E;
+      if constexpr (MODE == 0) {
+        sc[i] = __ldg(a.scale + (a.fp8_scope == 0 ? l : a.fp8_scope == 1 ? l * a.H + h : r));
+      } else if (whole) {
+        const uint64_t g = uint64_t(r) * a.ngr + a.divG.div(c * E);
+        sc[i] = __ldg(a.scale + g);
+        zp[i] = __ldg(a.zero + g);
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    if (!act[i]) continue;
+    float f[E];
+    if constexpr (MODE == 0) {
+#pragma unroll
+      for (int j = 0; j < E; ++j) f[j] = fp8_dequantize(uint32_t(w[i] >> (8 * j)) & 0xffu, sc[i]);
+    } else {
+      uint32_t q[E];
+      unpack_codes<MODE, E>(w[i], q);
+      if (whole) {
+#pragma unroll
+        for (int j = 0; j < E; ++j) f[j] = int_dequantize(q[j], sc[i], zp[i]);
+      } else {  // E/G groups per vector; vector s covers groups s*(E/G) ...
+        const uint64_t g0 = uint64_t(vidx[i]) * (uint32_t(E) >> a.logG);
+#pragma unroll
+        for (int j = 0; j < E; ++j) {
+          const uint64_t g = g0 + (uint32_t(j) >> a.logG);
+          f[j] = int_dequantize(q[j], __ldg(a.scale + g), __ldg(a.zero + g));
+        }
+      }
+    }
+    store_vec<Tr, E>(out + ooff[i], a.o_aligned, f);
+  }
+}
+
+// ================================================================================================
+// Token groups (int, axis token)
+// ================================================================================================
+struct TokArgs {
+  const void* x;   // quantize: input [L, T, H, D]; dequantize: unused
+  void* out;       // dequantize: output [L, T, H, D]; quantize: unused
+  int64_t sL, sT, sH;  // strides of x (quantize) or out (dequantize)
+  uint8_t* codes;  // [L, T, H, D*bits/8]
+  float* scale;    // [L, NTG, H, D]
+  float* zero;     // [L, NTG, H, D]
+  uint32_t T, H, D, G, NTG, Dp, n;  // n = L * NTG * H * (D/E) threads
+  FastDiv divC, divH, divNTG;
+  bool x_aligned, c_aligned, s_aligned;
+};
+
+struct TokCoord {
+  uint32_t l, tg, h, c, t0, nt;
+  uint64_t q1;  // (l * NTG + tg) * H + h
+};
+
+__device__ __forceinline__ TokCoord tok_coord(const TokArgs& a, uint32_t s) {
+  TokCoord k;
+  uint32_t q1, q2;
+  a.divC.divmod(s, q1, k.c);
+  a.divH.divmod(q1, q2, k.h);
+  a.divNTG.divmod(q2, k.l, k.tg);
+  k.q1 = q1;
+  k.t0 = k.tg * a.G;
+  k.nt = min(a.G, a.T - k.t0);
+  return k;
+}
+
+template <typename Tr, int E, int BITS, bool REG>
+__global__ void __launch_bounds__(REG ? kTokBlock : kBlock, KVK_TOK_MINB) quant_tok_kernel(const TokArgs a) {
+  using S = typename Tr::storage;
+  constexpr int NB = E * BITS / 8;
+  constexpr int kQ = (1 << BITS) - 1;
+  const uint32_t s = blockIdx.x * blockDim.x + threadIdx.x;
+  if (s >= a.n) return;  // no collectives below
+  const TokCoord k = tok_coord(a, s);
+  const S* __restrict__ xp = static_cast<const S*>(a.x) + int64_t(k.l) * a.sL + int64_t(k.t0) * a.sT +
+                             int64_t(k.h) * a.sH + int64_t(k.c) * E;
+  uint8_t* __restrict__ cp = a.codes + ((uint64_t(k.l) * a.T + k.t0) * a.H + k.h) * a.Dp + uint64_t(k.c) * NB;
+  const uint64_t crow = uint64_t(a.H) * a.Dp;  // code bytes per token
+  const uint64_t sidx = k.q1 * a.D + uint64_t(k.c) * E;
+  const int nt = int(k.nt);
+
+  float mn[E], mx[E], sc[E];
+#pragma unroll
+  for (int j = 0; j < E; ++j) { mn[j] = __int_as_float(0x7f800000); mx[j] = -__int_as_float(0x7f800000); }
+
+  if constexpr (REG) {
+    Vec<Tr, E> raw[kTokReg];
+#pragma unroll
+    for (int t = 0; t < kTokReg; ++t)
+      if (t < nt) raw[t] = load_raw<Tr, E>(xp + int64_t(t) * a.sT, a.x_aligned);
+#pragma unroll
+    for (int t = 0; t < kTokReg; ++t) {
+      if (t < nt) {
+        float f[E];
+        raw_to_float<Tr, E>(raw[t], f);
+#pragma unroll
+        for (int j = 0; j < E; ++j) { mn[j] = min_nan(mn[j], f[j]); mx[j] = max_nan(mx[j], f[j]); }
+      }
+    }
+    IntGroup g[E];
+#pragma unroll
+    for (int j = 0; j < E; ++j) { g[j] = make_int_group(mn[j], mx[j], kQ); sc[j] = g[j].scale; }
+    bool all_fast = true;
+#pragma unroll
+    for (int j = 0; j < E; ++j) all_fast = all_fast && g[j].nonzero && g[j].div.fast;
+    store_floats<E>(a.scale + sidx, a.s_aligned, sc);
+    store_floats<E>(a.zero + sidx, a.s_aligned, mn);
+#pragma unroll
+    for (int t = 0; t < kTokReg; ++t) {
+      if (t < nt) {
+        float f[E];
+        uint32_t q[E];
+        raw_to_float<Tr, E>(raw[t], f);
+        if (all_fast) {
+#pragma unroll
+          for (int j = 0; j < E; ++j) q[j] = int_quantize_fast(f[j], g[j]);
+        } else {
+          if (all_fast) {
+#pragma unroll
+            for (int j = 0; j < E; ++j) q[j] = int_quantize_fast(f[j], g[j]);
+          } else {
+#pragma unroll
+            for (int j = 0; j < E; ++j) q[j] = int_quantize(f[j], g[j], float(kQ));
+          }
+        }
+        store_bytes<NB>(cp + uint64_t(t) * crow, pack_codes<BITS, E>(q), a.c_aligned);
+      }
+    }
+  } else {
+    // pass 1: min / max, 8 loads in flight
+    for (int t0 = 0; t0 < nt; t0 += 8) {
+      Vec<Tr, E> raw[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u)
+        if (t0 + u < nt) raw[u] = load_raw<Tr, E>(xp + int64_t(t0 + u) * a.sT, a.x_aligned);
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        if (t0 + u < nt) {
+          float f[E];
+          raw_to_float<Tr, E>(raw[u], f);
+#pragma unroll
+          for (int j = 0; j < E; ++j) { mn[j] = min_nan(mn[j], f[j]); mx[j] = max_nan(mx[j], f[j]); }
+        }
+      }
+    }
+    IntGroup g[E];
+#pragma unroll
+    for (int j = 0; j < E; ++j) { g[j] = make_int_group(mn[j], mx[j], kQ); sc[j] = g[j].scale; }
+    bool all_fast = true;
+#pragma unroll
+    for (int j = 0; j < E; ++j) all_fast = all_fast && g[j].nonzero && g[j].div.fast;
+    store_floats<E>(a.scale + sidx, a.s_aligned, sc);
+    store_floats<E>(a.zero + sidx, a.s_aligned, mn);
+    // pass 2: quantize (re-reads hit L1/L2)
+    for (int t0 = 0; t0 < nt; t0 += 4) {
+      Vec<Tr, E> raw[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+        if (t0 + u < nt) raw[u] = load_raw<Tr, E>(xp + int64_t(t0 + u) * a.sT, a.x_aligned);
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        if (t0 + u < nt) {
+          float f[E];
+          uint32_t q[E];
+          raw_to_float<Tr, E>(raw[u], f);
+          if (all_fast) {
+#pragma unroll
+            for (int j = 0; j < E; ++j) q[j] = int_quantize_fast(f[j], g[j]);
+          } else {
+#pragma unroll
+            for (int j = 0; j < E; ++j) q[j] = int_quantize(f[j], g[j], float(kQ));
+          }
+          store_bytes<NB>(cp + uint64_t(t0 + u) * crow, pack_codes<BITS, E>(q), a.c_aligned);
+        }
+      }
+    }
+  }
+}
+
+template <typename Tr, int E, int BITS>
+__global__ void __launch_bounds__(kBlock) dequant_tok_kernel(const TokArgs a) {
+  using S = typename Tr::storage;
+  constexpr int NB = E * BITS / 8;
+  const uint32_t s = blockIdx.x * blockDim.x + threadIdx.x;
+  if (s >= a.n) return;
+  const TokCoord k = tok_coord(a, s);
+  S* __restrict__ op = static_cast<S*>(a.out) + int64_t(k.l) * a.sL + int64_t(k.t0) * a.sT + int64_t(k.h) * a.sH +
+                       int64_t(k.c) * E;
+  const uint8_t* __restrict__ cp =
+      a.codes + ((uint64_t(k.l) * a.T + k.t0) * a.H + k.h) * a.Dp + uint64_t(k.c) * NB;
+  const uint64_t crow = uint64_t(a.H) * a.Dp;
+  const uint64_t sidx = k.q1 * a.D + uint64_t(k.c) * E;
+  const int nt = int(k.nt);
+  float sc[E], zp[E];
+  load_floats<E>(a.scale + sidx, a.s_aligned, sc);
+  load_floats<E>(a.zero + sidx, a.s_aligned, zp);
+  for (int t0 = 0; t0 < nt; t0 += 8) {
+    uint64_t w[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) w[u] = (t0 + u < nt) ? load_bytes<NB>(cp + uint64_t(t0 + u) * crow, a.c_aligned) : 0;
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      if (t0 + u < nt) {
+        uint32_t q[E];
+        float f[E];
+        unpack_codes<BITS, E>(w[u], q);
+#pragma unroll
+        for (int j = 0; j < E; ++j) f[j] = int_dequantize(q[j], sc[j], zp[j]);
+        store_vec<Tr, E>(op + int64_t(t0 + u) * a.sT, a.x_aligned, f);
+      }
+    }
+  }
+}
+
+// ================================================================================================
+// fp8 tensor / head scopes with computed scales: amax, then scale = amax / 448
+// ================================================================================================
+struct AmaxArgs {
+  const void* x;  // [L, T, H, D]
+  int64_t sL, sT, sH;
+  float* amax;    // [L] (tensor) or [L, H] (head), zeroed first; receives amax as float bits
+  uint32_t H, nvec, tiles;  // nvec: vectors per scope entry (T*H*C or T*C)
+  int scope;      // 0 tensor, 1 head
+  FastDiv divC, divH, divTiles;
+  bool aligned;
+};
+
+template <typename Tr, int E>
+__global__ void __launch_bounds__(kBlock) amax_kernel(const AmaxArgs a) {
+  using S = typename Tr::storage;
+  const S* __restrict__ x = static_cast<const S*>(a.x);
+  uint32_t sidx, tile;
+  a.divTiles.divmod(blockIdx.x, sidx, tile);
+  const uint32_t l = a.scope == 0 ? sidx : sidx / a.H;
+  const uint32_t hh = a.scope == 0 ? 0 : sidx - l * a.H;
+  const uint32_t base = tile * uint32_t(kBlock * kItems * kAmaxIters);
+  float m = 0.f;
+  for (int it = 0; it < kAmaxIters; ++it) {
+    float v[kItems][E];
+    bool act[kItems];
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const uint32_t f = base + uint32_t(it * kItems + i) * kBlock + threadIdx.x;
+      act[i] = f < a.nvec;
+      if (act[i]) {
+        uint32_t sub, c, t, h;
+        a.divC.divmod(f, sub, c);
+        if (a.scope == 0) a.divH.divmod(sub, t, h);
+        else { t = sub; h = hh; }
+        load_vec<Tr, E>(x + int64_t(l) * a.sL + int64_t(t) * a.sT + int64_t(h) * a.sH + int64_t(c) * E, a.aligned, v[i]);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kItems; ++i)
+      if (act[i]) {
+#pragma unroll
+        for (int j = 0; j < E; ++j) m = max_nan(m, fabsf(v[i][j]));
+      }
+  }
+  __shared__ float red[kBlock / 32];
+  m = group_max(m, 32);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) red[warp] = m;
+  __syncthreads();
+  if (warp == 0) {
+    m = lane < kBlock / 32 ? red[lane] : 0.f;
+    m = group_max(m, 32);
+    // m >= 0 (or a positive NaN): its int bits order like the floats
+    if (lane == 0) atomicMax(reinterpret_cast<int*>(a.amax + sidx), __float_as_int(m));
+  }
+}
+
+__global__ void fp8_finalize_kernel(float* __restrict__ scale, uint32_t n) {
+  const uint32_t i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) scale[i] = fp8_scale_from_amax(scale[i]);
+}
+
+// ================================================================================================
+// Host side
+// ================================================================================================
+template <typename F>
+cudaError_t with_dtype(int dt, F&& f) {
+  switch (dt) {
+    case kF32: return f(F32{});
+    case kF16: return f(F16{});
+    case kBF16: return f(BF16{});
+  }
+  return cudaErrorInvalidValue;
+}
+template <typename F>
+cudaError_t with_vec(int e, F&& f) {
+  switch (e) {
+    case 8: return f(std::integral_constant<int, 8>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 1: return f(std::integral_constant<int, 1>{});
+  }
+  return cudaErrorNotSupported;
+}
+template <typename F>
+cudaError_t with_mode(int mode, F&& f) {
+  switch (mode) {
+    case 0: return f(std::integral_constant<int, 0>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 8: return f(std::integral_constant<int, 8>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+int dtype_size(int dt) { return dt == kF32 ? 4 : 2; }
+bool ptr_aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % uint64_t(bytes) == 0; }
+// A stride is irrelevant where its dim has size 1 (its index is always 0).
+bool stride_ok(int64_t stride, int64_t dim, int64_t e) { return dim == 1 || stride % e == 0; }
+int ilog2(int64_t v) { int r = 0; while ((int64_t(1) << r) < v) ++r; return r; }  // ceil(log2 v)
+uint32_t ceil_div_u32(uint64_t a, uint64_t b) { return uint32_t((a + b - 1) / b); }
+
+// Vector width for groups of G channels (G = D for fp8 rows): 16 bytes of input when D and G
+// allow it, else 8/bits (whole code bytes per vector); 0 if neither works.
+int pick_vec(int dt, int64_t D, int64_t G, int mode, bool limit_lanes) {
+  const int emax = 16 / dtype_size(dt), k = codes_per_byte(mode);
+  for (int e : {emax, k}) {
+    if (e < k || D % e || (G % e && e % G)) continue;
+    if (limit_lanes && std::max<int64_t>(G, e) / e > kItems * 32) continue;  // <= kItems vectors x 32 lanes
+    return e;
+  }
+  return 0;
+}
+
+// Layers per launch so that `per_layer` * layers stays < 2^31; 0 if one layer is too many.
+int64_t layers_per_launch(int64_t L, int64_t per_layer) {
+  if (per_layer > kMaxCount) return 0;
+  return std::max<int64_t>(1, std::min<int64_t>(L, kMaxCount / std::max<int64_t>(per_layer, 1)));
+}
+
+bool dims_ok(int64_t L, int64_t T, int64_t H, int64_t D) {
+  return L > 0 && T > 0 && H > 0 && D > 0 && T <= kMaxCount && H <= kMaxCount && D <= 65536;
+}
+
+// fp8 scale entries per layer for a scope.
+int64_t fp8_scale_per_layer(int scope, int64_t T, int64_t H) { return scope == 0 ? 1 : scope == 1 ? H : T * H; }
+
+// ---- rows (channel groups / fp8) ---------------------------------------------------------------
+cudaError_t launch_rows_quant(const void* x, int dt, int64_t L, int64_t T, int64_t H, int64_t D, int64_t sL,
+                              int64_t sT, int64_t sH, uint8_t* codes, float* scale, float* zero, int mode,
+                              int64_t G, int fp8_scope, bool fp8_reduce, cudaStream_t stream) {
+  const int E = pick_vec(dt, D, G, mode, true);
+  if (!E) return cudaErrorNotSupported;
+  const int sz = dtype_size(dt);
+  const int NB = mode == 0 ? E : E * mode / 8;
+  const int64_t U = std::max<int64_t>(G, E), lpu = U / E, NU = D / U;
+  const int logP = ilog2(std::min<int64_t>(lpu, 32));
+  const int64_t P = int64_t(1) << logP;
+  const int logNV = ilog2((lpu + P - 1) / P);
+  if ((1 << logNV) > kItems) return cudaErrorNotSupported;
+  const int items = logNV == 0 ? 1 : kItems;  // see quant_rows_kernel
+  const int upt = items >> logNV;
+  const int64_t Dp = D * NB / E;
+  const int64_t Lc = layers_per_launch(L, T * H * (D / E));
+  if (!Lc) return cudaErrorNotSupported;
+  const int64_t scale_per_layer = mode == 0 ? fp8_scale_per_layer(fp8_scope, T, H) : T * H * (D / G);
+  for (int64_t l0 = 0; l0 < L; l0 += Lc) {
+    const int64_t n = std::min(Lc, L - l0);
+    RowQuantArgs a{};
+    a.x = static_cast<const char*>(x) + l0 * sL * sz;
+    a.sL = sL; a.sT = sT; a.sH = sH;
+    a.codes = codes + l0 * T * H * Dp;
+    a.scale = scale + l0 * scale_per_layer;
+    a.zero = zero ? zero + l0 * scale_per_layer : nullptr;
+    a.H = uint32_t(H);
+    a.nunits = uint32_t(n * T * H * NU);
+    a.lpu = uint32_t(lpu);
+    a.Dp = uint32_t(Dp);
+    a.G = int(G);
+    a.logG = G < E ? ilog2(G) : 0;
+    a.logP = logP;
+    a.logNV = logNV;
+    a.divNU = FastDiv(uint32_t(NU));
+    a.divH = FastDiv(uint32_t(H));
+    a.divT = FastDiv(uint32_t(T));
+    a.x_aligned = ptr_aligned(a.x, int64_t(E) * sz) && stride_ok(sL, n, E) && stride_ok(sT, T, E) && stride_ok(sH, H, E);
+    a.c_aligned = ptr_aligned(a.codes, NB);
+    a.fp8_scope = fp8_scope;
+    a.fp8_reduce = fp8_reduce;
+    const uint32_t blocks = ceil_div_u32(uint64_t(a.nunits) * P, uint64_t(upt) * kBlock);
+    cudaError_t err = with_dtype(dt, [&](auto tr) {
+      using Tr = decltype(tr);
+      return with_vec(E, [&](auto ec) {
+        constexpr int EC = decltype(ec)::value;
+        return with_mode(mode, [&](auto mc) -> cudaError_t {
+          constexpr int MC = decltype(mc)::value;
+          if constexpr (valid_vec<Tr, EC, MC>()) {
+            if (items == 1) quant_rows_kernel<Tr, EC, MC, 1><<<blocks, kBlock, 0, stream>>>(a);
+            else quant_rows_kernel<Tr, EC, MC, kItems><<<blocks, kBlock, 0, stream>>>(a);
+            return cudaGetLastError();
+          } else {
+            return cudaErrorNotSupported;
+          }
+        });
+      });
+    });
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+cudaError_t launch_rows_dequant(const uint8_t* codes, const float* scale, const float* zero, void* out, int dt,
+                                int64_t L, int64_t T, int64_t H, int64_t D, int64_t osL, int64_t osT, int64_t osH,
+                                int mode, int64_t G, int fp8_scope, cudaStream_t stream) {
+  const int E = pick_vec(dt, D, G, mode, false);
+  if (!E) return cudaErrorNotSupported;
+  const int sz = dtype_size(dt);
+  const int NB = mode == 0 ? E : E * mode / 8;
+  const int64_t Dp = D * NB / E;
+  const int64_t Lc = layers_per_launch(L, T * H * (D / E));
+  if (!Lc) return cudaErrorNotSupported;
+  const int64_t scale_per_layer = mode == 0 ? fp8_scale_per_layer(fp8_scope, T, H) : T * H * (D / G);
+  for (int64_t l0 = 0; l0 < L; l0 += Lc) {
+    const int64_t n = std::min(Lc, L - l0);
+    RowDequantArgs a{};
+    a.codes = codes + l0 * T * H * Dp;
+    a.scale = scale + l0 * scale_per_layer;
+    a.zero = zero ? zero + l0 * scale_per_layer : nullptr;
+    a.out = static_cast<char*>(out) + l0 * osL * sz;
+    a.osL = osL; a.osT = osT; a.osH = osH;
+    a.H = uint32_t(H);
+    a.nvec = uint32_t(n * T * H * (D / E));
+    a.ngr = uint32_t(D / G);
+    a.G = int(G);
+    a.logG = G < E ? ilog2(G) : 0;
+    a.divVPR = FastDiv(uint32_t(D / E));
+    a.divH = FastDiv(uint32_t(H));
+    a.divT = FastDiv(uint32_t(T));
+    a.divG = FastDiv(uint32_t(G));
+    a.o_aligned = ptr_aligned(a.out, int64_t(E) * sz) && stride_ok(osL, n, E) && stride_ok(osT, T, E) &&
+                  stride_ok(osH, H, E);
+    a.c_aligned = ptr_aligned(a.codes, NB);
+    a.fp8_scope = fp8_scope;
+    const uint32_t blocks = ceil_div_u32(a.nvec, uint64_t(kItems) * kBlock);
+    cudaError_t err = with_dtype(dt, [&](auto tr) {
+      using Tr = decltype(tr);
+      return with_vec(E, [&](auto ec) {
+        constexpr int EC = decltype(ec)::value;
+        return with_mode(mode, [&](auto mc) -> cudaError_t {
+          constexpr int MC = decltype(mc)::value;
+          if constexpr (valid_vec<Tr, EC, MC>()) {
+            dequant_rows_kernel<Tr, EC, MC><<<blocks, kBlock, 0, stream>>>(a);
+            return cudaGetLastError();
+          } else {
+            return cudaErrorNotSupported;
+          }
+        });
+      });
+    });
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+// ---- token groups --------------------------------------------------------------------------------
+cudaError_t launch_tok(bool quant, const void* x, void* out, int dt, int64_t L, int64_t T, int64_t H, int64_t D,
+                       int64_t sL, int64_t sT, int64_t sH, uint8_t* codes, float* scale, float* zero, int bits,
+                       int64_t G, cudaStream_t stream) {
+  const int sz = dtype_size(dt), emax = tok_vec(sz, bits), k = codes_per_byte(bits);
+  const int E = D % emax == 0 ? emax : k;  // D % k == 0 is checked by the caller
+  const int NB = E * bits / 8;
+  const int64_t Dp = D * bits / 8, C = D / E, NTG = (T + G - 1) / G;
+  const int64_t Lc = layers_per_launch(L, std::max(NTG * H * C, T * H));
+  if (!Lc) return cudaErrorNotSupported;
+  const bool reg = quant && E == emax && G <= kTokReg;
+  for (int64_t l0 = 0; l0 < L; l0 += Lc) {
+    const int64_t n = std::min(Lc, L - l0);
+    TokArgs a{};
+    const int64_t xoff = l0 * sL * sz;
+    a.x = quant ? static_cast<const char*>(x) + xoff : nullptr;
+    a.out = quant ? nullptr : static_cast<char*>(out) + xoff;
+    a.sL = sL; a.sT = sT; a.sH = sH;
+    a.codes = codes + l0 * T * H * Dp;
+    a.scale = scale + l0 * NTG * H * D;
+    a.zero = zero + l0 * NTG * H * D;
+    a.T = uint32_t(T); a.H = uint32_t(H); a.D = uint32_t(D); a.G = uint32_t(G);
+    a.NTG = uint32_t(NTG); a.Dp = uint32_t(Dp);
+    a.n = uint32_t(n * NTG * H * C);
+    a.divC = FastDiv(uint32_t(C));
+    a.divH = FastDiv(uint32_t(H));
+    a.divNTG = FastDiv(uint32_t(NTG));
+    a.x_aligned = ptr_aligned(quant ? a.x : a.out, int64_t(E) * sz) && stride_ok(sL, n, E) && stride_ok(sT, T, E) &&
+                  stride_ok(sH, H, E);
+    a.c_aligned = ptr_aligned(a.codes, NB);
+    const int64_t salign = std::min<int64_t>(4 * E, 16);
+    a.s_aligned = ptr_aligned(a.scale, salign) && ptr_aligned(a.zero, salign);
+    cudaError_t err = with_dtype(dt, [&](auto tr) {
+      using Tr = decltype(tr);
+      return with_vec(E, [&](auto ec) {
+        constexpr int EC = decltype(ec)::value;
+        return with_mode(bits, [&](auto mc) -> cudaError_t {
+          constexpr int MC = decltype(mc)::value;
+          if constexpr (valid_tok_vec<Tr, EC, MC>()) {
+            if (!quant) {
+              dequant_tok_kernel<Tr, EC, MC><<<ceil_div_u32(a.n, kBlock), kBlock, 0, stream>>>(a);
+            } else if (reg) {
+              if constexpr (EC == tok_vec(Tr::kSize, MC))
+                quant_tok_kernel<Tr, EC, MC, true><<<ceil_div_u32(a.n, kTokBlock), kTokBlock, 0, stream>>>(a);
+              else
+                return cudaErrorNotSupported;  // unreachable: reg implies E == 16 / sizeof
+            } else {
+              quant_tok_kernel<Tr, EC, MC, false><<<ceil_div_u32(a.n, kBlock), kBlock, 0, stream>>>(a);
+            }
+            return cudaGetLastError();
+          } else {
+            return cudaErrorNotSupported;
+          }
+        });
+      });
+    });
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+// ---- fp8 tensor/head amax ----------------------------------------------------------------------
+cudaError_t launch_fp8_scale(const void* x, int dt, int64_t L, int64_t T, int64_t H, int64_t D, int64_t sL,
+                             int64_t sT, int64_t sH, float* scale, int scope, cudaStream_t stream) {
+  const int sz = dtype_size(dt), emax = 16 / sz;
+  const int E = D % emax == 0 ? emax : 1;
+  const int64_t C = D / E;
+  const int64_t nscale = L * (scope == 0 ? 1 : H);
+  const int64_t nvec = T * C * (scope == 0 ? H : 1);
+  const int64_t per_block = int64_t(kBlock) * kItems * kAmaxIters;
+  const int64_t tiles = (nvec + per_block - 1) / per_block;
+  if (nvec > kMaxCount || nscale * tiles > kMaxCount) return cudaErrorNotSupported;
+  cudaError_t err = cudaMemsetAsync(scale, 0, size_t(nscale) * sizeof(float), stream);
+  if (err != cudaSuccess) return err;
+  AmaxArgs a{};
+  a.x = x;
+  a.sL = sL; a.sT = sT; a.sH = sH;
+  a.amax = scale;
+  a.H = uint32_t(H);
+  a.nvec = uint32_t(nvec);
+  a.tiles = uint32_t(tiles);
+  a.scope = scope;
+  a.divC = FastDiv(uint32_t(C));
+  a.divH = FastDiv(uint32_t(H));
+  a.divTiles = FastDiv(uint32_t(tiles));
+  a.aligned = ptr_aligned(x, int64_t(E) * sz) && stride_ok(sL, L, E) && stride_ok(sT, T, E) && stride_ok(sH, H, E);
+  const uint32_t blocks = uint32_t(nscale * tiles);
+  err = with_dtype(dt, [&](auto tr) {
+    using Tr = decltype(tr);
+    if (E == 16 / Tr::kSize) amax_kernel<Tr, 16 / Tr::kSize><<<blocks, kBlock, 0, stream>>>(a);
+    else amax_kernel<Tr, 1><<<blocks, kBlock, 0, stream>>>(a);
+    return cudaGetLastError();
+  });
+  if (err != cudaSuccess) return err;
+  fp8_finalize_kernel<<<ceil_div_u32(nscale, kBlock), kBlock, 0, stream>>>(scale, uint32_t(nscale));
+  return cudaGetLastError();
+}
+
+}  // namespace
+}  // namespace kvk
+
+using namespace kvk;
+
+// ================================================================================================
+// Public launchers
+// ================================================================================================
+extern "C" cudaError_t kvk_quantize_int(const void* x, int x_dtype, int64_t L, int64_t T, int64_t H, int64_t D,
+                                        int64_t sL, int64_t sT, int64_t sH, uint8_t* codes, float* scale,
+                                        float* zero, int bits, int group_size, int axis, cudaStream_t stream) {
+  if (!x || !codes || !scale || !zero) return cudaErrorInvalidValue;
+  if (x_dtype < 0 || x_dtype > 2 || !dims_ok(L, T, H, D)) return cudaErrorInvalidValue;
+  if ((bits != 8 && bits != 4 && bits != 2) || group_size < 1 || (axis != 0 && axis != 1)) return cudaErrorInvalidValue;
+  if (D % codes_per_byte(bits)) return cudaErrorInvalidValue;
+  if (axis == 0) {
+    if (D % group_size) return cudaErrorInvalidValue;
+    return launch_rows_quant(x, x_dtype, L, T, H, D, sL, sT, sH, codes, scale, zero, bits, group_size, 0, false, stream);
+  }
+  return launch_tok(true, x, nullptr, x_dtype, L, T, H, D, sL, sT, sH, codes, scale, zero, bits, group_size, stream);
+}
+
+extern "C" cudaError_t kvk_dequantize_int(const uint8_t* codes, const float* scale, const float* zero, void* out,
+                                          int out_dtype, int64_t L, int64_t T, int64_t H, int64_t D, int64_t osL,
+                                          int64_t osT, int64_t osH, int bits, int group_size, int axis,
+                                          cudaStream_t stream) {
+  if (!codes || !scale || !zero || !out) return cudaErrorInvalidValue;
+  if (out_dtype < 0 || out_dtype > 2 || !dims_ok(L, T, H, D)) return cudaErrorInvalidValue;
+  if ((bits != 8 && bits != 4 && bits != 2) || group_size < 1 || (axis != 0 && axis != 1)) return cudaErrorInvalidValue;
+  if (D % codes_per_byte(bits)) return cudaErrorInvalidValue;
+  if (axis == 0) {
+    if (D % group_size) return cudaErrorInvalidValue;
+    return launch_rows_dequant(codes, scale, zero, out, out_dtype, L, T, H, D, osL, osT, osH, bits, group_size, 0,
+                               stream);
+  }
+  return launch_tok(false, nullptr, out, out_dtype, L, T, H, D, osL, osT, osH, const_cast<uint8_t*>(codes),
+                    const_cast<float*>(scale), const_cast<float*>(zero), bits, group_size, stream);
+}
+
+extern "C" cudaError_t kvk_quantize_fp8(const void* x, int x_dtype, int64_t L, int64_t T, int64_t H, int64_t D,
+                                        int64_t sL, int64_t sT, int64_t sH, uint8_t* codes, float* scale, int scope,
+                                        bool compute_scale, cudaStream_t stream) {
+  if (!x || !codes || !scale) return cudaErrorInvalidValue;
+  if (x_dtype < 0 || x_dtype > 2 || !dims_ok(L, T, H, D) || scope < 0 || scope > 2) return cudaErrorInvalidValue;
+  if (compute_scale && scope != 2) {
+    cudaError_t err = launch_fp8_scale(x, x_dtype, L, T, H, D, sL, sT, sH, scale, scope, stream);
+    if (err != cudaSuccess) return err;
+  }
+  return launch_rows_quant(x, x_dtype, L, T, H, D, sL, sT, sH, codes, scale, nullptr, 0, D, scope,
+                           compute_scale && scope == 2, stream);
+}
+
+extern "C" cudaError_t kvk_dequantize_fp8(const uint8_t* codes, const float* scale, void* out, int out_dtype,
+                                          int64_t L, int64_t T, int64_t H, int64_t D, int64_t osL, int64_t osT,
+                                          int64_t osH, int scope, cudaStream_t stream) {
+  if (!codes || !scale || !out) return cudaErrorInvalidValue;
+  if (out_dtype < 0 || out_dtype > 2 || !dims_ok(L, T, H, D) || scope < 0 || scope > 2) return cudaErrorInvalidValue;
+  return launch_rows_dequant(codes, scale, nullptr, out, out_dtype, L, T, H, D, osL, osT, osH, 0, D, scope, stream);
+}

@@ -1,0 +1,408 @@
+// quant_math.cuh -- device building blocks for KV quantization (docs/quant-spec.md).
+//
+// Everything here is __device__ __forceinline__ (plus a small host helper or two) so that the
+// quantize/dequantize kernels in quant.cu and later fused kernels (paged scatter/gather with
+// dequant, entropy decode) share ONE implementation of the math. The torch reference
+// (kvkernels/reference/quant.py) is the spec: codes and scales must be bit-identical, so the
+// quantize path uses explicit round-to-nearest intrinsics (__fsub_rn, __fdiv_rn, __fadd_rn,
+// __fmul_rn), which nvcc never contracts into FMAs.
+//
+// Element types are described by small traits structs (F32 / F16 / BF16) whose `storage` is a
+// trivially constructible integer or float, so that E elements can live in a union with one
+// vector word (uint4 / uint2 / uint / ushort) and be moved with a single load or store.
+#pragma once
+
+#include <cstdint>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+namespace kvk {
+
+// ---- dtype codes shared with the launchers / Python ------------------------------------------
+enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+// ---- element traits --------------------------------------------------------------------------
+struct F32 {
+  using storage = float;
+  static constexpr int kSize = 4;
+  __device__ __forceinline__ static float to_float(storage s) { return s; }
+  __device__ __forceinline__ static storage from_float(float f) { return f; }
+};
+struct F16 {
+  using storage = unsigned short;
+  static constexpr int kSize = 2;
+  __device__ __forceinline__ static float to_float(storage s) { return __half2float(__ushort_as_half(s)); }
+  // round-to-nearest-even, overflow -> inf (as torch's float -> half cast)
+  __device__ __forceinline__ static storage from_float(float f) { return __half_as_ushort(__float2half_rn(f)); }
+};
+struct BF16 {
+  using storage = unsigned short;
+  static constexpr int kSize = 2;
+  // bf16 -> float is exact: the bf16 bits are the high half of the float.
+  __device__ __forceinline__ static float to_float(storage s) { return __uint_as_float(static_cast<unsigned>(s) << 16); }
+  // round-to-nearest-even (as torch's float -> bf16 cast)
+  __device__ __forceinline__ static storage from_float(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
+};
+
+// ---- raw vector words ------------------------------------------------------------------------
+template <int NB> struct VecWord;  // an NB-byte word loaded/stored with one instruction
+template <> struct VecWord<16> { using type = uint4; };
+template <> struct VecWord<8> { using type = uint2; };
+template <> struct VecWord<4> { using type = unsigned int; };
+template <> struct VecWord<2> { using type = unsigned short; };
+template <> struct VecWord<1> { using type = unsigned char; };
+
+// E elements of traits Tr, viewable as one vector word.
+template <typename Tr, int E>
+union Vec {
+  using Word = typename VecWord<E * Tr::kSize>::type;
+  Word w;
+  typename Tr::storage e[E];
+};
+
+// Load E consecutive elements at p (element pointer) as raw storage. `aligned`: p is aligned to
+// E * sizeof(element) bytes (one vector load); otherwise E scalar loads (the VEC=1 fallback).
+template <typename Tr, int E>
+__device__ __forceinline__ Vec<Tr, E> load_raw(const typename Tr::storage* p, bool aligned) {
+  Vec<Tr, E> v;
+  if (aligned) {
+    v.w = __ldg(reinterpret_cast<const typename Vec<Tr, E>::Word*>(p));
+  } else {
+#pragma unroll
+    for (int j = 0; j < E; ++j) v.e[j] = __ldg(p + j);
+  }
+  return v;
+}
+
+template <typename Tr, int E>
+__device__ __forceinline__ void raw_to_float(const Vec<Tr, E>& v, float (&f)[E]) {
+#pragma unroll
+  for (int j = 0; j < E; ++j) f[j] = Tr::to_float(v.e[j]);
+}
+
+// Load E consecutive elements at p as float (same alignment contract as load_raw).
+template <typename Tr, int E>
+__device__ __forceinline__ void load_vec(const typename Tr::storage* p, bool aligned, float (&f)[E]) {
+  raw_to_float<Tr, E>(load_raw<Tr, E>(p, aligned), f);
+}
+
+// Store E floats to p converted to the element type (RNE); same alignment contract.
+template <typename Tr, int E>
+__device__ __forceinline__ void store_vec(typename Tr::storage* p, bool aligned, const float (&f)[E]) {
+  Vec<Tr, E> v;
+#pragma unroll
+  for (int j = 0; j < E; ++j) v.e[j] = Tr::from_float(f[j]);
+  if (aligned) {
+    *reinterpret_cast<typename Vec<Tr, E>::Word*>(p) = v.w;
+  } else {
+#pragma unroll
+    for (int j = 0; j < E; ++j) p[j] = v.e[j];
+  }
+}
+
+// E contiguous float32 (scales / zero points). `aligned`: p is aligned to min(4E, 16) bytes.
+template <int E>
+__device__ __forceinline__ void load_floats(const float* p, bool aligned, float (&f)[E]) {
+  if constexpr (E % 4 == 0) {
+    if (aligned) {
+#pragma unroll
+      for (int j = 0; j < E; j += 4) {
+        const float4 t = __ldg(reinterpret_cast<const float4*>(p + j));
+        f[j] = t.x; f[j + 1] = t.y; f[j + 2] = t.z; f[j + 3] = t.w;
+      }
+      return;
+    }
+  } else if constexpr (E == 2) {
+    if (aligned) {
+      const float2 t = __ldg(reinterpret_cast<const float2*>(p));
+      f[0] = t.x; f[1] = t.y;
+      return;
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < E; ++j) f[j] = __ldg(p + j);
+}
+
+template <int E>
+__device__ __forceinline__ void store_floats(float* p, bool aligned, const float (&f)[E]) {
+  if constexpr (E % 4 == 0) {
+    if (aligned) {
+#pragma unroll
+      for (int j = 0; j < E; j += 4) *reinterpret_cast<float4*>(p + j) = make_float4(f[j], f[j + 1], f[j + 2], f[j + 3]);
+      return;
+    }
+  } else if constexpr (E == 2) {
+    if (aligned) {
+      *reinterpret_cast<float2*>(p) = make_float2(f[0], f[1]);
+      return;
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < E; ++j) p[j] = f[j];
+}
+
+// ---- byte words (packed codes) ---------------------------------------------------------------
+// Load/store NB (1, 2, 4 or 8) little-endian bytes as the low bytes of a uint64.
+template <int NB>
+__device__ __forceinline__ uint64_t load_bytes(const uint8_t* p, bool aligned) {
+  static_assert(NB == 1 || NB == 2 || NB == 4 || NB == 8, "NB");
+  if (aligned || NB == 1) {
+    if constexpr (NB == 8) { uint2 w = __ldg(reinterpret_cast<const uint2*>(p)); return (uint64_t(w.y) << 32) | w.x; }
+    if constexpr (NB == 4) return __ldg(reinterpret_cast<const unsigned int*>(p));
+    if constexpr (NB == 2) return __ldg(reinterpret_cast<const unsigned short*>(p));
+    if constexpr (NB == 1) return __ldg(p);
+  }
+  uint64_t w = 0;
+#pragma unroll
+  for (int j = 0; j < NB; ++j) w |= uint64_t(p[j]) << (8 * j);
+  return w;
+}
+
+template <int NB>
+__device__ __forceinline__ void store_bytes(uint8_t* p, uint64_t w, bool aligned) {
+  static_assert(NB == 1 || NB == 2 || NB == 4 || NB == 8, "NB");
+  if (aligned || NB == 1) {
+    if constexpr (NB == 8) { *reinterpret_cast<uint2*>(p) = make_uint2(unsigned(w), unsigned(w >> 32)); return; }
+    if constexpr (NB == 4) { *reinterpret_cast<unsigned int*>(p) = unsigned(w); return; }
+    if constexpr (NB == 2) { *reinterpret_cast<unsigned short*>(p) = static_cast<unsigned short>(w); return; }
+    if constexpr (NB == 1) { *p = static_cast<uint8_t>(w); return; }
+  }
+#pragma unroll
+  for (int j = 0; j < NB; ++j) p[j] = static_cast<uint8_t>(w >> (8 * j));
+}
+
+// ---- code packing ----------------------------------------------------------------------------
+// k = 8/BITS codes per byte along the channel dim, first channel in the lowest bits: channel j of
+// an E-channel chunk lives at bit j*BITS of the little-endian word (byte j/k, bits (j%k)*BITS).
+template <int BITS, int E>
+__device__ __forceinline__ uint64_t pack_codes(const uint32_t (&q)[E]) {
+  static_assert(E * BITS <= 64 && (E * BITS) % 8 == 0, "a chunk must be whole bytes");
+  constexpr uint32_t kMask = (1u << BITS) - 1;  // codes are < 2^BITS; the mask lets LOP3 fuse
+  if constexpr (E * BITS <= 32) {
+    uint32_t w = 0;
+#pragma unroll
+    for (int j = 0; j < E; ++j) w |= (q[j] & kMask) << (j * BITS);
+    return w;
+  } else {
+    uint32_t lo = 0, hi = 0;
+#pragma unroll
+    for (int j = 0; j < E; ++j) {
+      if (j * BITS < 32) lo |= (q[j] & kMask) << (j * BITS);
+      else hi |= (q[j] & kMask) << (j * BITS - 32);
+    }
+    return (uint64_t(hi) << 32) | lo;
+  }
+}
+
+template <int BITS, int E>
+__device__ __forceinline__ void unpack_codes(uint64_t w, uint32_t (&q)[E]) {
+  constexpr uint64_t kMask = (uint64_t(1) << BITS) - 1;
+#pragma unroll
+  for (int j = 0; j < E; ++j) q[j] = static_cast<uint32_t>((w >> (j * BITS)) & kMask);
+}
+
+// ---- NaN-propagating min / max (as torch.amin / amax) ------------------------------------------
+// One FMNMX.NAN instruction on sm_80+ (PTX min.NaN / max.NaN).
+__device__ __forceinline__ float min_nan(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float r;
+  asm("min.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+#else
+  return (a < b || a != a) ? a : b;
+#endif
+}
+__device__ __forceinline__ float max_nan(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+#else
+  return (a > b || a != a) ? a : b;
+#endif
+}
+
+// ---- division by a per-group constant, bit-identical to __fdiv_rn -------------------------------
+// Quantizing divides every element of a group by the same scale b, and IEEE division per element
+// would be the quantize kernels' bottleneck. So the divisor is prepared once per group: y ~ 1/b
+// (MUFU.RCP + one Newton step: the reciprocal of the div.rn.f32 fast path), then per element
+// q0 = a * y and two residual corrections (fma(-b, q, a) is exact), which give the correctly
+// rounded quotient -- the div.rn.f32 fast path without its per-element range check. The range
+// check is replaced by a per-group one: b in [2^-60, 2^60] (else `fast` is false and callers use
+// __fdiv_rn). Inside that range, for |a / b| in [2^-12, 2^64) every intermediate is a normal float,
+// so the result equals __fdiv_rn(a, b); smaller quotients (below what int codes or e4m3 can
+// resolve) may differ in low bits but keep their magnitude class, larger ones must be
+// prevented by the caller (see fp8_prescale). Checked against __fdiv_rn on 8e10 random
+// operands (int groups, fp8 rows, raw pairs) with no mismatch.
+struct Divisor {
+  float b;  // the divisor
+  float y;  // ~ 1 / b
+  bool fast;
+};
+
+__device__ __forceinline__ Divisor make_divisor(float b) {
+  Divisor d;
+  d.b = b;
+  d.fast = b >= 0x1p-60f && b <= 0x1p60f;  // false for NaN, <= 0, inf
+  float y0;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y0) : "f"(b));
+  d.y = __fmaf_rn(y0, __fmaf_rn(-b, y0, 1.f), y0);
+  return d;
+}
+
+// a / d.b, round to nearest even, for d.fast and |a / b| < 2^64 (see above). No sign fix-up:
+// a = -0 gives +0.
+__device__ __forceinline__ float divide_fast(float a, const Divisor& d) {
+  const float q0 = __fmul_rn(a, d.y);
+  const float q1 = __fmaf_rn(__fmaf_rn(-d.b, q0, a), d.y, q0);
+  return __fmaf_rn(__fmaf_rn(-d.b, q1, a), d.y, q1);
+}
+
+// a / d.b == __fdiv_rn(a, d.b) for any a when d.fast and |a| < 2^64 * b (callers clamp),
+// including the sign of zero.
+__device__ __forceinline__ float divide(float a, const Divisor& d) {
+  if (!d.fast) return __fdiv_rn(a, d.b);
+  return copysignf(divide_fast(a, d), a);
+}
+
+// ---- integer group quantization --------------------------------------------------------------
+// scale = (mx - mn) / qmax with IEEE division (zero = mn).
+__device__ __forceinline__ float int_group_scale(float mn, float mx, int qmax) {
+  return __fdiv_rn(__fsub_rn(mx, mn), static_cast<float>(qmax));
+}
+
+// One group's quantization constants.
+struct IntGroup {
+  float mn, scale;
+  Divisor div;
+  bool nonzero;  // scale > 0 (else every code is 0)
+};
+
+__device__ __forceinline__ IntGroup make_int_group(float mn, float mx, int qmax) {
+  IntGroup g;
+  g.mn = mn;
+  g.scale = int_group_scale(mn, mx, qmax);
+  g.nonzero = g.scale > 0.f;
+  g.div = make_divisor(g.scale);
+  return g;
+}
+
+// q = 0 if !(scale > 0) else clamp(floor((x - mn) / scale + 0.5), 0, qmax); IEEE sub / div / add,
+// no FMA contraction; x must belong to the group (mn <= x <= mx, or NaN). floor(v) is taken from
+// the bits of v + 2^23 rounded down (a full-rate FADD instead of FRND + F2I).
+// Fast path (g.div.fast): x - mn >= 0 and (x - mn) / scale <= qmax (1 + 2^-23), so v is in
+// [0.5, qmax + 1) and needs no clamp.
+__device__ __forceinline__ uint32_t int_quantize_fast(float x, const IntGroup& g) {
+  const float v = __fadd_rn(divide_fast(__fsub_rn(x, g.mn), g.div), 0.5f);
+  return __float_as_uint(__fadd_rd(v, 0x1p23f)) - 0x4B000000u;
+}
+
+__device__ __forceinline__ uint32_t int_quantize(float x, const IntGroup& g, float qmax) {
+  if (!g.nonzero) return 0u;
+  if (g.div.fast) return int_quantize_fast(x, g);
+  float v = __fadd_rn(__fdiv_rn(__fsub_rn(x, g.mn), g.scale), 0.5f);
+  v = fminf(fmaxf(v, 0.f), qmax);  // a NaN v becomes 0
+  return __float_as_uint(__fadd_rd(v, 0x1p23f)) - 0x4B000000u;
+}
+
+// Reference form of int_quantize with a plain IEEE division (for fused kernels that quantize a
+// single value per group).
+__device__ __forceinline__ uint32_t int_quantize_one(float x, float mn, float scale, float qmax) {
+  if (!(scale > 0.f)) return 0u;
+  float v = floorf(__fadd_rn(__fdiv_rn(__fsub_rn(x, mn), scale), 0.5f));
+  v = fminf(fmaxf(v, 0.f), qmax);
+  return static_cast<uint32_t>(v);
+}
+
+// x_hat = q * scale + zero in float32, rounded after each op (matches the reference's separate
+// mul and add kernels bit for bit; the spec allows an FMA, we do not need it).
+__device__ __forceinline__ float int_dequantize(uint32_t q, float scale, float zero) {
+  return __fadd_rn(__fmul_rn(static_cast<float>(q), scale), zero);
+}
+
+// ---- fp8 e4m3 --------------------------------------------------------------------------------
+constexpr float kFp8Max = 448.f;
+
+// scale from amax over the scope: amax / 448 (IEEE); a non-positive (0) or NaN scale becomes 1.
+__device__ __forceinline__ float fp8_scale_from_amax(float amax) {
+  float s = __fdiv_rn(amax, kFp8Max);
+  return s > 0.f ? s : 1.f;
+}
+
+// clamp(x / scale, -448, 448) (NaN stays NaN, as torch.clamp), IEEE division.
+__device__ __forceinline__ float fp8_clamp(float v) { return min_nan(max_nan(v, -kFp8Max), kFp8Max); }
+__device__ __forceinline__ float fp8_prescale(float x, float scale) { return fp8_clamp(__fdiv_rn(x, scale)); }
+// Same with a prepared divisor; `lim` = fp8_input_limit(scale): inputs beyond +-lim saturate
+// anyway, clamping them first keeps the fast division in range (NaN stays NaN).
+__device__ __forceinline__ float fp8_input_limit(float scale) { return __fmul_rn(scale, 449.f); }
+__device__ __forceinline__ float fp8_prescale(float x, const Divisor& scale, float lim) {
+  return fp8_clamp(divide(min_nan(max_nan(x, -lim), lim), scale));
+}
+
+// e4m3 round-to-nearest-even of an already-clamped value (one byte).
+__device__ __forceinline__ uint32_t fp8_encode(float v) {
+  return static_cast<uint32_t>(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
+}
+
+// Two at once (one cvt instruction on sm_89+): a in the low byte, b in the high byte.
+__device__ __forceinline__ uint32_t fp8_encode2(float a, float b) {
+  return static_cast<uint32_t>(__nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3));
+}
+
+// e4m3 byte -> float (exact: e4m3 is a subset of fp16).
+__device__ __forceinline__ float fp8_decode(uint32_t byte) {
+  __half_raw h = __nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(byte), __NV_E4M3);
+  return __half2float(__half(h));
+}
+
+// x_hat = float(q) * scale.
+__device__ __forceinline__ float fp8_dequantize(uint32_t byte, float scale) {
+  return __fmul_rn(fp8_decode(byte), scale);
+}
+
+// Encode E values (already divided+clamped) into E bytes of a little-endian word.
+template <int E>
+__device__ __forceinline__ uint64_t fp8_pack(const float (&v)[E]) {
+  uint64_t w = 0;
+  if constexpr (E % 2 == 0) {
+#pragma unroll
+    for (int j = 0; j < E; j += 2) w |= uint64_t(fp8_encode2(v[j], v[j + 1])) << (8 * j);
+  } else {
+#pragma unroll
+    for (int j = 0; j < E; ++j) w |= uint64_t(fp8_encode(v[j])) << (8 * j);
+  }
+  return w;
+}
+
+// ---- fast unsigned division by a runtime constant (n < 2^31) -------------------------------------
+// n / d = (umulhi(n, m) + n) >> s, with s = ceil(log2 d), m = floor(2^32 (2^s - d) / d) + 1.
+struct FastDiv {
+  uint32_t d = 1, m = 0, s = 0;
+  FastDiv() = default;
+  __host__ explicit FastDiv(uint32_t div) : d(div) {
+    s = 0;
+    while ((uint64_t(1) << s) < div) ++s;
+    m = static_cast<uint32_t>(((uint64_t(1) << 32) * ((uint64_t(1) << s) - div)) / div + 1);
+  }
+  __device__ __forceinline__ uint32_t div(uint32_t n) const { return (__umulhi(n, m) + n) >> s; }
+  __device__ __forceinline__ void divmod(uint32_t n, uint32_t& q, uint32_t& r) const {
+    q = div(n);
+    r = n - q * d;
+  }
+};
+
+// ---- warp reductions over aligned groups of P lanes (P a power of two <= 32) -----------------
+// Every lane of the warp must call these (full mask); lanes outside the group's active range
+// hold the neutral element (+inf for min, -inf / 0 for max) so padding does not change results.
+__device__ __forceinline__ float group_min(float v, int P) {
+  for (int off = 1; off < P; off <<= 1) v = min_nan(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+__device__ __forceinline__ float group_max(float v, int P) {
+  for (int off = 1; off < P; off <<= 1) v = max_nan(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+
+}  // namespace kvk
