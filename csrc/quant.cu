@@ -178,11 +178,10 @@ __global__ void __launch_bounds__(kBlock, KVK_ROW_MINB) quant_rows_kernel(const 
           sc = fp8_scale_from_amax(smx[i]);
           if (vin[i] == 0) a.scale[row[i]] = sc;  // token_head: [L, T, H] = one per row
         }
-        const Divisor d = make_divisor(sc);
-        const float lim = fp8_input_limit(sc);
+        const float inv = fp8_inv(sc);
         float pv[E];
 #pragma unroll
-        for (int j = 0; j < E; ++j) pv[j] = fp8_prescale(v[i][j], d, lim);
+        for (int j = 0; j < E; ++j) pv[j] = fp8_prescale(v[i][j], inv);
         w = fp8_pack<E>(pv);
       } else {
         const IntGroup g = make_int_group(smn[i], smx[i], (1 << MODE) - 1);
@@ -191,7 +190,7 @@ __global__ void __launch_bounds__(kBlock, KVK_ROW_MINB) quant_rows_kernel(const 
           a.zero[unit[i]] = smn[i];
         }
         uint32_t q[E];
-        if (g.nonzero && g.div.fast) {  // the common case: no clamps, no IEEE division
+        if (g.fast) {  // the common case: no clamps
 #pragma unroll
           for (int j = 0; j < E; ++j) q[j] = int_quantize_fast(v[i][j], g);
         } else {
@@ -228,7 +227,7 @@ __global__ void __launch_bounds__(kBlock, KVK_ROW_MINB) quant_rows_kernel(const 
 #pragma unroll
         for (int j = 0; j < E; ++j) {
           const float sc = int_group_scale(mn[j], mx[j], (1 << MODE) - 1);
-          q[j] = int_quantize_one(v[i][j], mn[j], sc, kQmax);
+          q[j] = int_quantize_one(v[i][j], mn[j], mx[j], kQmax);
           if ((j & (G - 1)) == 0) {
             const uint64_t gi = uint64_t(unit[i]) * gpv + (uint32_t(j) >> a.logG);
             a.scale[gi] = sc;
@@ -392,7 +391,7 @@ __global__ void __launch_bounds__(REG ? kTokBlock : kBlock, KVK_TOK_MINB) quant_
     for (int j = 0; j < E; ++j) { g[j] = make_int_group(mn[j], mx[j], kQ); sc[j] = g[j].scale; }
     bool all_fast = true;
 #pragma unroll
-    for (int j = 0; j < E; ++j) all_fast = all_fast && g[j].nonzero && g[j].div.fast;
+    for (int j = 0; j < E; ++j) all_fast = all_fast && g[j].fast;
     store_floats<E>(a.scale + sidx, a.s_aligned, sc);
     store_floats<E>(a.zero + sidx, a.s_aligned, mn);
 #pragma unroll
@@ -438,7 +437,7 @@ __global__ void __launch_bounds__(REG ? kTokBlock : kBlock, KVK_TOK_MINB) quant_
     for (int j = 0; j < E; ++j) { g[j] = make_int_group(mn[j], mx[j], kQ); sc[j] = g[j].scale; }
     bool all_fast = true;
 #pragma unroll
-    for (int j = 0; j < E; ++j) all_fast = all_fast && g[j].nonzero && g[j].div.fast;
+    for (int j = 0; j < E; ++j) all_fast = all_fast && g[j].fast;
     store_floats<E>(a.scale + sidx, a.s_aligned, sc);
     store_floats<E>(a.zero + sidx, a.s_aligned, mn);
     // pass 2: quantize (re-reads hit L1/L2)

@@ -224,47 +224,12 @@ __device__ __forceinline__ float max_nan(float a, float b) {
 #endif
 }
 
-// ---- division by a per-group constant, bit-identical to __fdiv_rn -------------------------------
-// Quantizing divides every element of a group by the same scale b, and IEEE division per element
-// would be the quantize kernels' bottleneck. So the divisor is prepared once per group: y ~ 1/b
-// (MUFU.RCP + one Newton step: the reciprocal of the div.rn.f32 fast path), then per element
-// q0 = a * y and two residual corrections (fma(-b, q, a) is exact), which give the correctly
-// rounded quotient -- the div.rn.f32 fast path without its per-element range check. The range
-// check is replaced by a per-group one: b in [2^-60, 2^60] (else `fast` is false and callers use
-// __fdiv_rn). Inside that range, for |a / b| in [2^-12, 2^64) every intermediate is a normal float,
-// so the result equals __fdiv_rn(a, b); smaller quotients (below what int codes or e4m3 can
-// resolve) may differ in low bits but keep their magnitude class, larger ones must be
-// prevented by the caller (see fp8_prescale). Checked against __fdiv_rn on 8e10 random
-// operands (int groups, fp8 rows, raw pairs) with no mismatch.
-struct Divisor {
-  float b;  // the divisor
-  float y;  // ~ 1 / b
-  bool fast;
-};
-
-__device__ __forceinline__ Divisor make_divisor(float b) {
-  Divisor d;
-  d.b = b;
-  d.fast = b >= 0x1p-60f && b <= 0x1p60f;  // false for NaN, <= 0, inf
-  float y0;
-  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y0) : "f"(b));
-  d.y = __fmaf_rn(y0, __fmaf_rn(-b, y0, 1.f), y0);
-  return d;
-}
-
-// a / d.b, round to nearest even, for d.fast and |a / b| < 2^64 (see above). No sign fix-up:
-// a = -0 gives +0.
-__device__ __forceinline__ float divide_fast(float a, const Divisor& d) {
-  const float q0 = __fmul_rn(a, d.y);
-  const float q1 = __fmaf_rn(__fmaf_rn(-d.b, q0, a), d.y, q0);
-  return __fmaf_rn(__fmaf_rn(-d.b, q1, a), d.y, q1);
-}
-
-// a / d.b == __fdiv_rn(a, d.b) for any a when d.fast and |a| < 2^64 * b (callers clamp),
-// including the sign of zero.
-__device__ __forceinline__ float divide(float a, const Divisor& d) {
-  if (!d.fast) return __fdiv_rn(a, d.b);
-  return copysignf(divide_fast(a, d), a);
+// ---- reciprocal of a per-group constant -------------------------------------------------------
+// The spec quantizes by multiplying with a reciprocal computed once per group / scale (IEEE
+// division), clamped to FLT_MAX so that a zero or subnormal divisor gives finite products:
+// inv = min(num / den, FLT_MAX). Per element that leaves one FMUL.
+__device__ __forceinline__ float safe_recip(float num, float den) {
+  return fminf(__fdiv_rn(num, den), 3.402823466e38f);  // a NaN quotient stays... fminf drops it: den > 0 here
 }
 
 // ---- integer group quantization --------------------------------------------------------------
@@ -275,9 +240,9 @@ __device__ __forceinline__ float int_group_scale(float mn, float mx, int qmax) {
 
 // One group's quantization constants.
 struct IntGroup {
-  float mn, scale;
-  Divisor div;
-  bool nonzero;  // scale > 0 (else every code is 0)
+  float mn, scale, inv;  // inv = min(qmax / (mx - mn), FLT_MAX)
+  bool nonzero;          // scale > 0 (else every code is 0)
+  bool fast;             // nonzero and inv < FLT_MAX: no clamp needed
 };
 
 __device__ __forceinline__ IntGroup make_int_group(float mn, float mx, int qmax) {
@@ -285,35 +250,38 @@ __device__ __forceinline__ IntGroup make_int_group(float mn, float mx, int qmax)
   g.mn = mn;
   g.scale = int_group_scale(mn, mx, qmax);
   g.nonzero = g.scale > 0.f;
-  g.div = make_divisor(g.scale);
+  g.inv = safe_recip(static_cast<float>(qmax), __fsub_rn(mx, mn));
+  g.fast = g.nonzero && g.inv < 3.402823466e38f;
   return g;
 }
 
-// q = 0 if !(scale > 0) else clamp(floor((x - mn) / scale + 0.5), 0, qmax); IEEE sub / div / add,
+// q = 0 if !(scale > 0) else clamp(floor((x - mn) * inv + 0.5), 0, qmax); IEEE sub / mul / add,
 // no FMA contraction; x must belong to the group (mn <= x <= mx, or NaN). floor(v) is taken from
 // the bits of v + 2^23 rounded down (a full-rate FADD instead of FRND + F2I).
-// Fast path (g.div.fast): x - mn >= 0 and (x - mn) / scale <= qmax (1 + 2^-23), so v is in
+// Fast path (g.fast): x - mn >= 0 and (x - mn) * inv <= qmax (1 + 2^-22), so v is in
 // [0.5, qmax + 1) and needs no clamp.
 __device__ __forceinline__ uint32_t int_quantize_fast(float x, const IntGroup& g) {
-  const float v = __fadd_rn(divide_fast(__fsub_rn(x, g.mn), g.div), 0.5f);
+  const float v = __fadd_rn(__fmul_rn(__fsub_rn(x, g.mn), g.inv), 0.5f);
   return __float_as_uint(__fadd_rd(v, 0x1p23f)) - 0x4B000000u;
 }
 
 __device__ __forceinline__ uint32_t int_quantize(float x, const IntGroup& g, float qmax) {
   if (!g.nonzero) return 0u;
-  if (g.div.fast) return int_quantize_fast(x, g);
-  float v = __fadd_rn(__fdiv_rn(__fsub_rn(x, g.mn), g.scale), 0.5f);
+  if (g.fast) return int_quantize_fast(x, g);
+  float v = __fadd_rn(__fmul_rn(__fsub_rn(x, g.mn), g.inv), 0.5f);
   v = fminf(fmaxf(v, 0.f), qmax);  // a NaN v becomes 0
   return __float_as_uint(__fadd_rd(v, 0x1p23f)) - 0x4B000000u;
 }
 
-// Reference form of int_quantize with a plain IEEE division (for fused kernels that quantize a
-// single value per group).
-__device__ __forceinline__ uint32_t int_quantize_one(float x, float mn, float scale, float qmax) {
-  if (!(scale > 0.f)) return 0u;
-  float v = floorf(__fadd_rn(__fdiv_rn(__fsub_rn(x, mn), scale), 0.5f));
-  v = fminf(fmaxf(v, 0.f), qmax);
-  return static_cast<uint32_t>(v);
+// int_quantize for a single value of a group whose constants are not kept (fused kernels).
+__device__ __forceinline__ uint32_t int_quantize_one(float x, float mn, float mx, float qmax) {
+  IntGroup g;
+  g.mn = mn;
+  g.scale = __fdiv_rn(__fsub_rn(mx, mn), qmax);
+  g.nonzero = g.scale > 0.f;
+  g.inv = safe_recip(qmax, __fsub_rn(mx, mn));
+  g.fast = false;
+  return int_quantize(x, g, qmax);
 }
 
 // x_hat = q * scale + zero in float32, rounded after each op (matches the reference's separate
@@ -331,15 +299,11 @@ __device__ __forceinline__ float fp8_scale_from_amax(float amax) {
   return s > 0.f ? s : 1.f;
 }
 
-// clamp(x / scale, -448, 448) (NaN stays NaN, as torch.clamp), IEEE division.
+// clamp(x * inv, -448, 448) with inv = fp8_inv(scale) = min(1 / scale, FLT_MAX) (IEEE); NaN stays
+// NaN, as torch.clamp; an overflowing product saturates.
 __device__ __forceinline__ float fp8_clamp(float v) { return min_nan(max_nan(v, -kFp8Max), kFp8Max); }
-__device__ __forceinline__ float fp8_prescale(float x, float scale) { return fp8_clamp(__fdiv_rn(x, scale)); }
-// Same with a prepared divisor; `lim` = fp8_input_limit(scale): inputs beyond +-lim saturate
-// anyway, clamping them first keeps the fast division in range (NaN stays NaN).
-__device__ __forceinline__ float fp8_input_limit(float scale) { return __fmul_rn(scale, 449.f); }
-__device__ __forceinline__ float fp8_prescale(float x, const Divisor& scale, float lim) {
-  return fp8_clamp(divide(min_nan(max_nan(x, -lim), lim), scale));
-}
+__device__ __forceinline__ float fp8_inv(float scale) { return safe_recip(1.f, scale); }
+__device__ __forceinline__ float fp8_prescale(float x, float inv) { return fp8_clamp(__fmul_rn(x, inv)); }
 
 // e4m3 round-to-nearest-even of an already-clamped value (one byte).
 __device__ __forceinline__ uint32_t fp8_encode(float v) {

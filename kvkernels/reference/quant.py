@@ -39,15 +39,23 @@ def _unpack(c: torch.Tensor, bits: int) -> torch.Tensor:
     return q.reshape(*c.shape[:-1], c.shape[-1] * k)
 
 
+FLT_MAX = torch.finfo(torch.float32).max
+
+
+def _recip(num, den: torch.Tensor) -> torch.Tensor:
+    """min(num / den, FLT_MAX) with IEEE division (a tensor numerator: torch on CUDA turns
+    division by a Python scalar into a multiply by its reciprocal, which is not IEEE)."""
+    return (torch.full_like(den, float(num)) / den).clamp_(max=FLT_MAX)
+
+
 def _int_quantize_groups(xg: torch.Tensor, qmax: int, dim):
     """Quantize float32 ``xg`` in groups reduced over ``dim``; returns (q, scale, zero)."""
     mn = xg.amin(dim=dim, keepdim=True)
     mx = xg.amax(dim=dim, keepdim=True)
-    # a tensor divisor: torch on CUDA turns division by a Python scalar into a multiply by its
-    # reciprocal, which is not the IEEE division the spec asks for
-    scale = (mx - mn) / torch.full_like(mx, float(qmax))
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.floor((xg - mn) / safe + 0.5).clamp_(0, qmax)
+    rng = mx - mn
+    scale = rng / torch.full_like(rng, float(qmax))
+    inv = _recip(qmax, rng)
+    q = torch.floor((xg - mn) * inv + 0.5).clamp_(0, qmax)  # separate mul and add: no FMA
     q = torch.where(scale > 0, q, torch.zeros_like(q))
     return q.to(torch.uint8), scale, mn
 
@@ -83,8 +91,8 @@ def quantize_into(x, fmt: QuantFormat, codes, scale, zero, compute_scale: bool =
     if fmt.kind == "fp8":
         if compute_scale:
             scale.copy_(fp8_compute_scale(xf, fmt.scope))
-        s = _fp8_broadcast(scale, fmt.scope)
-        y = (xf / s).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        inv = _fp8_broadcast(_recip(1.0, scale), fmt.scope)
+        y = (xf * inv).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         codes.copy_(y.view(torch.uint8))
         return
     G = fmt.group_size
