@@ -27,7 +27,7 @@ $PY -m pytest -q -x --junitxml="$OUT/junit.xml" "$@" > "$OUT/pytest.log" 2>&1
 trc=$?
 tail -25 "$OUT/pytest.log"
 echo "== bench"
-$PY -m bench quant --out "$OUT" > "$OUT/bench.txt" 2>&1
+$PY -m bench quant --backends "${BENCH_BACKENDS:-cuda,triton}" --out "$OUT" > "$OUT/bench.txt" 2>&1
 bnc=$?
 {
   echo "build rc=$brc tests rc=$trc bench rc=$bnc"
