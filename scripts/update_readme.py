@@ -23,11 +23,12 @@ def put(text, tag, body):
 def main(bench_json, quality_md=None):
     readme = ROOT / "README.md"
     text = readme.read_text()
-    rows = json.loads(pathlib.Path(bench_json).read_text())
-    src = f"From [`{pathlib.Path(bench_json).relative_to(ROOT)}`]({pathlib.Path(bench_json).relative_to(ROOT)}):"
+    bench_json = pathlib.Path(bench_json).resolve()
+    rows = json.loads(bench_json.read_text())
+    src = f"From [`{bench_json.relative_to(ROOT)}`]({bench_json.relative_to(ROOT)}):"
     text = put(text, "BENCH", src + "\n\n" + table(rows))
     if quality_md:
-        text = put(text, "QUALITY", pathlib.Path(quality_md).read_text())
+        text = put(text, "QUALITY", re.sub(r"(?m)^# ", "### ", pathlib.Path(quality_md).read_text()))
     readme.write_text(text)
 
 
