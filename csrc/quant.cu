@@ -353,11 +353,46 @@ __device__ __forceinline__ TokCoord tok_coord(const TokArgs& a, uint32_t s) {
   return k;
 }
 
+// One channel vector's group constants from its min / max; writes scale and zero, returns
+// whether every channel can take the clamp-free path.
+template <int E, int BITS>
+__device__ __forceinline__ bool tok_groups(const float (&mn)[E], const float (&mx)[E], IntGroup (&g)[E],
+                                           float* scale, float* zero, bool s_aligned) {
+  float sc[E];
+  bool all_fast = true;
+#pragma unroll
+  for (int j = 0; j < E; ++j) {
+    g[j] = make_int_group(mn[j], mx[j], (1 << BITS) - 1);
+    sc[j] = g[j].scale;
+    all_fast = all_fast && g[j].fast;
+  }
+  store_floats<E>(scale, s_aligned, sc);
+  store_floats<E>(zero, s_aligned, mn);
+  return all_fast;
+}
+
+// Quantize one token's channel vector with its groups' constants and store the packed codes.
+template <typename Tr, int E, int BITS>
+__device__ __forceinline__ void tok_quantize_store(const Vec<Tr, E>& raw, const IntGroup (&g)[E], bool all_fast,
+                                                   uint8_t* dst, bool c_aligned) {
+  constexpr int NB = E * BITS / 8;
+  float f[E];
+  uint32_t q[E];
+  raw_to_float<Tr, E>(raw, f);
+  if (all_fast) {
+#pragma unroll
+    for (int j = 0; j < E; ++j) q[j] = int_quantize_fast(f[j], g[j]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < E; ++j) q[j] = int_quantize(f[j], g[j], float((1 << BITS) - 1));
+  }
+  store_bytes<NB>(dst, pack_codes<BITS, E>(q), c_aligned);
+}
+
 template <typename Tr, int E, int BITS, bool REG>
 __global__ void __launch_bounds__(REG ? kTokBlock : kBlock, KVK_TOK_MINB) quant_tok_kernel(const TokArgs a) {
   using S = typename Tr::storage;
   constexpr int NB = E * BITS / 8;
-  constexpr int kQ = (1 << BITS) - 1;
   const uint32_t s = blockIdx.x * blockDim.x + threadIdx.x;
   if (s >= a.n) return;  // no collectives below
   const TokCoord k = tok_coord(a, s);
@@ -368,7 +403,7 @@ __global__ void __launch_bounds__(REG ? kTokBlock : kBlock, KVK_TOK_MINB) quant_
   const uint64_t sidx = k.q1 * a.D + uint64_t(k.c) * E;
   const int nt = int(k.nt);
 
-  float mn[E], mx[E], sc[E];
+  float mn[E], mx[E];
 #pragma unroll
   for (int j = 0; j < E; ++j) { mn[j] = __int_as_float(0x7f800000); mx[j] = -__int_as_float(0x7f800000); }
 
@@ -387,34 +422,10 @@ __global__ void __launch_bounds__(REG ? kTokBlock : kBlock, KVK_TOK_MINB) quant_
       }
     }
     IntGroup g[E];
+    const bool all_fast = tok_groups<E, BITS>(mn, mx, g, a.scale + sidx, a.zero + sidx, a.s_aligned);
 #pragma unroll
-    for (int j = 0; j < E; ++j) { g[j] = make_int_group(mn[j], mx[j], kQ); sc[j] = g[j].scale; }
-    bool all_fast = true;
-#pragma unroll
-    for (int j = 0; j < E; ++j) all_fast = all_fast && g[j].fast;
-    store_floats<E>(a.scale + sidx, a.s_aligned, sc);
-    store_floats<E>(a.zero + sidx, a.s_aligned, mn);
-#pragma unroll
-    for (int t = 0; t < kTokReg; ++t) {
-      if (t < nt) {
-        float f[E];
-        uint32_t q[E];
-        raw_to_float<Tr, E>(raw[t], f);
-        if (all_fast) {
-#pragma unroll
-          for (int j = 0; j < E; ++j) q[j] = int_quantize_fast(f[j], g[j]);
-        } else {
-          if (all_fast) {
-#pragma unroll
-            for (int j = 0; j < E; ++j) q[j] = int_quantize_fast(f[j], g[j]);
-          } else {
-#pragma unroll
-            for (int j = 0; j < E; ++j) q[j] = int_quantize(f[j], g[j], float(kQ));
-          }
-        }
-        store_bytes<NB>(cp + uint64_t(t) * crow, pack_codes<BITS, E>(q), a.c_aligned);
-      }
-    }
+    for (int t = 0; t < kTokReg; ++t)
+      if (t < nt) tok_quantize_store<Tr, E, BITS>(raw[t], g, all_fast, cp + uint64_t(t) * crow, a.c_aligned);
   } else {
     // pass 1: min / max, 8 loads in flight
     for (int t0 = 0; t0 < nt; t0 += 8) {
@@ -433,13 +444,7 @@ __global__ void __launch_bounds__(REG ? kTokBlock : kBlock, KVK_TOK_MINB) quant_
       }
     }
     IntGroup g[E];
-#pragma unroll
-    for (int j = 0; j < E; ++j) { g[j] = make_int_group(mn[j], mx[j], kQ); sc[j] = g[j].scale; }
-    bool all_fast = true;
-#pragma unroll
-    for (int j = 0; j < E; ++j) all_fast = all_fast && g[j].fast;
-    store_floats<E>(a.scale + sidx, a.s_aligned, sc);
-    store_floats<E>(a.zero + sidx, a.s_aligned, mn);
+    const bool all_fast = tok_groups<E, BITS>(mn, mx, g, a.scale + sidx, a.zero + sidx, a.s_aligned);
     // pass 2: quantize (re-reads hit L1/L2)
     for (int t0 = 0; t0 < nt; t0 += 4) {
       Vec<Tr, E> raw[4];
@@ -447,21 +452,9 @@ __global__ void __launch_bounds__(REG ? kTokBlock : kBlock, KVK_TOK_MINB) quant_
       for (int u = 0; u < 4; ++u)
         if (t0 + u < nt) raw[u] = load_raw<Tr, E>(xp + int64_t(t0 + u) * a.sT, a.x_aligned);
 #pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        if (t0 + u < nt) {
-          float f[E];
-          uint32_t q[E];
-          raw_to_float<Tr, E>(raw[u], f);
-          if (all_fast) {
-#pragma unroll
-            for (int j = 0; j < E; ++j) q[j] = int_quantize_fast(f[j], g[j]);
-          } else {
-#pragma unroll
-            for (int j = 0; j < E; ++j) q[j] = int_quantize(f[j], g[j], float(kQ));
-          }
-          store_bytes<NB>(cp + uint64_t(t0 + u) * crow, pack_codes<BITS, E>(q), a.c_aligned);
-        }
-      }
+      for (int u = 0; u < 4; ++u)
+        if (t0 + u < nt)
+          tok_quantize_store<Tr, E, BITS>(raw[u], g, all_fast, cp + uint64_t(t0 + u) * crow, a.c_aligned);
     }
   }
 }
