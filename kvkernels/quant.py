@@ -25,7 +25,9 @@ def _fmt(spec: str) -> QuantFormat:
 
 
 def _key(t: torch.Tensor, fmt: QuantFormat):
-    return (t.device.type, t.dtype, fmt, t.shape[-1])
+    # everything a backend's supports() looks at: device (capability), dtype, format, head_dim,
+    # and whether one layer exceeds 2^31 elements (32-bit index limits)
+    return (t.device, t.dtype, fmt, t.shape[-1], t[0].numel() >= 2**31)
 
 
 # ---- torch.library ops (mutate caller-owned outputs; fake kernels do nothing) ----------------
