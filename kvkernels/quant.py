@@ -123,7 +123,7 @@ def quantize(x: torch.Tensor, format: Union[str, QuantFormat], *, scale: Optiona
         if drop and fmt.scope == "tensor" and isinstance(scale, torch.Tensor) and scale.numel() == 1:
             scale = scale.reshape(())
         _check_aux("scale", scale, want, torch.float32, x.device)
-        sc = scale.reshape(sshape4).contiguous().clone()
+        sc = scale.reshape(sshape4).clone(memory_format=torch.contiguous_format)  # ours: written by no one else
     else:
         sc = torch.empty(sshape4, dtype=torch.float32, device=x.device)
     zp = torch.empty(sshape4, dtype=torch.float32, device=x.device) if fmt.has_zero else None

@@ -3,7 +3,6 @@ import pytest
 import torch
 
 import kvkernels
-from kvkernels import QuantFormat
 from kvkernels.formats import QuantizedKV
 
 from conftest import DEVICE

@@ -5,6 +5,7 @@ Bytes moved (the floor): quantize reads ``n * in_size`` and writes ``n * bits / 
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -65,10 +66,11 @@ def run(args, timer, copy, info, op_names):
                         continue
                     codes, scale, zero = _bufs(fmt, L, T, H, D, device)
                     out = torch.empty_like(x)
+                    # arguments bound now (no late-binding closure over the loop's buffers)
                     if op == "quantize":
-                        fn = lambda: quantize_op(x, spec, codes, scale, zero, True, backend)  # noqa: E731
+                        fn = functools.partial(quantize_op, x, spec, codes, scale, zero, True, backend)
                     else:
-                        fn = lambda: dequantize_op(codes_ref, scale_ref, zero_ref, spec, out, backend)  # noqa: E731
+                        fn = functools.partial(dequantize_op, codes_ref, scale_ref, zero_ref, spec, out, backend)
                     fn()  # reference check before timing
                     if op == "quantize":
                         ok = torch.equal(codes, codes_ref) and torch.equal(scale, scale_ref)

@@ -99,46 +99,34 @@ def _stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
-def _as_bytes(codes: torch.Tensor) -> torch.Tensor:
-    return codes if codes.dtype == torch.uint8 else codes.view(torch.uint8)
-
-
-def _check_dense(name: str, t: Optional[torch.Tensor]) -> None:
-    if t is not None and not t.is_contiguous():
-        raise ValueError(f"{name}: the CUDA kernels need a contiguous tensor")
+def _prepare(codes: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], kv: torch.Tensor):
+    """Shared launcher prologue: codes as bytes, dense code/scale/zero buffers, and the
+    arguments every binding takes about the KV tensor ``kv`` (x or out)."""
+    codes = codes if codes.dtype == torch.uint8 else codes.view(torch.uint8)
+    for name, t in (("codes", codes), ("scale", scale), ("zero", zero)):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{name}: the CUDA kernels need a contiguous tensor")
+    sL, sT, sH, _ = kv.stride()
+    geometry = (_DTYPE_CODE[kv.dtype], *kv.shape, sL, sT, sH)
+    return _ext(), codes, geometry, (kv.device.index, _stream(kv))
 
 
 def quantize_into(x: torch.Tensor, fmt: QuantFormat, codes: torch.Tensor, scale: torch.Tensor,
                   zero: Optional[torch.Tensor], compute_scale: bool = True) -> None:
-    codes = _as_bytes(codes)
-    for name, t in (("codes", codes), ("scale", scale), ("zero", zero)):
-        _check_dense(name, t)
-    L, T, H, D = x.shape
-    sL, sT, sH, _ = x.stride()
-    dev = x.device.index
-    _C = _ext()
+    _C, codes, geo, tail = _prepare(codes, scale, zero, x)
     if fmt.kind == "fp8":
-        _C.quantize_fp8(x.data_ptr(), _DTYPE_CODE[x.dtype], L, T, H, D, sL, sT, sH, codes.data_ptr(),
-                        scale.data_ptr(), _SCOPE_CODE[fmt.scope], bool(compute_scale), dev, _stream(x))
+        _C.quantize_fp8(x.data_ptr(), *geo, codes.data_ptr(), scale.data_ptr(), _SCOPE_CODE[fmt.scope],
+                        bool(compute_scale), *tail)
     else:
-        _C.quantize_int(x.data_ptr(), _DTYPE_CODE[x.dtype], L, T, H, D, sL, sT, sH, codes.data_ptr(),
-                        scale.data_ptr(), zero.data_ptr(), fmt.bits, fmt.group_size, _AXIS_CODE[fmt.axis], dev,
-                        _stream(x))
+        _C.quantize_int(x.data_ptr(), *geo, codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), fmt.bits,
+                        fmt.group_size, _AXIS_CODE[fmt.axis], *tail)
 
 
 def dequantize_into(codes: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], fmt: QuantFormat,
                     out: torch.Tensor) -> None:
-    codes = _as_bytes(codes)
-    for name, t in (("codes", codes), ("scale", scale), ("zero", zero)):
-        _check_dense(name, t)
-    L, T, H, D = out.shape
-    osL, osT, osH, _ = out.stride()
-    dev = out.device.index
-    _C = _ext()
+    _C, codes, geo, tail = _prepare(codes, scale, zero, out)
     if fmt.kind == "fp8":
-        _C.dequantize_fp8(codes.data_ptr(), scale.data_ptr(), out.data_ptr(), _DTYPE_CODE[out.dtype], L, T, H, D,
-                          osL, osT, osH, _SCOPE_CODE[fmt.scope], dev, _stream(out))
+        _C.dequantize_fp8(codes.data_ptr(), scale.data_ptr(), out.data_ptr(), *geo, _SCOPE_CODE[fmt.scope], *tail)
     else:
-        _C.dequantize_int(codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), out.data_ptr(),
-                          _DTYPE_CODE[out.dtype], L, T, H, D, osL, osT, osH, fmt.bits, fmt.group_size,
-                          _AXIS_CODE[fmt.axis], dev, _stream(out))
+        _C.dequantize_int(codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), out.data_ptr(), *geo, fmt.bits,
+                          fmt.group_size, _AXIS_CODE[fmt.axis], *tail)

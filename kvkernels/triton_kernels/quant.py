@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..formats import FP8_MAX, QuantFormat
+from ..formats import QuantFormat
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
