@@ -15,9 +15,10 @@ OUT_ULP = {torch.float32: 2.0**-22, torch.float16: 2.0**-10, torch.bfloat16: 2.0
 # (x - mn) / scale and the float64 decode add a few ulps of float32 relative to the group range.
 INT_STEP_SLACK = 1e-5  # relative to the group's (mx - mn)
 
-# fp8 e4m3: 3 mantissa bits -> half-ulp relative error 2**-4 for normals, plus the float32
-# rounding of x * inv before the cast (a tie can land on either side: 2**-23 relative, twice);
-# below the smallest normal (2**-6 * scale) the absolute error is at most half the subnormal
-# step 2**-10 * scale.
-FP8_REL = 2.0**-4 + 2.0**-22
+# fp8 e4m3: 3 mantissa bits -> half-ulp relative error 2**-4 for normals; below the smallest
+# normal (2**-6 * scale) the absolute error is at most half the subnormal step 2**-10 * scale.
+# On top of either, the float32 product x * inv (inv = RN(1/scale)) is off from x / scale by up
+# to two float32 roundings: FP8_PRODUCT_REL * |x|, added in both regimes.
+FP8_REL = 2.0**-4
+FP8_PRODUCT_REL = 2.0**-22
 FP8_SUBNORMAL_ABS = 2.0**-10  # times scale
