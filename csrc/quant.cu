@@ -24,6 +24,7 @@
 #include "quant_math.cuh"
 
 #include <algorithm>
+#include <cstdlib>
 #include <type_traits>
 
 namespace kvk {
@@ -322,6 +323,201 @@ __global__ void __launch_bounds__(kBlock) dequant_rows_kernel(const RowDequantAr
 }
 
 // ================================================================================================
+// Fast paths for dense, 16-byte-aligned rows (the common case; the kernels above handle the rest)
+// ================================================================================================
+// quant_chunk_kernel: a thread owns one CHUNK of 32 consecutive channels of a row (4 x 16-byte
+// loads for fp16/bf16, all in flight before the first use), so a group of G <= 32 channels never
+// leaves the thread (GPC = 32 / G groups per chunk, reduced in registers) and a larger group
+// (G = 64 ... 1024; fp8 rows: G = D) spans P = G / 32 consecutive lanes (log2 P shuffles). The
+// per-group work (two IEEE divisions) is spread over >= 32 elements, the codes are packed with
+// shifted adds + PRMT and leave as one 8/16/32-byte store, and with LINEAR (rows densely packed:
+// strides D, H*D, T*H*D) chunk s simply lives at element 32*s, codes at byte 32*bits/8*s.
+//
+// dequant_vec_kernel: a thread handles kItems 16-byte output vectors strided by the block size
+// (coalesced stores), reads their 2-8 code bytes and their group's scale / zero (vector v is in
+// group v / (G / VE)), decodes with code_to_float (no I2F) and stores once.
+constexpr int kCh = 32;
+
+struct FastArgs {
+  const void* x;         // quantize: input [L, T, H, D]
+  void* out;             // dequantize: output [L, T, H, D]
+  int64_t sL, sT, sH;    // strides of x / out (elements); D dense
+  uint8_t* codes;        // [L, T, H, D*bits/8], 16-byte aligned
+  float* scale;          // as RowQuantArgs; 16-byte aligned
+  float* zero;
+  uint32_t n;            // quantize: chunks L*T*H*(D/32); dequantize: vectors L*T*H*(D/VE)
+  uint32_t H;
+  int logP;              // quantize: lanes per group, log2
+  FastDiv divPR;         // chunks (quantize) or vectors (dequantize) per row
+  FastDiv divH, divT, divTH;
+  FastDiv divGV;         // dequantize, int: vectors per group G / VE
+  int fp8_scope;         // 0 tensor, 1 head, 2 token_head
+  bool fp8_reduce;       // quantize fp8 token_head: compute the scale in this pass
+};
+
+// Element offset of unit `idx` (chunk or vector of `elems` elements) and its row (l, t, h).
+template <bool LINEAR>
+__device__ __forceinline__ int64_t fast_offset(const FastArgs& a, uint32_t idx, int elems, uint32_t& row) {
+  uint32_t c;
+  a.divPR.divmod(idx, row, c);
+  if (LINEAR) return int64_t(idx) * elems;
+  uint32_t rt, h, l, t;
+  a.divH.divmod(row, rt, h);
+  a.divT.divmod(rt, l, t);
+  return int64_t(l) * a.sL + int64_t(t) * a.sT + int64_t(h) * a.sH + int64_t(c) * elems;
+}
+
+// fp8 scale index of a row for the tensor ([L]), head ([L, H]) and token_head ([L, T, H]) scopes.
+__device__ __forceinline__ uint32_t fp8_scale_index(const FastArgs& a, uint32_t row) {
+  if (a.fp8_scope == 2) return row;
+  const uint32_t l = a.divTH.div(row);
+  return a.fp8_scope == 0 ? l : l * a.H + (row - a.divH.div(row) * a.H);
+}
+
+template <typename Tr, int MODE, int GPC, bool LINEAR>
+__global__ void __launch_bounds__(kBlock) quant_chunk_kernel(const FastArgs a) {
+  using S = typename Tr::storage;
+  using W = typename Vec<Tr, 16 / Tr::kSize>::Word;
+  constexpr int VE = 16 / Tr::kSize, NV = kCh / VE;
+  constexpr int GE = kCh / GPC;  // elements of one group inside the chunk
+  constexpr int BITS = MODE == 0 ? 8 : MODE;
+  constexpr int NW = kCh * BITS / 32;  // code words per chunk: 8 / 4 / 2
+  const uint32_t s = blockIdx.x * kBlock + threadIdx.x;
+  const bool act = s < a.n;
+  // Inactive lanes (the grid's tail) re-read a valid chunk and store nothing; they still take
+  // part in the shuffles, but only among themselves (groups are aligned to P lanes, n % P == 0).
+  const uint32_t si = act ? s : a.n - 1;
+  uint32_t row;
+  const int64_t off = fast_offset<LINEAR>(a, si, kCh, row);
+  const W* xp = reinterpret_cast<const W*>(static_cast<const S*>(a.x) + off);
+  Vec<Tr, VE> raw[NV];
+#pragma unroll
+  for (int i = 0; i < NV; ++i) raw[i].w = __ldg(xp + i);
+  float f[kCh];
+#pragma unroll
+  for (int i = 0; i < NV; ++i)
+#pragma unroll
+    for (int j = 0; j < VE; ++j) f[i * VE + j] = Tr::to_float(raw[i].e[j]);
+
+  const int P = 1 << a.logP;
+  uint32_t w[NW];
+  if constexpr (MODE == 0) {
+    float sc;
+    if (a.fp8_reduce) {  // token_head: amax over the row (P lanes)
+      float m = 0.f;
+#pragma unroll
+      for (int j = 0; j < kCh; ++j) m = max_nan(m, fabsf(f[j]));
+      m = group_max(m, P);
+      sc = fp8_scale_from_amax(m);
+      if (act && (s & (P - 1)) == 0) a.scale[row] = sc;
+    } else {
+      sc = __ldg(a.scale + fp8_scale_index(a, row));
+    }
+    const float inv = fp8_inv(sc);
+#pragma unroll
+    for (int o = 0; o < NW; ++o)  // the encoders saturate at +-448 (the spec's clamp)
+      w[o] = __byte_perm(fp8_encode2(__fmul_rn(f[4 * o], inv), __fmul_rn(f[4 * o + 1], inv)),
+                         fp8_encode2(__fmul_rn(f[4 * o + 2], inv), __fmul_rn(f[4 * o + 3], inv)), 0x5410);
+  } else {
+    constexpr float kQmax = float((1 << BITS) - 1);
+    float mn[GPC], mx[GPC];
+#pragma unroll
+    for (int g = 0; g < GPC; ++g) {
+      mn[g] = mx[g] = f[g * GE];
+#pragma unroll
+      for (int j = 1; j < GE; ++j) { mn[g] = min_nan(mn[g], f[g * GE + j]); mx[g] = max_nan(mx[g], f[g * GE + j]); }
+    }
+    if (GPC == 1 && P > 1) {
+      mn[0] = group_min(mn[0], P);
+      mx[0] = group_max(mx[0], P);
+    }
+    IntGroup gr[GPC];
+    bool fast = true;
+#pragma unroll
+    for (int g = 0; g < GPC; ++g) {
+      gr[g] = make_int_group(mn[g], mx[g], (1 << BITS) - 1);
+      fast = fast && gr[g].fast;
+    }
+    uint32_t q[kCh];
+    if (fast) {
+#pragma unroll
+      for (int j = 0; j < kCh; ++j) q[j] = int_code_bits_fast(f[j], gr[j / GE]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kCh; ++j) q[j] = int_quantize(f[j], gr[j / GE], kQmax);
+    }
+    pack_code_bytes<BITS, kCh>(q, w);
+    if (act) {
+      if constexpr (GPC == 1) {
+        if ((s & (P - 1)) == 0) {  // group index: s / P (groups are in row-major order)
+          a.scale[s >> a.logP] = gr[0].scale;
+          a.zero[s >> a.logP] = mn[0];
+        }
+      } else {
+        float sc[GPC];
+#pragma unroll
+        for (int g = 0; g < GPC; ++g) sc[g] = gr[g].scale;
+        store_floats<GPC>(a.scale + uint64_t(s) * GPC, true, sc);
+        store_floats<GPC>(a.zero + uint64_t(s) * GPC, true, mn);
+      }
+    }
+  }
+  if (act) {
+    uint8_t* cp = a.codes + uint64_t(s) * (NW * 4);
+    if constexpr (NW == 2) {
+      *reinterpret_cast<uint2*>(cp) = make_uint2(w[0], w[1]);
+    } else {
+#pragma unroll
+      for (int o = 0; o < NW; o += 4) reinterpret_cast<uint4*>(cp)[o / 4] = make_uint4(w[o], w[o + 1], w[o + 2], w[o + 3]);
+    }
+  }
+}
+
+template <typename Tr, int MODE, bool LINEAR, int ITEMS>
+__global__ void __launch_bounds__(kBlock) dequant_vec_kernel(const FastArgs a) {
+  using S = typename Tr::storage;
+  constexpr int VE = 16 / Tr::kSize;
+  constexpr int BITS = MODE == 0 ? 8 : MODE;
+  constexpr int NB = VE * BITS / 8;  // code bytes per vector
+  uint64_t w[ITEMS];
+  float sc[ITEMS], zp[ITEMS];
+  int64_t off[ITEMS];
+  bool act[ITEMS];
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const uint32_t v = (blockIdx.x * ITEMS + i) * kBlock + threadIdx.x;
+    act[i] = v < a.n;
+    const uint32_t vi = act[i] ? v : 0;
+    uint32_t row;
+    off[i] = fast_offset<LINEAR>(a, vi, VE, row);
+    w[i] = load_bytes<NB>(a.codes + uint64_t(vi) * NB, true);
+    if constexpr (MODE == 0) {
+      sc[i] = __ldg(a.scale + fp8_scale_index(a, row));
+      zp[i] = 0.f;
+    } else {
+      const uint32_t g = a.divGV.div(vi);
+      sc[i] = __ldg(a.scale + g);
+      zp[i] = __ldg(a.zero + g);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    if (!act[i]) continue;
+    float f[VE];
+    if constexpr (MODE == 0) {
+#pragma unroll
+      for (int j = 0; j < VE; ++j) f[j] = fp8_dequantize(uint32_t(w[i] >> (8 * j)) & 0xffu, sc[i]);
+    } else {
+      uint32_t q[VE];
+      unpack_codes<BITS, VE>(w[i], q);
+#pragma unroll
+      for (int j = 0; j < VE; ++j) f[j] = int_dequantize(q[j], sc[i], zp[i]);
+    }
+    store_vec<Tr, VE>(static_cast<S*>(a.out) + off[i], true, f);
+  }
+}
+
+// ================================================================================================
 // Token groups (int, axis token)
 // ================================================================================================
 struct TokArgs {
@@ -357,7 +553,7 @@ __device__ __forceinline__ TokCoord tok_coord(const TokArgs& a, uint32_t s) {
 // whether every channel can take the clamp-free path.
 template <int E, int BITS>
 __device__ __forceinline__ bool tok_groups(const float (&mn)[E], const float (&mx)[E], IntGroup (&g)[E],
-                                           float* scale, float* zero, bool s_aligned) {
+                                           float* scale, float* zero, bool s_aligned, bool write = true) {
   float sc[E];
   bool all_fast = true;
 #pragma unroll
@@ -366,8 +562,10 @@ __device__ __forceinline__ bool tok_groups(const float (&mn)[E], const float (&m
     sc[j] = g[j].scale;
     all_fast = all_fast && g[j].fast;
   }
-  store_floats<E>(scale, s_aligned, sc);
-  store_floats<E>(zero, s_aligned, mn);
+  if (write) {
+    store_floats<E>(scale, s_aligned, sc);
+    store_floats<E>(zero, s_aligned, mn);
+  }
   return all_fast;
 }
 
@@ -381,15 +579,15 @@ __device__ __forceinline__ void tok_quantize_store(const Vec<Tr, E>& raw, const 
   raw_to_float<Tr, E>(raw, f);
   if (all_fast) {
 #pragma unroll
-    for (int j = 0; j < E; ++j) q[j] = int_quantize_fast(f[j], g[j]);
+    for (int j = 0; j < E; ++j) q[j] = int_code_bits_fast(f[j], g[j]);
   } else {
 #pragma unroll
     for (int j = 0; j < E; ++j) q[j] = int_quantize(f[j], g[j], float((1 << BITS) - 1));
   }
-  store_bytes<NB>(dst, pack_codes<BITS, E>(q), c_aligned);
+  store_bytes<NB>(dst, pack_code_word<BITS, E>(q), c_aligned);
 }
 
-template <typename Tr, int E, int BITS, bool REG>
+template <typename Tr, int E, int BITS, bool REG, bool AL>
 __global__ void __launch_bounds__(REG ? kTokBlock : kBlock, KVK_TOK_MINB) quant_tok_kernel(const TokArgs a) {
   using S = typename Tr::storage;
   constexpr int NB = E * BITS / 8;
@@ -409,9 +607,16 @@ __global__ void __launch_bounds__(REG ? kTokBlock : kBlock, KVK_TOK_MINB) quant_
 
   if constexpr (REG) {
     Vec<Tr, E> raw[kTokReg];
+    if (nt == kTokReg) {  // whole group: 32 unconditional loads in flight
 #pragma unroll
-    for (int t = 0; t < kTokReg; ++t)
-      if (t < nt) raw[t] = load_raw<Tr, E>(xp + int64_t(t) * a.sT, a.x_aligned);
+      for (int t = 0; t < kTokReg; ++t) raw[t] = load_raw<Tr, E>(xp + int64_t(t) * a.sT, AL);
+    } else {
+#pragma unroll
+      for (int t = 0; t < kTokReg; ++t) {
+        raw[t].w = {};
+        if (t < nt) raw[t] = load_raw<Tr, E>(xp + int64_t(t) * a.sT, AL);
+      }
+    }
 #pragma unroll
     for (int t = 0; t < kTokReg; ++t) {
       if (t < nt) {
@@ -422,17 +627,17 @@ __global__ void __launch_bounds__(REG ? kTokBlock : kBlock, KVK_TOK_MINB) quant_
       }
     }
     IntGroup g[E];
-    const bool all_fast = tok_groups<E, BITS>(mn, mx, g, a.scale + sidx, a.zero + sidx, a.s_aligned);
+    const bool all_fast = tok_groups<E, BITS>(mn, mx, g, a.scale + sidx, a.zero + sidx, AL);
 #pragma unroll
     for (int t = 0; t < kTokReg; ++t)
-      if (t < nt) tok_quantize_store<Tr, E, BITS>(raw[t], g, all_fast, cp + uint64_t(t) * crow, a.c_aligned);
+      if (t < nt) tok_quantize_store<Tr, E, BITS>(raw[t], g, all_fast, cp + uint64_t(t) * crow, AL);
   } else {
     // pass 1: min / max, 8 loads in flight
     for (int t0 = 0; t0 < nt; t0 += 8) {
       Vec<Tr, E> raw[8];
 #pragma unroll
       for (int u = 0; u < 8; ++u)
-        if (t0 + u < nt) raw[u] = load_raw<Tr, E>(xp + int64_t(t0 + u) * a.sT, a.x_aligned);
+        if (t0 + u < nt) raw[u] = load_raw<Tr, E>(xp + int64_t(t0 + u) * a.sT, AL);
 #pragma unroll
       for (int u = 0; u < 8; ++u) {
         if (t0 + u < nt) {
@@ -444,22 +649,85 @@ __global__ void __launch_bounds__(REG ? kTokBlock : kBlock, KVK_TOK_MINB) quant_
       }
     }
     IntGroup g[E];
-    const bool all_fast = tok_groups<E, BITS>(mn, mx, g, a.scale + sidx, a.zero + sidx, a.s_aligned);
+    const bool all_fast = tok_groups<E, BITS>(mn, mx, g, a.scale + sidx, a.zero + sidx, AL);
     // pass 2: quantize (re-reads hit L1/L2)
     for (int t0 = 0; t0 < nt; t0 += 4) {
       Vec<Tr, E> raw[4];
 #pragma unroll
       for (int u = 0; u < 4; ++u)
-        if (t0 + u < nt) raw[u] = load_raw<Tr, E>(xp + int64_t(t0 + u) * a.sT, a.x_aligned);
+        if (t0 + u < nt) raw[u] = load_raw<Tr, E>(xp + int64_t(t0 + u) * a.sT, AL);
 #pragma unroll
       for (int u = 0; u < 4; ++u)
         if (t0 + u < nt)
-          tok_quantize_store<Tr, E, BITS>(raw[u], g, all_fast, cp + uint64_t(t0 + u) * crow, a.c_aligned);
+          tok_quantize_store<Tr, E, BITS>(raw[u], g, all_fast, cp + uint64_t(t0 + u) * crow, AL);
     }
   }
 }
 
+// Token groups of 17..32 tokens, aligned: the group's tokens are split over two lanes of a warp
+// (lane bit 4: tokens [0, 16) or [16, 32) of the same E channels), which combine their min / max
+// with one shuffle per channel. Half the registers and half the serial work per thread of
+// quant_tok_kernel<REG>: twice the resident warps to cover the loads' latency.
 template <typename Tr, int E, int BITS>
+__global__ void __launch_bounds__(kTokBlock, 6) quant_tok_split_kernel(const TokArgs a) {
+  using S = typename Tr::storage;
+  constexpr int NB = E * BITS / 8, HT = kTokReg / 2;
+  const uint32_t lane = threadIdx.x & 31;
+  const uint32_t half = lane >> 4;
+  const uint32_t u = ((blockIdx.x * blockDim.x + threadIdx.x) >> 5) * 16 + (lane & 15);
+  const bool act = u < a.n;
+  const TokCoord k = tok_coord(a, act ? u : 0);
+  const int t0 = int(half) * HT;
+  const int cnt = act ? max(0, min(int(k.nt) - t0, HT)) : 0;
+  const S* __restrict__ xp = static_cast<const S*>(a.x) + int64_t(k.l) * a.sL + int64_t(k.t0 + t0) * a.sT +
+                             int64_t(k.h) * a.sH + int64_t(k.c) * E;
+  uint8_t* __restrict__ cp =
+      a.codes + ((uint64_t(k.l) * a.T + k.t0 + t0) * a.H + k.h) * a.Dp + uint64_t(k.c) * NB;
+  const uint64_t crow = uint64_t(a.H) * a.Dp;
+  float mn[E], mx[E];
+#pragma unroll
+  for (int j = 0; j < E; ++j) { mn[j] = __int_as_float(0x7f800000); mx[j] = -__int_as_float(0x7f800000); }
+  auto reduce = [&](const Vec<Tr, E>& r) {
+    float f[E];
+    raw_to_float<Tr, E>(r, f);
+#pragma unroll
+    for (int j = 0; j < E; ++j) { mn[j] = min_nan(mn[j], f[j]); mx[j] = max_nan(mx[j], f[j]); }
+  };
+  // Only whole halves (all but a partial last group) take the unrolled register path; the rest
+  // loop over memory twice. One unrolled copy keeps the kernel small (instruction-cache stalls
+  // were 18% with two).
+  const bool full = cnt == HT;
+  Vec<Tr, E> raw[HT];
+  if (full) {
+#pragma unroll
+    for (int t = 0; t < HT; ++t) raw[t] = load_raw<Tr, E>(xp + int64_t(t) * a.sT, true);
+#pragma unroll
+    for (int t = 0; t < HT; ++t) reduce(raw[t]);
+  } else {
+#pragma unroll 1
+    for (int t = 0; t < cnt; ++t) reduce(load_raw<Tr, E>(xp + int64_t(t) * a.sT, true));
+  }
+#pragma unroll
+  for (int j = 0; j < E; ++j) {  // every lane takes part; empty halves hold +-inf
+    mn[j] = min_nan(mn[j], __shfl_xor_sync(0xffffffffu, mn[j], 16));
+    mx[j] = max_nan(mx[j], __shfl_xor_sync(0xffffffffu, mx[j], 16));
+  }
+  if (!act) return;
+  const uint64_t sidx = k.q1 * a.D + uint64_t(k.c) * E;
+  IntGroup g[E];
+  const bool all_fast = tok_groups<E, BITS>(mn, mx, g, a.scale + sidx, a.zero + sidx, true, half == 0);
+  if (full) {
+#pragma unroll
+    for (int t = 0; t < HT; ++t) tok_quantize_store<Tr, E, BITS>(raw[t], g, all_fast, cp + uint64_t(t) * crow, true);
+  } else {
+#pragma unroll 1
+    for (int t = 0; t < cnt; ++t)
+      tok_quantize_store<Tr, E, BITS>(load_raw<Tr, E>(xp + int64_t(t) * a.sT, true), g, all_fast,
+                                      cp + uint64_t(t) * crow, true);
+  }
+}
+
+template <typename Tr, int E, int BITS, bool AL>
 __global__ void __launch_bounds__(kBlock) dequant_tok_kernel(const TokArgs a) {
   using S = typename Tr::storage;
   constexpr int NB = E * BITS / 8;
@@ -474,12 +742,12 @@ __global__ void __launch_bounds__(kBlock) dequant_tok_kernel(const TokArgs a) {
   const uint64_t sidx = k.q1 * a.D + uint64_t(k.c) * E;
   const int nt = int(k.nt);
   float sc[E], zp[E];
-  load_floats<E>(a.scale + sidx, a.s_aligned, sc);
-  load_floats<E>(a.zero + sidx, a.s_aligned, zp);
+  load_floats<E>(a.scale + sidx, AL, sc);
+  load_floats<E>(a.zero + sidx, AL, zp);
   for (int t0 = 0; t0 < nt; t0 += 8) {
     uint64_t w[8];
 #pragma unroll
-    for (int u = 0; u < 8; ++u) w[u] = (t0 + u < nt) ? load_bytes<NB>(cp + uint64_t(t0 + u) * crow, a.c_aligned) : 0;
+    for (int u = 0; u < 8; ++u) w[u] = (t0 + u < nt) ? load_bytes<NB>(cp + uint64_t(t0 + u) * crow, AL) : 0;
 #pragma unroll
     for (int u = 0; u < 8; ++u) {
       if (t0 + u < nt) {
@@ -488,7 +756,7 @@ __global__ void __launch_bounds__(kBlock) dequant_tok_kernel(const TokArgs a) {
         unpack_codes<BITS, E>(w[u], q);
 #pragma unroll
         for (int j = 0; j < E; ++j) f[j] = int_dequantize(q[j], sc[j], zp[j]);
-        store_vec<Tr, E>(op + int64_t(t0 + u) * a.sT, a.x_aligned, f);
+        store_vec<Tr, E>(op + int64_t(t0 + u) * a.sT, AL, f);
       }
     }
   }
@@ -622,10 +890,167 @@ bool dims_ok(int64_t L, int64_t T, int64_t H, int64_t D) {
 // fp8 scale entries per layer for a scope.
 int64_t fp8_scale_per_layer(int scope, int64_t T, int64_t H) { return scope == 0 ? 1 : scope == 1 ? H : T * H; }
 
+// ---- fast paths (dense, 16-byte-aligned rows) ---------------------------------------------------
+bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
+
+// Developer A/B switches (bench/perf notes): KVK_FAST=0 disables the dense fast paths,
+// KVK_TOK_SPLIT=0 the two-lane token kernel. Read once per process.
+bool kvk_env_off(const char* name) {
+  const char* v = std::getenv(name);
+  return v && v[0] == '0';
+}
+
+// Whether x / out rows are 16-byte aligned (pointer and every stride that matters), and whether
+// they are LINEAR (densely packed [L, T, H, D]).
+bool fast_layout(const void* p, int sz, int64_t L, int64_t T, int64_t H, int64_t D, int64_t sL, int64_t sT,
+                 int64_t sH, bool& linear) {
+  const int64_t ve = 16 / sz;
+  linear = (H == 1 || sH == D) && (T == 1 || sT == H * D) && (L == 1 || sL == T * H * D);
+  return ptr_aligned(p, 16) && stride_ok(sL, L, ve) && stride_ok(sT, T, ve) && stride_ok(sH, H, ve);
+}
+
+bool fast_meta_ok(const uint8_t* codes, const float* scale, const float* zero) {
+  return ptr_aligned(codes, 16) && ptr_aligned(scale, 16) && (!zero || ptr_aligned(zero, 16));
+}
+
+template <typename F>
+cudaError_t with_bool(bool b, F&& f) {
+  return b ? f(std::true_type{}) : f(std::false_type{});
+}
+
+// Returns cudaErrorNotSupported (nothing launched) when the case needs the general kernels.
+cudaError_t launch_fast_quant(const void* x, int dt, int64_t L, int64_t T, int64_t H, int64_t D, int64_t sL,
+                              int64_t sT, int64_t sH, uint8_t* codes, float* scale, float* zero, int mode,
+                              int64_t G, int fp8_scope, bool fp8_reduce, cudaStream_t stream) {
+  static const bool off = kvk_env_off("KVK_FAST");
+  if (off || D % kCh) return cudaErrorNotSupported;
+  int64_t P = 1, GPC = 1;
+  if (mode == 0) {
+    P = D / kCh;
+  } else if (G % kCh == 0) {
+    P = G / kCh;
+  } else if (kCh % G == 0 && G >= 4) {
+    GPC = kCh / G;
+  } else {
+    return cudaErrorNotSupported;
+  }
+  if (!is_pow2(P) || P > 32 || GPC > 8) return cudaErrorNotSupported;
+  bool linear;
+  const int sz = dtype_size(dt);
+  if (!fast_layout(x, sz, L, T, H, D, sL, sT, sH, linear) || !fast_meta_ok(codes, scale, zero))
+    return cudaErrorNotSupported;
+  const int64_t CPR = D / kCh, Dp = D * (mode == 0 ? 8 : mode) / 8;
+  const int64_t Lc = layers_per_launch(L, T * H * CPR);
+  if (!Lc) return cudaErrorNotSupported;
+  const int64_t scale_per_layer = mode == 0 ? fp8_scale_per_layer(fp8_scope, T, H) : T * H * (D / G);
+  for (int64_t l0 = 0; l0 < L; l0 += Lc) {
+    const int64_t n = std::min(Lc, L - l0);
+    FastArgs a{};
+    a.x = static_cast<const char*>(x) + l0 * sL * sz;
+    a.sL = sL; a.sT = sT; a.sH = sH;
+    a.codes = codes + l0 * T * H * Dp;
+    a.scale = scale + l0 * scale_per_layer;
+    a.zero = zero ? zero + l0 * scale_per_layer : nullptr;
+    a.n = uint32_t(n * T * H * CPR);
+    a.H = uint32_t(H);
+    a.logP = ilog2(P);
+    a.divPR = FastDiv(uint32_t(CPR));
+    a.divH = FastDiv(uint32_t(H));
+    a.divT = FastDiv(uint32_t(T));
+    a.divTH = FastDiv(uint32_t(T * H));
+    a.fp8_scope = fp8_scope;
+    a.fp8_reduce = fp8_reduce;
+    const uint32_t blocks = ceil_div_u32(a.n, kBlock);
+    cudaError_t err = with_dtype(dt, [&](auto tr) {
+      using Tr = decltype(tr);
+      return with_mode(mode, [&](auto mc) {
+        constexpr int MC = decltype(mc)::value;
+        return with_bool(linear, [&](auto lin) -> cudaError_t {
+          constexpr bool LIN = decltype(lin)::value;
+          if constexpr (MC == 0) {
+            quant_chunk_kernel<Tr, 0, 1, LIN><<<blocks, kBlock, 0, stream>>>(a);
+          } else {
+            switch (GPC) {
+              case 1: quant_chunk_kernel<Tr, MC, 1, LIN><<<blocks, kBlock, 0, stream>>>(a); break;
+              case 2: quant_chunk_kernel<Tr, MC, 2, LIN><<<blocks, kBlock, 0, stream>>>(a); break;
+              case 4: quant_chunk_kernel<Tr, MC, 4, LIN><<<blocks, kBlock, 0, stream>>>(a); break;
+              case 8: quant_chunk_kernel<Tr, MC, 8, LIN><<<blocks, kBlock, 0, stream>>>(a); break;
+              default: return cudaErrorNotSupported;
+            }
+          }
+          return cudaGetLastError();
+        });
+      });
+    });
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+cudaError_t launch_fast_dequant(const uint8_t* codes, const float* scale, const float* zero, void* out, int dt,
+                                int64_t L, int64_t T, int64_t H, int64_t D, int64_t osL, int64_t osT, int64_t osH,
+                                int mode, int64_t G, int fp8_scope, cudaStream_t stream) {
+  static const bool off = kvk_env_off("KVK_FAST") || kvk_env_off("KVK_FAST_DEQUANT");
+  static const int items = kvk_env_off("KVK_DQ_ITEMS8") ? 4 : 8;  // vectors per thread
+  if (off) return cudaErrorNotSupported;
+  const int sz = dtype_size(dt);
+  const int64_t VE = 16 / sz;
+  if (D % VE || (mode != 0 && G % VE)) return cudaErrorNotSupported;
+  if (VE * (mode == 0 ? 8 : mode) < 8) return cudaErrorNotSupported;  // whole code bytes per vector
+  bool linear;
+  if (!fast_layout(out, sz, L, T, H, D, osL, osT, osH, linear) || !fast_meta_ok(codes, scale, zero))
+    return cudaErrorNotSupported;
+  const int64_t VPR = D / VE, Dp = D * (mode == 0 ? 8 : mode) / 8;
+  const int64_t Lc = layers_per_launch(L, T * H * VPR);
+  if (!Lc) return cudaErrorNotSupported;
+  const int64_t scale_per_layer = mode == 0 ? fp8_scale_per_layer(fp8_scope, T, H) : T * H * (D / G);
+  for (int64_t l0 = 0; l0 < L; l0 += Lc) {
+    const int64_t n = std::min(Lc, L - l0);
+    FastArgs a{};
+    a.out = static_cast<char*>(out) + l0 * osL * sz;
+    a.sL = osL; a.sT = osT; a.sH = osH;
+    a.codes = const_cast<uint8_t*>(codes) + l0 * T * H * Dp;
+    a.scale = const_cast<float*>(scale) + l0 * scale_per_layer;
+    a.zero = zero ? const_cast<float*>(zero) + l0 * scale_per_layer : nullptr;
+    a.n = uint32_t(n * T * H * VPR);
+    a.H = uint32_t(H);
+    a.divPR = FastDiv(uint32_t(VPR));
+    a.divH = FastDiv(uint32_t(H));
+    a.divT = FastDiv(uint32_t(T));
+    a.divTH = FastDiv(uint32_t(T * H));
+    a.divGV = FastDiv(uint32_t(mode == 0 ? 1 : G / VE));
+    a.fp8_scope = fp8_scope;
+    const uint32_t blocks = ceil_div_u32(a.n, uint64_t(items) * kBlock);
+    cudaError_t err = with_dtype(dt, [&](auto tr) {
+      using Tr = decltype(tr);
+      return with_mode(mode, [&](auto mc) {
+        constexpr int MC = decltype(mc)::value;
+        return with_bool(linear, [&](auto lin) -> cudaError_t {
+          constexpr bool LIN = decltype(lin)::value;
+          if constexpr ((16 / Tr::kSize) * (MC == 0 ? 8 : MC) >= 8) {
+            if (items == 8) dequant_vec_kernel<Tr, MC, LIN, 8><<<blocks, kBlock, 0, stream>>>(a);
+            else dequant_vec_kernel<Tr, MC, LIN, 4><<<blocks, kBlock, 0, stream>>>(a);
+            return cudaGetLastError();
+          } else {
+            return cudaErrorNotSupported;
+          }
+        });
+      });
+    });
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
 // ---- rows (channel groups / fp8) ---------------------------------------------------------------
 cudaError_t launch_rows_quant(const void* x, int dt, int64_t L, int64_t T, int64_t H, int64_t D, int64_t sL,
                               int64_t sT, int64_t sH, uint8_t* codes, float* scale, float* zero, int mode,
                               int64_t G, int fp8_scope, bool fp8_reduce, cudaStream_t stream) {
+  {
+    const cudaError_t e = launch_fast_quant(x, dt, L, T, H, D, sL, sT, sH, codes, scale, zero, mode, G, fp8_scope,
+                                            fp8_reduce, stream);
+    if (e != cudaErrorNotSupported) return e;
+  }
   const int E = pick_vec(dt, D, G, mode, true);
   if (!E) return cudaErrorNotSupported;
   const int sz = dtype_size(dt);
@@ -689,6 +1114,11 @@ cudaError_t launch_rows_quant(const void* x, int dt, int64_t L, int64_t T, int64
 cudaError_t launch_rows_dequant(const uint8_t* codes, const float* scale, const float* zero, void* out, int dt,
                                 int64_t L, int64_t T, int64_t H, int64_t D, int64_t osL, int64_t osT, int64_t osH,
                                 int mode, int64_t G, int fp8_scope, cudaStream_t stream) {
+  {
+    const cudaError_t e = launch_fast_dequant(codes, scale, zero, out, dt, L, T, H, D, osL, osT, osH, mode, G,
+                                              fp8_scope, stream);
+    if (e != cudaErrorNotSupported) return e;
+  }
   const int E = pick_vec(dt, D, G, mode, false);
   if (!E) return cudaErrorNotSupported;
   const int sz = dtype_size(dt);
@@ -750,6 +1180,7 @@ cudaError_t launch_tok(bool quant, const void* x, void* out, int dt, int64_t L, 
   const int64_t Lc = layers_per_launch(L, std::max(NTG * H * C, T * H));
   if (!Lc) return cudaErrorNotSupported;
   const bool reg = quant && E == emax && G <= kTokReg;
+  static const bool split_off = kvk_env_off("KVK_TOK_SPLIT");
   for (int64_t l0 = 0; l0 < L; l0 += Lc) {
     const int64_t n = std::min(Lc, L - l0);
     TokArgs a{};
@@ -778,17 +1209,27 @@ cudaError_t launch_tok(bool quant, const void* x, void* out, int dt, int64_t L, 
         return with_mode(bits, [&](auto mc) -> cudaError_t {
           constexpr int MC = decltype(mc)::value;
           if constexpr (valid_tok_vec<Tr, EC, MC>()) {
-            if (!quant) {
-              dequant_tok_kernel<Tr, EC, MC><<<ceil_div_u32(a.n, kBlock), kBlock, 0, stream>>>(a);
-            } else if (reg) {
-              if constexpr (EC == tok_vec(Tr::kSize, MC))
-                quant_tok_kernel<Tr, EC, MC, true><<<ceil_div_u32(a.n, kTokBlock), kTokBlock, 0, stream>>>(a);
-              else
-                return cudaErrorNotSupported;  // unreachable: reg implies E == 16 / sizeof
-            } else {
-              quant_tok_kernel<Tr, EC, MC, false><<<ceil_div_u32(a.n, kBlock), kBlock, 0, stream>>>(a);
-            }
-            return cudaGetLastError();
+            // alignment is a template flag: a run-time flag made the compiler merge the vector and
+            // scalar load paths through one register, serializing the 32 loads (measured: 25% of copy)
+            return with_bool(a.x_aligned && a.c_aligned && a.s_aligned, [&](auto alc) -> cudaError_t {
+              constexpr bool AL = decltype(alc)::value;
+              if (!quant) {
+                dequant_tok_kernel<Tr, EC, MC, AL><<<ceil_div_u32(a.n, kBlock), kBlock, 0, stream>>>(a);
+              } else if (reg) {
+                if constexpr (EC == tok_vec(Tr::kSize, MC)) {
+                  if (AL && G > kTokReg / 2 && !split_off)
+                    quant_tok_split_kernel<Tr, EC, MC>
+                        <<<ceil_div_u32(ceil_div_u32(a.n, 16) * 32ull, kTokBlock), kTokBlock, 0, stream>>>(a);
+                  else
+                    quant_tok_kernel<Tr, EC, MC, true, AL><<<ceil_div_u32(a.n, kTokBlock), kTokBlock, 0, stream>>>(a);
+                } else {
+                  return cudaErrorNotSupported;  // unreachable: reg implies E == tok_vec
+                }
+              } else {
+                quant_tok_kernel<Tr, EC, MC, false, AL><<<ceil_div_u32(a.n, kBlock), kBlock, 0, stream>>>(a);
+              }
+              return cudaGetLastError();
+            });
           } else {
             return cudaErrorNotSupported;
           }

@@ -203,6 +203,30 @@ __device__ __forceinline__ void unpack_codes(uint64_t w, uint32_t (&q)[E]) {
   for (int j = 0; j < E; ++j) q[j] = static_cast<uint32_t>((w >> (j * BITS)) & kMask);
 }
 
+// As pack_code_bytes for one E-code chunk of E*BITS/8 = 1, 2, 4 or 8 bytes, returned as the low
+// bytes of a little-endian word (codes in the low byte of each q, upper bytes ignored).
+template <int BITS, int E>
+__device__ __forceinline__ uint64_t pack_code_word(const uint32_t (&q)[E]) {
+  constexpr int K = 8 / BITS, NBY = E / K;
+  static_assert(E % K == 0 && (NBY == 1 || NBY == 2 || NBY == 4 || NBY == 8), "whole bytes");
+  uint32_t b[NBY];
+#pragma unroll
+  for (int i = 0; i < NBY; ++i) {
+    uint32_t v = q[i * K];
+#pragma unroll
+    for (int k = 1; k < K; ++k) v += q[i * K + k] << (k * BITS);
+    b[i] = v;
+  }
+  if constexpr (NBY == 1) return b[0] & 0xffu;
+  if constexpr (NBY == 2) return __byte_perm(b[0], b[1], 0x0040) & 0xffffu;
+  if constexpr (NBY == 4) return __byte_perm(__byte_perm(b[0], b[1], 0x0040), __byte_perm(b[2], b[3], 0x0040), 0x5410);
+  if constexpr (NBY == 8) {
+    const uint32_t lo = __byte_perm(__byte_perm(b[0], b[1], 0x0040), __byte_perm(b[2], b[3], 0x0040), 0x5410);
+    const uint32_t hi = __byte_perm(__byte_perm(b[4], b[5], 0x0040), __byte_perm(b[6], b[7], 0x0040), 0x5410);
+    return (uint64_t(hi) << 32) | lo;
+  }
+}
+
 // ---- NaN-propagating min / max (as torch.amin / amax) ------------------------------------------
 // One FMNMX.NAN instruction on sm_80+ (PTX min.NaN / max.NaN).
 __device__ __forceinline__ float min_nan(float a, float b) {
@@ -284,10 +308,44 @@ __device__ __forceinline__ uint32_t int_quantize_one(float x, float mn, float mx
   return int_quantize(x, g, qmax);
 }
 
+// float(q) for q < 2^23, exact: the bits of 2^23 + q minus 2^23 (LOP3 + FADD at full rate; I2F
+// runs on a quarter-rate pipe and was the dequantize kernels' top math stall).
+__device__ __forceinline__ float code_to_float(uint32_t q) {
+  return __fsub_rn(__uint_as_float(0x4B000000u | q), 0x1p23f);
+}
+
 // x_hat = q * scale + zero in float32, rounded after each op (matches the reference's separate
 // mul and add kernels bit for bit; the spec allows an FMA, we do not need it).
 __device__ __forceinline__ float int_dequantize(uint32_t q, float scale, float zero) {
-  return __fadd_rn(__fmul_rn(static_cast<float>(q), scale), zero);
+  return __fadd_rn(__fmul_rn(code_to_float(q), scale), zero);
+}
+
+// int_quantize_fast without the final subtraction: the float bits of 2^23 + q, whose low byte is
+// the code q (<= 255) and whose upper bytes are those of 2^23. pack_code_bytes ignores them.
+__device__ __forceinline__ uint32_t int_code_bits_fast(float x, const IntGroup& g) {
+  const float v = __fadd_rn(__fmul_rn(__fsub_rn(x, g.mn), g.inv), 0.5f);
+  return __float_as_uint(__fadd_rd(v, 0x1p23f));
+}
+
+// Pack 32/BITS... codes held in the LOW BYTE of each word (upper bytes ignored) into 32-bit
+// words, first code in the lowest bits: k = 8/BITS codes per byte are combined with shifted adds
+// (the upper-byte garbage only carries upward), then four bytes are gathered with PRMT.
+template <int BITS, int N>
+__device__ __forceinline__ void pack_code_bytes(const uint32_t (&q)[N], uint32_t (&w)[N * BITS / 32]) {
+  constexpr int K = 8 / BITS;
+  static_assert(N % (4 * K) == 0, "whole words");
+#pragma unroll
+  for (int o = 0; o < N * BITS / 32; ++o) {
+    uint32_t b[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      uint32_t v = q[(o * 4 + i) * K];
+#pragma unroll
+      for (int k = 1; k < K; ++k) v += q[(o * 4 + i) * K + k] << (k * BITS);
+      b[i] = v;
+    }
+    w[o] = __byte_perm(__byte_perm(b[0], b[1], 0x0040), __byte_perm(b[2], b[3], 0x0040), 0x5410);
+  }
 }
 
 // ---- fp8 e4m3 --------------------------------------------------------------------------------
@@ -303,6 +361,9 @@ __device__ __forceinline__ float fp8_scale_from_amax(float amax) {
 // NaN, as torch.clamp; an overflowing product saturates.
 __device__ __forceinline__ float fp8_clamp(float v) { return min_nan(max_nan(v, -kFp8Max), kFp8Max); }
 __device__ __forceinline__ float fp8_inv(float scale) { return safe_recip(1.f, scale); }
+// The clamp is implied by the encoders below (cvt ... .satfinite: beyond +-448 -> +-448, NaN ->
+// NaN), so the quantize kernels multiply and encode; fp8_prescale keeps the spec's form for
+// callers that need the clamped float.
 __device__ __forceinline__ float fp8_prescale(float x, float inv) { return fp8_clamp(__fmul_rn(x, inv)); }
 
 // e4m3 round-to-nearest-even of an already-clamped value (one byte).

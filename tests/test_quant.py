@@ -50,6 +50,11 @@ def make_x(shape, dtype, layout, device=DEVICE):
         buf = torch.full((L, T, 2, H, D), float("nan"), device=device, dtype=dtype)
         buf[:, :, 1] = base.to(dtype)
         return buf[:, :, 1]
+    if layout == "misaligned":  # dense, but 1 element past a 16-byte boundary: the general kernels
+        flat = torch.full((base.numel() + 1,), float("nan"), device=device, dtype=dtype)
+        view = flat[1:].view(L, T, H, D)
+        view.copy_(base.to(dtype))
+        return view
     if layout == "hnd":  # heads outermost: a permuted view, token stride = D
         buf = base.permute(0, 2, 1, 3).contiguous().to(dtype)
         return buf.permute(0, 2, 1, 3)
@@ -144,6 +149,40 @@ def test_quantize_matches_reference(backend, spec, dtype, shape, layout):
         assert torch.equal(codes, rcodes), f"{int((codes != rcodes).sum())} codes differ from the reference"
     check_decoded_vs_input(x, rcodes, rscale, rzero, fmt)
     # dequantize: backend vs reference on the reference's codes, into a strided output
+    out = run_dequantize(rcodes, rscale, rzero, fmt, shape, dtype, backend, layout)
+    want = run_dequantize(rcodes, rscale, rzero, fmt, shape, dtype, "torch")
+    check_close(out, want, dtype)
+
+
+PATH_FORMATS = ["int8:g64:channel", "int8:g8:channel", "int4:g32:channel", "int4:g128:channel", "int4:g16:channel",
+                "int2:g32:channel", "int2:g8:channel", "int8:g32:token", "int4:g32:token", "int2:g32:token",
+                "fp8:token_head", "fp8:head", "fp8:tensor"]
+
+
+@pytest.mark.skipif(not ON_GPU, reason="GPU-sized shapes: the kernels' dense fast paths and their fallbacks")
+@pytest.mark.parametrize("layout", ["contiguous", "token_strided", "misaligned"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("spec", PATH_FORMATS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_paths_exact(backend, spec, dtype, layout):
+    """Each kernel path (dense 16-byte-aligned rows, strided tokens, misaligned fallback) matches
+    the reference bit for bit, incl. constant groups (scale 0) and subnormal-range groups (the
+    clamped reciprocal), and a partial last token group."""
+    fmt = QuantFormat.parse(spec)
+    shape = (3, 67, 8, 128)
+    x = make_x(shape, dtype, layout)
+    x[0, :40, 1] = 0.75                                                   # constant groups
+    x[1, 32:64, 2] = (torch.rand(32, 128, device=DEVICE) * 1e-38).to(dtype)  # tiny ranges
+    x[2, 5, 3, 7] = -3e4 if dtype != torch.float16 else -6e4             # a wide group
+    why = _runnable(backend, x, fmt)
+    if why:
+        pytest.skip(f"{backend}: {why}")
+    codes, scale, zero = run_quantize(x, fmt, backend)
+    rcodes, rscale, rzero = run_quantize(x, fmt, "torch")
+    torch.testing.assert_close(scale, rscale, rtol=0, atol=0)
+    if zero is not None:
+        torch.testing.assert_close(zero, rzero, rtol=0, atol=0)
+    assert torch.equal(codes, rcodes), f"{int((codes != rcodes).sum())} codes differ from the reference"
     out = run_dequantize(rcodes, rscale, rzero, fmt, shape, dtype, backend, layout)
     want = run_dequantize(rcodes, rscale, rzero, fmt, shape, dtype, "torch")
     check_close(out, want, dtype)

@@ -18,8 +18,10 @@ from kvkernels.quant import dequantize_op, quantize_op
 MODELS = {"llama3-8b": (32, 8, 128), "smollm2-135m": (30, 3, 64)}
 GPU_SIZES = [("llama3-8b", 4096), ("llama3-8b", 32768), ("smollm2-135m", 4096)]
 CPU_SIZES = [("smollm2-135m", 256)]
-FORMATS = ["fp8:token_head", "fp8:tensor", "int8:g64:channel", "int4:g32:channel", "int2:g32:channel",
-           "int4:g32:token", "int2:g32:token"]
+# "+given": fp8 with a given (calibrated) scale, one pass; plain fp8 tensor/head compute the scale
+# (an amax pass over x, then the quantize pass).
+FORMATS = ["fp8:token_head", "fp8:tensor", "fp8:tensor+given", "int8:g64:channel", "int4:g32:channel",
+           "int2:g32:channel", "int4:g32:token", "int2:g32:token"]
 
 
 def _bufs(fmt, L, T, H, D, device):
@@ -44,7 +46,9 @@ def run(args, timer, copy, info, op_names):
         L, H, D = MODELS[model]
         x = (torch.randn(L, T, H, D, device=device) * 2 + 0.5).to(torch.bfloat16)
         n = x.numel()
-        for spec in formats:
+        for name in formats:
+            spec, _, variant = name.partition("+")
+            compute = variant != "given"
             fmt = QuantFormat.parse(spec)
             try:
                 fmt.check_shape(T, H, D)
@@ -59,16 +63,18 @@ def run(args, timer, copy, info, op_names):
             for backend in args.backends:
                 for op in op_names:
                     why = dispatch.refusal(op, backend, x, fmt)
-                    row = dict(op=op, format=spec, backend=backend, model=model, L=L, T=T, H=H, D=D,
+                    row = dict(op=op, format=name, backend=backend, model=model, L=L, T=T, H=H, D=D,
                                dtype="bfloat16", bytes=nbytes[op], **info)
                     if why:
                         rows.append({**row, "status": f"refused: {why}"})
                         continue
                     codes, scale, zero = _bufs(fmt, L, T, H, D, device)
+                    if not compute:
+                        scale.copy_(scale_ref)
                     out = torch.empty_like(x)
                     # arguments bound now (no late-binding closure over the loop's buffers)
                     if op == "quantize":
-                        fn = functools.partial(quantize_op, x, spec, codes, scale, zero, True, backend)
+                        fn = functools.partial(quantize_op, x, spec, codes, scale, zero, compute, backend)
                     else:
                         fn = functools.partial(dequantize_op, codes_ref, scale_ref, zero_ref, spec, out, backend)
                     fn()  # reference check before timing
@@ -80,6 +86,7 @@ def run(args, timer, copy, info, op_names):
                     gbps = nbytes[op] / t["median_us"] / 1e3
                     cgbps = copy.gbps(nbytes[op])
                     rows.append({**row, **t, "GBps": gbps, "copy_GBps": cgbps, "pct_copy": 100 * gbps / cgbps,
+                                 "copy_GBps_placements": copy.detail.get(max(nbytes[op] // 2, 1)),
                                  "check": "ok" if ok else "MISMATCH", "status": "ran"})
                     del codes, scale, zero, out
                     print(_fmt_row(rows[-1]), flush=True)
