@@ -27,7 +27,8 @@ def main(argv=None) -> int:
     p.add_argument("--backends", default=None, help="comma list (default: cuda,triton,torch on a GPU; torch on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tokens", type=int, nargs="*", help="token counts to run (default: real-model sizes)")
-    p.add_argument("--formats", nargs="*", help="formats (default: the main ones)")
+    p.add_argument("--formats", nargs="*", help="formats (default: the main ones); fp8 with a '+given' suffix "
+                   "quantizes with a given scale (one pass) instead of computing it")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--out", default=None, help="folder for <family>.json / <family>.csv")
     args = p.parse_args(argv)

@@ -1,7 +1,8 @@
 """Markdown table from a bench JSON: ``python -m bench.report bench/results/<file>.json``.
 
 One row per (op, format, model, T): each backend's GB/s and % of the device copy measured in
-the same run. The README's bench table is generated with this.
+the same run, and the data-movement ceiling of the op's read:write mix (bench/ceiling.py) as
+GB/s and % of that copy. The README's bench table is generated with this.
 """
 from __future__ import annotations
 
@@ -22,11 +23,17 @@ def table(rows, backends=("cuda", "triton", "torch")) -> str:
     for r in ran:
         groups.setdefault((r["op"], r["format"], r["model"], r["T"], r["bytes"]), {})[r["backend"]] = r
     bs = [b for b in backends if any(b in g for g in groups.values())]
-    lines = [head, "", "| op | format | shape | MiB moved | " + " | ".join(f"{b} GB/s (% copy)" for b in bs) + " |",
-             "| --- | --- | --- | --- | " + " | ".join("---" for _ in bs) + " |"]
+    has_mix = any(r.get("mix_GBps") for r in ran)
+    mix_head = " | mix ceiling GB/s (% copy)" if has_mix else ""
+    lines = [head, "", "| op | format | shape | MiB moved | " + " | ".join(f"{b} GB/s (% copy)" for b in bs)
+             + mix_head + " |", "| --- | --- | --- | --- | " + " | ".join("---" for _ in bs)
+             + (" | ---" if has_mix else "") + " |"]
     for (op, fmt, model, T, nbytes), g in groups.items():
         r = next(iter(g.values()))
         cells = [f"{g[b]['GBps']:.0f} ({g[b]['pct_copy']:.0f}%)" if b in g else "—" for b in bs]
+        if has_mix:
+            m = r.get("mix_GBps")
+            cells.append(f"{m:.0f} ({100 * m / r['copy_GBps']:.0f}%)" if m else "—")
         lines.append(f"| `{op}` | `{fmt}` | {model} {r['L']}×{T}×{r['H']}×{r['D']} | {nbytes / 2**20:.0f} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)

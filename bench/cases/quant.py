@@ -14,6 +14,8 @@ from kvkernels import dispatch
 from kvkernels.formats import QuantFormat
 from kvkernels.quant import dequantize_op, quantize_op
 
+from ..ceiling import MixCeiling
+
 # (model, L, H, D); T varies
 MODELS = {"llama3-8b": (32, 8, 128), "smollm2-135m": (30, 3, 64)}
 GPU_SIZES = [("llama3-8b", 4096), ("llama3-8b", 32768), ("smollm2-135m", 4096)]
@@ -42,6 +44,7 @@ def run(args, timer, copy, info, op_names):
         sizes = [(m, t) for m in {m for m, _ in sizes} for t in args.tokens]
     formats = args.formats or FORMATS
     rows = []
+    mix = MixCeiling(timer)
     for model, T in sizes:
         L, H, D = MODELS[model]
         x = (torch.randn(L, T, H, D, device=device) * 2 + 0.5).to(torch.bfloat16)
@@ -59,7 +62,10 @@ def run(args, timer, copy, info, op_names):
             out_ref = torch.empty_like(x)
             dequantize_op(codes_ref, scale_ref, zero_ref, spec, out_ref, "torch")
             mb = _meta_bytes(fmt, L, T, H, D)
-            nbytes = {"quantize": n * 2 + n * fmt.bits // 8 + mb, "dequantize": n * fmt.bits // 8 + mb + n * 2}
+            # (read, written) bytes
+            rw = {"quantize": (n * 2 + (0 if compute else mb), n * fmt.bits // 8 + (mb if compute else 0)),
+                  "dequantize": (n * fmt.bits // 8 + mb, n * 2)}
+            nbytes = {op: r + w for op, (r, w) in rw.items()}
             for backend in args.backends:
                 for op in op_names:
                     why = dispatch.refusal(op, backend, x, fmt)
@@ -85,8 +91,10 @@ def run(args, timer, copy, info, op_names):
                     t = timer(fn)
                     gbps = nbytes[op] / t["median_us"] / 1e3
                     cgbps = copy.gbps(nbytes[op])
+                    mgbps = mix.gbps(*rw[op])
                     rows.append({**row, **t, "GBps": gbps, "copy_GBps": cgbps, "pct_copy": 100 * gbps / cgbps,
                                  "copy_GBps_placements": copy.detail.get(max(nbytes[op] // 2, 1)),
+                                 "mix_GBps": mgbps, "pct_mix": 100 * gbps / mgbps if mgbps else None,
                                  "check": "ok" if ok else "MISMATCH", "status": "ran"})
                     del codes, scale, zero, out
                     print(_fmt_row(rows[-1]), flush=True)
@@ -98,9 +106,10 @@ def run(args, timer, copy, info, op_names):
 
 
 def _fmt_row(r):
+    mix = f"  mix ceiling {100 * r['mix_GBps'] / r['copy_GBps']:5.1f}% of copy" if r.get("mix_GBps") else ""
     return (f"{r['op']:10s} {r['format']:18s} {r['backend']:6s} {r['model']:12s} T={r['T']:<6d} "
             f"{r['bytes'] / 2**20:9.1f} MiB {r['median_us']:10.1f} us {r['GBps']:8.1f} GB/s "
-            f"{r['pct_copy']:5.1f}% of copy  {r['check']}")
+            f"{r['pct_copy']:5.1f}% of copy  {r['check']}{mix}")
 
 
 CASES = {"quantize": run, "dequantize": run}

@@ -8,28 +8,52 @@ Same functions and conventions as ``kvkernels/reference/quant.py``:
 * ``dequantize_into(codes, scale, zero, fmt, out)``: ``out`` ``[L, T, H, D]``, ``stride(-1) == 1``.
 * ``supports(t, fmt)``: why this backend cannot run a case (None if it can).
 
-Kernels (all memory bound):
+Kernels. All are memory bound, but at full bandwidth the budget is only ~20 thread-instructions
+per element, and the loads a thread has in flight must cover the memory latency, so the tiles
+are shaped for few instructions per element, few shuffles/shared-memory layout changes and
+enough bytes per thread:
 
-* int ``channel`` quantize: one block row per group, ``[RB groups, GP channels]`` (int8) or
-  ``[RB, GP/K, K]`` (int4/int2: channel ``j = jb*K + k``, so packing is an in-thread sum of
-  shifted codes over the last axis). ``G`` is padded to a power of two and masked, so head_dim
-  80/96 and any ``G`` dividing ``D`` (and a multiple of ``K``) work; ~16 KiB of input per program.
-* rows kernels (int ``channel`` dequantize, fp8 quantize/dequantize): a program owns ``ROWS``
-  (layer, token, head) rows as a ``[ROWS, NGP, GP]`` / ``[ROWS, DP]`` block.
-  All row addresses come from the layer/token/head strides in int64.
-* int ``token`` quantize: a program (1 warp) owns one (layer, token group, head); the channels
-  are taken as ``K`` strided ``[TB, 1, D/K]`` blocks (one per code position in the byte),
-  min/max reduce over the tokens (axis 0) and the codes are ORed into the bytes; groups longer
-  than ``TB`` tokens take two passes over chunks (codes ORed into memory per position).
-  int ``token`` dequantize loops over ``[TB, HB, DP]`` chunks with the group's scale/zero in
-  registers.
+* Tiles, not flat rows: a program owns a ``[TB tokens, HB heads]`` tile of one layer (grid =
+  token blocks x head blocks x layers), so a row's (layer, token, head) come from the program
+  ids and power-of-two constexpr shifts, never from run-time integer divisions. Offsets are
+  ``l*s_l + t*s_t + h*s_h + d`` in int64 (any strides, > 2 GiB tensors). Rows past ``T``/``H``
+  are clamped onto the last real one, so loads need no mask (only stores do): a duplicated row
+  or token never changes a min/max.
+* Layouts: Triton picks them (order of dims by contiguity; Triton 3.6 puts dims of equal
+  contiguity in ascending order). The blocks below are laid out so that this gives the layout
+  wanted; the code-byte offsets get a ``tl.max_contiguous`` cap (bytes per thread) so that codes
+  are stored/loaded in the layout they are computed/used in (no shared-memory round trip).
+* rows kernels (int ``channel`` quantize/dequantize, fp8 quantize/dequantize): the tile's rows
+  (token, head, group) are flattened (group fastest) into ``[RB, NC, GC]`` (channel
+  ``c*GC + jj``, GP = group or head_dim padded to a power of two = NC*GC). A thread holds
+  ``row_elems`` elements of a row as whole 16-byte vectors (GC = lanes per row x vector):
+  int quantize uses 32 (int4/int2 g32: a whole group per thread, so the min/max needs no
+  shuffle and one thread does its divisions), fp8 quantize 16, dequantize 8 (whole rows per
+  warp-load, coalesced stores). Sub-byte codes: the block is reshaped to ``[..., GC/K, K]`` (the split stays inside
+  a thread) and packed as a sum of shifted codes; unpacking joins ``K`` codes on a new minor
+  axis. Exception: int4/int2 ``channel`` dequantize keeps the previous version's kernel
+  (``_dq_int_channel_flat``: flat rows, a group's codes per thread), measured faster there.
+* int ``token`` quantize: a program owns one token group of ``HB`` heads (over the warps, and
+  the spare lanes when head_dim is small) and ``DC`` channels, loaded once as ``[TL, HB, TA, DC]`` with ``2K`` channels (two code bytes) per
+  thread: the TA tokens of a thread stay in its registers (min/max over them in-thread, plus
+  log2(TL) shuffles when TL lanes share a channel). Full groups take a path without token
+  clamps or masks, where the token strides of x and codes are constexprs when small
+  (immediate load/store offsets). Groups longer than one block take two passes (min/max, then
+  quantize; the re-read hits L1/L2). int ``token`` dequantize: ``[TB, HB, DP]`` chunks of a
+  group with the group's scale/zero loaded once (one joined load) and kept in registers.
 * fp8 ``tensor``/``head`` scopes with computed scales: an amax kernel (``atomic_max`` on the
   float bits as int32 into a zeroed buffer; |x| >= 0 so int order is float order) runs first.
 
 Quantize math is float32 as in docs/quant-spec.md: IEEE divisions (``div_rn``) once per group /
 scale for ``scale`` and the clamped reciprocal ``inv``, then sub/mul/add per element; kernels are
 compiled with ``enable_fp_fusion=False`` so that nothing is contracted into an FMA (dequantize
-is then bit-identical to the reference too). Codes: first channel in the low bits.
+is then bit-identical to the reference too). Where ``scale == 0`` the kernels zero ``inv`` per
+group, which yields code 0 (``(x - mn) * 0 + 0.5``) without a per-element select, and no clamp
+to qmax is needed (see ``_int_codes``). fp8: the GPU's float-to-e4m3 conversion saturates
+(``satfinite``), so the explicit clamp to +-448 is kept for the interpreter only. Dequantize
+turns a code ``q`` into float32 exactly as ``bits(0x4B000000 | q) - 2^23`` (two full-rate
+instructions instead of a slow int-to-float conversion). Codes: first channel in the low bits.
+Tile sizes and warps are in ``CONFIG`` (tuned with ``scripts/triton_tune.py``).
 """
 from __future__ import annotations
 
@@ -46,11 +70,34 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _SCOPE = {"tensor": 0, "head": 1, "token_head": 2}
 _MAX_D = 4096
+_MAX_GRID_Z = 65535   # CUDA's limit on grid dims 1 and 2 (the layer is dim 2)
 FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
+TWO23: tl.constexpr = tl.constexpr(8388608.0)          # 2^23
+TWO23_BITS: tl.constexpr = tl.constexpr(0x4B000000)    # float bits of 2^23
+
+# Launch configuration: ``elems`` = elements per program (a power of two; the tile is sized to
+# it), ``warps`` = num_warps (capped so that warps split rows only). Chosen with
+# scripts/triton_tune.py on an H200 (bf16 [32, T, 8, 128], T = 4096 and 32768, Triton 3.6).
+CONFIG = {
+    # rows kernels: elements per program, warps, elements per thread of a row (the lanes
+    # sharing a row = row length / row_elems; row_elems = 8 bf16: whole rows per warp-load)
+    "q_channel": dict(elems=2048, warps=2, row_elems=32),
+    "dq_channel": dict(elems=16384, warps=16, row_elems=8),   # int8 codes (sub-byte: _flat)
+    "q_fp8": dict(elems=8192, warps=8, row_elems=16),
+    "dq_fp8": dict(elems=16384, warps=4, row_elems=8),
+    "amax_fp8": dict(elems=8192, warps=8),
+    # token groups: x elements per thread, warps (= heads per program)
+    "q_token": dict(thread_elems=128, warps=2),
+    "dq_token": dict(elems=16384, warps=4),
+}
 
 
 def _p2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(int(n), 1).bit_length() - 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,97 +105,174 @@ def _p2(n: int) -> int:
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _int_params(mn, mx, QMAX: tl.constexpr):
-    """Per group: scale = (mx - mn) / qmax and inv = min(qmax / (mx - mn), FLT_MAX), both IEEE."""
+    """Per group: scale = (mx - mn) / qmax and inv = min(qmax / (mx - mn), FLT_MAX), both IEEE;
+    inv is zeroed where scale == 0 (every code of such a group is then 0)."""
     rng = mx - mn
     scale = tl.math.div_rn(rng, tl.full(rng.shape, QMAX, tl.float32))
     inv = tl.minimum(tl.math.div_rn(tl.full(rng.shape, QMAX, tl.float32), rng), FLT_MAX)
-    return scale, inv
+    return scale, tl.where(scale > 0, inv, 0.0)
 
 
 @triton.jit
-def _int_codes(x, mn, inv, pos, QMAX: tl.constexpr):
-    """clamp(floor((x - mn) * inv + 0.5), 0, qmax) (sub, mul, add: three roundings, no FMA),
-    0 where scale == 0; int32. x >= mn, so the value is >= 0.5 and truncation is floor."""
+def _int_codes(x, mn, inv):
+    """floor((x - mn) * inv + 0.5) as int32 (sub, mul, add: three roundings, no FMA).
+    x >= mn, so the value is >= 0.5 and truncation is floor; inv == 0 gives 0. No clamp to qmax
+    is needed for finite x: fl(x - mn) <= fl(mx - mn) = rng and inv <= fl(qmax / rng) (or inv =
+    FLT_MAX < qmax / rng), so the product is at most qmax * (1 + 2^-24)^2 and, after the
+    rounded + 0.5, below qmax + 1. (Lanes masked off a group may give any code; never stored.)"""
     v = (x - mn) * inv + 0.5
-    q = tl.minimum(v.to(tl.int32), QMAX)
-    return tl.where(pos, q, 0)
+    return v.to(tl.int32)
 
 
 @triton.jit
-def _row_offsets(pid, R, T, H, s_l, s_t, s_h, ROWS: tl.constexpr):
-    rows = pid * ROWS + tl.arange(0, ROWS)
-    rmask = rows < R
-    rows = tl.where(rmask, rows, 0)
-    h = rows % H
-    lt = rows // H
-    t = lt % T
-    l = lt // T
-    off = l.to(tl.int64) * s_l + t.to(tl.int64) * s_t + h.to(tl.int64) * s_h
-    return rows, rmask, l, t, h, off
+def _code_to_float(q):
+    """int32 code (0 <= q < 2^23) -> float32, exactly: the float with bits 0x4B000000 | q is 2^23 + q."""
+    return (q | TWO23_BITS).to(tl.float32, bitcast=True) - TWO23
 
 
 @triton.jit
-def _q_int_channel(x_ptr, codes_ptr, scale_ptr, zero_ptr, RG, T, H, s_l, s_t, s_h,
-                   G: tl.constexpr, NG: tl.constexpr, GP: tl.constexpr, BITS: tl.constexpr,
-                   RB: tl.constexpr):
-    # One block row per group, loaded as [RB groups, GPB bytes, K codes per byte] (channel
-    # j = jb * K + k), so packing is a sum over the in-thread last axis. Group rg = row * NG + g.
+def _unpack(c, BITS: tl.constexpr, SHAPE: tl.constexpr):
+    """int32 code bytes [..., n] -> codes [..., n * 8 / BITS] (first code in the low bits). The
+    codes of a byte are joined along a new minor axis, which stays inside the thread."""
+    if BITS == 8:
+        return c
+    elif BITS == 4:
+        return tl.reshape(tl.join(c & 15, c >> 4), SHAPE)
+    else:
+        q = tl.join(tl.join(c & 3, (c >> 4) & 3), tl.join((c >> 2) & 3, c >> 6))
+        return tl.reshape(q, SHAPE)
+
+
+@triton.jit
+def _load_d(ptrs, d, D: tl.constexpr, DP: tl.constexpr):
+    """Load a block whose last axis ``d`` (arange(DP)) is padded past D: masked (0) only if DP > D."""
+    if D == DP:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=d < D, other=0)
+
+
+@triton.jit
+def _tile_rows(tb, hb, T, H, NG: tl.constexpr, TB: tl.constexpr, HB: tl.constexpr, NGP: tl.constexpr):
+    """The rows of tile (token block tb, head block hb): (token, head, group) flattened with the
+    group fastest. Returns t, h, g (clamped onto valid rows: a load through them stays in
+    bounds) and the mask of the real rows."""
+    r = tl.arange(0, TB * HB * NGP)
+    t = tb * TB + r // (HB * NGP)
+    h = hb * HB + (r // NGP) % HB
+    g = r % NGP
+    mask = (t < T) & (h < H)
+    if NG != NGP:
+        mask = mask & (g < NG)
+        g = tl.minimum(g, NG - 1)
+    return tl.minimum(t, T - 1), tl.minimum(h, H - 1), g, mask
+
+
+@triton.jit
+def _row_chunks(NC: tl.constexpr, GC: tl.constexpr):
+    """[1, NC, GC] offsets of a row's elements taken as NC chunks of GC."""
+    return (tl.arange(0, NC) * GC)[None, :, None] + tl.arange(0, GC)[None, None, :]
+
+
+@triton.jit
+def _q_int_channel(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h,
+                   G: tl.constexpr, NG: tl.constexpr, GP: tl.constexpr, NGP: tl.constexpr,
+                   BITS: tl.constexpr, TB: tl.constexpr, HB: tl.constexpr, GC: tl.constexpr,
+                   CV: tl.constexpr):
+    # Block [RB groups, NC chunks, GC channels] (channel j = c*GC + jj of a group row). GC =
+    # lanes per group x one 16-byte vector; with Triton 3.6's layouts (dims of equal contiguity
+    # in ascending order) a warp's lanes span GC/vector pieces x consecutive groups and each
+    # thread holds NC vectors of its group (e.g. g32 bf16: GC = 8, a whole group per thread),
+    # so the min/max needs no (or few) shuffles and few lanes repeat a group's divisions.
     QMAX: tl.constexpr = (1 << BITS) - 1
     K: tl.constexpr = 8 // BITS
-    GB: tl.constexpr = G // K          # bytes per group
-    GPB: tl.constexpr = GP // K
-    pid = tl.program_id(0)
-    rg = pid * RB + tl.arange(0, RB)
-    gmask = rg < RG
-    rg = tl.where(gmask, rg, 0)
-    g = rg % NG
-    r = rg // NG
-    h = r % H
-    lt = r // H
-    t = lt % T
-    l = lt // T
-    xoff = l.to(tl.int64) * s_l + t.to(tl.int64) * s_t + h.to(tl.int64) * s_h + g * G
-    rg64 = rg.to(tl.int64)
-    jb = tl.arange(0, GPB)
+    GB: tl.constexpr = G // K          # code bytes per group
+    NC: tl.constexpr = GP // GC
+    GCB: tl.constexpr = GC // K
+    RB: tl.constexpr = TB * HB * NGP
+    t, h, g, rmask = _tile_rows(tl.program_id(0), tl.program_id(1), T, H, NG, TB, HB, NGP)
+    l = tl.program_id(2).to(tl.int64)
+    xrow = l * s_l + t.to(tl.int64) * s_t + h.to(tl.int64) * s_h + g * G
+    grp = ((l * T + t) * H + h) * NG + g                                     # int64 group index
+    j = _row_chunks(NC, GC)                                                 # [1, NC, GC]
+    xp = x_ptr + (xrow[:, None, None] + j)
     if G == GP:
-        bmask = gmask[:, None]
+        x = tl.load(xp).to(tl.float32)
+        mn = tl.min(tl.min(x, axis=2), axis=1)                              # [RB]
+        mx = tl.max(tl.max(x, axis=2), axis=1)
     else:
-        bmask = gmask[:, None] & (jb[None, :] < GB)
-    if K == 1:  # int8: a plain [RB, GP] block
-        x = tl.load(x_ptr + (xoff[:, None] + jb[None, :]), mask=bmask, other=0.0).to(tl.float32)
-        mn = tl.min(tl.where(bmask, x, float("inf")), axis=1)               # [RB]
-        mx = tl.max(tl.where(bmask, x, float("-inf")), axis=1)
-    else:
-        k = tl.arange(0, K)
-        j = jb[:, None] * K + k[None, :]                                    # [GPB, K]
-        mask = bmask[:, :, None]
-        x = tl.load(x_ptr + (xoff[:, None, None] + j[None, :, :]), mask=mask, other=0.0).to(tl.float32)
-        mn = tl.min(tl.min(tl.where(mask, x, float("inf")), axis=2), axis=1)
-        mx = tl.max(tl.max(tl.where(mask, x, float("-inf")), axis=2), axis=1)
-    mn = tl.where(gmask, mn, 0.0)  # keep masked-out groups finite
-    mx = tl.where(gmask, mx, 0.0)
+        jm = j < G
+        x = tl.load(xp, mask=jm, other=0.0).to(tl.float32)
+        mn = tl.min(tl.min(tl.where(jm, x, float("inf")), axis=2), axis=1)
+        mx = tl.max(tl.max(tl.where(jm, x, float("-inf")), axis=2), axis=1)
     scale, inv = _int_params(mn, mx, QMAX)
-    pos = scale > 0
-    tl.store(scale_ptr + rg64, scale, mask=gmask)
-    tl.store(zero_ptr + rg64, mn, mask=gmask)
-    if K == 1:
-        b = _int_codes(x, mn[:, None], inv[:, None], pos[:, None], QMAX)
+    tl.store(scale_ptr + grp, scale, mask=rmask)
+    tl.store(zero_ptr + grp, mn, mask=rmask)
+    q = _int_codes(x, mn[:, None, None], inv[:, None, None])
+    if K > 1:
+        q = tl.reshape(q, (RB, NC, GCB, K))
+        q = tl.sum(q << (tl.arange(0, K) * BITS)[None, None, None, :], axis=3)   # [RB, NC, GCB]
+    jb = _row_chunks(NC, GCB)
+    # CV = code bytes per thread piece: stores in the layout the codes were computed in
+    coff = tl.max_contiguous(grp[:, None, None] * GB + jb, [1, 1, CV])
+    if G == GP:
+        tl.store(codes_ptr + coff, q.to(tl.uint8), mask=rmask[:, None, None])
     else:
-        q = _int_codes(x, mn[:, None, None], inv[:, None, None], pos[:, None, None], QMAX)
-        b = tl.sum(q << (k * BITS)[None, None, :], axis=2)                  # [RB, GPB]
-    tl.store(codes_ptr + (rg64[:, None] * GB + jb[None, :]), b.to(tl.uint8), mask=bmask)
+        tl.store(codes_ptr + coff, q.to(tl.uint8), mask=rmask[:, None, None] & (jb < GB))
 
 
 @triton.jit
-def _dq_int_channel(codes_ptr, scale_ptr, zero_ptr, out_ptr, R, T, H, s_l, s_t, s_h,
+def _dq_int_channel(codes_ptr, scale_ptr, zero_ptr, out_ptr, T, H, s_l, s_t, s_h,
                     G: tl.constexpr, NG: tl.constexpr, GP: tl.constexpr, NGP: tl.constexpr,
-                    BITS: tl.constexpr, ROWS: tl.constexpr):
+                    BITS: tl.constexpr, TB: tl.constexpr, HB: tl.constexpr, GC: tl.constexpr,
+                    CV: tl.constexpr):
+    # Same block as _q_int_channel; codes are loaded CV bytes per thread piece (the layout of
+    # the output's 16-byte vectors after unpacking).
+    K: tl.constexpr = 8 // BITS
+    GB: tl.constexpr = G // K
+    NC: tl.constexpr = GP // GC
+    GCB: tl.constexpr = GC // K
+    RB: tl.constexpr = TB * HB * NGP
+    t, h, g, rmask = _tile_rows(tl.program_id(0), tl.program_id(1), T, H, NG, TB, HB, NGP)
+    l = tl.program_id(2).to(tl.int64)
+    orow = l * s_l + t.to(tl.int64) * s_t + h.to(tl.int64) * s_h + g * G
+    grp = ((l * T + t) * H + h) * NG + g
+    scale = tl.load(scale_ptr + grp)[:, None, None]
+    zero = tl.load(zero_ptr + grp)[:, None, None]
+    jb = _row_chunks(NC, GCB)
+    cp = codes_ptr + tl.max_contiguous(grp[:, None, None] * GB + jb, [1, 1, CV])
+    if G == GP:
+        c = tl.load(cp).to(tl.int32)
+    else:
+        c = tl.load(cp, mask=jb < GB, other=0).to(tl.int32)
+    q = _unpack(c, BITS, (RB, NC, GC))
+    y = (_code_to_float(q) * scale + zero).to(out_ptr.dtype.element_ty)
+    j = _row_chunks(NC, GC)
+    if G == GP:
+        tl.store(out_ptr + (orow[:, None, None] + j), y, mask=rmask[:, None, None])
+    else:
+        tl.store(out_ptr + (orow[:, None, None] + j), y, mask=rmask[:, None, None] & (j < G))
+
+
+@triton.jit
+def _dq_int_channel_flat(codes_ptr, scale_ptr, zero_ptr, out_ptr, R, T, H, s_l, s_t, s_h,
+                         G: tl.constexpr, NG: tl.constexpr, GP: tl.constexpr, NGP: tl.constexpr,
+                         BITS: tl.constexpr, ROWS: tl.constexpr):
+    # Sub-byte channel dequantize, kept from the previous version (measured faster than
+    # _dq_int_channel for int4/int2 codes: 93-95% of copy vs 88-93% on an H200): a program
+    # owns ROWS flat (layer, token, head) rows as a [ROWS, NGP, GP] block; codes are loaded a
+    # group (GP/K bytes) per thread and unpacked with shifts.
     K: tl.constexpr = 8 // BITS
     GB: tl.constexpr = G // K
     GPB: tl.constexpr = GP // K
     DB: tl.constexpr = NG * GB
-    pid = tl.program_id(0)
-    rows, rmask, l, t, h, ooff = _row_offsets(pid, R, T, H, s_l, s_t, s_h, ROWS)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rmask = rows < R
+    rows = tl.where(rmask, rows, 0)
+    h = rows % H
+    t = (rows // H) % T
+    l = rows // H // T
+    ooff = l.to(tl.int64) * s_l + t.to(tl.int64) * s_t + h.to(tl.int64) * s_h
     r64 = rows.to(tl.int64)
     g = tl.arange(0, NGP)
     j = tl.arange(0, GP)
@@ -158,180 +282,269 @@ def _dq_int_channel(codes_ptr, scale_ptr, zero_ptr, out_ptr, R, T, H, s_l, s_t, 
     soff = r64[:, None] * NG + g[None, :]
     scale = tl.load(scale_ptr + soff, mask=gmask, other=0.0)
     zero = tl.load(zero_ptr + soff, mask=gmask, other=0.0)
-    if K == 1:
-        q = tl.load(codes_ptr + (r64[:, None, None] * DB + col[None, :, :]), mask=mask, other=0).to(tl.int32)
-    else:
-        jb = tl.arange(0, GPB)
-        bcol = g[:, None] * GB + jb[None, :]
-        bmask = rmask[:, None, None] & ((g[:, None] < NG) & (jb[None, :] < GB))[None, :, :]
-        c = tl.load(codes_ptr + (r64[:, None, None] * DB + bcol[None, :, :]), mask=bmask, other=0).to(tl.int32)
-        sh = tl.arange(0, K) * BITS
-        q = (c[:, :, :, None] >> sh[None, None, None, :]) & ((1 << BITS) - 1)
-        q = tl.reshape(q, (ROWS, NGP, GP))
+    jb = tl.arange(0, GPB)
+    bcol = g[:, None] * GB + jb[None, :]
+    bmask = rmask[:, None, None] & ((g[:, None] < NG) & (jb[None, :] < GB))[None, :, :]
+    c = tl.load(codes_ptr + (r64[:, None, None] * DB + bcol[None, :, :]), mask=bmask, other=0).to(tl.int32)
+    q = (c[:, :, :, None] >> (tl.arange(0, K) * BITS)[None, None, None, :]) & ((1 << BITS) - 1)
+    q = tl.reshape(q, (ROWS, NGP, GP))
     y = q.to(tl.float32) * scale[:, :, None] + zero[:, :, None]
     tl.store(out_ptr + (ooff[:, None, None] + col[None, :, :]), y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _q_int_token(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, NGT, s_l, s_t, s_h,
-                 D: tl.constexpr, DP: tl.constexpr, G: tl.constexpr, TB: tl.constexpr,
-                 HB: tl.constexpr, BITS: tl.constexpr):
-    # A program owns one (layer, token group) and HB heads. Channels are taken as K strided
-    # [TB tokens, HB heads, DPB bytes] blocks, one per code position k in the byte
-    # (channel d = db * K + k); each is reduced over its tokens and ORed into the bytes.
+def _q_int_token(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h,
+                 D: tl.constexpr, DC: tl.constexpr, G: tl.constexpr, TA: tl.constexpr,
+                 TL: tl.constexpr, HB: tl.constexpr, BITS: tl.constexpr, VX: tl.constexpr,
+                 XS: tl.constexpr, CS: tl.constexpr):
+    # Program: token group pid0; heads [hb*HB, +HB) and channels [dc*DC, +DC) from pid1; layer
+    # pid2. Block [TL, HB, TA, DC]: token i = a*TL + b of the group. x is loaded VX = 2K
+    # channels per thread (two code bytes), so with Triton 3.6's layouts (dims of equal
+    # contiguity in ascending order) a warp's lanes span DC/VX channel pieces x TL tokens,
+    # warps span the heads and the TA tokens stay inside each thread: min/max over the tokens
+    # is in-thread plus log2(TL) shuffles, few threads compute a channel's scale/inv, and the K
+    # channels of a code byte are in one thread. Groups longer than TA*TL tokens take two
+    # passes over chunks (min/max, then quantize; the re-read hits L1/L2). Full groups (all but
+    # a partial last one) take a path without token clamps or masks. XS / CS: the token strides
+    # of x and of the codes (s_t, H * D / K) as constexprs when small (0: use s_t), so that a
+    # token's offset is an immediate of the load/store instead of 64-bit arithmetic per token.
+    tg = tl.program_id(0)
+    if tg * G + G <= T:
+        _q_token_group(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h, tg,
+                       D, DC, G, TA, TL, HB, BITS, VX, XS, CS, True)
+    else:
+        _q_token_group(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h, tg,
+                       D, DC, G, TA, TL, HB, BITS, VX, XS, CS, False)
+
+
+@triton.jit
+def _stride(S: tl.constexpr, s):
+    """The constexpr stride S if given (> 0), else the run-time one."""
+    if S > 0:
+        return S
+    else:
+        return s
+
+
+@triton.jit
+def _token_rows(i, c, CH: tl.constexpr, G: tl.constexpr, n, FULL: tl.constexpr):
+    """Tokens (local to the group) of chunk c, clamped onto the group's last real token (n =
+    tokens in this group; G if FULL), and the mask of the real ones (store with it unless
+    _token_rows_exact)."""
+    ti = c * CH + i
+    if FULL:
+        if CH * ((G + CH - 1) // CH) == G:
+            return ti, ti < G
+        else:
+            return tl.minimum(ti, G - 1), ti < G
+    else:
+        return tl.minimum(ti, n - 1), ti < n
+
+
+@triton.jit
+def _token_rows_exact(CH: tl.constexpr, G: tl.constexpr, FULL: tl.constexpr):
+    """True if every token of every chunk is a real one (no store mask needed)."""
+    return FULL and CH * ((G + CH - 1) // CH) == G
+
+
+@triton.jit
+def _q_token_group(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h, tg,
+                   D: tl.constexpr, DC: tl.constexpr, G: tl.constexpr, TA: tl.constexpr,
+                   TL: tl.constexpr, HB: tl.constexpr, BITS: tl.constexpr, VX: tl.constexpr,
+                   XS: tl.constexpr, CS: tl.constexpr, FULL: tl.constexpr):
     QMAX: tl.constexpr = (1 << BITS) - 1
     K: tl.constexpr = 8 // BITS
     DB: tl.constexpr = D // K
-    DPB: tl.constexpr = DP // K
-    NCH: tl.constexpr = (G + TB - 1) // TB
-    pid = tl.program_id(0)
-    l = pid // NGT
-    tg = pid % NGT
-    h = tl.program_id(1) * HB + tl.arange(0, HB)
-    db = tl.arange(0, DPB)
-    i = tl.arange(0, TB)
-    hb_mask = (h[:, None] < H) & (db[None, :] < DB)                          # [HB, DPB]
-    base = l.to(tl.int64) * s_l
-    hb_off = h.to(tl.int64)[:, None] * s_h + db[None, :] * K                # [HB, DPB]
-    s_base = ((l.to(tl.int64) * NGT + tg) * H + h.to(tl.int64)[:, None]) * D + db[None, :] * K
+    DCB: tl.constexpr = DC // K
+    CH: tl.constexpr = TA * TL                 # tokens per chunk
+    NCH: tl.constexpr = (G + CH - 1) // CH
+    NDC: tl.constexpr = (D + DC - 1) // DC
+    NGT = tl.num_programs(0)                   # token groups
+    hb = tl.program_id(1) // NDC
+    dc = tl.program_id(1) % NDC
+    l = tl.program_id(2).to(tl.int64)
+    h = hb * HB + tl.arange(0, HB)
+    hmask = h < H
+    h = tl.minimum(h, H - 1)
+    d = dc * DC + tl.arange(0, DC)
+    db = dc * DCB + tl.arange(0, DCB)
+    if D % DC == 0:
+        hd_mask = hmask[:, None]
+        cmask = hmask[:, None, None]
+    else:  # padded channels load 0; each is reduced on its own and never stored
+        hd_mask = hmask[:, None] & (d < D)[None, :]
+        cmask = hmask[:, None, None] & (db < DB)[None, None, :]
     t0 = tg * G
+    # per-thread pointers at the group's first token [1, HB, 1, DC]; + token offsets below
+    xp = x_ptr + (l * s_l + t0.to(tl.int64) * s_t)
+    xp = xp + tl.max_contiguous((h.to(tl.int64)[:, None] * s_h + d[None, :])[None, :, None, :], [1, 1, 1, VX])
+    cp = codes_ptr + (l * T + t0) * H * DB
+    cp = cp + tl.max_contiguous((h[:, None] * DB + db[None, :])[None, :, None, :], [1, 1, 1, VX // K])
+    sz = ((l * NGT + tg) * H + h)[:, None] * D + d[None, :]                 # [HB, DC]
+    i = (tl.arange(0, TA) * TL)[None, :] + tl.arange(0, TL)[:, None]      # [TL, TA]
+    n = tl.minimum(T - t0, G)
+    xs = _stride(XS, s_t)
+    cs = _stride(CS, H * DB)
+    shifts = (tl.arange(0, K) * BITS)[None, None, None, None, :]
     if NCH == 1:
-        t = t0 + i
-        tmask = (i < G) & (t < T)
-        m = tmask[:, None, None] & hb_mask[None, :, :]
-        ptrs = x_ptr + (base + t.to(tl.int64)[:, None, None] * s_t + hb_off[None, :, :])
-        crow = (l.to(tl.int64) * T + t.to(tl.int64)[:, None]) * H + h.to(tl.int64)[None, :]
-        acc = tl.zeros((TB, HB, DPB), tl.int32)
-        for k in tl.static_range(K):
-            x = tl.load(ptrs + k, mask=m, other=0.0).to(tl.float32)
-            mn = tl.min(tl.where(m, x, float("inf")), axis=0)               # [HB, DPB]
-            mx = tl.max(tl.where(m, x, float("-inf")), axis=0)
-            mn = tl.where(hb_mask, mn, 0.0)  # keep masked-out lanes finite
-            mx = tl.where(hb_mask, mx, 0.0)
-            scale, inv = _int_params(mn, mx, QMAX)
-            tl.store(scale_ptr + (s_base + k), scale, mask=hb_mask)
-            tl.store(zero_ptr + (s_base + k), mn, mask=hb_mask)
-            q = _int_codes(x, mn[None], inv[None], (scale > 0)[None], QMAX)
-            acc = acc | (q << (k * BITS))
-        tl.store(codes_ptr + (crow[:, :, None] * DB + db[None, None, :]), acc.to(tl.uint8), mask=m)
+        ti, tmask = _token_rows(i, 0, CH, G, n, FULL)
+        x = _load_d(xp + (ti.to(tl.int64) * xs)[:, None, :, None], d, D, DC * NDC).to(tl.float32)
+        mn = tl.min(tl.min(x, axis=2), axis=0)                              # [HB, DC]
+        mx = tl.max(tl.max(x, axis=2), axis=0)
     else:
-        # groups longer than one block: per code position k, pass 1 reduces the group chunk by
-        # chunk, pass 2 reloads the chunks and ORs the codes into the bytes in memory (the bytes
-        # are written at k = 0; each thread reads back only bytes it wrote itself)
-        for k in tl.static_range(K):
-            mn = tl.full((HB, DPB), float("inf"), tl.float32)
-            mx = tl.full((HB, DPB), float("-inf"), tl.float32)
-            for c in range(NCH):
-                ii = c * TB + i
-                t = t0 + ii
-                m = ((ii < G) & (t < T))[:, None, None] & hb_mask[None, :, :]
-                x = tl.load(x_ptr + (base + t.to(tl.int64)[:, None, None] * s_t + hb_off[None, :, :] + k),
-                            mask=m, other=0.0).to(tl.float32)
-                mn = tl.minimum(mn, tl.min(tl.where(m, x, float("inf")), axis=0))
-                mx = tl.maximum(mx, tl.max(tl.where(m, x, float("-inf")), axis=0))
-            mn = tl.where(hb_mask, mn, 0.0)
-            mx = tl.where(hb_mask, mx, 0.0)
-            scale, inv = _int_params(mn, mx, QMAX)
-            tl.store(scale_ptr + (s_base + k), scale, mask=hb_mask)
-            tl.store(zero_ptr + (s_base + k), mn, mask=hb_mask)
-            for c in range(NCH):
-                ii = c * TB + i
-                t = t0 + ii
-                m = ((ii < G) & (t < T))[:, None, None] & hb_mask[None, :, :]
-                x = tl.load(x_ptr + (base + t.to(tl.int64)[:, None, None] * s_t + hb_off[None, :, :] + k),
-                            mask=m, other=0.0).to(tl.float32)
-                q = _int_codes(x, mn[None], inv[None], (scale > 0)[None], QMAX) << (k * BITS)
-                crow = (l.to(tl.int64) * T + t.to(tl.int64)[:, None]) * H + h.to(tl.int64)[None, :]
-                cptr = codes_ptr + (crow[:, :, None] * DB + db[None, None, :])
-                if k > 0:
-                    q = q | tl.load(cptr, mask=m, other=0).to(tl.int32)
-                tl.store(cptr, q.to(tl.uint8), mask=m)
+        mn = tl.full((HB, DC), float("inf"), tl.float32)
+        mx = tl.full((HB, DC), float("-inf"), tl.float32)
+        for c in range(NCH):
+            ti, tmask = _token_rows(i, c, CH, G, n, FULL)
+            x = _load_d(xp + (ti.to(tl.int64) * xs)[:, None, :, None], d, D, DC * NDC).to(tl.float32)
+            mn = tl.minimum(mn, tl.min(tl.min(x, axis=2), axis=0))
+            mx = tl.maximum(mx, tl.max(tl.max(x, axis=2), axis=0))
+    scale, inv = _int_params(mn, mx, QMAX)
+    tl.store(scale_ptr + sz, scale, mask=hd_mask)
+    tl.store(zero_ptr + sz, mn, mask=hd_mask)
+    for c in range(NCH):
+        ti, tmask = _token_rows(i, c, CH, G, n, FULL)
+        if NCH > 1:
+            x = _load_d(xp + (ti.to(tl.int64) * xs)[:, None, :, None], d, D, DC * NDC).to(tl.float32)
+        q = _int_codes(x, mn[None, :, None, :], inv[None, :, None, :])
+        if K > 1:
+            q = tl.sum(tl.reshape(q, (TL, HB, TA, DCB, K)) << shifts, axis=4)   # [TL, HB, TA, DCB]
+        cpt = cp + (ti.to(tl.int64) * cs)[:, None, :, None]
+        if _token_rows_exact(CH, G, FULL):
+            tl.store(cpt, q.to(tl.uint8), mask=cmask[None])
+        else:
+            tl.store(cpt, q.to(tl.uint8), mask=tmask[:, None, :, None] & cmask[None])
 
 
 @triton.jit
-def _dq_int_token(codes_ptr, scale_ptr, zero_ptr, out_ptr, T, H, NGT, s_l, s_t, s_h,
+def _dq_int_token(codes_ptr, scale_ptr, zero_ptr, out_ptr, T, H, s_l, s_t, s_h,
                   D: tl.constexpr, DP: tl.constexpr, G: tl.constexpr, TB: tl.constexpr,
-                  HB: tl.constexpr, BITS: tl.constexpr):
+                  HB: tl.constexpr, BITS: tl.constexpr, CV: tl.constexpr,
+                  OS: tl.constexpr, CS: tl.constexpr):
+    # Program: token group pid0, heads [pid1*HB, +HB), layer pid2; chunks of [TB, HB, DP]
+    # with the group's scale/zero [HB, DP] in registers. Codes are loaded CV bytes per thread
+    # (the layout of the output's 16-byte vectors after unpacking). Full groups skip the token
+    # clamps and masks; OS / CS: constexpr token strides of out / codes (0: run-time), as in
+    # _q_int_token.
+    tg = tl.program_id(0)
+    if tg * G + G <= T:
+        _dq_token_group(codes_ptr, scale_ptr, zero_ptr, out_ptr, T, H, s_l, s_t, s_h, tg,
+                        D, DP, G, TB, HB, BITS, CV, OS, CS, True)
+    else:
+        _dq_token_group(codes_ptr, scale_ptr, zero_ptr, out_ptr, T, H, s_l, s_t, s_h, tg,
+                        D, DP, G, TB, HB, BITS, CV, OS, CS, False)
+
+
+@triton.jit
+def _dq_token_group(codes_ptr, scale_ptr, zero_ptr, out_ptr, T, H, s_l, s_t, s_h, tg,
+                    D: tl.constexpr, DP: tl.constexpr, G: tl.constexpr, TB: tl.constexpr,
+                    HB: tl.constexpr, BITS: tl.constexpr, CV: tl.constexpr,
+                    OS: tl.constexpr, CS: tl.constexpr, FULL: tl.constexpr):
     K: tl.constexpr = 8 // BITS
     DB: tl.constexpr = D // K
     DPB: tl.constexpr = DP // K
     NCH: tl.constexpr = (G + TB - 1) // TB
-    pid = tl.program_id(0)
-    l = pid // NGT
-    tg = pid % NGT
+    NGT = tl.num_programs(0)
+    l = tl.program_id(2).to(tl.int64)
     h = tl.program_id(1) * HB + tl.arange(0, HB)
+    hmask = h < H
+    h = tl.minimum(h, H - 1)
     d = tl.arange(0, DP)
-    i = tl.arange(0, TB)
-    hd_mask = (h[:, None] < H) & (d[None, :] < D)
-    soff = ((l.to(tl.int64) * NGT + tg) * H + h.to(tl.int64)[:, None]) * D + d[None, :]
-    scale = tl.load(scale_ptr + soff, mask=hd_mask, other=0.0)
-    zero = tl.load(zero_ptr + soff, mask=hd_mask, other=0.0)
-    base = l.to(tl.int64) * s_l
-    hd_off = h.to(tl.int64)[:, None] * s_h + d[None, :]
+    db = tl.arange(0, DPB)
+    if D == DP:
+        hd_mask = hmask[:, None]
+    else:
+        hd_mask = hmask[:, None] & (d < D)[None, :]
     t0 = tg * G
-    for c in range(NCH):
-        ii = c * TB + i
-        t = t0 + ii
-        tmask = (ii < G) & (t < T)
-        m = tmask[:, None, None] & hd_mask[None, :, :]
-        crow = (l.to(tl.int64) * T + t.to(tl.int64)[:, None]) * H + h.to(tl.int64)[None, :]
-        if K == 1:
-            q = tl.load(codes_ptr + (crow[:, :, None] * DB + d[None, None, :]), mask=m, other=0).to(tl.int32)
+    sz = ((l * NGT + tg) * H + h)[:, None] * D + d[None, :]
+    op = out_ptr + (l * s_l + t0.to(tl.int64) * s_t)
+    op = op + (h.to(tl.int64)[:, None] * s_h + d[None, :])[None, :, :]
+    cp = codes_ptr + (l * T + t0) * H * DB
+    cp = cp + tl.max_contiguous((h[:, None] * DB + db[None, :])[None, :, :], [1, 1, CV])
+    i = tl.arange(0, TB)
+    n = tl.minimum(T - t0, G)
+    os = _stride(OS, s_t)
+    cs = _stride(CS, H * DB)
+    for c in tl.static_range(NCH):
+        ti, tmask = _token_rows(i, c, TB, G, n, FULL)
+        cb = _load_d(cp + (ti.to(tl.int64) * cs)[:, None, None], db, DB, DPB).to(tl.int32)
+        if c == 0:
+            # scale and zero as one [HB, DP, 2] load, after the first codes: their change of
+            # layout (through shared memory, behind a barrier) then waits for all loads at once
+            sc = tl.join(scale_ptr + sz, zero_ptr + sz)
+            if D == DP:
+                sc = tl.load(sc)
+            else:
+                sc = tl.load(sc, mask=(d < D)[:, None], other=0.0)
+            scale, zero = tl.split(sc)
+            scale = scale[None]
+            zero = zero[None]
+        y = (_code_to_float(_unpack(cb, BITS, (TB, HB, DP))) * scale + zero).to(out_ptr.dtype.element_ty)
+        opt = op + (ti.to(tl.int64) * os)[:, None, None]
+        if _token_rows_exact(TB, G, FULL):
+            tl.store(opt, y, mask=hd_mask[None])
         else:
-            db = tl.arange(0, DPB)
-            bm = tmask[:, None, None] & ((h[:, None] < H) & (db[None, :] < DB))[None, :, :]
-            cb = tl.load(codes_ptr + (crow[:, :, None] * DB + db[None, None, :]), mask=bm, other=0).to(tl.int32)
-            sh = tl.arange(0, K) * BITS
-            q = (cb[:, :, :, None] >> sh[None, None, None, :]) & ((1 << BITS) - 1)
-            q = tl.reshape(q, (TB, HB, DP))
-        y = q.to(tl.float32) * scale[None, :, :] + zero[None, :, :]
-        tl.store(out_ptr + (base + t.to(tl.int64)[:, None, None] * s_t + hd_off[None, :, :]),
-                 y.to(out_ptr.dtype.element_ty), mask=m)
+            tl.store(opt, y, mask=tmask[:, None, None] & hd_mask[None])
 
 
 @triton.jit
-def _fp8_amax(x_ptr, amax_ptr, T, H, NTB, s_l, s_t, s_h,
+def _fp8_amax(x_ptr, amax_ptr, T, H, s_l, s_t, s_h,
               D: tl.constexpr, DP: tl.constexpr, TB: tl.constexpr, HB: tl.constexpr,
               SCOPE: tl.constexpr):
-    pid = tl.program_id(0)
-    l = pid // NTB
-    t = (pid % NTB) * TB + tl.arange(0, TB)
+    # Program: tokens [pid0*TB, +TB), heads [pid1*HB, +HB), layer pid2.
+    l = tl.program_id(2)
+    t = tl.program_id(0) * TB + tl.arange(0, TB)
     h = tl.program_id(1) * HB + tl.arange(0, HB)
+    hmask = h < H
+    t = tl.minimum(t, T - 1)   # copies of real tokens/heads: the amax is unchanged
+    hc = tl.minimum(h, H - 1)
     d = tl.arange(0, DP)
-    m = (t < T)[:, None, None] & ((h[:, None] < H) & (d[None, :] < D))[None, :, :]
     off = (l.to(tl.int64) * s_l + t.to(tl.int64)[:, None, None] * s_t
-           + h.to(tl.int64)[None, :, None] * s_h + d[None, None, :])
-    a = tl.abs(tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32))
+           + hc.to(tl.int64)[None, :, None] * s_h + d[None, None, :])
+    if D == DP:
+        x = tl.load(x_ptr + off)
+    else:
+        x = tl.load(x_ptr + off, mask=(d < D)[None, None, :], other=0.0)
+    a = tl.abs(x.to(tl.float32))
     a = tl.max(tl.max(a, axis=2), axis=0)                                  # [HB]
     if SCOPE == 0:
         v = tl.max(a, axis=0)
         tl.atomic_max(amax_ptr + l, v.to(tl.int32, bitcast=True))
     else:
-        tl.atomic_max(amax_ptr + (l * H + h), a.to(tl.int32, bitcast=True), mask=h < H)
+        tl.atomic_max(amax_ptr + (l * H + h), a.to(tl.int32, bitcast=True), mask=hmask)
 
 
 @triton.jit
-def _q_fp8(x_ptr, codes_ptr, scale_ptr, amax_ptr, R, T, H, s_l, s_t, s_h,
-           D: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr, SCOPE: tl.constexpr,
-           COMPUTE: tl.constexpr):
-    FMAX: tl.constexpr = 448.0
-    pid = tl.program_id(0)
-    rows, rmask, l, t, h, xoff = _row_offsets(pid, R, T, H, s_l, s_t, s_h, ROWS)
-    r64 = rows.to(tl.int64)
-    d = tl.arange(0, DP)
-    mask = rmask[:, None] & (d[None, :] < D)
-    x = tl.load(x_ptr + (xoff[:, None] + d[None, :]), mask=mask, other=0.0).to(tl.float32)
+def _fp8_scale_index(l, t, h, T, H, SCOPE: tl.constexpr):
+    """Index of the scale of rows (l, t, h) for the scope (tensor / head / token_head)."""
     if SCOPE == 0:
-        sidx = l.to(tl.int64)
+        return l + 0 * t
     elif SCOPE == 1:
-        sidx = l.to(tl.int64) * H + h
+        return l * H + h
     else:
-        sidx = r64
+        return (l * T + t) * H + h
+
+
+@triton.jit
+def _q_fp8(x_ptr, codes_ptr, scale_ptr, amax_ptr, T, H, s_l, s_t, s_h,
+           D: tl.constexpr, DP: tl.constexpr, TB: tl.constexpr, HB: tl.constexpr,
+           GC: tl.constexpr, CV: tl.constexpr, SCOPE: tl.constexpr, COMPUTE: tl.constexpr,
+           CLAMP: tl.constexpr):
+    # Rows (token, head) as a [NC chunks, RB rows, GC] block, as in _q_int_channel.
+    FMAX: tl.constexpr = 448.0
+    NC: tl.constexpr = DP // GC
+    t, h, _, rmask = _tile_rows(tl.program_id(0), tl.program_id(1), T, H, 1, TB, HB, 1)
+    l = tl.program_id(2).to(tl.int64)
+    xrow = l * s_l + t.to(tl.int64) * s_t + h.to(tl.int64) * s_h
+    row = (l * T + t) * H + h
+    d = _row_chunks(NC, GC)
+    x = _load_d(x_ptr + (xrow[:, None, None] + d), d, D, DP).to(tl.float32)
+    sidx = _fp8_scale_index(l, t, h, T, H, SCOPE)
     if COMPUTE:
         if SCOPE == 2:
-            amax = tl.max(tl.abs(x), axis=1)
+            amax = tl.max(tl.max(tl.abs(x), axis=2), axis=1)
         else:
-            amax = tl.load(amax_ptr + sidx, mask=rmask, other=0).to(tl.float32, bitcast=True)
+            amax = tl.load(amax_ptr + sidx).to(tl.float32, bitcast=True)
         s = tl.math.div_rn(amax, tl.full(amax.shape, FMAX, tl.float32))
         s = tl.where(s > 0, s, 1.0)
         if SCOPE == 2:
@@ -341,70 +554,90 @@ def _q_fp8(x_ptr, codes_ptr, scale_ptr, amax_ptr, R, T, H, s_l, s_t, s_h,
         else:
             tl.store(scale_ptr + sidx, s, mask=rmask & (t == 0) & (h == 0))
     else:
-        s = tl.load(scale_ptr + sidx, mask=rmask, other=1.0)
+        s = tl.load(scale_ptr + sidx)
     inv = tl.minimum(tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s), FLT_MAX)
-    y = x * inv[:, None]
-    y = tl.minimum(tl.maximum(y, -FMAX), FMAX)
+    y = x * inv[:, None, None]
+    if CLAMP:  # the GPU conversion saturates to +-448 itself (cvt.rn.satfinite); the interpreter doesn't
+        y = tl.minimum(tl.maximum(y, -FMAX), FMAX)
     c = y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-    tl.store(codes_ptr + (r64[:, None] * D + d[None, :]), c, mask=mask)
+    cp = codes_ptr + tl.max_contiguous(row[:, None, None] * D + d, [1, 1, CV])
+    if D == DP:
+        tl.store(cp, c, mask=rmask[:, None, None])
+    else:
+        tl.store(cp, c, mask=rmask[:, None, None] & (d < D))
 
 
 @triton.jit
-def _dq_fp8(codes_ptr, scale_ptr, out_ptr, R, T, H, s_l, s_t, s_h,
-            D: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr, SCOPE: tl.constexpr):
-    pid = tl.program_id(0)
-    rows, rmask, l, t, h, ooff = _row_offsets(pid, R, T, H, s_l, s_t, s_h, ROWS)
-    r64 = rows.to(tl.int64)
-    d = tl.arange(0, DP)
-    mask = rmask[:, None] & (d[None, :] < D)
-    if SCOPE == 0:
-        sidx = l.to(tl.int64)
-    elif SCOPE == 1:
-        sidx = l.to(tl.int64) * H + h
+def _dq_fp8(codes_ptr, scale_ptr, out_ptr, T, H, s_l, s_t, s_h,
+            D: tl.constexpr, DP: tl.constexpr, TB: tl.constexpr, HB: tl.constexpr,
+            GC: tl.constexpr, SCOPE: tl.constexpr, CV: tl.constexpr):
+    NC: tl.constexpr = DP // GC
+    t, h, _, rmask = _tile_rows(tl.program_id(0), tl.program_id(1), T, H, 1, TB, HB, 1)
+    l = tl.program_id(2).to(tl.int64)
+    orow = l * s_l + t.to(tl.int64) * s_t + h.to(tl.int64) * s_h
+    row = (l * T + t) * H + h
+    d = _row_chunks(NC, GC)
+    s = tl.load(scale_ptr + _fp8_scale_index(l, t, h, T, H, SCOPE))[:, None, None]
+    c = _load_d(codes_ptr + tl.max_contiguous(row[:, None, None] * D + d, [1, 1, CV]), d, D, DP)
+    y = c.to(tl.float8e4nv, bitcast=True).to(tl.float32) * s
+    y = y.to(out_ptr.dtype.element_ty)
+    if D == DP:
+        tl.store(out_ptr + (orow[:, None, None] + d), y, mask=rmask[:, None, None])
     else:
-        sidx = r64
-    s = tl.load(scale_ptr + sidx, mask=rmask, other=1.0)
-    c = tl.load(codes_ptr + (r64[:, None] * D + d[None, :]), mask=mask, other=0)
-    y = c.to(tl.float8e4nv, bitcast=True).to(tl.float32) * s[:, None]
-    tl.store(out_ptr + (ooff[:, None] + d[None, :]), y.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + (orow[:, None, None] + d), y, mask=rmask[:, None, None] & (d < D))
 
 
 # ---------------------------------------------------------------------------------------------
 # launch helpers
 # ---------------------------------------------------------------------------------------------
 _LAUNCH = {} if _INTERPRET else {"enable_fp_fusion": False}
-_TARGET_ELEMS = 8192  # elements per program (16 KiB of bf16 input)
 
 
-def _warps(elems: int) -> int:
-    return 8 if elems >= 4096 else 4
+def _row_tile(T: int, H: int, per_head: int, elems: int):
+    """(TB, HB) for a [TB tokens, HB heads] tile of ``per_head`` (padded) elements per (token,
+    head) with about ``elems`` elements; all heads first, then tokens; powers of two."""
+    HB = min(_p2(H), _pow2_floor(max(1, elems // per_head)))
+    TB = min(_p2(T), _pow2_floor(max(1, elems // (HB * per_head))))
+    return TB, HB
 
 
-def _rows_for(width: int, esize: int) -> int:
-    """Rows per program so that one program moves ~16 KiB of its wide side."""
-    target = max(1, (_TARGET_ELEMS * 2) // max(esize, 1))
-    return max(1, min(1024, target // width)) if width <= target else 1
-
-
-def _pow2_floor(n: int) -> int:
-    return 1 << (max(int(n), 1).bit_length() - 1)
-
-
-def _channel_blocks(D: int, G: int):
-    NG = D // G
-    return NG, _p2(G), _p2(NG)
-
-
-def _token_blocks(G: int, H: int, D: int, esize: int):
-    DP = _p2(D)
-    target = max(DP, (_TARGET_ELEMS * 2) // esize)
-    TB = min(_p2(G), max(1, _pow2_floor(target // DP)))
-    HB = min(_p2(H), max(1, _pow2_floor(target // (TB * DP))))
-    return DP, TB, HB
+def _rows_launch(T: int, H: int, L: int, NGP: int, GP: int, esize: int, cfg):
+    """Rows kernels: (grid, TB, HB, GC, warps). A thread holds ``row_elems`` elements of a row
+    (whole 16-byte vectors), so GP / row_elems lanes share a row and GC = lanes x vector; the
+    warps are capped so that they split rows only."""
+    vec = 16 // esize
+    lanes = max(1, GP // max(cfg["row_elems"], vec))
+    GC = min(GP, lanes * vec)
+    lanes = GC // vec if GC >= vec else 1
+    TB, HB = _row_tile(T, H, NGP * GP, cfg["elems"])
+    warps = max(1, min(cfg["warps"], (TB * HB * NGP * lanes) // 32))
+    return (triton.cdiv(T, TB), triton.cdiv(H, HB), L), TB, HB, GC, warps
 
 
 def _strides(t: torch.Tensor):
     return int(t.stride(0)), int(t.stride(1)), int(t.stride(2))
+
+
+def _q_token_launch(T: int, H: int, D: int, L: int, G: int, K: int, esize: int, cfg):
+    """int token quantize: (grid, DC, TA, TL, HB, VX, warps); see _q_int_token."""
+    VX = max(2 * K, 4 // esize)                   # channels per load: 2 code bytes, >= 4 bytes
+    GT = _p2(G)
+    TA = min(GT, max(1, cfg["thread_elems"] // VX))
+    TL = min(GT // TA, 4)                         # longer groups: two passes over TA*TL chunks
+    DC = min(_p2(D), (32 // TL) * VX)
+    # lanes left after the channels x TL tokens (small head_dim) and the warps go to the heads,
+    # never to the TA tokens (that would make the min/max a cross-warp reduction)
+    rest = max(1, 32 // ((DC // VX) * TL))
+    HB = min(_p2(H), cfg["warps"] * rest)
+    grid = (triton.cdiv(T, G), triton.cdiv(H, HB) * triton.cdiv(D, DC), L)
+    return grid, DC, TA, TL, HB, VX, max(1, HB // rest)
+
+
+def _token_strides(s_t: int, esize: int, G: int, H: int, D: int, K: int):
+    """(x/out token stride, codes token stride) as constexprs for the token-group kernels when a
+    group spans less than 1 MiB (immediate load/store offsets), else 0 (run-time strides)."""
+    small = lambda s, es: s if 0 < s * es * G < (1 << 20) else 0  # noqa: E731
+    return small(s_t, esize), small(H * D // K, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,74 +671,96 @@ def supports(t: torch.Tensor, fmt: QuantFormat) -> Optional[str]:
     return None
 
 
+def _layer_chunks(L: int):
+    """Layer ranges of at most 65535 (the grid's last dim is the layer)."""
+    return [slice(l0, min(L, l0 + _MAX_GRID_Z)) for l0 in range(0, L, _MAX_GRID_Z)]
+
+
 def quantize_into(x, fmt: QuantFormat, codes, scale, zero, compute_scale: bool = True) -> None:
     L, T, H, D = x.shape
-    R = L * T * H
-    if R == 0:
+    if L * T * H == 0:
+        return
+    if L > _MAX_GRID_Z:
+        for sl in _layer_chunks(L):
+            quantize_into(x[sl], fmt, codes[sl], scale[sl], None if zero is None else zero[sl], compute_scale)
         return
     s_l, s_t, s_h = _strides(x)
     es = x.element_size()
+    DP = _p2(D)
     if fmt.kind == "fp8":
         scope = _SCOPE[fmt.scope]
-        DP = _p2(D)
-        ROWS = _rows_for(DP, es)
         amax = scale  # placeholder pointer when unused
         if compute_scale and scope != 2:
+            cfg = CONFIG["amax_fp8"]
             amax = torch.zeros(scale.shape, dtype=torch.int32, device=x.device)
-            tDP, TB, HB = _token_blocks(1 << 30, H, D, es)
-            NTB = triton.cdiv(T, TB)
-            _fp8_amax[(L * NTB, triton.cdiv(H, HB))](
-                x, amax, T, H, NTB, s_l, s_t, s_h, D=D, DP=tDP, TB=TB, HB=HB, SCOPE=scope,
-                num_warps=_warps(TB * HB * tDP), **_LAUNCH)
-        _q_fp8[(triton.cdiv(R, ROWS),)](
-            x, codes, scale, amax, R, T, H, s_l, s_t, s_h, D=D, DP=DP, ROWS=ROWS, SCOPE=scope,
-            COMPUTE=bool(compute_scale), num_warps=_warps(ROWS * DP), **_LAUNCH)
+            TB, HB = _row_tile(T, H, DP, cfg["elems"])
+            _fp8_amax[(triton.cdiv(T, TB), triton.cdiv(H, HB), L)](
+                x, amax, T, H, s_l, s_t, s_h, D=D, DP=DP, TB=TB, HB=HB, SCOPE=scope,
+                num_warps=cfg["warps"], **_LAUNCH)
+        grid, TB, HB, GC, nw = _rows_launch(T, H, L, 1, DP, es, CONFIG["q_fp8"])
+        _q_fp8[grid](
+            x, codes, scale, amax, T, H, s_l, s_t, s_h, D=D, DP=DP, TB=TB, HB=HB, GC=GC,
+            CV=min(GC, 16 // es), SCOPE=scope, COMPUTE=bool(compute_scale), CLAMP=_INTERPRET,
+            num_warps=nw, **_LAUNCH)
         return
-    G = fmt.group_size
+    G, K = fmt.group_size, fmt.per_byte
     if fmt.axis == "channel":
-        NG, GP, _ = _channel_blocks(D, G)
-        RB = _rows_for(GP, es)
-        RG = R * NG
-        _q_int_channel[(triton.cdiv(RG, RB),)](
-            x, codes, scale, zero, RG, T, H, s_l, s_t, s_h, G=G, NG=NG, GP=GP,
-            BITS=fmt.bits, RB=RB, num_warps=_warps(RB * GP), **_LAUNCH)
+        NG = D // G
+        GP, NGP = _p2(G), _p2(NG)
+        grid, TB, HB, GC, nw = _rows_launch(T, H, L, NGP, GP, es, CONFIG["q_channel"])
+        _q_int_channel[grid](
+            x, codes, scale, zero, T, H, s_l, s_t, s_h, G=G, NG=NG, GP=GP, NGP=NGP,
+            BITS=fmt.bits, TB=TB, HB=HB, GC=GC, CV=max(1, min(GC, 16 // es) // K),
+            num_warps=nw, **_LAUNCH)
     else:
-        NGT = triton.cdiv(T, G)
-        # Measured on H100 (bf16 [32, 4096, 8, 128], G = 32): one warp per (layer, group, head)
-        # with short token chunks is fastest; cross-warp reductions over tokens were 3-5x slower.
-        DP = _p2(D)
-        TB = min(_p2(G), 16 if fmt.bits == 8 else 8)
-        HB = 1
-        nw = 1 if TB * DP <= 4096 else 2
-        _q_int_token[(L * NGT, triton.cdiv(H, HB))](
-            x, codes, scale, zero, T, H, NGT, s_l, s_t, s_h, D=D, DP=DP, G=G, TB=TB, HB=HB,
-            BITS=fmt.bits, num_warps=nw, **_LAUNCH)
+        grid, DC, TA, TL, HB, VX, nw = _q_token_launch(T, H, D, L, G, K, es, CONFIG["q_token"])
+        XS, CS = _token_strides(s_t, es, G, H, D, K)
+        _q_int_token[grid](
+            x, codes, scale, zero, T, H, s_l, s_t, s_h, D=D, DC=DC, G=G, TA=TA, TL=TL, HB=HB,
+            BITS=fmt.bits, VX=VX, XS=XS, CS=CS, num_warps=nw, **_LAUNCH)
 
 
 def dequantize_into(codes, scale, zero, fmt: QuantFormat, out) -> None:
     L, T, H, D = out.shape
-    R = L * T * H
-    if R == 0:
+    if L * T * H == 0:
+        return
+    if L > _MAX_GRID_Z:
+        for sl in _layer_chunks(L):
+            dequantize_into(codes[sl], scale[sl], None if zero is None else zero[sl], fmt, out[sl])
         return
     s_l, s_t, s_h = _strides(out)
     es = out.element_size()
+    DP = _p2(D)
     if fmt.kind == "fp8":
-        DP = _p2(D)
-        ROWS = _rows_for(DP, es)
-        _dq_fp8[(triton.cdiv(R, ROWS),)](
-            codes, scale, out, R, T, H, s_l, s_t, s_h, D=D, DP=DP, ROWS=ROWS,
-            SCOPE=_SCOPE[fmt.scope], num_warps=_warps(ROWS * DP), **_LAUNCH)
+        grid, TB, HB, GC, nw = _rows_launch(T, H, L, 1, DP, es, CONFIG["dq_fp8"])
+        _dq_fp8[grid](
+            codes, scale, out, T, H, s_l, s_t, s_h, D=D, DP=DP, TB=TB, HB=HB, GC=GC,
+            SCOPE=_SCOPE[fmt.scope], CV=min(GC, 16 // es), num_warps=nw, **_LAUNCH)
         return
-    G = fmt.group_size
-    if fmt.axis == "channel":
-        NG, GP, NGP = _channel_blocks(D, G)
-        ROWS = _rows_for(GP * NGP, es)
-        _dq_int_channel[(triton.cdiv(R, ROWS),)](
+    G, K = fmt.group_size, fmt.per_byte
+    if fmt.axis == "channel" and fmt.bits < 8:
+        NG = D // G
+        GP, NGP = _p2(G), _p2(NG)
+        width = GP * NGP   # rows of ~16 KiB of output per program, as in the previous version
+        ROWS = max(1, min(1024, (16384 // es) // width)) if width <= 16384 // es else 1
+        R = L * T * H
+        _dq_int_channel_flat[(triton.cdiv(R, ROWS),)](
             codes, scale, zero, out, R, T, H, s_l, s_t, s_h, G=G, NG=NG, GP=GP, NGP=NGP,
-            BITS=fmt.bits, ROWS=ROWS, num_warps=_warps(ROWS * GP * NGP), **_LAUNCH)
+            BITS=fmt.bits, ROWS=ROWS, num_warps=8 if ROWS * width >= 4096 else 4, **_LAUNCH)
+    elif fmt.axis == "channel":
+        NG = D // G
+        GP, NGP = _p2(G), _p2(NG)
+        grid, TB, HB, GC, nw = _rows_launch(T, H, L, NGP, GP, es, CONFIG["dq_channel"])
+        _dq_int_channel[grid](
+            codes, scale, zero, out, T, H, s_l, s_t, s_h, G=G, NG=NG, GP=GP, NGP=NGP,
+            BITS=fmt.bits, TB=TB, HB=HB, GC=GC, CV=max(1, min(GC, 16 // es) // K),
+            num_warps=nw, **_LAUNCH)
     else:
-        NGT = triton.cdiv(T, G)
-        DP, TB, HB = _token_blocks(G, H, D, es)
-        _dq_int_token[(L * NGT, triton.cdiv(H, HB))](
-            codes, scale, zero, out, T, H, NGT, s_l, s_t, s_h, D=D, DP=DP, G=G, TB=TB, HB=HB,
-            BITS=fmt.bits, num_warps=_warps(TB * HB * DP), **_LAUNCH)
+        cfg = CONFIG["dq_token"]
+        TB = min(_p2(G), _pow2_floor(max(1, cfg["elems"] // DP)))
+        HB = min(_p2(H), _pow2_floor(max(1, cfg["elems"] // (TB * DP))))
+        OS, CS = _token_strides(s_t, es, G, H, D, K)
+        _dq_int_token[(triton.cdiv(T, G), triton.cdiv(H, HB), L)](
+            codes, scale, zero, out, T, H, s_l, s_t, s_h, D=D, DP=DP, G=G, TB=TB, HB=HB,
+            BITS=fmt.bits, CV=max(1, (16 // es) // K), OS=OS, CS=CS, num_warps=cfg["warps"],
+            **_LAUNCH)
