@@ -16,6 +16,8 @@ from kvkernels.quant import dequantize_op, quantize_op
 
 from ..ceiling import MixCeiling
 
+# output placements tried per row: byte offsets of the large output inside one allocation
+PLACEMENTS = (0, 3 << 20, 37 << 20)
 # (model, L, H, D); T varies
 MODELS = {"llama3-8b": (32, 8, 128), "smollm2-135m": (30, 3, 64)}
 GPU_SIZES = [("llama3-8b", 4096), ("llama3-8b", 32768), ("smollm2-135m", 4096)]
@@ -74,29 +76,41 @@ def run(args, timer, copy, info, op_names):
                     if why:
                         rows.append({**row, "status": f"refused: {why}"})
                         continue
-                    codes, scale, zero = _bufs(fmt, L, T, H, D, device)
-                    if not compute:
-                        scale.copy_(scale_ref)
-                    out = torch.empty_like(x)
-                    # arguments bound now (no late-binding closure over the loop's buffers)
-                    if op == "quantize":
-                        fn = functools.partial(quantize_op, x, spec, codes, scale, zero, compute, backend)
-                    else:
-                        fn = functools.partial(dequantize_op, codes_ref, scale_ref, zero_ref, spec, out, backend)
-                    fn()  # reference check before timing
-                    if op == "quantize":
-                        ok = torch.equal(codes, codes_ref) and torch.equal(scale, scale_ref)
-                    else:
-                        ok = (out.float() - out_ref.float()).abs().max().item() <= 2**-7 * out_ref.abs().max().item()
-                    t = timer(fn)
+                    # The op's large output at three placements (offsets in one allocation); the
+                    # row reports the best, like the copy baseline, and keeps every placement's
+                    # time: on an H200 the same dequantize ran at 84% or 93% of copy depending
+                    # only on where its output buffer sat (scripts/placement.py).
+                    times, ok = [], True
+                    for shift in PLACEMENTS:
+                        codes, scale, zero = _bufs(fmt, L, T, H, D, device)
+                        if not compute:
+                            scale.copy_(scale_ref)
+                        big = torch.empty((codes.numel() if op == "quantize" else 2 * n) + shift,
+                                          dtype=torch.uint8, device=device)
+                        if op == "quantize":
+                            codes = big[shift:].view(codes.shape)
+                            fn = functools.partial(quantize_op, x, spec, codes, scale, zero, compute, backend)
+                        else:
+                            out = big[shift:].view(torch.bfloat16).view(x.shape)
+                            fn = functools.partial(dequantize_op, codes_ref, scale_ref, zero_ref, spec, out, backend)
+                        fn()  # reference check before timing
+                        if op == "quantize":
+                            ok = ok and torch.equal(codes, codes_ref) and torch.equal(scale, scale_ref)
+                        else:
+                            ok = ok and (out.float() - out_ref.float()).abs().max().item() <= 2**-7 * out_ref.abs().max().item()
+                        times.append(timer(fn))
+                        del codes, scale, zero, big, fn
+                        if device != "cuda":
+                            break
+                    t = min(times, key=lambda v: v["median_us"])
                     gbps = nbytes[op] / t["median_us"] / 1e3
                     cgbps = copy.gbps(nbytes[op])
                     mgbps = mix.gbps(*rw[op])
                     rows.append({**row, **t, "GBps": gbps, "copy_GBps": cgbps, "pct_copy": 100 * gbps / cgbps,
+                                 "median_us_placements": [v["median_us"] for v in times],
                                  "copy_GBps_placements": copy.detail.get(max(nbytes[op] // 2, 1)),
                                  "mix_GBps": mgbps, "pct_mix": 100 * gbps / mgbps if mgbps else None,
                                  "check": "ok" if ok else "MISMATCH", "status": "ran"})
-                    del codes, scale, zero, out
                     print(_fmt_row(rows[-1]), flush=True)
             del codes_ref, scale_ref, zero_ref, out_ref
         del x
