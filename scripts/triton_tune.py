@@ -7,7 +7,7 @@
 For the bench shape (bf16 Llama-3-8B K cache [32, T, 8, 128], random data) and each kernel's
 candidate entries of ``kvkernels.triton_kernels.quant.CONFIG`` (``SWEEP`` below): run the op,
 check it against the torch reference (codes/scales/zeros and dequantized values bit for bit),
-then time it (CUDA events, L2 flushed by a read before each rep, median) and print the % of a
+then time it (bench/harness.py: CUDA events around a graph replay, L2 flushed, median) and print the % of a
 device-to-device copy of the same bytes (read + written) measured in the same run.
 ``--baseline`` also times another copy of the module (e.g. the previous version, with its own
 defaults). Stops sweeping after ``--budget`` seconds (compiles dominate) and prints the best
@@ -21,12 +21,12 @@ import argparse
 import importlib.util
 import itertools
 import json
-import statistics
 import sys
 import time
 
 import torch
 
+from bench.harness import CopyBaseline, Timer
 from kvkernels.formats import QuantFormat
 from kvkernels.reference import quant as ref
 from kvkernels.triton_kernels import quant as tq
@@ -59,41 +59,18 @@ SWEEP = {
 
 
 class Bench:
+    """Timing and the copy baseline of the bench CLI (bench/harness.py): events around a graph
+    replay, L2 flushed by a read, best-of-three-placement copy."""
+
     def __init__(self, reps: int, device: str):
-        self.reps, self.device = reps, device
-        if device == "cuda":
-            # flush the L2 by reading 2x its size (as bench/harness.py: a zero-fill would leave
-            # dirty lines whose write-back lands in the timed region)
-            l2 = torch.cuda.get_device_properties(0).L2_cache_size
-            self.flush = torch.ones(max(2 * l2, 64 << 20) // 4, dtype=torch.int32, device="cuda")
-            self.sink = torch.zeros((), dtype=torch.int64, device="cuda")
-        self.copy = {}
+        self.timer = Timer(device, warmup=3, reps=reps)
+        self.copy = CopyBaseline(self.timer)
 
     def time_us(self, fn) -> float:
-        if self.device != "cuda":  # smoke test of this script (TRITON_INTERPRET=1): one timed call
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1e6
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        ev = [tuple(torch.cuda.Event(enable_timing=True) for _ in range(2)) for _ in range(self.reps)]
-        for s, e in ev:
-            torch.sum(self.flush, dim=0, out=self.sink)
-            s.record()
-            fn()
-            e.record()
-        torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) for s, e in ev) * 1e3
+        return self.timer(fn)["median_us"]
 
     def copy_gbps(self, nbytes: int) -> float:
-        n = nbytes // 2
-        if n not in self.copy:
-            src = torch.randint(0, 255, (n,), dtype=torch.uint8, device=self.device)
-            dst = torch.empty_like(src)
-            self.copy[n] = 2 * n / self.time_us(lambda: dst.copy_(src)) / 1e3
-            del src, dst
-        return self.copy[n]
+        return self.copy.gbps(nbytes)
 
 
 class Case:

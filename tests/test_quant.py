@@ -110,6 +110,23 @@ def check_close(out, want, dtype):
     assert diff <= tol, f"max |diff| {diff} > {tol}"
 
 
+def quantize_vs_reference(x, fmt, backend):
+    """Quantize with ``backend`` and the reference; scales and zero points must be identical.
+    Returns both (codes, scale, zero) triples."""
+    got = run_quantize(x, fmt, backend)
+    want = run_quantize(x, fmt, "torch")
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+    if got[2] is not None:
+        torch.testing.assert_close(got[2], want[2], rtol=0, atol=0)
+    return got, want
+
+
+def dequantize_vs_reference(codes, scale, zero, fmt, shape, dtype, backend, layout):
+    out = run_dequantize(codes, scale, zero, fmt, shape, dtype, backend, layout)
+    want = run_dequantize(codes, scale, zero, fmt, shape, dtype, "torch")
+    check_close(out, want, dtype)
+
+
 def _cases():
     # every format x every dtype; shapes and layouts rotate so each meets every format
     for i, (f, d) in enumerate(itertools.product(FORMATS, DTYPES)):
@@ -132,11 +149,7 @@ def test_quantize_matches_reference(backend, spec, dtype, shape, layout):
     why = _runnable(backend, x, fmt)
     if why:
         pytest.skip(f"{backend}: {why}")
-    codes, scale, zero = run_quantize(x, fmt, backend)
-    rcodes, rscale, rzero = run_quantize(x, fmt, "torch")
-    torch.testing.assert_close(scale, rscale, rtol=0, atol=0)
-    if zero is not None:
-        torch.testing.assert_close(zero, rzero, rtol=0, atol=0)
+    (codes, scale, zero), (rcodes, rscale, rzero) = quantize_vs_reference(x, fmt, backend)
     if fmt.kind == "fp8" and INTERP:
         # the interpreter rounds fp8 casts wrongly: codes within one e4m3 step, checked by decode
         y = ref.dequantize_float64(codes, scale, zero, fmt, x.shape)
@@ -149,9 +162,7 @@ def test_quantize_matches_reference(backend, spec, dtype, shape, layout):
         assert torch.equal(codes, rcodes), f"{int((codes != rcodes).sum())} codes differ from the reference"
     check_decoded_vs_input(x, rcodes, rscale, rzero, fmt)
     # dequantize: backend vs reference on the reference's codes, into a strided output
-    out = run_dequantize(rcodes, rscale, rzero, fmt, shape, dtype, backend, layout)
-    want = run_dequantize(rcodes, rscale, rzero, fmt, shape, dtype, "torch")
-    check_close(out, want, dtype)
+    dequantize_vs_reference(rcodes, rscale, rzero, fmt, shape, dtype, backend, layout)
 
 
 PATH_FORMATS = ["int8:g64:channel", "int8:g8:channel", "int4:g32:channel", "int4:g128:channel", "int4:g16:channel",
@@ -177,15 +188,9 @@ def test_kernel_paths_exact(backend, spec, dtype, layout):
     why = _runnable(backend, x, fmt)
     if why:
         pytest.skip(f"{backend}: {why}")
-    codes, scale, zero = run_quantize(x, fmt, backend)
-    rcodes, rscale, rzero = run_quantize(x, fmt, "torch")
-    torch.testing.assert_close(scale, rscale, rtol=0, atol=0)
-    if zero is not None:
-        torch.testing.assert_close(zero, rzero, rtol=0, atol=0)
+    (codes, _, _), (rcodes, rscale, rzero) = quantize_vs_reference(x, fmt, backend)
     assert torch.equal(codes, rcodes), f"{int((codes != rcodes).sum())} codes differ from the reference"
-    out = run_dequantize(rcodes, rscale, rzero, fmt, shape, dtype, backend, layout)
-    want = run_dequantize(rcodes, rscale, rzero, fmt, shape, dtype, "torch")
-    check_close(out, want, dtype)
+    dequantize_vs_reference(rcodes, rscale, rzero, fmt, shape, dtype, backend, layout)
 
 
 @pytest.mark.parametrize("spec", FORMATS)
