@@ -1,6 +1,16 @@
 // quant.cu -- KV quantize / dequantize kernels and their launchers (see quant.h, docs/quant-spec.md).
 //
-// Kernel families (E = elements per thread-vector: 16 bytes of input when D and G allow it,
+// Kernel families. The common case (head_dim % 32 == 0, 16-byte-aligned rows and buffers, group
+// sizes dividing or divisible by 32) takes the fast paths; the general kernels below them take
+// everything else (misaligned views, head_dim 80/96 with odd groups, tiny groups):
+//
+//  * quant_chunk_kernel -- fast channel-group / fp8-row quantize: a thread owns 32 channels of a
+//    row; groups > 32 (and fp8 rows) span G/32 lanes. dequant_vec_kernel -- fast dequantize:
+//    kItems 16-byte output vectors per thread, linear addressing for dense rows.
+//  * quant_tok_split_kernel -- fast token-group quantize for 17..32-token groups: the group's
+//    tokens split over two lanes that combine min / max with one shuffle.
+//
+// General kernels (E = elements per thread-vector: 16 bytes of input when D and G allow it,
 // i.e. 8 for fp16/bf16 and 4 for fp32, else 8/bits so that a vector packs into whole bytes):
 //
 //  * quant_rows_kernel  -- groups along the channel dim: int `channel` groups and fp8 (one row of
