@@ -6,6 +6,7 @@ device-to-device copy of the same number of bytes, measured in the same run.
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import statistics
 import time
@@ -15,7 +16,8 @@ import torch
 
 
 def env_info(device: str) -> Dict[str, str]:
-    info = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "python": platform.python_version()}
+    info = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "python": platform.python_version(),
+            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}
     try:
         import triton
 

@@ -127,6 +127,20 @@ def dequantize_vs_reference(codes, scale, zero, fmt, shape, dtype, backend, layo
     check_close(out, want, dtype)
 
 
+def assert_codes_match(codes, rcodes, rscale, rzero, fmt, shape):
+    """Codes identical to the reference's, except fp8 under the Triton interpreter, which rounds
+    fp8 casts wrongly: there, codes within one e4m3 step (checked by decoding both), or exactly
+    half the value (the interpreter drops the carry when rounding up across a binade)."""
+    if fmt.kind == "fp8" and INTERP:
+        y = ref.dequantize_float64(codes, rscale, rzero, fmt, shape)
+        yr = ref.dequantize_float64(rcodes, rscale, rzero, fmt, shape)
+        s = ref._fp8_broadcast(rscale.double(), fmt.scope).expand_as(y)
+        near = (y - yr).abs() <= torch.maximum(yr.abs() * 2 * FP8_REL, s * 2 * FP8_SUBNORMAL_ABS)
+        assert (near | (y == yr / 2)).all()
+    else:
+        assert torch.equal(codes, rcodes), f"{int((codes != rcodes).sum())} codes differ from the reference"
+
+
 def _cases():
     # every format x every dtype; shapes and layouts rotate so each meets every format
     for i, (f, d) in enumerate(itertools.product(FORMATS, DTYPES)):
@@ -150,16 +164,7 @@ def test_quantize_matches_reference(backend, spec, dtype, shape, layout):
     if why:
         pytest.skip(f"{backend}: {why}")
     (codes, scale, zero), (rcodes, rscale, rzero) = quantize_vs_reference(x, fmt, backend)
-    if fmt.kind == "fp8" and INTERP:
-        # the interpreter rounds fp8 casts wrongly: codes within one e4m3 step, checked by decode
-        y = ref.dequantize_float64(codes, scale, zero, fmt, x.shape)
-        yr = ref.dequantize_float64(rcodes, rscale, rzero, fmt, x.shape)
-        s = ref._fp8_broadcast(rscale.double(), fmt.scope).expand_as(y)
-        near = (y - yr).abs() <= torch.maximum(yr.abs() * 2 * FP8_REL, s * 2 * FP8_SUBNORMAL_ABS)
-        # the interpreter drops the carry when rounding up across a binade: exactly half the value
-        assert (near | (y == yr / 2)).all()
-    else:
-        assert torch.equal(codes, rcodes), f"{int((codes != rcodes).sum())} codes differ from the reference"
+    assert_codes_match(codes, rcodes, rscale, rzero, fmt, x.shape)
     check_decoded_vs_input(x, rcodes, rscale, rzero, fmt)
     # dequantize: backend vs reference on the reference's codes, into a strided output
     dequantize_vs_reference(rcodes, rscale, rzero, fmt, shape, dtype, backend, layout)
@@ -334,3 +339,25 @@ def test_large_offsets_cuda_triton():
         c, s, z = run_quantize(x, fmt, backend)
         assert torch.equal(c[:, -64:], rc[:, -64:]) and torch.equal(s, rs)
         del c, s, z
+
+
+@pytest.mark.parametrize("one_pass", ["1", "0"])
+@pytest.mark.parametrize("layout", ["contiguous", "token_strided", "misaligned"])
+@pytest.mark.parametrize("spec", ["fp8:tensor", "fp8:head"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_fp8_computed_scale_paths(backend, spec, layout, one_pass, monkeypatch):
+    """fp8 tensor/head scales computed in one launch (each layer's amax tiles, then its quantize
+    tiles waiting on them) and in two passes: both bit-identical to the reference, over several
+    layers and tiles per layer, with the largest |x| placed in different layers and heads."""
+    monkeypatch.setenv("KVKERNELS_FP8_ONE_PASS", one_pass)
+    fmt = QuantFormat.parse(spec)
+    shape = (5, 300, 8, 128) if ON_GPU else (3, 21, 3, 64)
+    x = make_x(shape, torch.bfloat16, layout)
+    x[1, -1, 2, 5] = 900.0
+    x[-2, 0, 0, 0] = -1e3
+    x[-1] *= 1e-3
+    why = _runnable(backend, x, fmt)
+    if why:
+        pytest.skip(f"{backend}: {why}")
+    (codes, _, _), (rcodes, rscale, rzero) = quantize_vs_reference(x, fmt, backend)
+    assert_codes_match(codes, rcodes, rscale, rzero, fmt, x.shape)
