@@ -69,6 +69,11 @@ template <typename Tr, int E, int MODE>
 constexpr bool valid_tok_vec() {
   return MODE != 0 && (E == tok_vec(Tr::kSize, MODE) || E == codes_per_byte(MODE));
 }
+// Token dequantize: 16 bytes of output per thread-vector when D allows (else as quantize).
+template <typename Tr, int E, int MODE>
+constexpr bool valid_dq_tok_vec() {
+  return valid_tok_vec<Tr, E, MODE>() || (MODE != 0 && E == 16 / Tr::kSize);
+}
 
 // ================================================================================================
 // Channel groups / fp8 rows: quantize
@@ -843,7 +848,7 @@ __global__ void fp8_finalize_kernel(float* __restrict__ scale, uint32_t n) {
 // The scale of a layer (tensor) or of a (layer, head) needs the amax of the whole layer before
 // its first code can be written, so x is read twice; this kernel makes the second read an L2 hit.
 // Work items ("tiles" of kBlock * NCH chunks of 32 channels of one layer) come in the order
-//   A(0) | A(1) B(0) | A(2) B(1) | ... | B(L-1)
+//   A(0) | A(1) B(0) | A(2) B(1) | ... | B(L-1)      (lag 1; lag k starts with A(0) .. A(k-1))
 // where A(l) tiles reduce |x| of layer l into amax[l] (atomicMax on the float bits) and count
 // themselves in done[l], and B(l) tiles wait for done[l] == tiles, then quantize layer l again
 // from what A(l) left in L2 (a layer earlier: two layers must fit in L2, which the launcher's
@@ -862,8 +867,9 @@ struct Fp8PassArgs {
   uint32_t L, H, NS;     // NS: scale entries per layer (1 tensor, H head)
   uint32_t n;            // chunks per layer: T * H * (D / 32)
   uint32_t tiles;        // tiles per layer
+  uint32_t lag;          // B(l) comes after A(l + lag) (1 <= lag <= L)
   int logP;              // lanes reduced together in A: 5 (tensor) or log2(D / 32) (head: one row)
-  FastDiv divPR, divH, divT, div2tiles;
+  FastDiv divPR, divH, divTiles, div2tiles;
 };
 
 __device__ __forceinline__ uint32_t ld_acquire_u32(const uint32_t* p) {
@@ -882,18 +888,25 @@ __global__ void __launch_bounds__(kBlock) quant_fp8_pass_kernel(const Fp8PassArg
   const uint32_t tid = threadIdx.x;
   if (tid == 0) s_item = atomicAdd(a.work, 1u);
   __syncthreads();
-  // item -> (phase, layer, tile): A(0) first, then pairs of steps, then B(L-1)
+  // item -> (phase, layer, tile): A(0 .. lag-1), then steps [A(k + lag) | B(k)], then the last
+  // lag layers' B tiles
   const uint32_t item = s_item;
+  const uint32_t head = a.lag * a.tiles, pairs = (a.L - a.lag) * 2 * a.tiles;
   bool phase_b;
   uint32_t l, tile;
-  if (item < a.tiles) {
-    phase_b = false; l = 0; tile = item;
-  } else {
+  if (item < head) {
+    phase_b = false;
+    a.divTiles.divmod(item, l, tile);
+  } else if (item - head < pairs) {
     uint32_t k, r;
-    a.div2tiles.divmod(item - a.tiles, k, r);  // step k + 1
-    phase_b = r >= a.tiles || k + 1 == a.L;
-    tile = r >= a.tiles ? r - a.tiles : r;
-    l = phase_b ? k : k + 1;
+    a.div2tiles.divmod(item - head, k, r);
+    phase_b = r >= a.tiles;
+    tile = phase_b ? r - a.tiles : r;
+    l = phase_b ? k : k + a.lag;
+  } else {
+    phase_b = true;
+    a.divTiles.divmod(item - head - pairs, l, tile);
+    l += a.L - a.lag;
   }
   if (phase_b) {
     if (tid == 0) {
@@ -1328,7 +1341,8 @@ cudaError_t launch_tok(bool quant, const void* x, void* out, int dt, int64_t L, 
                        int64_t sL, int64_t sT, int64_t sH, uint8_t* codes, float* scale, float* zero, int bits,
                        int64_t G, cudaStream_t stream) {
   const int sz = dtype_size(dt), emax = tok_vec(sz, bits), k = codes_per_byte(bits);
-  const int E = D % emax == 0 ? emax : k;  // D % k == 0 is checked by the caller
+  // D % k == 0 is checked by the caller. Dequantize stores 16-byte vectors where D allows.
+  const int E = !quant && D % (16 / sz) == 0 ? 16 / sz : D % emax == 0 ? emax : k;
   const int NB = E * bits / 8;
   const int64_t Dp = D * bits / 8, C = D / E, NTG = (T + G - 1) / G;
   const int64_t Lc = layers_per_launch(L, std::max(NTG * H * C, T * H));
@@ -1362,13 +1376,15 @@ cudaError_t launch_tok(bool quant, const void* x, void* out, int dt, int64_t L, 
         constexpr int EC = decltype(ec)::value;
         return with_mode(bits, [&](auto mc) -> cudaError_t {
           constexpr int MC = decltype(mc)::value;
-          if constexpr (valid_tok_vec<Tr, EC, MC>()) {
+          if constexpr (valid_dq_tok_vec<Tr, EC, MC>()) {
             // alignment is a template flag: a run-time flag made the compiler merge the vector and
             // scalar load paths through one register, serializing the 32 loads (measured: 25% of copy)
             return with_bool(a.x_aligned && a.c_aligned && a.s_aligned, [&](auto alc) -> cudaError_t {
               constexpr bool AL = decltype(alc)::value;
               if (!quant) {
                 dequant_tok_kernel<Tr, EC, MC, AL><<<ceil_div_u32(a.n, kBlock), kBlock, 0, stream>>>(a);
+              } else if constexpr (!valid_tok_vec<Tr, EC, MC>()) {
+                return cudaErrorNotSupported;  // unreachable: quantize never picks a 16-byte vector
               } else if (reg) {
                 if constexpr (EC == tok_vec(Tr::kSize, MC)) {
                   if (AL && G > kTokReg / 2 && !split_off)
@@ -1451,9 +1467,14 @@ cudaError_t launch_fp8_pass(const void* x, int dt, int64_t L, int64_t T, int64_t
     return cudaErrorNotSupported;
   linear = (H == 1 || sH == D) && (T == 1 || sT == H * D);  // dense within a layer is enough
   const int64_t CPR = D / kCh, n = T * H * CPR;
+  // developer A/B (perf notes): chunks per thread per tile, and the lag of B(l) behind A(l)
   static const int nch = [] {
-    const char* v = std::getenv("KVK_FP8_NCH");  // developer A/B: chunks per thread per tile
-    return v && v[0] == '1' ? 1 : 2;
+    const char* v = std::getenv("KVK_FP8_NCH");
+    return v && (v[0] == '1' || v[0] == '4') ? v[0] - '0' : 2;
+  }();
+  static const int lag_env = [] {
+    const char* v = std::getenv("KVK_FP8_LAG");
+    return v && v[0] >= '1' && v[0] <= '4' ? v[0] - '0' : 1;
   }();
   const int64_t per_tile = int64_t(kBlock) * nch;
   const int64_t tiles = (n + per_tile - 1) / per_tile;
@@ -1475,7 +1496,8 @@ cudaError_t launch_fp8_pass(const void* x, int dt, int64_t L, int64_t T, int64_t
   a.logP = scope == 0 ? 5 : ilog2(CPR);
   a.divPR = FastDiv(uint32_t(CPR));
   a.divH = FastDiv(uint32_t(H));
-  a.divT = FastDiv(uint32_t(T));
+  a.lag = uint32_t(std::min<int64_t>(lag_env, L));
+  a.divTiles = FastDiv(uint32_t(tiles));
   a.div2tiles = FastDiv(uint32_t(2 * tiles));
   const uint32_t blocks = uint32_t(2 * L * tiles);
   return with_dtype(dt, [&](auto tr) {
@@ -1483,6 +1505,7 @@ cudaError_t launch_fp8_pass(const void* x, int dt, int64_t L, int64_t T, int64_t
     return with_bool(linear, [&](auto lin) -> cudaError_t {
       constexpr bool LIN = decltype(lin)::value;
       if (nch == 1) quant_fp8_pass_kernel<Tr, LIN, 1><<<blocks, kBlock, 0, stream>>>(a);
+      else if (nch == 4) quant_fp8_pass_kernel<Tr, LIN, 4><<<blocks, kBlock, 0, stream>>>(a);
       else quant_fp8_pass_kernel<Tr, LIN, 2><<<blocks, kBlock, 0, stream>>>(a);
       return cudaGetLastError();
     });

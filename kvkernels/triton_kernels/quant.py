@@ -90,7 +90,7 @@ CONFIG = {
     "q_fp8": dict(elems=8192, warps=8, row_elems=16),
     "dq_fp8": dict(elems=16384, warps=4, row_elems=8),
     "amax_fp8": dict(elems=8192, warps=8),
-    "q_fp8_pass": dict(elems=16384, warps=8),   # fp8 tensor/head one-pass: tile = TB tokens x all heads
+    "q_fp8_pass": dict(elems=16384, warps=8, lag=1),   # fp8 tensor/head one-pass: tile = TB tokens x all heads
     # token groups: x elements per thread, warps (= heads per program)
     "q_token": dict(thread_elems=128, warps=2),
     "dq_token": dict(elems=16384, warps=4),
@@ -573,23 +573,29 @@ def _q_fp8(x_ptr, codes_ptr, scale_ptr, amax_ptr, T, H, s_l, s_t, s_h,
 
 
 @triton.jit
-def _q_fp8_pass(x_ptr, codes_ptr, scale_ptr, work_ptr, amax_ptr, L, T, H, s_l, s_t, s_h, TILES,
+def _q_fp8_pass(x_ptr, codes_ptr, scale_ptr, work_ptr, amax_ptr, L, T, H, s_l, s_t, s_h, TILES, LAG,
                 D: tl.constexpr, DP: tl.constexpr, TB: tl.constexpr, HP: tl.constexpr,
                 SCOPE: tl.constexpr, CLAMP: tl.constexpr):
     """fp8 tensor/head scopes with computed scales in one launch (the CUDA kernel's scheme,
-    csrc/quant.cu quant_fp8_pass_kernel): items A(0) | A(1) B(0) | ... | B(L-1) taken from a
-    ticket; A(l) tiles reduce |x| of layer l into amax and count themselves in done[l]; B(l)
-    tiles wait for done[l] == TILES and quantize layer l again, from L2. A tile is TB tokens x
-    all heads. work: int32 [2 + L] (ticket, -, done[L]); amax: int32 [L * (1 or H)] float bits;
-    both zeroed."""
+    csrc/quant.cu quant_fp8_pass_kernel): items A(0..LAG-1) | A(LAG) B(0) | ... | B(L-1) taken
+    from a ticket; A(l) tiles reduce |x| of layer l into amax and count themselves in done[l];
+    B(l) tiles wait for done[l] == TILES and quantize layer l again, from L2. A tile is TB
+    tokens x all heads. work: int32 [2 + L] (ticket, -, done[L]); amax: int32 [L * (1 or H)]
+    float bits; both zeroed."""
     FMAX: tl.constexpr = 448.0
     item = tl.atomic_add(work_ptr, 1)
-    j = tl.maximum(item - TILES, 0)
+    head = LAG * TILES
+    pairs = (L - LAG) * 2 * TILES
+    j = tl.maximum(item - head, 0)
     k = j // (2 * TILES)
     r = j - k * (2 * TILES)
-    phase_b = (item >= TILES) & ((r >= TILES) | (k + 1 == L))
-    tile = tl.where(item < TILES, item, tl.where(r >= TILES, r - TILES, r))
-    l = tl.where(item < TILES, 0, tl.where(phase_b, k, k + 1))
+    j2 = tl.maximum(item - head - pairs, 0)
+    in_pairs = (item >= head) & (item < head + pairs)
+    phase_b = (item >= head + pairs) | (in_pairs & (r >= TILES))
+    tile = tl.where(item < head, item % TILES,
+                    tl.where(in_pairs, tl.where(r >= TILES, r - TILES, r), j2 % TILES))
+    l = tl.where(item < head, item // TILES,
+                 tl.where(in_pairs, tl.where(r >= TILES, k, k + LAG), L - LAG + j2 // TILES))
     t = tile * TB + tl.arange(0, TB)
     h = tl.arange(0, HP)
     hmask = h < H
@@ -766,7 +772,8 @@ def quantize_into(x, fmt: QuantFormat, codes, scale, zero, compute_scale: bool =
             tiles = triton.cdiv(T, TB)
             work = torch.zeros(2 + L + L * (1 if scope == 0 else H), dtype=torch.int32, device=x.device)
             _q_fp8_pass[(2 * L * tiles,)](
-                x, codes, scale, work, work[2 + L:], L, T, H, s_l, s_t, s_h, tiles, D=D, DP=DP, TB=TB,
+                x, codes, scale, work, work[2 + L:], L, T, H, s_l, s_t, s_h, tiles, min(cfg["lag"], L),
+                D=D, DP=DP, TB=TB,
                 HP=HP, SCOPE=scope, CLAMP=_INTERPRET, num_warps=cfg["warps"], **_LAUNCH)
             return
         if compute_scale and scope != 2:
