@@ -27,8 +27,6 @@
 //    two passes over them, the second from cache).
 //  * amax_kernel + fp8_finalize_kernel -- fp8 tensor/head scopes with computed scales: block
 //    reduction, atomicMax on the bits of non-negative floats, then s = amax / 448 (0 -> 1).
-//    With a workspace and dense aligned rows, quant_fp8_pass_kernel does both in one launch
-//    instead, re-reading each layer from L2 rather than HBM.
 //
 // Index math: per-launch row/vector counts are < 2^31 (the launchers split L to guarantee it),
 // so decompositions use 32-bit magic-number division; element offsets are int64.
@@ -68,11 +66,6 @@ constexpr int tok_vec(int size, int mode) { return 8 / size > codes_per_byte(mod
 template <typename Tr, int E, int MODE>
 constexpr bool valid_tok_vec() {
   return MODE != 0 && (E == tok_vec(Tr::kSize, MODE) || E == codes_per_byte(MODE));
-}
-// Token dequantize: 16 bytes of output per thread-vector when D allows (else as quantize).
-template <typename Tr, int E, int MODE>
-constexpr bool valid_dq_tok_vec() {
-  return valid_tok_vec<Tr, E, MODE>() || (MODE != 0 && E == 16 / Tr::kSize);
 }
 
 // ================================================================================================
@@ -843,157 +836,6 @@ __global__ void fp8_finalize_kernel(float* __restrict__ scale, uint32_t n) {
 }
 
 // ================================================================================================
-// fp8 tensor / head scopes with computed scales in ONE pass over HBM: quant_fp8_pass_kernel
-// ================================================================================================
-// The scale of a layer (tensor) or of a (layer, head) needs the amax of the whole layer before
-// its first code can be written, so x is read twice; this kernel makes the second read an L2 hit.
-// Work items ("tiles" of kBlock * NCH chunks of 32 channels of one layer) come in the order
-//   A(0) | A(1) B(0) | A(2) B(1) | ... | B(L-1)      (lag 1; lag k starts with A(0) .. A(k-1))
-// where A(l) tiles reduce |x| of layer l into amax[l] (atomicMax on the float bits) and count
-// themselves in done[l], and B(l) tiles wait for done[l] == tiles, then quantize layer l again
-// from what A(l) left in L2 (a layer earlier: two layers must fit in L2, which the launcher's
-// caller checks). Blocks take items from a ticket counter, so an item's dependencies were always
-// taken earlier by a block that is already running: no deadlock, whatever the grid order.
-// workspace: uint32 [2 + L] (ticket, -, done[L]) then float [L * NS] (amax), zeroed per launch.
-constexpr int kPassMaxHeads = 1024;  // head scope: amax per head in shared memory
-
-struct Fp8PassArgs {
-  const void* x;         // [L, T, H, D], rows dense and 16-byte aligned
-  int64_t sL, sT, sH;
-  uint8_t* codes;        // [L, T, H, D]
-  float* scale;          // [L * NS]
-  uint32_t* work;        // ticket + done[L]
-  float* amax;           // [L * NS]
-  uint32_t L, H, NS;     // NS: scale entries per layer (1 tensor, H head)
-  uint32_t n;            // chunks per layer: T * H * (D / 32)
-  uint32_t tiles;        // tiles per layer
-  uint32_t lag;          // B(l) comes after A(l + lag) (1 <= lag <= L)
-  int logP;              // lanes reduced together in A: 5 (tensor) or log2(D / 32) (head: one row)
-  FastDiv divPR, divH, divTiles, div2tiles;
-};
-
-__device__ __forceinline__ uint32_t ld_acquire_u32(const uint32_t* p) {
-  uint32_t v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-template <typename Tr, bool LINEAR, int NCH>
-__global__ void __launch_bounds__(kBlock) quant_fp8_pass_kernel(const Fp8PassArgs a) {
-  using S = typename Tr::storage;
-  using W = typename Vec<Tr, 16 / Tr::kSize>::Word;
-  constexpr int VE = 16 / Tr::kSize, NV = kCh / VE;
-  __shared__ uint32_t s_item;
-  __shared__ float s_m[kPassMaxHeads];
-  const uint32_t tid = threadIdx.x;
-  if (tid == 0) s_item = atomicAdd(a.work, 1u);
-  __syncthreads();
-  // item -> (phase, layer, tile): A(0 .. lag-1), then steps [A(k + lag) | B(k)], then the last
-  // lag layers' B tiles
-  const uint32_t item = s_item;
-  const uint32_t head = a.lag * a.tiles, pairs = (a.L - a.lag) * 2 * a.tiles;
-  bool phase_b;
-  uint32_t l, tile;
-  if (item < head) {
-    phase_b = false;
-    a.divTiles.divmod(item, l, tile);
-  } else if (item - head < pairs) {
-    uint32_t k, r;
-    a.div2tiles.divmod(item - head, k, r);
-    phase_b = r >= a.tiles;
-    tile = phase_b ? r - a.tiles : r;
-    l = phase_b ? k : k + a.lag;
-  } else {
-    phase_b = true;
-    a.divTiles.divmod(item - head - pairs, l, tile);
-    l += a.L - a.lag;
-  }
-  if (phase_b) {
-    if (tid == 0) {
-      while (ld_acquire_u32(a.work + 2 + l) < a.tiles) __nanosleep(100);
-    }
-    __syncthreads();
-    for (uint32_t k = tid; k < a.NS; k += kBlock) {
-      const float sc = fp8_scale_from_amax(__ldcg(a.amax + l * a.NS + k));
-      s_m[k] = sc;
-      if (tile == 0) a.scale[l * a.NS + k] = sc;
-    }
-  } else {
-    for (uint32_t k = tid; k < a.NS; k += kBlock) s_m[k] = 0.f;
-  }
-  __syncthreads();
-
-  const S* xl = static_cast<const S*>(a.x) + int64_t(l) * a.sL;
-  uint32_t rows[NCH];
-  bool act[NCH];
-  Vec<Tr, VE> raw[NCH][NV];
-#pragma unroll
-  for (int i = 0; i < NCH; ++i) {
-    const uint32_t s = (tile * NCH + i) * kBlock + tid;  // chunk within the layer
-    act[i] = s < a.n;
-    const uint32_t si = act[i] ? s : a.n - 1;  // the tail re-reads a chunk of this layer
-    uint32_t c;
-    a.divPR.divmod(si, rows[i], c);
-    int64_t off;
-    if (LINEAR) {
-      off = int64_t(si) * kCh;
-    } else {
-      uint32_t t, h;
-      a.divH.divmod(rows[i], t, h);
-      off = int64_t(t) * a.sT + int64_t(h) * a.sH + int64_t(c) * kCh;
-    }
-    const W* xp = reinterpret_cast<const W*>(xl + off);
-#pragma unroll
-    for (int v = 0; v < NV; ++v) raw[i][v].w = __ldg(xp + v);
-  }
-  if (!phase_b) {
-    const int P = 1 << a.logP;
-#pragma unroll
-    for (int i = 0; i < NCH; ++i) {
-      float m = 0.f;
-#pragma unroll
-      for (int v = 0; v < NV; ++v)
-#pragma unroll
-        for (int j = 0; j < VE; ++j) m = max_nan(m, fabsf(Tr::to_float(raw[i][v].e[j])));
-      m = group_max(m, P);  // tensor: the warp; head: the row's lanes
-      if ((tid & (P - 1)) == 0) {
-        const uint32_t k = a.NS == 1 ? 0 : rows[i] - a.divH.div(rows[i]) * a.H;
-        atomicMax(reinterpret_cast<int*>(s_m + k), __float_as_int(m));  // m >= 0 (or +NaN)
-      }
-    }
-    __syncthreads();
-    for (uint32_t k = tid; k < a.NS; k += kBlock) {
-      const int bits = __float_as_int(s_m[k]);
-      if (bits != 0) atomicMax(reinterpret_cast<int*>(a.amax + l * a.NS + k), bits);
-    }
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) atomicAdd(a.work + 2 + l, 1u);
-    return;
-  }
-#pragma unroll
-  for (int i = 0; i < NCH; ++i) {
-    if (!act[i]) continue;
-    const uint32_t k = a.NS == 1 ? 0 : rows[i] - a.divH.div(rows[i]) * a.H;
-    const float inv = fp8_inv(s_m[k]);
-    float f[kCh];
-#pragma unroll
-    for (int v = 0; v < NV; ++v)
-#pragma unroll
-      for (int j = 0; j < VE; ++j) f[v * VE + j] = Tr::to_float(raw[i][v].e[j]);
-    uint32_t w[8];
-#pragma unroll
-    for (int o = 0; o < 8; ++o)  // the encoders saturate at +-448 (the spec's clamp)
-      w[o] = __byte_perm(fp8_encode2(__fmul_rn(f[4 * o], inv), __fmul_rn(f[4 * o + 1], inv)),
-                         fp8_encode2(__fmul_rn(f[4 * o + 2], inv), __fmul_rn(f[4 * o + 3], inv)), 0x5410);
-    const uint32_t s = (tile * NCH + i) * kBlock + tid;
-    uint4* cp = reinterpret_cast<uint4*>(a.codes + (uint64_t(l) * a.n + s) * kCh);
-    cp[0] = make_uint4(w[0], w[1], w[2], w[3]);
-    cp[1] = make_uint4(w[4], w[5], w[6], w[7]);
-  }
-}
-
-// ================================================================================================
 // Host side
 // ================================================================================================
 template <typename F>
@@ -1341,8 +1183,7 @@ cudaError_t launch_tok(bool quant, const void* x, void* out, int dt, int64_t L, 
                        int64_t sL, int64_t sT, int64_t sH, uint8_t* codes, float* scale, float* zero, int bits,
                        int64_t G, cudaStream_t stream) {
   const int sz = dtype_size(dt), emax = tok_vec(sz, bits), k = codes_per_byte(bits);
-  // D % k == 0 is checked by the caller. Dequantize stores 16-byte vectors where D allows.
-  const int E = !quant && D % (16 / sz) == 0 ? 16 / sz : D % emax == 0 ? emax : k;
+  const int E = D % emax == 0 ? emax : k;  // D % k == 0 is checked by the caller
   const int NB = E * bits / 8;
   const int64_t Dp = D * bits / 8, C = D / E, NTG = (T + G - 1) / G;
   const int64_t Lc = layers_per_launch(L, std::max(NTG * H * C, T * H));
@@ -1376,15 +1217,13 @@ cudaError_t launch_tok(bool quant, const void* x, void* out, int dt, int64_t L, 
         constexpr int EC = decltype(ec)::value;
         return with_mode(bits, [&](auto mc) -> cudaError_t {
           constexpr int MC = decltype(mc)::value;
-          if constexpr (valid_dq_tok_vec<Tr, EC, MC>()) {
+          if constexpr (valid_tok_vec<Tr, EC, MC>()) {
             // alignment is a template flag: a run-time flag made the compiler merge the vector and
             // scalar load paths through one register, serializing the 32 loads (measured: 25% of copy)
             return with_bool(a.x_aligned && a.c_aligned && a.s_aligned, [&](auto alc) -> cudaError_t {
               constexpr bool AL = decltype(alc)::value;
               if (!quant) {
                 dequant_tok_kernel<Tr, EC, MC, AL><<<ceil_div_u32(a.n, kBlock), kBlock, 0, stream>>>(a);
-              } else if constexpr (!valid_tok_vec<Tr, EC, MC>()) {
-                return cudaErrorNotSupported;  // unreachable: quantize never picks a 16-byte vector
               } else if (reg) {
                 if constexpr (EC == tok_vec(Tr::kSize, MC)) {
                   if (AL && G > kTokReg / 2 && !split_off)
@@ -1448,70 +1287,6 @@ cudaError_t launch_fp8_scale(const void* x, int dt, int64_t L, int64_t T, int64_
   return cudaGetLastError();
 }
 
-// ---- fp8 tensor/head, computed scales, one pass (quant_fp8_pass_kernel) ------------------------
-size_t fp8_pass_workspace(int64_t L, int64_t H, int scope) {
-  return size_t(2 + L) * sizeof(uint32_t) + size_t(L) * size_t(scope == 0 ? 1 : H) * sizeof(float);
-}
-
-// cudaErrorNotSupported (nothing launched) when the layout is not the fast one.
-cudaError_t launch_fp8_pass(const void* x, int dt, int64_t L, int64_t T, int64_t H, int64_t D, int64_t sL,
-                            int64_t sT, int64_t sH, uint8_t* codes, float* scale, int scope, void* workspace,
-                            size_t workspace_bytes, cudaStream_t stream) {
-  static const bool off = kvk_env_off("KVK_FP8_PASS");
-  if (off || !workspace || workspace_bytes < fp8_pass_workspace(L, H, scope)) return cudaErrorNotSupported;
-  if (D % kCh || !is_pow2(D / kCh) || D / kCh > 32 || (scope == 1 && H > kPassMaxHeads)) return cudaErrorNotSupported;
-  bool linear;
-  const int sz = dtype_size(dt);
-  if (!fast_layout(x, sz, L, T, H, D, sL, sT, sH, linear) || !ptr_aligned(codes, 16) ||
-      !ptr_aligned(workspace, 16))
-    return cudaErrorNotSupported;
-  linear = (H == 1 || sH == D) && (T == 1 || sT == H * D);  // dense within a layer is enough
-  const int64_t CPR = D / kCh, n = T * H * CPR;
-  // developer A/B (perf notes): chunks per thread per tile, and the lag of B(l) behind A(l)
-  static const int nch = [] {
-    const char* v = std::getenv("KVK_FP8_NCH");
-    return v && (v[0] == '1' || v[0] == '4') ? v[0] - '0' : 2;
-  }();
-  static const int lag_env = [] {
-    const char* v = std::getenv("KVK_FP8_LAG");
-    return v && v[0] >= '1' && v[0] <= '4' ? v[0] - '0' : 1;
-  }();
-  const int64_t per_tile = int64_t(kBlock) * nch;
-  const int64_t tiles = (n + per_tile - 1) / per_tile;
-  if (n > kMaxCount || 2 * L * tiles > kMaxCount) return cudaErrorNotSupported;
-  cudaError_t err = cudaMemsetAsync(workspace, 0, fp8_pass_workspace(L, H, scope), stream);
-  if (err != cudaSuccess) return err;
-  Fp8PassArgs a{};
-  a.x = x;
-  a.sL = sL; a.sT = sT; a.sH = sH;
-  a.codes = codes;
-  a.scale = scale;
-  a.work = static_cast<uint32_t*>(workspace);
-  a.amax = reinterpret_cast<float*>(a.work + 2 + L);
-  a.L = uint32_t(L);
-  a.H = uint32_t(H);
-  a.NS = uint32_t(scope == 0 ? 1 : H);
-  a.n = uint32_t(n);
-  a.tiles = uint32_t(tiles);
-  a.logP = scope == 0 ? 5 : ilog2(CPR);
-  a.divPR = FastDiv(uint32_t(CPR));
-  a.divH = FastDiv(uint32_t(H));
-  a.lag = uint32_t(std::min<int64_t>(lag_env, L));
-  a.divTiles = FastDiv(uint32_t(tiles));
-  a.div2tiles = FastDiv(uint32_t(2 * tiles));
-  const uint32_t blocks = uint32_t(2 * L * tiles);
-  return with_dtype(dt, [&](auto tr) {
-    using Tr = decltype(tr);
-    return with_bool(linear, [&](auto lin) -> cudaError_t {
-      constexpr bool LIN = decltype(lin)::value;
-      if (nch == 1) quant_fp8_pass_kernel<Tr, LIN, 1><<<blocks, kBlock, 0, stream>>>(a);
-      else if (nch == 4) quant_fp8_pass_kernel<Tr, LIN, 4><<<blocks, kBlock, 0, stream>>>(a);
-      else quant_fp8_pass_kernel<Tr, LIN, 2><<<blocks, kBlock, 0, stream>>>(a);
-      return cudaGetLastError();
-    });
-  });
-}
-
 }  // namespace
 }  // namespace kvk
 
@@ -1551,21 +1326,11 @@ extern "C" cudaError_t kvk_dequantize_int(const uint8_t* codes, const float* sca
                     const_cast<float*>(scale), const_cast<float*>(zero), bits, group_size, stream);
 }
 
-extern "C" size_t kvk_quantize_fp8_workspace(int64_t L, int64_t H, int scope) {
-  return L > 0 && H > 0 ? fp8_pass_workspace(L, H, scope) : 0;
-}
-
 extern "C" cudaError_t kvk_quantize_fp8(const void* x, int x_dtype, int64_t L, int64_t T, int64_t H, int64_t D,
                                         int64_t sL, int64_t sT, int64_t sH, uint8_t* codes, float* scale, int scope,
-                                        bool compute_scale, void* workspace, size_t workspace_bytes,
-                                        cudaStream_t stream) {
+                                        bool compute_scale, cudaStream_t stream) {
   if (!x || !codes || !scale) return cudaErrorInvalidValue;
   if (x_dtype < 0 || x_dtype > 2 || !dims_ok(L, T, H, D) || scope < 0 || scope > 2) return cudaErrorInvalidValue;
-  if (compute_scale && scope != 2 && workspace) {
-    const cudaError_t err = launch_fp8_pass(x, x_dtype, L, T, H, D, sL, sT, sH, codes, scale, scope, workspace,
-                                            workspace_bytes, stream);
-    if (err != cudaErrorNotSupported) return err;
-  }
   if (compute_scale && scope != 2) {
     cudaError_t err = launch_fp8_scale(x, x_dtype, L, T, H, D, sL, sT, sH, scale, scope, stream);
     if (err != cudaSuccess) return err;

@@ -27,7 +27,6 @@
 // host (CUDA-graph safe).
 #pragma once
 
-#include <cstddef>
 #include <cstdint>
 #include <cuda_runtime.h>
 
@@ -49,17 +48,9 @@ cudaError_t kvk_dequantize_int(const uint8_t* codes, const float* scale, const f
 
 // fp8 e4m3. scope 0 tensor, 1 head, 2 token_head. compute_scale: scale = amax/448 (0 -> 1) is
 // computed and written; otherwise it is read (must be > 0).
-// workspace (may be null): device memory of kvk_quantize_fp8_workspace(L, H, scope) bytes,
-// 16-byte aligned, used (and zeroed on `stream`) by the one-pass kernel for computed tensor/head
-// scales: each layer is read from HBM once for its amax and again from L2 to quantize, which
-// pays off when two layers of x fit in L2 (the caller decides: pass null for two HBM passes).
-// The one-pass kernel needs dense, 16-byte-aligned rows, head_dim = 32 * 2^k <= 1024 and, for
-// the head scope, H <= 1024; otherwise the two-pass kernels run.
-size_t kvk_quantize_fp8_workspace(int64_t L, int64_t H, int scope);
 cudaError_t kvk_quantize_fp8(const void* x, int x_dtype, int64_t L, int64_t T, int64_t H, int64_t D,
                              int64_t sL, int64_t sT, int64_t sH, uint8_t* codes, float* scale, int scope,
-                             bool compute_scale, void* workspace, size_t workspace_bytes,
-                             cudaStream_t stream);
+                             bool compute_scale, cudaStream_t stream);
 
 // Inverse: out = float(e4m3) * scale, rounded to out_dtype.
 cudaError_t kvk_dequantize_fp8(const uint8_t* codes, const float* scale, void* out, int out_dtype,

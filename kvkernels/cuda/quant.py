@@ -8,8 +8,6 @@ Same functions and argument conventions as ``kvkernels/reference/quant.py`` (the
   - ``codes``: contiguous ``uint8 [L, T, H, D*bits/8]`` (fp8 codes viewed as uint8), written.
   - ``scale``/``zero``: contiguous float32 of ``fmt.scale_shape(L, T, H, D)``, written (fp8 with
     ``compute_scale=False``: ``scale`` is read); ``zero`` is None for fp8.
-  - fp8 tensor/head scopes with computed scales: when ``_device.fp8_one_pass(x)``, a small
-    workspace is allocated and the kernel reads each layer from HBM once (amax), then from L2.
 * ``dequantize_into(codes, scale, zero, fmt, out)``: ``out`` ``[L, T, H, D]`` bf16/fp16/fp32,
   ``out.stride(-1) == 1``, written.
 
@@ -23,7 +21,6 @@ from typing import Optional
 
 import torch
 
-from .._device import fp8_one_pass
 from ..formats import QuantFormat
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -118,13 +115,8 @@ def quantize_into(x: torch.Tensor, fmt: QuantFormat, codes: torch.Tensor, scale:
                   zero: Optional[torch.Tensor], compute_scale: bool = True) -> None:
     _C, codes, geo, tail = _prepare(codes, scale, zero, x)
     if fmt.kind == "fp8":
-        scope = _SCOPE_CODE[fmt.scope]
-        ws, nbytes = None, 0
-        if compute_scale and scope != 2 and fp8_one_pass(x):  # one launch, each layer re-read from L2
-            nbytes = _C.quantize_fp8_workspace(x.shape[0], x.shape[2], scope)
-            ws = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
-        _C.quantize_fp8(x.data_ptr(), *geo, codes.data_ptr(), scale.data_ptr(), scope, bool(compute_scale),
-                        0 if ws is None else ws.data_ptr(), nbytes, *tail)
+        _C.quantize_fp8(x.data_ptr(), *geo, codes.data_ptr(), scale.data_ptr(), _SCOPE_CODE[fmt.scope],
+                        bool(compute_scale), *tail)
     else:
         _C.quantize_int(x.data_ptr(), *geo, codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), fmt.bits,
                         fmt.group_size, _AXIS_CODE[fmt.axis], *tail)

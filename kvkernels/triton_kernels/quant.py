@@ -41,11 +41,8 @@ enough bytes per thread:
   (immediate load/store offsets). Groups longer than one block take two passes (min/max, then
   quantize; the re-read hits L1/L2). int ``token`` dequantize: ``[TB, HB, DP]`` chunks of a
   group with the group's scale/zero loaded once (one joined load) and kept in registers.
-* fp8 ``tensor``/``head`` scopes with computed scales: when two layers of x fit in L2
-  (``kvkernels._device.fp8_one_pass``), one launch (``_q_fp8_pass``) whose programs take items
-  from a ticket: amax tiles of layer l, then, a layer later, quantize tiles of layer l that
-  re-read it from L2. Otherwise an amax kernel (``atomic_max`` on the float bits as int32 into a
-  zeroed buffer; |x| >= 0 so int order is float order) runs first.
+* fp8 ``tensor``/``head`` scopes with computed scales: an amax kernel (``atomic_max`` on the
+  float bits as int32 into a zeroed buffer; |x| >= 0 so int order is float order) runs first.
 
 Quantize math is float32 as in docs/quant-spec.md: IEEE divisions (``div_rn``) once per group /
 scale for ``scale`` and the clamped reciprocal ``inv``, then sub/mul/add per element; kernels are
@@ -68,7 +65,6 @@ import triton
 import triton.language as tl
 
 from ..formats import QuantFormat
-from .._device import fp8_one_pass
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -90,7 +86,6 @@ CONFIG = {
     "q_fp8": dict(elems=8192, warps=8, row_elems=16),
     "dq_fp8": dict(elems=16384, warps=4, row_elems=8),
     "amax_fp8": dict(elems=8192, warps=8),
-    "q_fp8_pass": dict(elems=16384, warps=8, lag=1),   # fp8 tensor/head one-pass: tile = TB tokens x all heads
     # token groups: x elements per thread, warps (= heads per program)
     "q_token": dict(thread_elems=128, warps=2),
     "dq_token": dict(elems=16384, warps=4),
@@ -573,76 +568,6 @@ def _q_fp8(x_ptr, codes_ptr, scale_ptr, amax_ptr, T, H, s_l, s_t, s_h,
 
 
 @triton.jit
-def _q_fp8_pass(x_ptr, codes_ptr, scale_ptr, work_ptr, amax_ptr, L, T, H, s_l, s_t, s_h, TILES, LAG,
-                D: tl.constexpr, DP: tl.constexpr, TB: tl.constexpr, HP: tl.constexpr,
-                SCOPE: tl.constexpr, CLAMP: tl.constexpr):
-    """fp8 tensor/head scopes with computed scales in one launch (the CUDA kernel's scheme,
-    csrc/quant.cu quant_fp8_pass_kernel): items A(0..LAG-1) | A(LAG) B(0) | ... | B(L-1) taken
-    from a ticket; A(l) tiles reduce |x| of layer l into amax and count themselves in done[l];
-    B(l) tiles wait for done[l] == TILES and quantize layer l again, from L2. A tile is TB
-    tokens x all heads. work: int32 [2 + L] (ticket, -, done[L]); amax: int32 [L * (1 or H)]
-    float bits; both zeroed."""
-    FMAX: tl.constexpr = 448.0
-    item = tl.atomic_add(work_ptr, 1)
-    head = LAG * TILES
-    pairs = (L - LAG) * 2 * TILES
-    j = tl.maximum(item - head, 0)
-    k = j // (2 * TILES)
-    r = j - k * (2 * TILES)
-    j2 = tl.maximum(item - head - pairs, 0)
-    in_pairs = (item >= head) & (item < head + pairs)
-    phase_b = (item >= head + pairs) | (in_pairs & (r >= TILES))
-    tile = tl.where(item < head, item % TILES,
-                    tl.where(in_pairs, tl.where(r >= TILES, r - TILES, r), j2 % TILES))
-    l = tl.where(item < head, item // TILES,
-                 tl.where(in_pairs, tl.where(r >= TILES, k, k + LAG), L - LAG + j2 // TILES))
-    t = tile * TB + tl.arange(0, TB)
-    h = tl.arange(0, HP)
-    hmask = h < H
-    tc = tl.minimum(t, T - 1)   # A: copies of real tokens/heads leave the amax unchanged
-    hc = tl.minimum(h, H - 1)
-    d = tl.arange(0, DP)
-    off = (l.to(tl.int64) * s_l + tc.to(tl.int64)[:, None, None] * s_t
-           + hc.to(tl.int64)[None, :, None] * s_h + d[None, None, :])
-    x = _load_d(x_ptr + off, d[None, None, :], D, DP).to(tl.float32)
-    NS = 1 if SCOPE == 0 else H
-    if phase_b:
-        done = tl.atomic_add(work_ptr + 2 + l, 0, sem="acquire")
-        while done < TILES:
-            done = tl.atomic_add(work_ptr + 2 + l, 0, sem="acquire")
-        if SCOPE == 0:
-            amax = tl.load(amax_ptr + l + 0 * h, cache_modifier=".cg").to(tl.float32, bitcast=True)
-        else:
-            amax = tl.load(amax_ptr + (l * H + hc), cache_modifier=".cg").to(tl.float32, bitcast=True)
-        sc = tl.math.div_rn(amax, tl.full(amax.shape, FMAX, tl.float32))
-        sc = tl.where(sc > 0, sc, 1.0)                                          # [HP]
-        first = (h * 0 + tile) == 0   # (a scalar mask term broadcast explicitly: interpreter)
-        if SCOPE == 0:
-            tl.store(scale_ptr + l + 0 * h, sc, mask=(h == 0) & first)
-        else:
-            tl.store(scale_ptr + (l * H + h), sc, mask=hmask & first)
-        inv = tl.minimum(tl.math.div_rn(tl.full(sc.shape, 1.0, tl.float32), sc), FLT_MAX)
-        y = x * inv[None, :, None]
-        if CLAMP:
-            y = tl.minimum(tl.maximum(y, -FMAX), FMAX)
-        c = y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-        cp = codes_ptr + ((((l.to(tl.int64) * T + t.to(tl.int64)) * H)[:, None, None]
-                           + h[None, :, None]) * D + d[None, None, :])
-        m = (t < T)[:, None, None] & hmask[None, :, None]
-        if D != DP:
-            m = m & (d < D)[None, None, :]
-        tl.store(cp, c, mask=m)
-    else:
-        a = tl.max(tl.max(tl.abs(x), axis=2), axis=0)                           # [HP]
-        if SCOPE == 0:
-            tl.atomic_max(amax_ptr + l, tl.max(a, axis=0).to(tl.int32, bitcast=True), sem="relaxed")
-        else:
-            tl.atomic_max(amax_ptr + (l * H + h), a.to(tl.int32, bitcast=True), mask=hmask, sem="relaxed")
-        tl.debug_barrier()
-        tl.atomic_add(work_ptr + 2 + l, 1, sem="release")
-
-
-@triton.jit
 def _dq_fp8(codes_ptr, scale_ptr, out_ptr, T, H, s_l, s_t, s_h,
             D: tl.constexpr, DP: tl.constexpr, TB: tl.constexpr, HB: tl.constexpr,
             GC: tl.constexpr, SCOPE: tl.constexpr, CV: tl.constexpr):
@@ -765,17 +690,6 @@ def quantize_into(x, fmt: QuantFormat, codes, scale, zero, compute_scale: bool =
     if fmt.kind == "fp8":
         scope = _SCOPE[fmt.scope]
         amax = scale  # placeholder pointer when unused
-        if compute_scale and scope != 2 and fp8_one_pass(x):
-            cfg = CONFIG["q_fp8_pass"]
-            HP = _p2(H)
-            TB = min(_p2(T), _pow2_floor(max(1, cfg["elems"] // (HP * DP))))
-            tiles = triton.cdiv(T, TB)
-            work = torch.zeros(2 + L + L * (1 if scope == 0 else H), dtype=torch.int32, device=x.device)
-            _q_fp8_pass[(2 * L * tiles,)](
-                x, codes, scale, work, work[2 + L:], L, T, H, s_l, s_t, s_h, tiles, min(cfg["lag"], L),
-                D=D, DP=DP, TB=TB,
-                HP=HP, SCOPE=scope, CLAMP=_INTERPRET, num_warps=cfg["warps"], **_LAUNCH)
-            return
         if compute_scale and scope != 2:
             cfg = CONFIG["amax_fp8"]
             amax = torch.zeros(scale.shape, dtype=torch.int32, device=x.device)
