@@ -2,8 +2,8 @@
 
 A device-to-device copy reads and writes equal amounts. Ops that mostly write (dequantize: 1-2
 bytes of codes in, 2 bytes out per element) or mostly read (quantize) move a different mix, and
-HBM does not serve every mix at the copy's rate (on an H200, a pure write (fill) ran at 76-79% of
-the copy's rate). ``MixCeiling.gbps(read, written)`` times a Triton kernel that only moves data
+HBM does not serve every mix at the copy's rate (on an H200: a pure write of 4-byte words ran at
+105-109% of the copy's rate, a 1:2 read:write stream at 93%; scripts/diag_writes.py). ``MixCeiling.gbps(read, written)`` times a Triton kernel that only moves data
 in about that ratio (each 4-byte word read is written K times, or K words read are XOR-folded
 into one written word) and returns its GB/s, read + written: a kernel that moves the same mix
 cannot be expected to beat it by much.
