@@ -42,7 +42,7 @@ def grid(**axes):
 # kernel key -> (op, formats, candidate configs)
 SWEEP = {
     "q_token": ("quantize", ["int4:g32:token", "int2:g32:token"],
-                grid(thread_elems=[64, 128], warps=[2, 4]) + [dict(thread_elems=32, warps=4)]),
+                grid(thread_elems=[32, 64, 128], warps=[1, 2, 4, 8])),
     "q_channel": ("quantize", ["int4:g32:channel", "int2:g32:channel", "int8:g64:channel"],
                   [dict(elems=e, warps=w, row_elems=r) for e, w, r in
                    [(4096, 4, 32), (2048, 2, 32), (8192, 8, 32), (4096, 4, 16), (8192, 4, 32)]]),
