@@ -1,12 +1,16 @@
 """Why do write-heavy kernels run below the copy? (diagnostic; not part of the package)
 
-python scripts/diag_writes.py -> GB/s (bytes read + written) of
-  * pure writes of ~3 GiB: torch zero_/fill_, and a Triton store kernel with each store cache
-    hint, at several output placements;
-  * a 1:2 widen (uint8 word read, two words written) with each store hint;
-  * dequantize (T=32768, Llama-3-8B K) with buffers allocated as in the bench and as in
-    scripts/placement.py;
-each against the copy measured in the same run. Run beside ``nvidia-smi dmon`` to see clocks.
+python scripts/diag_writes.py [writes] [widen] [placement] [bench] [temps] -> % of the copy
+measured in the same run (bytes read + written) of
+  * writes: pure writes of ~3 GiB and 400 MiB: torch zero_/fill_ (also on uint8), and a Triton
+    store kernel with each store cache hint, at six output placements;
+  * widen: a 1:2 stream (one int32 word read, two written) with each store hint;
+  * placement / bench / temps: dequantize (T=32768, Llama-3-8B K) into outputs at four offsets:
+    fresh buffers; with the bench's reference output also held; and with each output allocated
+    after a reference check that made ~18 GiB of float temporaries (the bench's old check).
+No arguments: writes, widen and all three dequantize orders. Importing ``bench`` turns on
+torch's expandable segments unless PYTORCH_CUDA_ALLOC_CONF is set; the 84-86% "temps" effect
+shows with the default allocator: run ``PYTORCH_CUDA_ALLOC_CONF= python scripts/diag_writes.py``.
 """
 import sys
 
@@ -144,7 +148,7 @@ def dequant(order):
 
 
 if __name__ == "__main__":
-    what = sys.argv[1:] or ["writes", "widen", "dequant"]
+    what = sys.argv[1:] or ["writes", "widen", "dequant"]  # "dequant": all three orders
     print("#", torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
     if "writes" in what:
         writes(3072 * MIB)

@@ -85,7 +85,7 @@ def run(args, timer, copy, info, op_names):
                     # The op's large output at three placements (offsets in one allocation); the
                     # row reports the best, like the copy baseline, and keeps every placement's
                     # time: on an H200 the same dequantize ran at 84% or 93% of copy depending
-                    # only on where its output buffer sat (scripts/placement.py).
+                    # only on where its output buffer sat (scripts/diag_writes.py placement).
                     times, ok = [], True
                     for shift in PLACEMENTS:
                         codes, scale, zero = _bufs(fmt, L, T, H, D, device)
