@@ -359,3 +359,20 @@ def test_fp8_computed_scale_paths(backend, spec, layout):
         pytest.skip(f"{backend}: {why}")
     (codes, _, _), (rcodes, rscale, rzero) = quantize_vs_reference(x, fmt, backend)
     assert_codes_match(codes, rcodes, rscale, rzero, fmt, x.shape)
+
+
+@pytest.mark.parametrize("spec", ["int4:g32:channel", "int2:g32:token", "fp8:tensor"])
+def test_triton_layer_chunks(spec, monkeypatch):
+    """More layers than one Triton grid dimension holds (65535) are launched in layer ranges:
+    with the limit lowered to 2, five layers (ranges 2 + 2 + 1) give the reference's codes,
+    scales, zero points and dequantized values."""
+    from kvkernels.triton_kernels import quant as tq
+
+    fmt = QuantFormat.parse(spec)
+    x = make_x((5, 37, 2, 64), torch.bfloat16, "token_strided")
+    if _runnable("triton", x, fmt):
+        pytest.skip(f"triton: {_runnable('triton', x, fmt)}")
+    monkeypatch.setattr(tq, "_MAX_GRID_Z", 2)
+    (codes, _, _), (rcodes, rscale, rzero) = quantize_vs_reference(x, fmt, "triton")
+    assert_codes_match(codes, rcodes, rscale, rzero, fmt, x.shape)
+    dequantize_vs_reference(rcodes, rscale, rzero, fmt, x.shape, torch.bfloat16, "triton", "token_strided")

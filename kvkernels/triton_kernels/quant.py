@@ -614,8 +614,16 @@ def _rows_launch(T: int, H: int, L: int, NGP: int, GP: int, esize: int, cfg):
     return (triton.cdiv(T, TB), triton.cdiv(H, HB), L), TB, HB, GC, warps
 
 
-def _strides(t: torch.Tensor):
-    return int(t.stride(0)), int(t.stride(1)), int(t.stride(2))
+def _geometry(t: torch.Tensor):
+    """x / out [L, T, H, D] -> (L, T, H, D, s_l, s_t, s_h, element size, D padded to 2^k)."""
+    L, T, H, D = t.shape
+    return L, T, H, D, int(t.stride(0)), int(t.stride(1)), int(t.stride(2)), t.element_size(), _p2(D)
+
+
+def _channel_dims(D: int, G: int):
+    """Channel groups: (groups per row NG, G padded to 2^k, NG padded to 2^k)."""
+    NG = D // G
+    return NG, _p2(G), _p2(NG)
 
 
 def _q_token_launch(T: int, H: int, D: int, L: int, G: int, K: int, esize: int, cfg):
@@ -671,22 +679,22 @@ def supports(t: torch.Tensor, fmt: QuantFormat) -> Optional[str]:
     return None
 
 
-def _layer_chunks(L: int):
-    """Layer ranges of at most 65535 (the grid's last dim is the layer)."""
-    return [slice(l0, min(L, l0 + _MAX_GRID_Z)) for l0 in range(0, L, _MAX_GRID_Z)]
+def _layer_chunks(L: int, *tensors):
+    """The tensors (None stays None) cut into layer ranges of at most 65535 (the grid's last
+    dim is the layer), one tuple per range."""
+    for l0 in range(0, L, _MAX_GRID_Z):
+        sl = slice(l0, min(L, l0 + _MAX_GRID_Z))
+        yield tuple(None if t is None else t[sl] for t in tensors)
 
 
 def quantize_into(x, fmt: QuantFormat, codes, scale, zero, compute_scale: bool = True) -> None:
-    L, T, H, D = x.shape
+    L, T, H, D, s_l, s_t, s_h, es, DP = _geometry(x)
     if L * T * H == 0:
         return
     if L > _MAX_GRID_Z:
-        for sl in _layer_chunks(L):
-            quantize_into(x[sl], fmt, codes[sl], scale[sl], None if zero is None else zero[sl], compute_scale)
+        for xc, cc, sc, zc in _layer_chunks(L, x, codes, scale, zero):
+            quantize_into(xc, fmt, cc, sc, zc, compute_scale)
         return
-    s_l, s_t, s_h = _strides(x)
-    es = x.element_size()
-    DP = _p2(D)
     if fmt.kind == "fp8":
         scope = _SCOPE[fmt.scope]
         amax = scale  # placeholder pointer when unused
@@ -705,8 +713,7 @@ def quantize_into(x, fmt: QuantFormat, codes, scale, zero, compute_scale: bool =
         return
     G, K = fmt.group_size, fmt.per_byte
     if fmt.axis == "channel":
-        NG = D // G
-        GP, NGP = _p2(G), _p2(NG)
+        NG, GP, NGP = _channel_dims(D, G)
         grid, TB, HB, GC, nw = _rows_launch(T, H, L, NGP, GP, es, CONFIG["q_channel"])
         _q_int_channel[grid](
             x, codes, scale, zero, T, H, s_l, s_t, s_h, G=G, NG=NG, GP=GP, NGP=NGP,
@@ -721,16 +728,13 @@ def quantize_into(x, fmt: QuantFormat, codes, scale, zero, compute_scale: bool =
 
 
 def dequantize_into(codes, scale, zero, fmt: QuantFormat, out) -> None:
-    L, T, H, D = out.shape
+    L, T, H, D, s_l, s_t, s_h, es, DP = _geometry(out)
     if L * T * H == 0:
         return
     if L > _MAX_GRID_Z:
-        for sl in _layer_chunks(L):
-            dequantize_into(codes[sl], scale[sl], None if zero is None else zero[sl], fmt, out[sl])
+        for cc, sc, zc, oc in _layer_chunks(L, codes, scale, zero, out):
+            dequantize_into(cc, sc, zc, fmt, oc)
         return
-    s_l, s_t, s_h = _strides(out)
-    es = out.element_size()
-    DP = _p2(D)
     if fmt.kind == "fp8":
         grid, TB, HB, GC, nw = _rows_launch(T, H, L, 1, DP, es, CONFIG["dq_fp8"])
         _dq_fp8[grid](
@@ -739,8 +743,7 @@ def dequantize_into(codes, scale, zero, fmt: QuantFormat, out) -> None:
         return
     G, K = fmt.group_size, fmt.per_byte
     if fmt.axis == "channel" and fmt.bits < 8:
-        NG = D // G
-        GP, NGP = _p2(G), _p2(NG)
+        NG, GP, NGP = _channel_dims(D, G)
         width = GP * NGP   # rows of ~16 KiB of output per program, as in the previous version
         ROWS = max(1, min(1024, (16384 // es) // width)) if width <= 16384 // es else 1
         R = L * T * H
@@ -748,8 +751,7 @@ def dequantize_into(codes, scale, zero, fmt: QuantFormat, out) -> None:
             codes, scale, zero, out, R, T, H, s_l, s_t, s_h, G=G, NG=NG, GP=GP, NGP=NGP,
             BITS=fmt.bits, ROWS=ROWS, num_warps=8 if ROWS * width >= 4096 else 4, **_LAUNCH)
     elif fmt.axis == "channel":
-        NG = D // G
-        GP, NGP = _p2(G), _p2(NG)
+        NG, GP, NGP = _channel_dims(D, G)
         grid, TB, HB, GC, nw = _rows_launch(T, H, L, NGP, GP, es, CONFIG["dq_channel"])
         _dq_int_channel[grid](
             codes, scale, zero, out, T, H, s_l, s_t, s_h, G=G, NG=NG, GP=GP, NGP=NGP,
