@@ -614,6 +614,14 @@ def _rows_launch(T: int, H: int, L: int, NGP: int, GP: int, esize: int, cfg):
     return (triton.cdiv(T, TB), triton.cdiv(H, HB), L), TB, HB, GC, warps
 
 
+def _channel_launch(T: int, H: int, L: int, D: int, G: int, bits: int, esize: int, cfg):
+    """Channel-group rows kernels (_q_int_channel, _dq_int_channel): (grid, launch kwargs)."""
+    NG, GP, NGP = _channel_dims(D, G)
+    grid, TB, HB, GC, nw = _rows_launch(T, H, L, NGP, GP, esize, cfg)
+    return grid, dict(G=G, NG=NG, GP=GP, NGP=NGP, BITS=bits, TB=TB, HB=HB, GC=GC,
+                      CV=max(1, min(GC, 16 // esize) // (8 // bits)), num_warps=nw, **_LAUNCH)
+
+
 def _geometry(t: torch.Tensor):
     """x / out [L, T, H, D] -> (L, T, H, D, s_l, s_t, s_h, element size, D padded to 2^k)."""
     L, T, H, D = t.shape
@@ -713,12 +721,8 @@ def quantize_into(x, fmt: QuantFormat, codes, scale, zero, compute_scale: bool =
         return
     G, K = fmt.group_size, fmt.per_byte
     if fmt.axis == "channel":
-        NG, GP, NGP = _channel_dims(D, G)
-        grid, TB, HB, GC, nw = _rows_launch(T, H, L, NGP, GP, es, CONFIG["q_channel"])
-        _q_int_channel[grid](
-            x, codes, scale, zero, T, H, s_l, s_t, s_h, G=G, NG=NG, GP=GP, NGP=NGP,
-            BITS=fmt.bits, TB=TB, HB=HB, GC=GC, CV=max(1, min(GC, 16 // es) // K),
-            num_warps=nw, **_LAUNCH)
+        grid, kw = _channel_launch(T, H, L, D, G, fmt.bits, es, CONFIG["q_channel"])
+        _q_int_channel[grid](x, codes, scale, zero, T, H, s_l, s_t, s_h, **kw)
     else:
         grid, DC, TA, TL, HB, VX, nw = _q_token_launch(T, H, D, L, G, K, es, CONFIG["q_token"])
         XS, CS = _token_strides(s_t, es, G, H, D, K)
@@ -751,12 +755,8 @@ def dequantize_into(codes, scale, zero, fmt: QuantFormat, out) -> None:
             codes, scale, zero, out, R, T, H, s_l, s_t, s_h, G=G, NG=NG, GP=GP, NGP=NGP,
             BITS=fmt.bits, ROWS=ROWS, num_warps=8 if ROWS * width >= 4096 else 4, **_LAUNCH)
     elif fmt.axis == "channel":
-        NG, GP, NGP = _channel_dims(D, G)
-        grid, TB, HB, GC, nw = _rows_launch(T, H, L, NGP, GP, es, CONFIG["dq_channel"])
-        _dq_int_channel[grid](
-            codes, scale, zero, out, T, H, s_l, s_t, s_h, G=G, NG=NG, GP=GP, NGP=NGP,
-            BITS=fmt.bits, TB=TB, HB=HB, GC=GC, CV=max(1, min(GC, 16 // es) // K),
-            num_warps=nw, **_LAUNCH)
+        grid, kw = _channel_launch(T, H, L, D, G, fmt.bits, es, CONFIG["dq_channel"])
+        _dq_int_channel[grid](codes, scale, zero, out, T, H, s_l, s_t, s_h, **kw)
     else:
         cfg = CONFIG["dq_token"]
         TB = min(_p2(G), _pow2_floor(max(1, cfg["elems"] // DP)))
