@@ -695,14 +695,34 @@ __global__ void __launch_bounds__(kTokBlock, 6) quant_tok_split_kernel(const Tok
   uint8_t* __restrict__ cp =
       a.codes + ((uint64_t(k.l) * a.T + k.t0 + t0) * a.H + k.h) * a.Dp + uint64_t(k.c) * NB;
   const uint64_t crow = uint64_t(a.H) * a.Dp;
+  // 16-bit inputs: min / max on packed words of two channels (Half2MinMax), widened once at
+  // the end; float32: per channel.
+  constexpr bool kPacked = Half2MinMax<Tr>::kOk && E % 2 == 0;
+  constexpr int NW = kPacked ? E / 2 : 1;
+  using HM = Half2MinMax<Tr>;
   float mn[E], mx[E];
+  uint32_t mn2[NW], mx2[NW];
+  if constexpr (kPacked) {
 #pragma unroll
-  for (int j = 0; j < E; ++j) { mn[j] = __int_as_float(0x7f800000); mx[j] = -__int_as_float(0x7f800000); }
+    for (int j = 0; j < NW; ++j) { mn2[j] = HM::kPosInf; mx2[j] = HM::kNegInf; }
+  } else {
+#pragma unroll
+    for (int j = 0; j < E; ++j) { mn[j] = __int_as_float(0x7f800000); mx[j] = -__int_as_float(0x7f800000); }
+  }
   auto reduce = [&](const Vec<Tr, E>& r) {
-    float f[E];
-    raw_to_float<Tr, E>(r, f);
+    if constexpr (kPacked) {
 #pragma unroll
-    for (int j = 0; j < E; ++j) { mn[j] = min_nan(mn[j], f[j]); mx[j] = max_nan(mx[j], f[j]); }
+      for (int j = 0; j < NW; ++j) {
+        const uint32_t w = half2_word<Tr, E>(r, j);
+        mn2[j] = HM::min(mn2[j], w);
+        mx2[j] = HM::max(mx2[j], w);
+      }
+    } else {
+      float f[E];
+      raw_to_float<Tr, E>(r, f);
+#pragma unroll
+      for (int j = 0; j < E; ++j) { mn[j] = min_nan(mn[j], f[j]); mx[j] = max_nan(mx[j], f[j]); }
+    }
   };
   // Only whole halves (all but a partial last group) take the unrolled register path; the rest
   // loop over memory twice. One unrolled copy keeps the kernel small (instruction-cache stalls
@@ -718,10 +738,23 @@ __global__ void __launch_bounds__(kTokBlock, 6) quant_tok_split_kernel(const Tok
 #pragma unroll 1
     for (int t = 0; t < cnt; ++t) reduce(load_raw<Tr, E>(xp + int64_t(t) * a.sT, true));
   }
+  // every lane takes part; empty halves hold +-inf
+  if constexpr (kPacked) {
 #pragma unroll
-  for (int j = 0; j < E; ++j) {  // every lane takes part; empty halves hold +-inf
-    mn[j] = min_nan(mn[j], __shfl_xor_sync(0xffffffffu, mn[j], 16));
-    mx[j] = max_nan(mx[j], __shfl_xor_sync(0xffffffffu, mx[j], 16));
+    for (int j = 0; j < NW; ++j) {
+      mn2[j] = HM::min(mn2[j], __shfl_xor_sync(0xffffffffu, mn2[j], 16));
+      mx2[j] = HM::max(mx2[j], __shfl_xor_sync(0xffffffffu, mx2[j], 16));
+      mn[2 * j] = Tr::to_float(static_cast<typename Tr::storage>(mn2[j] & 0xffffu));
+      mn[2 * j + 1] = Tr::to_float(static_cast<typename Tr::storage>(mn2[j] >> 16));
+      mx[2 * j] = Tr::to_float(static_cast<typename Tr::storage>(mx2[j] & 0xffffu));
+      mx[2 * j + 1] = Tr::to_float(static_cast<typename Tr::storage>(mx2[j] >> 16));
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < E; ++j) {
+      mn[j] = min_nan(mn[j], __shfl_xor_sync(0xffffffffu, mn[j], 16));
+      mx[j] = max_nan(mx[j], __shfl_xor_sync(0xffffffffu, mx[j], 16));
+    }
   }
   if (!act) return;
   const uint64_t sidx = k.q1 * a.D + uint64_t(k.c) * E;

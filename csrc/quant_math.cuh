@@ -227,6 +227,46 @@ __device__ __forceinline__ uint64_t pack_code_word(const uint32_t (&q)[E]) {
   }
 }
 
+// ---- packed min / max of two 16-bit floats (bf16x2 / f16x2 words) ------------------------------
+// A running min/max over raw words of two channels: one HMNMX2 instruction per two elements and
+// no widening (a min/max picks one of its inputs, so it is exact in the storage type; NaN
+// propagates as in min_nan). Words hold the first channel in the low half.
+template <typename Tr> struct Half2MinMax { static constexpr bool kOk = false; };
+template <> struct Half2MinMax<BF16> {
+  static constexpr bool kOk = true;
+  static constexpr uint32_t kPosInf = 0x7F807F80u, kNegInf = 0xFF80FF80u;
+  __device__ __forceinline__ static uint32_t min(uint32_t a, uint32_t b) {
+    uint32_t r;
+    asm("min.NaN.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+  }
+  __device__ __forceinline__ static uint32_t max(uint32_t a, uint32_t b) {
+    uint32_t r;
+    asm("max.NaN.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+  }
+};
+template <> struct Half2MinMax<F16> {
+  static constexpr bool kOk = true;
+  static constexpr uint32_t kPosInf = 0x7C007C00u, kNegInf = 0xFC00FC00u;
+  __device__ __forceinline__ static uint32_t min(uint32_t a, uint32_t b) {
+    uint32_t r;
+    asm("min.NaN.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+  }
+  __device__ __forceinline__ static uint32_t max(uint32_t a, uint32_t b) {
+    uint32_t r;
+    asm("max.NaN.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+  }
+};
+
+// Word j (channels 2j, 2j+1) of a vector of 16-bit elements.
+template <typename Tr, int E>
+__device__ __forceinline__ uint32_t half2_word(const Vec<Tr, E>& v, int j) {
+  return static_cast<uint32_t>(v.e[2 * j]) | (static_cast<uint32_t>(v.e[2 * j + 1]) << 16);
+}
+
 // ---- NaN-propagating min / max (as torch.amin / amax) ------------------------------------------
 // One FMNMX.NAN instruction on sm_80+ (PTX min.NaN / max.NaN).
 __device__ __forceinline__ float min_nan(float a, float b) {

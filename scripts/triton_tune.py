@@ -42,7 +42,7 @@ def grid(**axes):
 # kernel key -> (op, formats, candidate configs)
 SWEEP = {
     "q_token": ("quantize", ["int4:g32:token", "int2:g32:token"],
-                grid(thread_elems=[32, 64, 128], warps=[1, 2, 4, 8])),
+                grid(thread_elems=[64, 128], warps=[1, 2, 4], pairs=[1])),
     "q_channel": ("quantize", ["int4:g32:channel", "int2:g32:channel", "int8:g64:channel"],
                   [dict(elems=e, warps=w, row_elems=r) for e, w, r in
                    [(4096, 4, 32), (2048, 2, 32), (8192, 8, 32), (4096, 4, 16), (8192, 4, 32)]]),
@@ -50,7 +50,7 @@ SWEEP = {
               [dict(elems=8192, warps=8, row_elems=32), dict(elems=8192, warps=8, row_elems=16),
                dict(elems=4096, warps=4, row_elems=32)]),
     "dq_token": ("dequantize", ["int4:g32:token", "int2:g32:token"],
-                 grid(elems=[8192, 16384, 32768], warps=[4, 8])),
+                 grid(elems=[8192, 16384], warps=[2, 4, 8])),
     # (int4/int2 channel dequantize use _dq_int_channel_flat, which has no CONFIG entry)
     "dq_channel": ("dequantize", ["int8:g64:channel"],
                    grid(elems=[16384, 32768], warps=[8, 16], row_elems=[8])),

@@ -38,16 +38,22 @@ enough bytes per thread:
   thread: the TA tokens of a thread stay in its registers (min/max over them in-thread, plus
   log2(TL) shuffles when TL lanes share a channel). Full groups take a path without token
   clamps or masks, where the token strides of x and codes are constexprs when small
-  (immediate load/store offsets). Groups longer than one block take two passes (min/max, then
-  quantize; the re-read hits L1/L2). int ``token`` dequantize: ``[TB, HB, DP]`` chunks of a
-  group with the group's scale/zero loaded once (one joined load) and kept in registers.
+  (immediate load/store offsets); bf16/fp16 full groups read x as int32 words of two channels
+  and take the min/max with packed ``min.NaN.bf16x2``-style instructions (_q_token_group_x2).
+  Groups longer than one block take two passes (min/max, then quantize; the re-read hits
+  L1/L2). int ``token`` dequantize: ``[TB, HB, DP]`` chunks of a group with the group's
+  scale/zero loaded once (one joined load) and kept in registers. Both token kernels launch
+  the full groups and a partial last group separately, so the fast path's register count is
+  its own (a kernel is allocated the registers of its hungriest branch).
 * fp8 ``tensor``/``head`` scopes with computed scales: an amax kernel (``atomic_max`` on the
   float bits as int32 into a zeroed buffer; |x| >= 0 so int order is float order) runs first.
 
 Quantize math is float32 as in docs/quant-spec.md: IEEE divisions (``div_rn``) once per group /
 scale for ``scale`` and the clamped reciprocal ``inv``, then sub/mul/add per element; kernels are
 compiled with ``enable_fp_fusion=False`` so that nothing is contracted into an FMA (dequantize
-is then bit-identical to the reference too). Where ``scale == 0`` the kernels zero ``inv`` per
+is then bit-identical to the reference too). Codes are floored by a round-down add of 2^23
+(``_int_codes``; a full-rate FADD.RM instead of a float-to-int conversion, which runs at 1/8 of
+the FP32 rate). Where ``scale == 0`` the kernels zero ``inv`` per
 group, which yields code 0 (``(x - mn) * 0 + 0.5``) without a per-element select, and no clamp
 to qmax is needed (see ``_int_codes``). fp8: the GPU's float-to-e4m3 conversion saturates
 (``satfinite``), so the explicit clamp to +-448 is kept for the interpreter only. Dequantize
@@ -57,16 +63,20 @@ Tile sizes and warps are in ``CONFIG`` (tuned with ``scripts/triton_tune.py``).
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from ..formats import QuantFormat
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# floor of the code by a round-down add (GPU); the interpreter has no directed rounding
+_RD_FLOOR: tl.constexpr = tl.constexpr(not _INTERPRET and os.environ.get("KVK_TRITON_RD", "1") == "1")
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _SCOPE = {"tensor": 0, "head": 1, "token_head": 2}
 _MAX_D = 4096
@@ -87,7 +97,7 @@ CONFIG = {
     "dq_fp8": dict(elems=16384, warps=4, row_elems=8),
     "amax_fp8": dict(elems=8192, warps=8),
     # token groups: x elements per thread, warps (= heads per program)
-    "q_token": dict(thread_elems=128, warps=2),
+    "q_token": dict(thread_elems=128, warps=2, pairs=1),
     "dq_token": dict(elems=16384, warps=4),
 }
 
@@ -115,13 +125,19 @@ def _int_params(mn, mx, QMAX: tl.constexpr):
 
 @triton.jit
 def _int_codes(x, mn, inv):
-    """floor((x - mn) * inv + 0.5) as int32 (sub, mul, add: three roundings, no FMA).
-    x >= mn, so the value is >= 0.5 and truncation is floor; inv == 0 gives 0. No clamp to qmax
-    is needed for finite x: fl(x - mn) <= fl(mx - mn) = rng and inv <= fl(qmax / rng) (or inv =
-    FLT_MAX < qmax / rng), so the product is at most qmax * (1 + 2^-24)^2 and, after the
-    rounded + 0.5, below qmax + 1. (Lanes masked off a group may give any code; never stored.)"""
+    """floor((x - mn) * inv + 0.5) in the low bits of an int32 (sub, mul, add: three roundings,
+    no FMA); only the low 8 bits may be used (packed codes are cut to uint8). x >= mn, so the
+    value v is >= 0.5 and < 2^23 and the floor is taken by one round-down add of 2^23 (the low
+    23 bits of fl_rd(v + 2^23) are floor(v); full rate, unlike a float-to-int conversion), or by
+    truncation under the interpreter. inv == 0 gives 0. No clamp to qmax is needed for finite x:
+    fl(x - mn) <= fl(mx - mn) = rng and inv <= fl(qmax / rng) (or inv = FLT_MAX < qmax / rng),
+    so the product is at most qmax * (1 + 2^-24)^2 and, after the rounded + 0.5, below qmax + 1.
+    (Lanes masked off a group may give any code; never stored.)"""
     v = (x - mn) * inv + 0.5
-    return v.to(tl.int32)
+    if _RD_FLOOR:
+        return libdevice.add_rd(v, TWO23).to(tl.int32, bitcast=True)
+    else:
+        return v.to(tl.int32)
 
 
 @triton.jit
@@ -293,10 +309,11 @@ def _dq_int_channel_flat(codes_ptr, scale_ptr, zero_ptr, out_ptr, R, T, H, s_l, 
 
 
 @triton.jit
-def _q_int_token(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h,
+def _q_int_token(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h, tg0,
                  D: tl.constexpr, DC: tl.constexpr, G: tl.constexpr, TA: tl.constexpr,
                  TL: tl.constexpr, HB: tl.constexpr, BITS: tl.constexpr, VX: tl.constexpr,
-                 XS: tl.constexpr, CS: tl.constexpr):
+                 XS: tl.constexpr, CS: tl.constexpr, PAIRS: tl.constexpr,
+                 PART: tl.constexpr):
     # Program: token group pid0; heads [hb*HB, +HB) and channels [dc*DC, +DC) from pid1; layer
     # pid2. Block [TL, HB, TA, DC]: token i = a*TL + b of the group. x is loaded VX = 2K
     # channels per thread (two code bytes), so with Triton 3.6's layouts (dims of equal
@@ -308,13 +325,19 @@ def _q_int_token(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h,
     # a partial last one) take a path without token clamps or masks. XS / CS: the token strides
     # of x and of the codes (s_t, H * D / K) as constexprs when small (0: use s_t), so that a
     # token's offset is an immediate of the load/store instead of 64-bit arithmetic per token.
-    tg = tl.program_id(0)
-    if tg * G + G <= T:
-        _q_token_group(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h, tg,
-                       D, DC, G, TA, TL, HB, BITS, VX, XS, CS, True)
-    else:
+    # PART: this launch is the partial last group alone (tg0 = its index; else tg0 = 0 and the
+    # launch covers the full groups): the two paths are separate kernels, so the full-group
+    # one is not given the register count of the masked one.
+    tg = tl.program_id(0) + tg0
+    if PART:
         _q_token_group(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h, tg,
                        D, DC, G, TA, TL, HB, BITS, VX, XS, CS, False)
+    elif PAIRS:
+        _q_token_group_x2(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h, tg,
+                              D, DC, G, TA, TL, HB, BITS, VX, XS, CS)
+    else:
+        _q_token_group(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h, tg,
+                       D, DC, G, TA, TL, HB, BITS, VX, XS, CS, True)
 
 
 @triton.jit
@@ -348,6 +371,112 @@ def _token_rows_exact(CH: tl.constexpr, G: tl.constexpr, FULL: tl.constexpr):
 
 
 @triton.jit
+def _bf16x2_min(a, b):
+    return tl.inline_asm_elementwise("min.NaN.bf16x2 $0, $1, $2;", "=r,r,r", [a, b],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _bf16x2_max(a, b):
+    return tl.inline_asm_elementwise("max.NaN.bf16x2 $0, $1, $2;", "=r,r,r", [a, b],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _f16x2_min(a, b):
+    return tl.inline_asm_elementwise("min.NaN.f16x2 $0, $1, $2;", "=r,r,r", [a, b],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _f16x2_max(a, b):
+    return tl.inline_asm_elementwise("max.NaN.f16x2 $0, $1, $2;", "=r,r,r", [a, b],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _half_lo(w, BF16: tl.constexpr):
+    """The float32 value of the 16-bit float in the low half of the int32 w."""
+    if BF16:
+        return (w << 16).to(tl.float32, bitcast=True)
+    else:
+        return w.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _half_hi(w, BF16: tl.constexpr):
+    """The float32 value of the 16-bit float in the high half of the int32 w."""
+    if BF16:
+        return (w & -65536).to(tl.float32, bitcast=True)
+    else:
+        return (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _q_token_group_x2(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h, tg,
+                          D: tl.constexpr, DC: tl.constexpr, G: tl.constexpr, TA: tl.constexpr,
+                          TL: tl.constexpr, HB: tl.constexpr, BITS: tl.constexpr,
+                          VX: tl.constexpr, XS: tl.constexpr, CS: tl.constexpr):
+    # A full group of bf16/fp16 x with D % DC == 0, one chunk (TA * TL >= G), 2+ codes per byte
+    # and even element strides (the host checks): x is read as int32 words of two channels, the
+    # min/max are packed x2 instructions on the words (exact: a min/max picks an element; half
+    # the instructions and no widening), and each word is widened (bf16: a shift / a mask) only
+    # where a code is computed. Measured on an H200: int4/int2 g32 from 75-86% of copy to 99-101%.
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    K: tl.constexpr = 8 // BITS
+    DB: tl.constexpr = D // K
+    DCB: tl.constexpr = DC // K
+    DC2: tl.constexpr = DC // 2
+    NDC: tl.constexpr = D // DC
+    NGT = tl.cdiv(T, G)
+    hb = tl.program_id(1) // NDC
+    dc = tl.program_id(1) % NDC
+    l = tl.program_id(2).to(tl.int64)
+    h = hb * HB + tl.arange(0, HB)
+    hmask = h < H
+    h = tl.minimum(h, H - 1)
+    d2 = dc * DC2 + tl.arange(0, DC2)
+    db = dc * DCB + tl.arange(0, DCB)
+    t0 = tg * G
+    xw_ptr = x_ptr.to(tl.pointer_type(tl.int32))
+    xp = xw_ptr + (l * (s_l // 2) + t0.to(tl.int64) * (s_t // 2))
+    xp = xp + tl.max_contiguous((h.to(tl.int64)[:, None] * (s_h // 2) + d2[None, :])[None, :, None, :],
+                                [1, 1, 1, VX // 2])
+    cp = codes_ptr + (l * T + t0) * H * DB
+    cp = cp + tl.max_contiguous((h[:, None] * DB + db[None, :])[None, :, None, :], [1, 1, 1, VX // K])
+    ti = (tl.arange(0, TA) * TL)[None, :] + tl.arange(0, TL)[:, None]     # [TL, TA]
+    if TA * TL > G:
+        ti = tl.minimum(ti, G - 1)
+    xs = _stride(XS, s_t) // 2
+    cs = _stride(CS, H * DB)
+    xw = tl.load(xp + (ti.to(tl.int64) * xs)[:, None, :, None])           # [TL, HB, TA, DC2]
+    BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
+    if BF16:
+        mn2 = tl.reduce(tl.reduce(xw, 2, _bf16x2_min), 0, _bf16x2_min)      # [HB, DC2]
+        mx2 = tl.reduce(tl.reduce(xw, 2, _bf16x2_max), 0, _bf16x2_max)
+    else:
+        mn2 = tl.reduce(tl.reduce(xw, 2, _f16x2_min), 0, _f16x2_min)
+        mx2 = tl.reduce(tl.reduce(xw, 2, _f16x2_max), 0, _f16x2_max)
+    mn_lo = _half_lo(mn2, BF16)
+    mn_hi = _half_hi(mn2, BF16)
+    sc_lo, inv_lo = _int_params(mn_lo, _half_lo(mx2, BF16), QMAX)
+    sc_hi, inv_hi = _int_params(mn_hi, _half_hi(mx2, BF16), QMAX)
+    d = dc * DC + tl.arange(0, DC)
+    sz = tl.max_contiguous(((l * NGT + tg) * H + h)[:, None] * D + d[None, :], [1, VX])   # [HB, DC]
+    tl.store(scale_ptr + sz, tl.reshape(tl.join(sc_lo, sc_hi), (HB, DC)), mask=hmask[:, None])
+    tl.store(zero_ptr + sz, tl.reshape(tl.join(mn_lo, mn_hi), (HB, DC)), mask=hmask[:, None])
+    q = _int_codes(_half_lo(xw, BF16), mn_lo[None, :, None, :], inv_lo[None, :, None, :])
+    q = q + (_int_codes(_half_hi(xw, BF16), mn_hi[None, :, None, :], inv_hi[None, :, None, :]) << BITS)
+    if K == 4:
+        q = tl.sum(tl.reshape(q, (TL, HB, TA, DCB, 2)) << (tl.arange(0, 2) * (2 * BITS))[None, None, None, None, :], axis=4)
+    cpt = cp + (ti.to(tl.int64) * cs)[:, None, :, None]
+    if TA * TL > G:
+        tl.store(cpt, q.to(tl.uint8), mask=(ti < G)[:, None, :, None] & hmask[None, :, None, None])
+    else:
+        tl.store(cpt, q.to(tl.uint8), mask=hmask[None, :, None, None])
+
+
+@triton.jit
 def _q_token_group(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h, tg,
                    D: tl.constexpr, DC: tl.constexpr, G: tl.constexpr, TA: tl.constexpr,
                    TL: tl.constexpr, HB: tl.constexpr, BITS: tl.constexpr, VX: tl.constexpr,
@@ -359,7 +488,7 @@ def _q_token_group(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h, t
     CH: tl.constexpr = TA * TL                 # tokens per chunk
     NCH: tl.constexpr = (G + CH - 1) // CH
     NDC: tl.constexpr = (D + DC - 1) // DC
-    NGT = tl.num_programs(0)                   # token groups
+    NGT = tl.cdiv(T, G)                        # token groups
     hb = tl.program_id(1) // NDC
     dc = tl.program_id(1) % NDC
     l = tl.program_id(2).to(tl.int64)
@@ -417,22 +546,18 @@ def _q_token_group(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h, t
 
 
 @triton.jit
-def _dq_int_token(codes_ptr, scale_ptr, zero_ptr, out_ptr, T, H, s_l, s_t, s_h,
+def _dq_int_token(codes_ptr, scale_ptr, zero_ptr, out_ptr, T, H, s_l, s_t, s_h, tg0,
                   D: tl.constexpr, DP: tl.constexpr, G: tl.constexpr, TB: tl.constexpr,
                   HB: tl.constexpr, BITS: tl.constexpr, CV: tl.constexpr,
-                  OS: tl.constexpr, CS: tl.constexpr):
+                  OS: tl.constexpr, CS: tl.constexpr, PART: tl.constexpr):
     # Program: token group pid0, heads [pid1*HB, +HB), layer pid2; chunks of [TB, HB, DP]
     # with the group's scale/zero [HB, DP] in registers. Codes are loaded CV bytes per thread
     # (the layout of the output's 16-byte vectors after unpacking). Full groups skip the token
     # clamps and masks; OS / CS: constexpr token strides of out / codes (0: run-time), as in
-    # _q_int_token.
-    tg = tl.program_id(0)
-    if tg * G + G <= T:
-        _dq_token_group(codes_ptr, scale_ptr, zero_ptr, out_ptr, T, H, s_l, s_t, s_h, tg,
-                        D, DP, G, TB, HB, BITS, CV, OS, CS, True)
-    else:
-        _dq_token_group(codes_ptr, scale_ptr, zero_ptr, out_ptr, T, H, s_l, s_t, s_h, tg,
-                        D, DP, G, TB, HB, BITS, CV, OS, CS, False)
+    # _q_int_token; PART as there.
+    tg = tl.program_id(0) + tg0
+    _dq_token_group(codes_ptr, scale_ptr, zero_ptr, out_ptr, T, H, s_l, s_t, s_h, tg,
+                    D, DP, G, TB, HB, BITS, CV, OS, CS, not PART)
 
 
 @triton.jit
@@ -444,7 +569,7 @@ def _dq_token_group(codes_ptr, scale_ptr, zero_ptr, out_ptr, T, H, s_l, s_t, s_h
     DB: tl.constexpr = D // K
     DPB: tl.constexpr = DP // K
     NCH: tl.constexpr = (G + TB - 1) // TB
-    NGT = tl.num_programs(0)
+    NGT = tl.cdiv(T, G)
     l = tl.program_id(2).to(tl.int64)
     h = tl.program_id(1) * HB + tl.arange(0, HB)
     hmask = h < H
@@ -649,6 +774,27 @@ def _q_token_launch(T: int, H: int, D: int, L: int, G: int, K: int, esize: int, 
     return grid, DC, TA, TL, HB, VX, max(1, HB // rest)
 
 
+def _token_parts(T: int, G: int):
+    """Token-group launches: (first group, groups, partial?) for the full groups, then the
+    partial last group if any."""
+    parts = [(0, T // G, False)] if T >= G else []
+    if T % G:
+        parts.append((T // G, 1, True))
+    return parts
+
+
+def _pairs_ok(x: torch.Tensor, K: int, D: int, DC: int, one_chunk: bool) -> bool:
+    """Whether the token quantize can read bf16/fp16 x as int32 pairs (_q_token_group_x2)."""
+    return (not _INTERPRET and x.dtype in (torch.bfloat16, torch.float16) and K >= 2 and D % DC == 0 and one_chunk
+            and x.data_ptr() % 4 == 0 and all(s % 2 == 0 for s in x.stride()[:3])
+            and _capability(x.device.index) >= (8, 0))   # min/max.NaN.{bf16,f16}x2: sm_80+
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index):
+    return torch.cuda.get_device_capability(index)
+
+
 def _token_strides(s_t: int, esize: int, G: int, H: int, D: int, K: int):
     """(x/out token stride, codes token stride) as constexprs for the token-group kernels when a
     group spans less than 1 MiB (immediate load/store offsets), else 0 (run-time strides)."""
@@ -726,9 +872,12 @@ def quantize_into(x, fmt: QuantFormat, codes, scale, zero, compute_scale: bool =
     else:
         grid, DC, TA, TL, HB, VX, nw = _q_token_launch(T, H, D, L, G, K, es, CONFIG["q_token"])
         XS, CS = _token_strides(s_t, es, G, H, D, K)
-        _q_int_token[grid](
-            x, codes, scale, zero, T, H, s_l, s_t, s_h, D=D, DC=DC, G=G, TA=TA, TL=TL, HB=HB,
-            BITS=fmt.bits, VX=VX, XS=XS, CS=CS, num_warps=nw, **_LAUNCH)
+        cfg = CONFIG["q_token"]
+        pairs = bool(cfg.get("pairs", 0)) and _pairs_ok(x, K, D, DC, TA * TL >= G)
+        for tg0, n, part in _token_parts(T, G):
+            _q_int_token[(n,) + grid[1:]](
+                x, codes, scale, zero, T, H, s_l, s_t, s_h, tg0, D=D, DC=DC, G=G, TA=TA, TL=TL,
+                HB=HB, BITS=fmt.bits, VX=VX, XS=XS, CS=CS, PAIRS=pairs and not part, PART=part, num_warps=nw, **_LAUNCH)
 
 
 def dequantize_into(codes, scale, zero, fmt: QuantFormat, out) -> None:
@@ -762,7 +911,8 @@ def dequantize_into(codes, scale, zero, fmt: QuantFormat, out) -> None:
         TB = min(_p2(G), _pow2_floor(max(1, cfg["elems"] // DP)))
         HB = min(_p2(H), _pow2_floor(max(1, cfg["elems"] // (TB * DP))))
         OS, CS = _token_strides(s_t, es, G, H, D, K)
-        _dq_int_token[(triton.cdiv(T, G), triton.cdiv(H, HB), L)](
-            codes, scale, zero, out, T, H, s_l, s_t, s_h, D=D, DP=DP, G=G, TB=TB, HB=HB,
-            BITS=fmt.bits, CV=max(1, (16 // es) // K), OS=OS, CS=CS, num_warps=cfg["warps"],
-            **_LAUNCH)
+        for tg0, n, part in _token_parts(T, G):
+            _dq_int_token[(n, triton.cdiv(H, HB), L)](
+                codes, scale, zero, out, T, H, s_l, s_t, s_h, tg0, D=D, DP=DP, G=G, TB=TB,
+                HB=HB, BITS=fmt.bits, CV=max(1, (16 // es) // K), OS=OS, CS=CS, PART=part,
+                num_warps=cfg["warps"], **_LAUNCH)
