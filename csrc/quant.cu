@@ -311,24 +311,21 @@ __global__ void __launch_bounds__(kBlock) dequant_rows_kernel(const RowDequantAr
   for (int i = 0; i < kItems; ++i) {
     if (!act[i]) continue;
     float f[E];
-    if constexpr (MODE == 0) {
-#pragma unroll
-      for (int j = 0; j < E; ++j) f[j] = fp8_dequantize(uint32_t(w[i] >> (8 * j)) & 0xffu, sc[i]);
-    } else {
-      uint32_t q[E];
-      unpack_codes<MODE, E>(w[i], q);
-      if (whole) {
-#pragma unroll
-        for (int j = 0; j < E; ++j) f[j] = int_dequantize(q[j], sc[i], zp[i]);
-      } else {  // E/G groups per vector; vector s covers groups s*(E/G) ...
+    bool done = false;
+    if constexpr (MODE != 0) {
+      if (!whole) {  // E/G groups per vector; vector s covers groups s*(E/G) ...
+        uint32_t q[E];
+        unpack_codes<MODE, E>(w[i], q);
         const uint64_t g0 = uint64_t(vidx[i]) * (uint32_t(E) >> a.logG);
 #pragma unroll
         for (int j = 0; j < E; ++j) {
           const uint64_t g = g0 + (uint32_t(j) >> a.logG);
           f[j] = int_dequantize(q[j], __ldg(a.scale + g), __ldg(a.zero + g));
         }
+        done = true;
       }
     }
+    if (!done) decode_codes<MODE, E>(w[i], sc[i], zp[i], f);
     store_vec<Tr, E>(out + ooff[i], a.o_aligned, f);
   }
 }
@@ -515,15 +512,7 @@ __global__ void __launch_bounds__(kBlock) dequant_vec_kernel(const FastArgs a) {
   for (int i = 0; i < ITEMS; ++i) {
     if (!act[i]) continue;
     float f[VE];
-    if constexpr (MODE == 0) {
-#pragma unroll
-      for (int j = 0; j < VE; ++j) f[j] = fp8_dequantize(uint32_t(w[i] >> (8 * j)) & 0xffu, sc[i]);
-    } else {
-      uint32_t q[VE];
-      unpack_codes<BITS, VE>(w[i], q);
-#pragma unroll
-      for (int j = 0; j < VE; ++j) f[j] = int_dequantize(q[j], sc[i], zp[i]);
-    }
+    decode_codes<MODE, VE>(w[i], sc[i], zp[i], f);
     store_vec<Tr, VE>(static_cast<S*>(a.out) + off[i], true, f);
   }
 }
@@ -714,8 +703,7 @@ __global__ void __launch_bounds__(kTokBlock, 6) quant_tok_split_kernel(const Tok
 #pragma unroll
       for (int j = 0; j < NW; ++j) {
         const uint32_t w = half2_word<Tr, E>(r, j);
-        mn2[j] = HM::min(mn2[j], w);
-        mx2[j] = HM::max(mx2[j], w);
+        HM::update(mn2[j], mx2[j], w, w);
       }
     } else {
       float f[E];
@@ -742,8 +730,7 @@ __global__ void __launch_bounds__(kTokBlock, 6) quant_tok_split_kernel(const Tok
   if constexpr (kPacked) {
 #pragma unroll
     for (int j = 0; j < NW; ++j) {
-      mn2[j] = HM::min(mn2[j], __shfl_xor_sync(0xffffffffu, mn2[j], 16));
-      mx2[j] = HM::max(mx2[j], __shfl_xor_sync(0xffffffffu, mx2[j], 16));
+      HM::update(mn2[j], mx2[j], __shfl_xor_sync(0xffffffffu, mn2[j], 16), __shfl_xor_sync(0xffffffffu, mx2[j], 16));
       mn[2 * j] = Tr::to_float(static_cast<typename Tr::storage>(mn2[j] & 0xffffu));
       mn[2 * j + 1] = Tr::to_float(static_cast<typename Tr::storage>(mn2[j] >> 16));
       mx[2 * j] = Tr::to_float(static_cast<typename Tr::storage>(mx2[j] & 0xffffu));
@@ -891,26 +878,17 @@ cudaError_t with_dtype(int dt, F&& f) {
   }
   return cudaErrorInvalidValue;
 }
-template <typename F>
-cudaError_t with_vec(int e, F&& f) {
-  switch (e) {
-    case 8: return f(std::integral_constant<int, 8>{});
-    case 4: return f(std::integral_constant<int, 4>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    case 1: return f(std::integral_constant<int, 1>{});
-  }
-  return cudaErrorNotSupported;
+// f(std::integral_constant<int, v>) for v in Vs, else `other`.
+template <int... Vs, typename F>
+cudaError_t with_int(int v, cudaError_t other, F&& f) {
+  cudaError_t r = other;
+  (void)((v == Vs && (r = f(std::integral_constant<int, Vs>{}), true)) || ...);
+  return r;
 }
 template <typename F>
-cudaError_t with_mode(int mode, F&& f) {
-  switch (mode) {
-    case 0: return f(std::integral_constant<int, 0>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    case 4: return f(std::integral_constant<int, 4>{});
-    case 8: return f(std::integral_constant<int, 8>{});
-  }
-  return cudaErrorInvalidValue;
-}
+cudaError_t with_vec(int e, F&& f) { return with_int<8, 4, 2, 1>(e, cudaErrorNotSupported, f); }
+template <typename F>
+cudaError_t with_mode(int mode, F&& f) { return with_int<0, 2, 4, 8>(mode, cudaErrorInvalidValue, f); }
 
 int dtype_size(int dt) { return dt == kF32 ? 4 : 2; }
 bool ptr_aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % uint64_t(bytes) == 0; }
@@ -971,6 +949,30 @@ template <typename F>
 cudaError_t with_bool(bool b, F&& f) {
   return b ? f(std::true_type{}) : f(std::false_type{});
 }
+// Run f(first layer, layers) over [0, L) in chunks of Lc layers (the launchers split L so that
+// per-launch counts fit 32 bits); stops at the first error.
+template <typename F>
+cudaError_t for_layer_chunks(int64_t L, int64_t Lc, F&& f) {
+  for (int64_t l0 = 0; l0 < L; l0 += Lc) {
+    const cudaError_t err = f(l0, std::min(Lc, L - l0));
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+// The launchers' compile-time dispatch: f(traits, mode, flag) / f(traits, vector, mode) with the
+// run-time values as types (std::integral_constant / bool_constant).
+template <typename F>
+cudaError_t with_dtype_mode_bool(int dt, int mode, bool b, F&& f) {
+  return with_dtype(dt, [&](auto tr) {
+    return with_mode(mode, [&](auto mc) { return with_bool(b, [&](auto bc) { return f(tr, mc, bc); }); });
+  });
+}
+template <typename F>
+cudaError_t with_dtype_vec_mode(int dt, int e, int mode, F&& f) {
+  return with_dtype(dt, [&](auto tr) {
+    return with_vec(e, [&](auto ec) { return with_mode(mode, [&](auto mc) { return f(tr, ec, mc); }); });
+  });
+}
 
 // Returns cudaErrorNotSupported (nothing launched) when the case needs the general kernels.
 cudaError_t launch_fast_quant(const void* x, int dt, int64_t L, int64_t T, int64_t H, int64_t D, int64_t sL,
@@ -997,8 +999,7 @@ cudaError_t launch_fast_quant(const void* x, int dt, int64_t L, int64_t T, int64
   const int64_t Lc = layers_per_launch(L, T * H * CPR);
   if (!Lc) return cudaErrorNotSupported;
   const int64_t scale_per_layer = mode == 0 ? fp8_scale_per_layer(fp8_scope, T, H) : T * H * (D / G);
-  for (int64_t l0 = 0; l0 < L; l0 += Lc) {
-    const int64_t n = std::min(Lc, L - l0);
+  return for_layer_chunks(L, Lc, [&](int64_t l0, int64_t n) -> cudaError_t {
     FastArgs a{};
     a.x = static_cast<const char*>(x) + l0 * sL * sz;
     a.sL = sL; a.sT = sT; a.sH = sH;
@@ -1015,30 +1016,24 @@ cudaError_t launch_fast_quant(const void* x, int dt, int64_t L, int64_t T, int64
     a.fp8_scope = fp8_scope;
     a.fp8_reduce = fp8_reduce;
     const uint32_t blocks = ceil_div_u32(a.n, kBlock);
-    cudaError_t err = with_dtype(dt, [&](auto tr) {
+    return with_dtype_mode_bool(dt, mode, linear, [&](auto tr, auto mc, auto lin) -> cudaError_t {
       using Tr = decltype(tr);
-      return with_mode(mode, [&](auto mc) {
-        constexpr int MC = decltype(mc)::value;
-        return with_bool(linear, [&](auto lin) -> cudaError_t {
-          constexpr bool LIN = decltype(lin)::value;
-          if constexpr (MC == 0) {
-            quant_chunk_kernel<Tr, 0, 1, LIN><<<blocks, kBlock, 0, stream>>>(a);
-          } else {
-            switch (GPC) {
-              case 1: quant_chunk_kernel<Tr, MC, 1, LIN><<<blocks, kBlock, 0, stream>>>(a); break;
-              case 2: quant_chunk_kernel<Tr, MC, 2, LIN><<<blocks, kBlock, 0, stream>>>(a); break;
-              case 4: quant_chunk_kernel<Tr, MC, 4, LIN><<<blocks, kBlock, 0, stream>>>(a); break;
-              case 8: quant_chunk_kernel<Tr, MC, 8, LIN><<<blocks, kBlock, 0, stream>>>(a); break;
-              default: return cudaErrorNotSupported;
-            }
-          }
-          return cudaGetLastError();
-        });
-      });
+      constexpr int MC = decltype(mc)::value;
+      constexpr bool LIN = decltype(lin)::value;
+      if constexpr (MC == 0) {
+        quant_chunk_kernel<Tr, 0, 1, LIN><<<blocks, kBlock, 0, stream>>>(a);
+      } else {
+        switch (GPC) {
+          case 1: quant_chunk_kernel<Tr, MC, 1, LIN><<<blocks, kBlock, 0, stream>>>(a); break;
+          case 2: quant_chunk_kernel<Tr, MC, 2, LIN><<<blocks, kBlock, 0, stream>>>(a); break;
+          case 4: quant_chunk_kernel<Tr, MC, 4, LIN><<<blocks, kBlock, 0, stream>>>(a); break;
+          case 8: quant_chunk_kernel<Tr, MC, 8, LIN><<<blocks, kBlock, 0, stream>>>(a); break;
+          default: return cudaErrorNotSupported;
+        }
+      }
+      return cudaGetLastError();
     });
-    if (err != cudaSuccess) return err;
-  }
-  return cudaSuccess;
+  });
 }
 
 cudaError_t launch_fast_dequant(const uint8_t* codes, const float* scale, const float* zero, void* out, int dt,
@@ -1058,8 +1053,7 @@ cudaError_t launch_fast_dequant(const uint8_t* codes, const float* scale, const 
   const int64_t Lc = layers_per_launch(L, T * H * VPR);
   if (!Lc) return cudaErrorNotSupported;
   const int64_t scale_per_layer = mode == 0 ? fp8_scale_per_layer(fp8_scope, T, H) : T * H * (D / G);
-  for (int64_t l0 = 0; l0 < L; l0 += Lc) {
-    const int64_t n = std::min(Lc, L - l0);
+  return for_layer_chunks(L, Lc, [&](int64_t l0, int64_t n) -> cudaError_t {
     FastArgs a{};
     a.out = static_cast<char*>(out) + l0 * osL * sz;
     a.sL = osL; a.sT = osT; a.sH = osH;
@@ -1075,24 +1069,18 @@ cudaError_t launch_fast_dequant(const uint8_t* codes, const float* scale, const 
     a.divGV = FastDiv(uint32_t(mode == 0 ? 1 : G / VE));
     a.fp8_scope = fp8_scope;
     const uint32_t blocks = ceil_div_u32(a.n, uint64_t(kItems) * kBlock);
-    cudaError_t err = with_dtype(dt, [&](auto tr) {
+    return with_dtype_mode_bool(dt, mode, linear, [&](auto tr, auto mc, auto lin) -> cudaError_t {
       using Tr = decltype(tr);
-      return with_mode(mode, [&](auto mc) {
-        constexpr int MC = decltype(mc)::value;
-        return with_bool(linear, [&](auto lin) -> cudaError_t {
-          constexpr bool LIN = decltype(lin)::value;
-          if constexpr ((16 / Tr::kSize) * (MC == 0 ? 8 : MC) >= 8) {
-            dequant_vec_kernel<Tr, MC, LIN, kItems><<<blocks, kBlock, 0, stream>>>(a);
-            return cudaGetLastError();
-          } else {
-            return cudaErrorNotSupported;
-          }
-        });
-      });
+      constexpr int MC = decltype(mc)::value;
+      constexpr bool LIN = decltype(lin)::value;
+      if constexpr ((16 / Tr::kSize) * (MC == 0 ? 8 : MC) >= 8) {
+        dequant_vec_kernel<Tr, MC, LIN, kItems><<<blocks, kBlock, 0, stream>>>(a);
+        return cudaGetLastError();
+      } else {
+        return cudaErrorNotSupported;
+      }
     });
-    if (err != cudaSuccess) return err;
-  }
-  return cudaSuccess;
+  });
 }
 
 // ---- rows (channel groups / fp8) ---------------------------------------------------------------
@@ -1119,8 +1107,7 @@ cudaError_t launch_rows_quant(const void* x, int dt, int64_t L, int64_t T, int64
   const int64_t Lc = layers_per_launch(L, T * H * (D / E));
   if (!Lc) return cudaErrorNotSupported;
   const int64_t scale_per_layer = mode == 0 ? fp8_scale_per_layer(fp8_scope, T, H) : T * H * (D / G);
-  for (int64_t l0 = 0; l0 < L; l0 += Lc) {
-    const int64_t n = std::min(Lc, L - l0);
+  return for_layer_chunks(L, Lc, [&](int64_t l0, int64_t n) -> cudaError_t {
     RowQuantArgs a{};
     a.x = static_cast<const char*>(x) + l0 * sL * sz;
     a.sL = sL; a.sT = sT; a.sH = sH;
@@ -1143,25 +1130,19 @@ cudaError_t launch_rows_quant(const void* x, int dt, int64_t L, int64_t T, int64
     a.fp8_scope = fp8_scope;
     a.fp8_reduce = fp8_reduce;
     const uint32_t blocks = ceil_div_u32(uint64_t(a.nunits) * P, uint64_t(upt) * kBlock);
-    cudaError_t err = with_dtype(dt, [&](auto tr) {
+    return with_dtype_vec_mode(dt, E, mode, [&](auto tr, auto ec, auto mc) -> cudaError_t {
       using Tr = decltype(tr);
-      return with_vec(E, [&](auto ec) {
-        constexpr int EC = decltype(ec)::value;
-        return with_mode(mode, [&](auto mc) -> cudaError_t {
-          constexpr int MC = decltype(mc)::value;
-          if constexpr (valid_vec<Tr, EC, MC>()) {
-            if (items == 1) quant_rows_kernel<Tr, EC, MC, 1><<<blocks, kBlock, 0, stream>>>(a);
-            else quant_rows_kernel<Tr, EC, MC, kItems><<<blocks, kBlock, 0, stream>>>(a);
-            return cudaGetLastError();
-          } else {
-            return cudaErrorNotSupported;
-          }
-        });
-      });
+      constexpr int EC = decltype(ec)::value;
+      constexpr int MC = decltype(mc)::value;
+      if constexpr (valid_vec<Tr, EC, MC>()) {
+        if (items == 1) quant_rows_kernel<Tr, EC, MC, 1><<<blocks, kBlock, 0, stream>>>(a);
+        else quant_rows_kernel<Tr, EC, MC, kItems><<<blocks, kBlock, 0, stream>>>(a);
+        return cudaGetLastError();
+      } else {
+        return cudaErrorNotSupported;
+      }
     });
-    if (err != cudaSuccess) return err;
-  }
-  return cudaSuccess;
+  });
 }
 
 cudaError_t launch_rows_dequant(const uint8_t* codes, const float* scale, const float* zero, void* out, int dt,
@@ -1180,8 +1161,7 @@ cudaError_t launch_rows_dequant(const uint8_t* codes, const float* scale, const 
   const int64_t Lc = layers_per_launch(L, T * H * (D / E));
   if (!Lc) return cudaErrorNotSupported;
   const int64_t scale_per_layer = mode == 0 ? fp8_scale_per_layer(fp8_scope, T, H) : T * H * (D / G);
-  for (int64_t l0 = 0; l0 < L; l0 += Lc) {
-    const int64_t n = std::min(Lc, L - l0);
+  return for_layer_chunks(L, Lc, [&](int64_t l0, int64_t n) -> cudaError_t {
     RowDequantArgs a{};
     a.codes = codes + l0 * T * H * Dp;
     a.scale = scale + l0 * scale_per_layer;
@@ -1202,24 +1182,18 @@ cudaError_t launch_rows_dequant(const uint8_t* codes, const float* scale, const 
     a.c_aligned = ptr_aligned(a.codes, NB);
     a.fp8_scope = fp8_scope;
     const uint32_t blocks = ceil_div_u32(a.nvec, uint64_t(kItems) * kBlock);
-    cudaError_t err = with_dtype(dt, [&](auto tr) {
+    return with_dtype_vec_mode(dt, E, mode, [&](auto tr, auto ec, auto mc) -> cudaError_t {
       using Tr = decltype(tr);
-      return with_vec(E, [&](auto ec) {
-        constexpr int EC = decltype(ec)::value;
-        return with_mode(mode, [&](auto mc) -> cudaError_t {
-          constexpr int MC = decltype(mc)::value;
-          if constexpr (valid_vec<Tr, EC, MC>()) {
-            dequant_rows_kernel<Tr, EC, MC><<<blocks, kBlock, 0, stream>>>(a);
-            return cudaGetLastError();
-          } else {
-            return cudaErrorNotSupported;
-          }
-        });
-      });
+      constexpr int EC = decltype(ec)::value;
+      constexpr int MC = decltype(mc)::value;
+      if constexpr (valid_vec<Tr, EC, MC>()) {
+        dequant_rows_kernel<Tr, EC, MC><<<blocks, kBlock, 0, stream>>>(a);
+        return cudaGetLastError();
+      } else {
+        return cudaErrorNotSupported;
+      }
     });
-    if (err != cudaSuccess) return err;
-  }
-  return cudaSuccess;
+  });
 }
 
 // ---- token groups --------------------------------------------------------------------------------
@@ -1234,8 +1208,7 @@ cudaError_t launch_tok(bool quant, const void* x, void* out, int dt, int64_t L, 
   if (!Lc) return cudaErrorNotSupported;
   const bool reg = quant && E == emax && G <= kTokReg;
   static const bool split_off = kvk_env_off("KVK_TOK_SPLIT");
-  for (int64_t l0 = 0; l0 < L; l0 += Lc) {
-    const int64_t n = std::min(Lc, L - l0);
+  return for_layer_chunks(L, Lc, [&](int64_t l0, int64_t n) -> cudaError_t {
     TokArgs a{};
     const int64_t xoff = l0 * sL * sz;
     a.x = quant ? static_cast<const char*>(x) + xoff : nullptr;
@@ -1255,43 +1228,37 @@ cudaError_t launch_tok(bool quant, const void* x, void* out, int dt, int64_t L, 
     a.c_aligned = ptr_aligned(a.codes, NB);
     const int64_t salign = std::min<int64_t>(4 * E, 16);
     a.s_aligned = ptr_aligned(a.scale, salign) && ptr_aligned(a.zero, salign);
-    cudaError_t err = with_dtype(dt, [&](auto tr) {
+    return with_dtype_vec_mode(dt, E, bits, [&](auto tr, auto ec, auto mc) -> cudaError_t {
       using Tr = decltype(tr);
-      return with_vec(E, [&](auto ec) {
-        constexpr int EC = decltype(ec)::value;
-        return with_mode(bits, [&](auto mc) -> cudaError_t {
-          constexpr int MC = decltype(mc)::value;
-          if constexpr (valid_tok_vec<Tr, EC, MC>()) {
-            // alignment is a template flag: a run-time flag made the compiler merge the vector and
-            // scalar load paths through one register, serializing the 32 loads (measured: 25% of copy)
-            return with_bool(a.x_aligned && a.c_aligned && a.s_aligned, [&](auto alc) -> cudaError_t {
-              constexpr bool AL = decltype(alc)::value;
-              if (!quant) {
-                dequant_tok_kernel<Tr, EC, MC, AL><<<ceil_div_u32(a.n, kBlock), kBlock, 0, stream>>>(a);
-              } else if (reg) {
-                if constexpr (EC == tok_vec(Tr::kSize, MC)) {
-                  if (AL && G > kTokReg / 2 && !split_off)
-                    quant_tok_split_kernel<Tr, EC, MC>
-                        <<<ceil_div_u32(ceil_div_u32(a.n, 16) * 32ull, kTokBlock), kTokBlock, 0, stream>>>(a);
-                  else
-                    quant_tok_kernel<Tr, EC, MC, true, AL><<<ceil_div_u32(a.n, kTokBlock), kTokBlock, 0, stream>>>(a);
-                } else {
-                  return cudaErrorNotSupported;  // unreachable: reg implies E == tok_vec
-                }
-              } else {
-                quant_tok_kernel<Tr, EC, MC, false, AL><<<ceil_div_u32(a.n, kBlock), kBlock, 0, stream>>>(a);
-              }
-              return cudaGetLastError();
-            });
+      constexpr int EC = decltype(ec)::value;
+      constexpr int MC = decltype(mc)::value;
+      if constexpr (valid_tok_vec<Tr, EC, MC>()) {
+        // alignment is a template flag: a run-time flag made the compiler merge the vector and
+        // scalar load paths through one register, serializing the 32 loads (measured: 25% of copy)
+        return with_bool(a.x_aligned && a.c_aligned && a.s_aligned, [&](auto alc) -> cudaError_t {
+          constexpr bool AL = decltype(alc)::value;
+          if (!quant) {
+            dequant_tok_kernel<Tr, EC, MC, AL><<<ceil_div_u32(a.n, kBlock), kBlock, 0, stream>>>(a);
+          } else if (reg) {
+            if constexpr (EC == tok_vec(Tr::kSize, MC)) {
+              if (AL && G > kTokReg / 2 && !split_off)
+                quant_tok_split_kernel<Tr, EC, MC>
+                    <<<ceil_div_u32(ceil_div_u32(a.n, 16) * 32ull, kTokBlock), kTokBlock, 0, stream>>>(a);
+              else
+                quant_tok_kernel<Tr, EC, MC, true, AL><<<ceil_div_u32(a.n, kTokBlock), kTokBlock, 0, stream>>>(a);
+            } else {
+              return cudaErrorNotSupported;  // unreachable: reg implies E == tok_vec
+            }
           } else {
-            return cudaErrorNotSupported;
+            quant_tok_kernel<Tr, EC, MC, false, AL><<<ceil_div_u32(a.n, kBlock), kBlock, 0, stream>>>(a);
           }
+          return cudaGetLastError();
         });
-      });
+      } else {
+        return cudaErrorNotSupported;
+      }
     });
-    if (err != cudaSuccess) return err;
-  }
-  return cudaSuccess;
+  });
 }
 
 // ---- fp8 tensor/head amax ----------------------------------------------------------------------

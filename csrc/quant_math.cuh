@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
@@ -231,33 +232,18 @@ __device__ __forceinline__ uint64_t pack_code_word(const uint32_t (&q)[E]) {
 // A running min/max over raw words of two channels: one HMNMX2 instruction per two elements and
 // no widening (a min/max picks one of its inputs, so it is exact in the storage type; NaN
 // propagates as in min_nan). Words hold the first channel in the low half.
-template <typename Tr> struct Half2MinMax { static constexpr bool kOk = false; };
-template <> struct Half2MinMax<BF16> {
-  static constexpr bool kOk = true;
-  static constexpr uint32_t kPosInf = 0x7F807F80u, kNegInf = 0xFF80FF80u;
-  __device__ __forceinline__ static uint32_t min(uint32_t a, uint32_t b) {
-    uint32_t r;
-    asm("min.NaN.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
-    return r;
-  }
-  __device__ __forceinline__ static uint32_t max(uint32_t a, uint32_t b) {
-    uint32_t r;
-    asm("max.NaN.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
-    return r;
-  }
-};
-template <> struct Half2MinMax<F16> {
-  static constexpr bool kOk = true;
-  static constexpr uint32_t kPosInf = 0x7C007C00u, kNegInf = 0xFC00FC00u;
-  __device__ __forceinline__ static uint32_t min(uint32_t a, uint32_t b) {
-    uint32_t r;
-    asm("min.NaN.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
-    return r;
-  }
-  __device__ __forceinline__ static uint32_t max(uint32_t a, uint32_t b) {
-    uint32_t r;
-    asm("max.NaN.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
-    return r;
+template <typename Tr> struct Half2MinMax {
+  static constexpr bool kBf16 = std::is_same<Tr, BF16>::value;
+  static constexpr bool kOk = kBf16 || std::is_same<Tr, F16>::value;
+  static constexpr uint32_t kPosInf = kBf16 ? 0x7F807F80u : 0x7C007C00u;
+  static constexpr uint32_t kNegInf = kBf16 ? 0xFF80FF80u : 0xFC00FC00u;
+  // mn = min(mn, a), mx = max(mx, b), per half
+  __device__ __forceinline__ static void update(uint32_t& mn, uint32_t& mx, uint32_t a, uint32_t b) {
+    if constexpr (kBf16) {
+      asm("min.NaN.bf16x2 %0, %0, %2;\n\tmax.NaN.bf16x2 %1, %1, %3;" : "+r"(mn), "+r"(mx) : "r"(a), "r"(b));
+    } else {
+      asm("min.NaN.f16x2 %0, %0, %2;\n\tmax.NaN.f16x2 %1, %1, %3;" : "+r"(mn), "+r"(mx) : "r"(a), "r"(b));
+    }
   }
 };
 
@@ -269,24 +255,22 @@ __device__ __forceinline__ uint32_t half2_word(const Vec<Tr, E>& v, int j) {
 
 // ---- NaN-propagating min / max (as torch.amin / amax) ------------------------------------------
 // One FMNMX.NAN instruction on sm_80+ (PTX min.NaN / max.NaN).
-__device__ __forceinline__ float min_nan(float a, float b) {
+template <bool kMax>
+__device__ __forceinline__ float minmax_nan(float a, float b) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   float r;
-  asm("min.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  if constexpr (kMax) {
+    asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  } else {
+    asm("min.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  }
   return r;
 #else
-  return (a < b || a != a) ? a : b;
+  return ((kMax ? a > b : a < b) || a != a) ? a : b;
 #endif
 }
-__device__ __forceinline__ float max_nan(float a, float b) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  float r;
-  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-#else
-  return (a > b || a != a) ? a : b;
-#endif
-}
+__device__ __forceinline__ float min_nan(float a, float b) { return minmax_nan<false>(a, b); }
+__device__ __forceinline__ float max_nan(float a, float b) { return minmax_nan<true>(a, b); }
 
 // ---- reciprocal of a per-group constant -------------------------------------------------------
 // The spec quantizes by multiplying with a reciprocal computed once per group / scale (IEEE
@@ -425,6 +409,21 @@ __device__ __forceinline__ float fp8_decode(uint32_t byte) {
 // x_hat = float(q) * scale.
 __device__ __forceinline__ float fp8_dequantize(uint32_t byte, float scale) {
   return __fmul_rn(fp8_decode(byte), scale);
+}
+
+// Decode a word of E codes that share one scale (and zero point): MODE 0 = fp8 bytes, else
+// BITS-bit integer codes, first code in the low bits.
+template <int MODE, int E>
+__device__ __forceinline__ void decode_codes(uint64_t w, float scale, float zero, float (&f)[E]) {
+  if constexpr (MODE == 0) {
+#pragma unroll
+    for (int j = 0; j < E; ++j) f[j] = fp8_dequantize(uint32_t(w >> (8 * j)) & 0xffu, scale);
+  } else {
+    uint32_t q[E];
+    unpack_codes<MODE, E>(w, q);
+#pragma unroll
+    for (int j = 0; j < E; ++j) f[j] = int_dequantize(q[j], scale, zero);
+  }
 }
 
 // Encode E values (already divided+clamped) into E bytes of a little-endian word.

@@ -1,6 +1,6 @@
 """Sweep the launch configurations of the Triton quantize/dequantize kernels on a GPU.
 
-    PYTHONPATH=. python scripts/triton_tune.py [--tokens 4096 32768] [--budget 200]
+    PYTHONPATH=. python scripts/triton_tune.py [--tokens 4096 32768] [--budget 200] [--shape 32,8,128]
         [--only q_channel,q_token] [--baseline OLD_quant.py] [--json rows.json]
         [--write-best best.json]
 
@@ -31,7 +31,8 @@ from kvkernels.formats import QuantFormat
 from kvkernels.reference import quant as ref
 from kvkernels.triton_kernels import quant as tq
 
-L, H, D = 32, 8, 128   # --device cpu (a smoke test under TRITON_INTERPRET=1) uses L = 1
+# default bench shape: --shape 32,8,128 (Llama-3-8B K); --device cpu (a smoke test under
+# TRITON_INTERPRET=1) uses one layer
 
 
 def grid(**axes):
@@ -138,6 +139,7 @@ def main(argv=None) -> int:
     p.add_argument("--write-best", default="", help="write {kernel: best config} (JSON) here: the config "
                    "with the best mean %% of copy over the kernel's formats and sizes")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--shape", default="32,8,128", help="layers,heads,head_dim of the bf16 input")
     args = p.parse_args(argv)
     t_start = time.time()
     bench = Bench(args.reps, args.device)
@@ -150,8 +152,9 @@ def main(argv=None) -> int:
     stop = False
     for T in args.tokens:
         torch.manual_seed(T)
-        layers = L if args.device == "cuda" else 1
-        x = (torch.randn(layers, T, H, D, device=args.device) * 2 + 0.5).to(torch.bfloat16)
+        nl, nh, hd = map(int, args.shape.split(","))
+        layers = nl if args.device == "cuda" else 1
+        x = (torch.randn(layers, T, nh, hd, device=args.device) * 2 + 0.5).to(torch.bfloat16)
         cases = {}
         for key in keys:
             op, fmts, cfgs = SWEEP[key]

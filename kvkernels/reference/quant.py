@@ -114,37 +114,28 @@ def quantize_into(x, fmt: QuantFormat, codes, scale, zero, compute_scale: bool =
     codes.copy_(_pack(q, fmt.bits))
 
 
-def dequantize_into(codes, scale, zero, fmt: QuantFormat, out) -> None:
-    L, T, H, D = out.shape
-    if fmt.kind == "fp8":
-        y = codes.view(torch.float8_e4m3fn).float() * _fp8_broadcast(scale, fmt.scope)
-        out.copy_(y)
-        return
-    q = _unpack(codes, fmt.bits).float()
-    G = fmt.group_size
-    if fmt.axis == "channel":
-        y = q.reshape(L, T, H, D // G, G) * scale.unsqueeze(-1) + zero.unsqueeze(-1)
-    else:
-        idx = torch.arange(T, device=codes.device) // G
-        y = q * scale[:, idx] + zero[:, idx]
-    out.copy_(y.reshape(L, T, H, D))
-
-
-def dequantize_float64(codes, scale, zero, fmt: QuantFormat, shape) -> torch.Tensor:
-    """Dequantize in float64 (the tests' ground truth for the decoded values)."""
-    out = torch.empty(shape, dtype=torch.float64, device=codes.device)
-    sc = scale.double()
-    zp = zero.double() if zero is not None else None
-    if fmt.kind == "fp8":
-        out.copy_(codes.view(torch.float8_e4m3fn).double() * _fp8_broadcast(sc, fmt.scope))
-        return out
+def _decode(codes, scale, zero, fmt: QuantFormat, shape, dtype) -> torch.Tensor:
+    """The values of ``codes`` as ``dtype`` [L, T, H, D]: code * scale (+ zero), computed in
+    ``dtype`` (float32: the spec; float64: the tests' ground truth)."""
     L, T, H, D = shape
-    q = _unpack(codes, fmt.bits).double()
+    sc = scale.to(dtype)
+    if fmt.kind == "fp8":
+        return codes.view(torch.float8_e4m3fn).to(dtype) * _fp8_broadcast(sc, fmt.scope)
+    q = _unpack(codes, fmt.bits).to(dtype)
+    zp = zero.to(dtype)
     G = fmt.group_size
     if fmt.axis == "channel":
         y = q.reshape(L, T, H, D // G, G) * sc.unsqueeze(-1) + zp.unsqueeze(-1)
     else:
         idx = torch.arange(T, device=codes.device) // G
         y = q * sc[:, idx] + zp[:, idx]
-    out.copy_(y.reshape(shape))
-    return out
+    return y.reshape(shape)
+
+
+def dequantize_into(codes, scale, zero, fmt: QuantFormat, out) -> None:
+    out.copy_(_decode(codes, scale, zero, fmt, out.shape, torch.float32))
+
+
+def dequantize_float64(codes, scale, zero, fmt: QuantFormat, shape) -> torch.Tensor:
+    """Dequantize in float64 (the tests' ground truth for the decoded values)."""
+    return _decode(codes, scale, zero, fmt, shape, torch.float64)

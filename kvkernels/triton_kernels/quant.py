@@ -191,6 +191,18 @@ def _row_chunks(NC: tl.constexpr, GC: tl.constexpr):
 
 
 @triton.jit
+def _rows_program(T, H, s_l, s_t, s_h, G: tl.constexpr, NG: tl.constexpr, TB: tl.constexpr,
+                  HB: tl.constexpr, NGP: tl.constexpr):
+    """Rows (token, head, group of G channels; fp8: NG = NGP = 1) of this program's tile:
+    (layer as int64, token, head, element offset of each row's group in x / out, int64 row /
+    group index, mask of the real rows); layer = program id 2."""
+    t, h, g, rmask = _tile_rows(tl.program_id(0), tl.program_id(1), T, H, NG, TB, HB, NGP)
+    l = tl.program_id(2).to(tl.int64)
+    off = l * s_l + t.to(tl.int64) * s_t + h.to(tl.int64) * s_h + g * G
+    return l, t, h, off, ((l * T + t) * H + h) * NG + g, rmask
+
+
+@triton.jit
 def _q_int_channel(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h,
                    G: tl.constexpr, NG: tl.constexpr, GP: tl.constexpr, NGP: tl.constexpr,
                    BITS: tl.constexpr, TB: tl.constexpr, HB: tl.constexpr, GC: tl.constexpr,
@@ -206,10 +218,7 @@ def _q_int_channel(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h,
     NC: tl.constexpr = GP // GC
     GCB: tl.constexpr = GC // K
     RB: tl.constexpr = TB * HB * NGP
-    t, h, g, rmask = _tile_rows(tl.program_id(0), tl.program_id(1), T, H, NG, TB, HB, NGP)
-    l = tl.program_id(2).to(tl.int64)
-    xrow = l * s_l + t.to(tl.int64) * s_t + h.to(tl.int64) * s_h + g * G
-    grp = ((l * T + t) * H + h) * NG + g                                     # int64 group index
+    _, _, _, xrow, grp, rmask = _rows_program(T, H, s_l, s_t, s_h, G, NG, TB, HB, NGP)
     j = _row_chunks(NC, GC)                                                 # [1, NC, GC]
     xp = x_ptr + (xrow[:, None, None] + j)
     if G == GP:
@@ -249,10 +258,7 @@ def _dq_int_channel(codes_ptr, scale_ptr, zero_ptr, out_ptr, T, H, s_l, s_t, s_h
     NC: tl.constexpr = GP // GC
     GCB: tl.constexpr = GC // K
     RB: tl.constexpr = TB * HB * NGP
-    t, h, g, rmask = _tile_rows(tl.program_id(0), tl.program_id(1), T, H, NG, TB, HB, NGP)
-    l = tl.program_id(2).to(tl.int64)
-    orow = l * s_l + t.to(tl.int64) * s_t + h.to(tl.int64) * s_h + g * G
-    grp = ((l * T + t) * H + h) * NG + g
+    _, _, _, orow, grp, rmask = _rows_program(T, H, s_l, s_t, s_h, G, NG, TB, HB, NGP)
     scale = tl.load(scale_ptr + grp)[:, None, None]
     zero = tl.load(zero_ptr + grp)[:, None, None]
     jb = _row_chunks(NC, GCB)
@@ -371,27 +377,30 @@ def _token_rows_exact(CH: tl.constexpr, G: tl.constexpr, FULL: tl.constexpr):
 
 
 @triton.jit
-def _bf16x2_min(a, b):
-    return tl.inline_asm_elementwise("min.NaN.bf16x2 $0, $1, $2;", "=r,r,r", [a, b],
-                                     dtype=tl.int32, is_pure=True, pack=1)
+def _token_program(H, D: tl.constexpr, DC: tl.constexpr, HB: tl.constexpr):
+    """Token-group quantize programs: (layer as int64, channel block, the HB heads clamped onto
+    the last real one, the mask of the real heads) from program ids 2 and 1."""
+    NDC: tl.constexpr = (D + DC - 1) // DC
+    h = (tl.program_id(1) // NDC) * HB + tl.arange(0, HB)
+    return tl.program_id(2).to(tl.int64), tl.program_id(1) % NDC, tl.minimum(h, H - 1), h < H
 
 
 @triton.jit
-def _bf16x2_max(a, b):
-    return tl.inline_asm_elementwise("max.NaN.bf16x2 $0, $1, $2;", "=r,r,r", [a, b],
-                                     dtype=tl.int32, is_pure=True, pack=1)
+def _x2_minmax(mn_a, mx_a, mn_b, mx_b, TY: tl.constexpr):
+    """(min(mn_a, mn_b), max(mx_a, mx_b)) per 16-bit half of int32 words, TY = bf16x2 / f16x2."""
+    return tl.inline_asm_elementwise(
+        "min.NaN." + TY + " $0, $2, $4;\n\tmax.NaN." + TY + " $1, $3, $5;", "=r,=r,r,r,r,r",
+        [mn_a, mx_a, mn_b, mx_b], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
 
 
 @triton.jit
-def _f16x2_min(a, b):
-    return tl.inline_asm_elementwise("min.NaN.f16x2 $0, $1, $2;", "=r,r,r", [a, b],
-                                     dtype=tl.int32, is_pure=True, pack=1)
+def _bf16x2_minmax(mn_a, mx_a, mn_b, mx_b):
+    return _x2_minmax(mn_a, mx_a, mn_b, mx_b, "bf16x2")
 
 
 @triton.jit
-def _f16x2_max(a, b):
-    return tl.inline_asm_elementwise("max.NaN.f16x2 $0, $1, $2;", "=r,r,r", [a, b],
-                                     dtype=tl.int32, is_pure=True, pack=1)
+def _f16x2_minmax(mn_a, mx_a, mn_b, mx_b):
+    return _x2_minmax(mn_a, mx_a, mn_b, mx_b, "f16x2")
 
 
 @triton.jit
@@ -427,14 +436,8 @@ def _q_token_group_x2(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h
     DB: tl.constexpr = D // K
     DCB: tl.constexpr = DC // K
     DC2: tl.constexpr = DC // 2
-    NDC: tl.constexpr = D // DC
     NGT = tl.cdiv(T, G)
-    hb = tl.program_id(1) // NDC
-    dc = tl.program_id(1) % NDC
-    l = tl.program_id(2).to(tl.int64)
-    h = hb * HB + tl.arange(0, HB)
-    hmask = h < H
-    h = tl.minimum(h, H - 1)
+    l, dc, h, hmask = _token_program(H, D, DC, HB)
     d2 = dc * DC2 + tl.arange(0, DC2)
     db = dc * DCB + tl.arange(0, DCB)
     t0 = tg * G
@@ -452,11 +455,9 @@ def _q_token_group_x2(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h
     xw = tl.load(xp + (ti.to(tl.int64) * xs)[:, None, :, None])           # [TL, HB, TA, DC2]
     BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
     if BF16:
-        mn2 = tl.reduce(tl.reduce(xw, 2, _bf16x2_min), 0, _bf16x2_min)      # [HB, DC2]
-        mx2 = tl.reduce(tl.reduce(xw, 2, _bf16x2_max), 0, _bf16x2_max)
+        mn2, mx2 = tl.reduce(tl.reduce((xw, xw), 2, _bf16x2_minmax), 0, _bf16x2_minmax)  # [HB, DC2]
     else:
-        mn2 = tl.reduce(tl.reduce(xw, 2, _f16x2_min), 0, _f16x2_min)
-        mx2 = tl.reduce(tl.reduce(xw, 2, _f16x2_max), 0, _f16x2_max)
+        mn2, mx2 = tl.reduce(tl.reduce((xw, xw), 2, _f16x2_minmax), 0, _f16x2_minmax)
     mn_lo = _half_lo(mn2, BF16)
     mn_hi = _half_hi(mn2, BF16)
     sc_lo, inv_lo = _int_params(mn_lo, _half_lo(mx2, BF16), QMAX)
@@ -489,12 +490,7 @@ def _q_token_group(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h, t
     NCH: tl.constexpr = (G + CH - 1) // CH
     NDC: tl.constexpr = (D + DC - 1) // DC
     NGT = tl.cdiv(T, G)                        # token groups
-    hb = tl.program_id(1) // NDC
-    dc = tl.program_id(1) % NDC
-    l = tl.program_id(2).to(tl.int64)
-    h = hb * HB + tl.arange(0, HB)
-    hmask = h < H
-    h = tl.minimum(h, H - 1)
+    l, dc, h, hmask = _token_program(H, D, DC, HB)
     d = dc * DC + tl.arange(0, DC)
     db = dc * DCB + tl.arange(0, DCB)
     if D % DC == 0:
@@ -658,10 +654,7 @@ def _q_fp8(x_ptr, codes_ptr, scale_ptr, amax_ptr, T, H, s_l, s_t, s_h,
     # Rows (token, head) as a [NC chunks, RB rows, GC] block, as in _q_int_channel.
     FMAX: tl.constexpr = 448.0
     NC: tl.constexpr = DP // GC
-    t, h, _, rmask = _tile_rows(tl.program_id(0), tl.program_id(1), T, H, 1, TB, HB, 1)
-    l = tl.program_id(2).to(tl.int64)
-    xrow = l * s_l + t.to(tl.int64) * s_t + h.to(tl.int64) * s_h
-    row = (l * T + t) * H + h
+    l, t, h, xrow, row, rmask = _rows_program(T, H, s_l, s_t, s_h, DP, 1, TB, HB, 1)
     d = _row_chunks(NC, GC)
     x = _load_d(x_ptr + (xrow[:, None, None] + d), d, D, DP).to(tl.float32)
     sidx = _fp8_scale_index(l, t, h, T, H, SCOPE)
@@ -697,10 +690,7 @@ def _dq_fp8(codes_ptr, scale_ptr, out_ptr, T, H, s_l, s_t, s_h,
             D: tl.constexpr, DP: tl.constexpr, TB: tl.constexpr, HB: tl.constexpr,
             GC: tl.constexpr, SCOPE: tl.constexpr, CV: tl.constexpr):
     NC: tl.constexpr = DP // GC
-    t, h, _, rmask = _tile_rows(tl.program_id(0), tl.program_id(1), T, H, 1, TB, HB, 1)
-    l = tl.program_id(2).to(tl.int64)
-    orow = l * s_l + t.to(tl.int64) * s_t + h.to(tl.int64) * s_h
-    row = (l * T + t) * H + h
+    l, t, h, orow, row, rmask = _rows_program(T, H, s_l, s_t, s_h, DP, 1, TB, HB, 1)
     d = _row_chunks(NC, GC)
     s = tl.load(scale_ptr + _fp8_scale_index(l, t, h, T, H, SCOPE))[:, None, None]
     c = _load_d(codes_ptr + tl.max_contiguous(row[:, None, None] * D + d, [1, 1, CV]), d, D, DP)
@@ -833,6 +823,27 @@ def supports(t: torch.Tensor, fmt: QuantFormat) -> Optional[str]:
     return None
 
 
+def _merge_heads(t: torch.Tensor, fmt: QuantFormat, quantize: bool) -> bool:
+    """Whether to run a rows kernel on ``[L, T*H, 1, D]`` views: when H is not a power of two
+    (a ``[tokens, heads]`` tile padded to 2^k heads spends its padding lanes on clamped duplicate
+    rows, e.g. a quarter of them for SmolLM2's 3 KV heads) and the token and head dims of x /
+    out merge. Only formats whose scales are per row or per layer (not per head, not token
+    groups), and only kernels that tile rows (int4/int2 channel dequantize is already flat)."""
+    H = int(t.shape[2])
+    if H & (H - 1) == 0 or t.stride(1) != H * t.stride(2):
+        return False
+    if fmt.kind == "fp8":
+        return fmt.scope != "head"
+    return fmt.axis == "channel" and (quantize or fmt.bits == 8)
+
+
+def _rows_view(t, L: int, rows: int):
+    """[L, T, H, ...] -> [L, T*H, 1, ...] (a view; None and per-layer [L] scales stay)."""
+    if t is None or t.dim() < 3:
+        return t
+    return t.view(L, rows, 1, *t.shape[3:])
+
+
 def _layer_chunks(L: int, *tensors):
     """The tensors (None stays None) cut into layer ranges of at most 65535 (the grid's last
     dim is the layer), one tuple per range."""
@@ -848,6 +859,10 @@ def quantize_into(x, fmt: QuantFormat, codes, scale, zero, compute_scale: bool =
     if L > _MAX_GRID_Z:
         for xc, cc, sc, zc in _layer_chunks(L, x, codes, scale, zero):
             quantize_into(xc, fmt, cc, sc, zc, compute_scale)
+        return
+    if _merge_heads(x, fmt, quantize=True):
+        xm, cm, sm, zm = (_rows_view(t, L, T * H) for t in (x, codes, scale, zero))
+        quantize_into(xm, fmt, cm, sm, zm, compute_scale)
         return
     if fmt.kind == "fp8":
         scope = _SCOPE[fmt.scope]
@@ -887,6 +902,10 @@ def dequantize_into(codes, scale, zero, fmt: QuantFormat, out) -> None:
     if L > _MAX_GRID_Z:
         for cc, sc, zc, oc in _layer_chunks(L, codes, scale, zero, out):
             dequantize_into(cc, sc, zc, fmt, oc)
+        return
+    if _merge_heads(out, fmt, quantize=False):
+        cm, sm, zm, om = (_rows_view(t, L, T * H) for t in (codes, scale, zero, out))
+        dequantize_into(cm, sm, zm, fmt, om)
         return
     if fmt.kind == "fp8":
         grid, TB, HB, GC, nw = _rows_launch(T, H, L, 1, DP, es, CONFIG["dq_fp8"])
