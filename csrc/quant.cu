@@ -527,8 +527,7 @@ struct TokArgs {
   uint8_t* codes;  // [L, T, H, D*bits/8]
   float* scale;    // [L, NTG, H, D]
   float* zero;     // [L, NTG, H, D]
-  uint32_t T, H, D, G, NTG, Dp, n;  // n = L * NTG * H * (D/E) (channel vector, group) items
-  uint32_t parts, part_len;  // dequantize: each item in `parts` pieces of part_len tokens
+  uint32_t T, H, D, G, NTG, Dp, n;  // n = L * NTG * H * (D/E) threads
   FastDiv divC, divH, divNTG;
   bool x_aligned, c_aligned, s_aligned;
 };
@@ -763,23 +762,16 @@ template <typename Tr, int E, int BITS, bool AL>
 __global__ void __launch_bounds__(kBlock) dequant_tok_kernel(const TokArgs a) {
   using S = typename Tr::storage;
   constexpr int NB = E * BITS / 8;
-  // Thread s: piece s / n (the outermost index, so that a warp's lanes stay on consecutive
-  // channel vectors) of item s % n: tokens [piece * part_len, +part_len) of the item's group.
-  // Two pieces per 32-token group halve each thread's serial work, so the last wave of blocks
-  // (8-10 waves at 388 MiB) idles for half as long.
   const uint32_t s = blockIdx.x * blockDim.x + threadIdx.x;
-  if (s >= a.n * a.parts) return;
-  const uint32_t piece = s / a.n;
-  const TokCoord k = tok_coord(a, s - piece * a.n);
-  const uint32_t t0 = k.t0 + piece * a.part_len;
-  const int nt = min(int(k.nt) - int(piece * a.part_len), int(a.part_len));
-  if (nt <= 0) return;
-  S* __restrict__ op = static_cast<S*>(a.out) + int64_t(k.l) * a.sL + int64_t(t0) * a.sT + int64_t(k.h) * a.sH +
+  if (s >= a.n) return;
+  const TokCoord k = tok_coord(a, s);
+  S* __restrict__ op = static_cast<S*>(a.out) + int64_t(k.l) * a.sL + int64_t(k.t0) * a.sT + int64_t(k.h) * a.sH +
                        int64_t(k.c) * E;
   const uint8_t* __restrict__ cp =
-      a.codes + ((uint64_t(k.l) * a.T + t0) * a.H + k.h) * a.Dp + uint64_t(k.c) * NB;
+      a.codes + ((uint64_t(k.l) * a.T + k.t0) * a.H + k.h) * a.Dp + uint64_t(k.c) * NB;
   const uint64_t crow = uint64_t(a.H) * a.Dp;
   const uint64_t sidx = k.q1 * a.D + uint64_t(k.c) * E;
+  const int nt = int(k.nt);
   float sc[E], zp[E];
   // The code words of up to kTokDqBatch tokens are loaded before the first is decoded: they
   // are 1-4 bytes each, so fewer in flight left this kernel waiting on load latency (8 at a
@@ -934,8 +926,7 @@ int64_t fp8_scale_per_layer(int scope, int64_t T, int64_t H) { return scope == 0
 bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
 
 // Developer A/B switches (bench/perf notes): KVK_FAST=0 disables the dense fast paths,
-// KVK_TOK_SPLIT=0 the two-lane token kernel, KVK_TOK_DQ_PIECES=0 whole groups per token-dequantize
-// thread. Read once per process.
+// KVK_TOK_SPLIT=0 the two-lane token kernel. Read once per process.
 bool kvk_env_off(const char* name) {
   const char* v = std::getenv(name);
   return v && v[0] == '0';
@@ -1213,11 +1204,10 @@ cudaError_t launch_tok(bool quant, const void* x, void* out, int dt, int64_t L, 
   const int E = D % emax == 0 ? emax : k;  // D % k == 0 is checked by the caller
   const int NB = E * bits / 8;
   const int64_t Dp = D * bits / 8, C = D / E, NTG = (T + G - 1) / G;
-  const int64_t Lc = layers_per_launch(L, std::max(2 * NTG * H * C, T * H));  // x2: dequantize pieces
+  const int64_t Lc = layers_per_launch(L, std::max(NTG * H * C, T * H));
   if (!Lc) return cudaErrorNotSupported;
   const bool reg = quant && E == emax && G <= kTokReg;
   static const bool split_off = kvk_env_off("KVK_TOK_SPLIT");
-  static const bool dq_pieces_off = kvk_env_off("KVK_TOK_DQ_PIECES");
   return for_layer_chunks(L, Lc, [&](int64_t l0, int64_t n) -> cudaError_t {
     TokArgs a{};
     const int64_t xoff = l0 * sL * sz;
@@ -1230,8 +1220,6 @@ cudaError_t launch_tok(bool quant, const void* x, void* out, int dt, int64_t L, 
     a.T = uint32_t(T); a.H = uint32_t(H); a.D = uint32_t(D); a.G = uint32_t(G);
     a.NTG = uint32_t(NTG); a.Dp = uint32_t(Dp);
     a.n = uint32_t(n * NTG * H * C);
-    a.parts = !quant && G > 16 && !dq_pieces_off ? 2u : 1u;
-    a.part_len = uint32_t((G + a.parts - 1) / a.parts);
     a.divC = FastDiv(uint32_t(C));
     a.divH = FastDiv(uint32_t(H));
     a.divNTG = FastDiv(uint32_t(NTG));
@@ -1250,7 +1238,7 @@ cudaError_t launch_tok(bool quant, const void* x, void* out, int dt, int64_t L, 
         return with_bool(a.x_aligned && a.c_aligned && a.s_aligned, [&](auto alc) -> cudaError_t {
           constexpr bool AL = decltype(alc)::value;
           if (!quant) {
-            dequant_tok_kernel<Tr, EC, MC, AL><<<ceil_div_u32(uint64_t(a.n) * a.parts, kBlock), kBlock, 0, stream>>>(a);
+            dequant_tok_kernel<Tr, EC, MC, AL><<<ceil_div_u32(a.n, kBlock), kBlock, 0, stream>>>(a);
           } else if (reg) {
             if constexpr (EC == tok_vec(Tr::kSize, MC)) {
               if (AL && G > kTokReg / 2 && !split_off)
