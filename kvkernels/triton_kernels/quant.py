@@ -810,7 +810,7 @@ def supports(t: torch.Tensor, fmt: QuantFormat) -> Optional[str]:
         return f"head_dim {D} > {_MAX_D} is not supported"
     if fmt.kind == "fp8":
         if dev == "cuda":
-            cap = torch.cuda.get_device_capability(t.device)
+            cap = _capability(t.device.index)
             if cap < (8, 9):
                 return f"fp8 e4m3 (tl.float8e4nv) needs compute capability >= 8.9, got {cap[0]}.{cap[1]}"
         return None
