@@ -76,7 +76,7 @@ from ..formats import QuantFormat
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # floor of the code by a round-down add (GPU); the interpreter has no directed rounding
-_RD_FLOOR: tl.constexpr = tl.constexpr(not _INTERPRET and os.environ.get("KVK_TRITON_RD", "1") == "1")
+_RD_FLOOR: tl.constexpr = tl.constexpr(not _INTERPRET)
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _SCOPE = {"tensor": 0, "head": 1, "token_head": 2}
 _MAX_D = 4096
@@ -340,7 +340,7 @@ def _q_int_token(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h, tg0
                        D, DC, G, TA, TL, HB, BITS, VX, XS, CS, False)
     elif PAIRS:
         _q_token_group_x2(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h, tg,
-                              D, DC, G, TA, TL, HB, BITS, VX, XS, CS)
+                          D, DC, G, TA, TL, HB, BITS, VX, XS, CS)
     else:
         _q_token_group(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h, tg,
                        D, DC, G, TA, TL, HB, BITS, VX, XS, CS, True)
@@ -423,9 +423,9 @@ def _half_hi(w, BF16: tl.constexpr):
 
 @triton.jit
 def _q_token_group_x2(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h, tg,
-                          D: tl.constexpr, DC: tl.constexpr, G: tl.constexpr, TA: tl.constexpr,
-                          TL: tl.constexpr, HB: tl.constexpr, BITS: tl.constexpr,
-                          VX: tl.constexpr, XS: tl.constexpr, CS: tl.constexpr):
+                      D: tl.constexpr, DC: tl.constexpr, G: tl.constexpr, TA: tl.constexpr,
+                      TL: tl.constexpr, HB: tl.constexpr, BITS: tl.constexpr,
+                      VX: tl.constexpr, XS: tl.constexpr, CS: tl.constexpr):
     # A full group of bf16/fp16 x with D % DC == 0, one chunk (TA * TL >= G), 2+ codes per byte
     # and even element strides (the host checks): x is read as int32 words of two channels, the
     # min/max are packed x2 instructions on the words (exact: a min/max picks an element; half
