@@ -376,3 +376,42 @@ def test_triton_layer_chunks(spec, monkeypatch):
     (codes, _, _), (rcodes, rscale, rzero) = quantize_vs_reference(x, fmt, "triton")
     assert_codes_match(codes, rcodes, rscale, rzero, fmt, x.shape)
     dequantize_vs_reference(rcodes, rscale, rzero, fmt, x.shape, torch.bfloat16, "triton", "token_strided")
+
+
+@pytest.mark.parametrize("spec,layout,merged_q,merged_dq", [
+    ("int8:g64:channel", "contiguous", True, True),
+    ("int4:g32:channel", "contiguous", True, False),      # int4/int2 channel dequantize is flat already
+    ("fp8:token_head", "contiguous", True, True),
+    ("fp8:tensor", "contiguous", True, True),
+    ("fp8:head", "contiguous", False, False),             # per-head scales: heads must stay
+    ("int4:g32:token", "contiguous", False, False),       # token groups run along T
+    ("int8:g64:channel", "token_strided", False, False),  # tokens and heads do not merge
+])
+def test_triton_merge_heads(spec, layout, merged_q, merged_dq, monkeypatch):
+    """With 3 heads (not a power of two) the Triton rows kernels run on [L, T*H, 1, D] views
+    exactly where that is valid, and give the reference's results either way."""
+    from kvkernels.triton_kernels import quant as tq
+
+    fmt = QuantFormat.parse(spec)
+    x = make_x((2, 37, 3, 64), torch.bfloat16, layout)
+    if _runnable("triton", x, fmt):
+        pytest.skip(f"triton: {_runnable('triton', x, fmt)}")
+    views = []
+    real = tq._rows_view
+    monkeypatch.setattr(tq, "_rows_view", lambda t, L, rows: views.append(rows) or real(t, L, rows))
+    (codes, _, _), (rcodes, rscale, rzero) = quantize_vs_reference(x, fmt, "triton")
+    assert bool(views) == merged_q
+    assert_codes_match(codes, rcodes, rscale, rzero, fmt, x.shape)
+    views.clear()
+    dequantize_vs_reference(rcodes, rscale, rzero, fmt, x.shape, torch.bfloat16, "triton", layout)
+    assert bool(views) == merged_dq
+    assert all(rows == 37 * 3 for rows in views)
+
+
+def test_triton_token_parts():
+    """Token-group launches: the full groups, then the partial last group alone."""
+    from kvkernels.triton_kernels import quant as tq
+
+    assert tq._token_parts(64, 32) == [(0, 2, False)]
+    assert tq._token_parts(67, 32) == [(0, 2, False), (2, 1, True)]
+    assert tq._token_parts(5, 32) == [(0, 1, True)]
