@@ -297,7 +297,7 @@ def test_torch_compile_fullgraph():
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.parametrize("spec", ["int4:g32:channel", "fp8:head", "int2:g32:token"])
+@pytest.mark.parametrize("spec", ["int4:g32:channel", "fp8:head", "fp8:tensor", "int2:g32:token"])
 def test_cuda_graph_capture(backend, spec):
     fmt = QuantFormat.parse(spec)
     x = make_x((2, 64, 4, 128), torch.bfloat16, "contiguous")
@@ -317,13 +317,62 @@ def test_cuda_graph_capture(backend, spec):
     with torch.cuda.graph(g):
         quantize_op(x, str(fmt), codes, scale, zero, True, backend)
         dequantize_op(codes, scale, zero, str(fmt), out, backend)
-    x.copy_(make_x(x.shape, x.dtype, "contiguous"))  # new data, same buffers
-    out.fill_(float("nan"))
-    g.replay()
-    torch.cuda.synchronize()
-    rc, rs, rz = run_quantize(x, fmt, "torch")
-    assert torch.equal(codes, rc) and torch.equal(scale, rs)
-    check_close(out, run_dequantize(rc, rs, rz, fmt, x.shape, x.dtype, "torch"), x.dtype)
+    for _ in range(2):  # twice: scratch state (fp8 one-pass counters) must not carry over
+        x.copy_(make_x(x.shape, x.dtype, "contiguous"))  # new data, same buffers
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        rc, rs, rz = run_quantize(x, fmt, "torch")
+        assert torch.equal(codes, rc) and torch.equal(scale, rs)
+        check_close(out, run_dequantize(rc, rs, rz, fmt, x.shape, x.dtype, "torch"), x.dtype)
+
+
+def _kernel_names(fn):
+    """Names of the GPU kernels that fn() launches (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if e.device_type.name == "CUDA"}
+
+
+# The one-pass kernels for fp8 tensor/head scales (grid-wide barrier, layers held on chip):
+# (L, T, H, D) with one step of several layers, many steps of several layers with a partial last
+# step, one 8 MiB bf16 layer per step (the bench's Llama-3-8B layer), and a layer too large to hold
+# (the two-pass kernels). The kernel that ran is checked by name.
+RESIDENT_SHAPES = [((5, 300, 8, 128), True), ((37, 257, 8, 128), True), ((3, 4096, 8, 128), True),
+                   ((2, 8192, 8, 128), False)]
+RESIDENT_KERNEL = {"cuda": "quant_fp8_resident_kernel", "triton": "_q_fp8_resident"}
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the one-pass kernel needs a GPU (cooperative launch)")
+@pytest.mark.parametrize("shape,resident", RESIDENT_SHAPES, ids=["x".join(map(str, s)) for s, _ in RESIDENT_SHAPES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("spec", ["fp8:tensor", "fp8:head"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_fp8_one_pass(backend, spec, dtype, shape, resident):
+    """Bit-identical to the reference, with an all-zero layer (scale 1), a NaN in one layer (scale
+    1 there, as the reference), the largest |x| in the last vector of a layer, and a layer a
+    thousand times smaller; and the one-pass kernel ran exactly where the layers fit."""
+    fmt = QuantFormat.parse(spec)
+    x = make_x(shape, dtype, "contiguous")
+    L = shape[0]
+    x[L // 2] = 0
+    x[-1, -1, -1, -1] = -3e3
+    x[0] *= 1e-3
+    if L > 2:
+        x[1, 7, 0, 3] = float("nan")
+    why = _runnable(backend, x, fmt)
+    if why:
+        pytest.skip(f"{backend}: {why}")
+    (codes, scale, _), (rcodes, rscale, rzero) = quantize_vs_reference(x, fmt, backend)
+    assert_codes_match(codes, rcodes, rscale, rzero, fmt, x.shape)
+    fits = resident and (dtype != torch.float32 or shape[1] < 4096)  # fp32 doubles the bytes
+    if fits and shape[1] >= 4096 and torch.cuda.get_device_properties(x.device).multi_processor_count < 132:
+        return  # an 8 MiB layer is held on 132-SM GPUs (H100 SXM / H200); fewer SMs: two passes
+    names = _kernel_names(lambda: run_quantize(x, fmt, backend))
+    ran = any(RESIDENT_KERNEL[backend] in n for n in names)
+    assert ran == fits, f"one-pass kernel ran: {ran}, expected {fits}; kernels: {sorted(names)}"
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")

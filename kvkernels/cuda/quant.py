@@ -115,8 +115,14 @@ def quantize_into(x: torch.Tensor, fmt: QuantFormat, codes: torch.Tensor, scale:
                   zero: Optional[torch.Tensor], compute_scale: bool = True) -> None:
     _C, codes, geo, tail = _prepare(codes, scale, zero, x)
     if fmt.kind == "fp8":
-        _C.quantize_fp8(x.data_ptr(), *geo, codes.data_ptr(), scale.data_ptr(), _SCOPE_CODE[fmt.scope],
-                        bool(compute_scale), *tail)
+        scope = _SCOPE_CODE[fmt.scope]
+        ws = 0
+        if compute_scale and scope != 2:
+            # scratch for the one-pass kernel (per-scope amax + a counter per step; zeroed by it)
+            L, _, H, _ = x.shape
+            ws = torch.empty(L * (H if scope == 1 else 1) + L, dtype=torch.int32, device=x.device).data_ptr()
+        _C.quantize_fp8(x.data_ptr(), *geo, codes.data_ptr(), scale.data_ptr(), scope, bool(compute_scale), ws,
+                        *tail)
     else:
         _C.quantize_int(x.data_ptr(), *geo, codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), fmt.bits,
                         fmt.group_size, _AXIS_CODE[fmt.axis], *tail)
