@@ -876,12 +876,17 @@ __global__ void fp8_finalize_kernel(float* __restrict__ scale, uint32_t n) {
 //   step s:  wait until every block published step s-1's amax; quantize + store step s-1
 //            load step s+1's vectors into the registers step s-1 held (in flight until the
 //            next iteration: they overlap this publish, the next barrier and stores)
-//            amax of step s (loaded one iteration ago) -> atomicMax on the workspace; arrive
+//            amax of step s (loaded one iteration ago) -> this block's slots
 //
-// Workspace (uint32, zeroed by the launcher): amax bits [L * Hs] (Hs = H for head scope, else 1),
-// then one arrival counter per step. Used when a step's vectors fit the resident grid's
-// registers (8 MiB of bf16 layer on a 132-SM GPU); larger layers take the two-kernel path.
-constexpr int kResBlock = 480;   // threads holding vectors, + 1 coordinating warp = 512
+// The barrier is the data: workspace slot (key, block) (key = layer, or (layer, head); uint32,
+// zeroed by the launcher) receives block b's amax for the key with bit 31 set, in one store; a
+// block waiting for step s polls the step's slots until all are set and reduces them. No fence,
+// no counter: one store and one poll per block and key on the barrier's path (an arrival counter
+// behind a fence took two more round trips to L2 per step, measured 5-8 us per step).
+// Used when a step's vectors fit the resident grid's registers (8 MiB of bf16 layer on a
+// 132-SM GPU); larger layers take the two-kernel path.
+constexpr int kResBlock = 1024;   // 32 warps per SM: the steps' latency chain needs them (16: 2x slower)
+constexpr uint32_t kSlotFull = 0x80000000u;
 constexpr int kResMaxKeys = 256;  // amax entries per step (B * Hs)
 
 struct ResidentArgs {
@@ -889,8 +894,7 @@ struct ResidentArgs {
   int64_t sL;
   uint8_t* codes;      // [L, N] e4m3
   float* scale;        // [L * Hs]
-  uint32_t* amax;      // workspace [L * Hs]: float bits
-  uint32_t* arrived;   // workspace [nsteps]
+  uint32_t* slots;     // workspace [L * Hs, grid]: block b's amax of a key, kSlotFull | float bits
   uint32_t L, B, Hs, nsteps, Nv;  // Nv: 16-byte vectors per layer
   FastDiv divNv, divC, divH;      // C = D / VE vectors per (token, head) row
 };
@@ -913,26 +917,26 @@ __device__ __forceinline__ float abs_bits_to_float(uint32_t b) {
   else return Tr::to_float(static_cast<typename Tr::storage>(b));
 }
 
-__device__ __forceinline__ uint32_t ld_acquire_gpu(const uint32_t* p) {
+__device__ __forceinline__ uint32_t ld_relaxed_gpu(const uint32_t* p) {  // from L2, never a stale L1 line
   uint32_t v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
   return v;
 }
+__device__ __forceinline__ void st_relaxed_gpu(uint32_t* p, uint32_t v) {
+  asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
 
-template <typename Tr, int K>
-__global__ void __launch_bounds__(kResBlock + 32, K > 4 ? 1 : 2) quant_fp8_resident_kernel(const ResidentArgs a) {
+template <typename Tr, int K, bool HEAD>
+__global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const ResidentArgs a) {
   using S = typename Tr::storage;
   constexpr int VE = 16 / Tr::kSize;
   __shared__ uint32_t s_amax[kResMaxKeys];
   __shared__ float s_inv[kResMaxKeys];
-  // Threads [0, kResBlock) hold vectors; the last warp coordinates: it turns the block's amax into
-  // global atomics and arrives / polls on the step counters. Its fence then waits only for its own
-  // atomics, not for the data warps' loads in flight and code stores.
-  const bool coord = threadIdx.x >= kResBlock;
+  __shared__ uint32_t s_red[kResMaxKeys];
   const uint32_t lane = threadIdx.x & 31;
   const uint32_t g = blockIdx.x * kResBlock + threadIdx.x, P = gridDim.x * kResBlock;
   const uint64_t N = uint64_t(a.Nv) * VE;
-  for (uint32_t i = threadIdx.x; i < kResMaxKeys; i += blockDim.x) s_amax[i] = 0;
+  for (uint32_t i = threadIdx.x; i < kResMaxKeys; i += kResBlock) s_amax[i] = s_red[i] = 0;
 
   // slot k of this thread in step s: vector v = k * P + g of the step's B layers
   auto locate = [&](uint32_t s, int k, uint32_t& lb, uint32_t& off, uint32_t& key) -> bool {
@@ -940,11 +944,15 @@ __global__ void __launch_bounds__(kResBlock + 32, K > 4 ? 1 : 2) quant_fp8_resid
     const uint32_t v = uint32_t(k) * P + g;
     if (v >= nb * a.Nv) return false;
     a.divNv.divmod(v, lb, off);
-    key = a.Hs == 1 ? lb : lb * a.Hs + (a.divC.div(off) - a.divH.div(a.divC.div(off)) * a.Hs);
+    if constexpr (HEAD) {
+      const uint32_t row = a.divC.div(off);
+      key = lb * a.Hs + (row - a.divH.div(row) * a.Hs);
+    } else {
+      key = lb;
+    }
     return true;
   };
   auto load_step = [&](uint32_t s, uint4 (&t)[K]) {
-    if (coord) return;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       uint32_t lb, off, key;
@@ -954,66 +962,64 @@ __global__ void __launch_bounds__(kResBlock + 32, K > 4 ? 1 : 2) quant_fp8_resid
                                                     int64_t(off) * VE));
     }
   };
-  // per-key amax of this block's vectors -> workspace; then arrive on the step's counter
+  // This block's amax per key of step s -> its slots (flag bit | float bits): one store each, no
+  // fence or atomic on the way (a slot carries its own data).
   auto publish = [&](uint32_t s, const uint4 (&t)[K]) {
-    if (!coord) {
 #pragma unroll
-      for (int k = 0; k < K; ++k) {
-        uint32_t lb, off, key = 0xffffffffu;
-        const uint32_t m = locate(s, k, lb, off, key) ? abs_max_bits<Tr>(t[k]) : 0u;
-        const uint32_t key0 = __shfl_sync(0xffffffffu, key, 0);
-        if (__all_sync(0xffffffffu, key == key0)) {  // the common case: one key per warp
-          const uint32_t r = __reduce_max_sync(0xffffffffu, m);
-          if (lane == 0 && key0 != 0xffffffffu && r) atomicMax(&s_amax[key0], r);
-        } else if (key != 0xffffffffu && m) {
-          atomicMax(&s_amax[key], m);
-        }
+    for (int k = 0; k < K; ++k) {
+      uint32_t lb, off, key = 0xffffffffu;
+      const uint32_t m = locate(s, k, lb, off, key) ? abs_max_bits<Tr>(t[k]) : 0u;
+      const uint32_t key0 = __shfl_sync(0xffffffffu, key, 0);
+      if (__all_sync(0xffffffffu, key == key0)) {  // the common case: one key per warp
+        const uint32_t r = __reduce_max_sync(0xffffffffu, m);
+        if (lane == 0 && key0 != 0xffffffffu && r) atomicMax(&s_amax[key0], r);
+      } else if (key != 0xffffffffu && m) {
+        atomicMax(&s_amax[key], m);
       }
     }
     __syncthreads();
-    if (coord) {
-      const uint32_t l0 = s * a.B, nkeys = min(a.B, a.L - l0) * a.Hs;
-      for (uint32_t i = lane; i < nkeys; i += 32) {
-        const uint32_t m = s_amax[i];
-        s_amax[i] = 0;  // the next publish is two barriers away
-        // m >= 0 (or a positive NaN) as float: its int bits order like the floats
-        if (m) atomicMax(a.amax + l0 * a.Hs + i, __float_as_uint(abs_bits_to_float<Tr>(m)));
-      }
-      __syncwarp();
-      if (lane == 0) {
-        __threadfence();
-        atomicAdd(a.arrived + s, 1u);
-      }
+    const uint32_t l0 = s * a.B, nkeys = min(a.B, a.L - l0) * a.Hs;
+    for (uint32_t i = threadIdx.x; i < nkeys; i += kResBlock) {
+      const uint32_t m = s_amax[i];
+      s_amax[i] = 0;  // reused two barriers later
+      // |x| as float: non-negative (or a positive NaN), at most 0x7fffffff: bit 31 is free
+      st_relaxed_gpu(a.slots + (uint64_t(l0 * a.Hs + i) * gridDim.x + blockIdx.x),
+                     kSlotFull | __float_as_uint(abs_bits_to_float<Tr>(m)));
     }
   };
+  // Wait for every block's slots of step s (grid barrier), reduce them, quantize + store.
   auto quantize_step = [&](uint32_t s, const uint4 (&t)[K]) {
     const uint32_t l0 = s * a.B, nkeys = min(a.B, a.L - l0) * a.Hs;
-    if (coord) {
-      if (lane == 0)
-        while (ld_acquire_gpu(a.arrived + s) < gridDim.x) {
-        }
-      __syncwarp();
-      for (uint32_t i = lane; i < nkeys; i += 32) {
-        const float sc = fp8_scale_from_amax(__uint_as_float(__ldcg(a.amax + l0 * a.Hs + i)));
-        s_inv[i] = fp8_inv(sc);
-        if (blockIdx.x == 0) a.scale[l0 * a.Hs + i] = sc;
+    const uint32_t nslots = nkeys * gridDim.x;
+    const uint32_t* slots = a.slots + uint64_t(l0 * a.Hs) * gridDim.x;
+    for (uint32_t i = threadIdx.x; i < nslots; i += kResBlock) {  // one slot per thread at most, mostly
+      uint32_t v = ld_relaxed_gpu(slots + i);
+      while (!(v & kSlotFull)) {
+        __nanosleep(64);
+        v = ld_relaxed_gpu(slots + i);
       }
+      if (v & ~kSlotFull) atomicMax(&s_red[i / gridDim.x], v & ~kSlotFull);
     }
     __syncthreads();
-    if (!coord) {
+    for (uint32_t i = threadIdx.x; i < nkeys; i += kResBlock) {
+      const float sc = fp8_scale_from_amax(__uint_as_float(s_red[i]));
+      s_red[i] = 0;
+      s_inv[i] = fp8_inv(sc);
+      if (blockIdx.x == 0) a.scale[l0 * a.Hs + i] = sc;
+    }
+    __syncthreads();
 #pragma unroll
-      for (int k = 0; k < K; ++k) {
-        uint32_t lb, off, key;
-        if (!locate(s, k, lb, off, key)) continue;
-        Vec<Tr, VE> raw;
-        raw.w = t[k];
-        float f[VE];
-        raw_to_float<Tr, VE>(raw, f);
-        const float inv = s_inv[key];
+    for (int k = 0; k < K; ++k) {
+      uint32_t lb, off, key;
+      if (!locate(s, k, lb, off, key)) continue;
+      Vec<Tr, VE> raw;
+      raw.w = t[k];
+      float f[VE];
+      raw_to_float<Tr, VE>(raw, f);
+      const float inv = s_inv[key];
 #pragma unroll
-        for (int j = 0; j < VE; ++j) f[j] = fp8_prescale(f[j], inv);
-        store_bytes<VE>(a.codes + (l0 + lb) * N + uint64_t(off) * VE, fp8_pack<VE>(f), true);
-      }
+      for (int j = 0; j < VE; ++j) f[j] = __fmul_rn(f[j], inv);  // the encoder saturates (fp8_prescale)
+      store_bytes<VE>(a.codes + (l0 + lb) * N + uint64_t(off) * VE, fp8_pack<VE>(f), true);
     }
     __syncthreads();  // s_inv is rewritten by the next step
   };
@@ -1496,14 +1502,14 @@ DeviceInfo device_info() {
 }
 
 // Resident blocks per SM of quant_fp8_resident_kernel<Tr, K> (0 if unknown).
-template <typename Tr, int K>
+template <typename Tr, int K, bool HEAD>
 int resident_blocks_per_sm() {
   static int cache[64] = {};
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
   if (!cache[dev]) {
     int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, quant_fp8_resident_kernel<Tr, K>, kResBlock + 32, 0) !=
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, quant_fp8_resident_kernel<Tr, K, HEAD>, kResBlock, 0) !=
         cudaSuccess)
       n = 0;
     cache[dev] = n > 0 ? n : -1;
@@ -1527,9 +1533,9 @@ int64_t resident_step_bytes() {
 // the layout isn't dense; the caller then takes the two-kernel path.
 cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int64_t H, int64_t D, int64_t sL,
                                 int64_t sT, int64_t sH, uint8_t* codes, float* scale, int scope, uint32_t* ws,
-                                cudaStream_t stream) {
+                                int64_t ws_words, cudaStream_t stream) {
   static const bool off = kvk_env_off("KVK_FP8_RESIDENT");
-  if (off || !ws || scope > 1) return cudaErrorNotSupported;
+  if (off || !ws || scope > 1 || ws_words <= 0) return cudaErrorNotSupported;
   const int sz = dtype_size(dt), VE = 16 / sz;
   const bool dense = (T == 1 || sT == H * D) && (H == 1 || sH == D);
   if (!dense || D % VE || !ptr_aligned(x, 16) || !stride_ok(sL, L, VE) || !ptr_aligned(codes, VE))
@@ -1538,39 +1544,41 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
   if (!dev.coop || dev.sms <= 0) return cudaErrorNotSupported;
   const int64_t Hs = scope == 1 ? H : 1, Nv = T * H * D / VE;
   if (Hs > kResMaxKeys || Nv > kMaxCount) return cudaErrorNotSupported;
-  return with_dtype(dt, [&](auto tr) -> cudaError_t {
+  return with_dtype_mode_bool(dt, 0, scope == 1, [&](auto tr, auto, auto hc) -> cudaError_t {
     using Tr = decltype(tr);
+    constexpr bool HEAD = decltype(hc)::value;
     // capacity in vectors with K vectors per thread; the smallest K that holds a step wins (more
     // blocks per SM, fewer registers per thread)
     auto cap = [&](int bps, int k) { return int64_t(bps) * dev.sms * kResBlock * k; };
-    constexpr int kK[4] = {1, 2, 4, 9};  // 9: an 8 MiB bf16 layer on 132 SMs (one block each)
-    const int bps[4] = {resident_blocks_per_sm<Tr, 1>(), resident_blocks_per_sm<Tr, 2>(),
-                        resident_blocks_per_sm<Tr, 4>(), resident_blocks_per_sm<Tr, 9>()};
-    const int64_t cap_max = cap(bps[3], kK[3]);
+    constexpr int kK[3] = {1, 2, 4};  // 4: an 8 MiB bf16 layer on 132 SMs (one block each)
+    const int bps[3] = {resident_blocks_per_sm<Tr, 1, HEAD>(), resident_blocks_per_sm<Tr, 2, HEAD>(),
+                        resident_blocks_per_sm<Tr, 4, HEAD>()};
+    const int64_t cap_max = cap(bps[2], kK[2]);
     if (Nv > cap_max) return cudaErrorNotSupported;
     int64_t B = std::max<int64_t>(1, resident_step_bytes() / (Nv * 16));
     B = std::min({B, L, cap_max / Nv, int64_t(kResMaxKeys) / Hs});
     const int64_t stepv = B * Nv;
     int ki = 0;
-    while (cap(bps[ki], kK[ki]) < stepv) ++ki;  // terminates: cap(bps[3], kK[3]) >= stepv
+    while (cap(bps[ki], kK[ki]) < stepv) ++ki;  // terminates: cap(bps[2], kK[2]) >= stepv
     const int K = kK[ki];
     const int64_t nsteps = (L + B - 1) / B;
-    cudaError_t err = cudaMemsetAsync(ws, 0, size_t(L * Hs + nsteps) * sizeof(uint32_t), stream);
+    const uint32_t grid = ceil_div_u32(stepv, uint64_t(kResBlock) * K);
+    if (L * Hs * grid > ws_words) return cudaErrorNotSupported;
+    cudaError_t err = cudaMemsetAsync(ws, 0, size_t(L * Hs * grid) * sizeof(uint32_t), stream);
     if (err != cudaSuccess) return err;
     ResidentArgs a{};
     a.x = x;
     a.sL = sL;
     a.codes = codes;
     a.scale = scale;
-    a.amax = ws;
-    a.arrived = ws + L * Hs;
+    a.slots = ws;
     a.L = uint32_t(L); a.B = uint32_t(B); a.Hs = uint32_t(Hs); a.nsteps = uint32_t(nsteps); a.Nv = uint32_t(Nv);
     a.divNv = FastDiv(uint32_t(Nv));
     a.divC = FastDiv(uint32_t(D / VE));
     a.divH = FastDiv(uint32_t(H));
     cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3(ceil_div_u32(stepv, uint64_t(kResBlock) * K));
-    cfg.blockDim = dim3(kResBlock + 32);  // + the coordinating warp
+    cfg.gridDim = dim3(grid);
+    cfg.blockDim = dim3(kResBlock);
     cfg.dynamicSmemBytes = 0;
     cfg.stream = stream;
     cudaLaunchAttribute attr[1];
@@ -1578,8 +1586,8 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
     attr[0].val.cooperative = 1;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
-    return with_int<1, 2, 4, 9>(K, cudaErrorNotSupported, [&](auto kc) -> cudaError_t {
-      return cudaLaunchKernelEx(&cfg, quant_fp8_resident_kernel<Tr, decltype(kc)::value>, a);
+    return with_int<1, 2, 4>(K, cudaErrorNotSupported, [&](auto kc) -> cudaError_t {
+      return cudaLaunchKernelEx(&cfg, quant_fp8_resident_kernel<Tr, decltype(kc)::value, HEAD>, a);
     });
   });
 }
@@ -1625,11 +1633,13 @@ extern "C" cudaError_t kvk_dequantize_int(const uint8_t* codes, const float* sca
 
 extern "C" cudaError_t kvk_quantize_fp8(const void* x, int x_dtype, int64_t L, int64_t T, int64_t H, int64_t D,
                                         int64_t sL, int64_t sT, int64_t sH, uint8_t* codes, float* scale, int scope,
-                                        bool compute_scale, uint32_t* workspace, cudaStream_t stream) {
+                                        bool compute_scale, uint32_t* workspace, int64_t workspace_words,
+                                        cudaStream_t stream) {
   if (!x || !codes || !scale) return cudaErrorInvalidValue;
   if (x_dtype < 0 || x_dtype > 2 || !dims_ok(L, T, H, D) || scope < 0 || scope > 2) return cudaErrorInvalidValue;
   if (compute_scale && scope != 2) {
-    cudaError_t err = launch_fp8_resident(x, x_dtype, L, T, H, D, sL, sT, sH, codes, scale, scope, workspace, stream);
+    cudaError_t err = launch_fp8_resident(x, x_dtype, L, T, H, D, sL, sT, sH, codes, scale, scope, workspace,
+                                          workspace_words, stream);
     if (err != cudaErrorNotSupported) return err;
     err = launch_fp8_scale(x, x_dtype, L, T, H, D, sL, sT, sH, scale, scope, stream);
     if (err != cudaSuccess) return err;
