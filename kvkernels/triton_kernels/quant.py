@@ -702,6 +702,197 @@ def _dq_fp8(codes_ptr, scale_ptr, out_ptr, T, H, s_l, s_t, s_h,
         tl.store(out_ptr + (orow[:, None, None] + d), y, mask=rmask[:, None, None] & (d < D))
 
 
+@triton.jit
+def _x2_max(a, b, TY: tl.constexpr):
+    """max per 16-bit half of int32 words, TY = bf16x2 / f16x2 (NaN wins)."""
+    return tl.inline_asm_elementwise("max.NaN." + TY + " $0, $1, $2;", "=r,r,r", [a, b],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _bf16x2_max(a, b):
+    return _x2_max(a, b, "bf16x2")
+
+
+@triton.jit
+def _f16x2_max(a, b):
+    return _x2_max(a, b, "f16x2")
+
+
+@triton.jit
+def _fp8r_abs(w, KIND: tl.constexpr):
+    """|x| of words (KIND 0 bf16 / 1 fp16: two elements per int32 word; 2 fp32: one): the
+    sign bits cleared. Non-negative floats order like their bits (NaN above inf)."""
+    if KIND == 2:
+        return w & 0x7FFFFFFF
+    else:
+        return w & 0x7FFF7FFF
+
+
+@triton.jit
+def _fp8r_max(a, axis: tl.constexpr, KIND: tl.constexpr):
+    """Max over ``axis`` of |x| words: per 16-bit half (one packed instruction per word, exact:
+    a max picks an element) or as int32 (fp32 bits)."""
+    if KIND == 0:
+        return tl.reduce(a, axis, _bf16x2_max)
+    elif KIND == 1:
+        return tl.reduce(a, axis, _f16x2_max)
+    else:
+        return tl.max(a, axis=axis)
+
+
+@triton.jit
+def _fp8r_bits(m, KIND: tl.constexpr):
+    """|x| max word -> the float32 bits (int32) of the larger of its halves (exact)."""
+    if KIND == 0:
+        return tl.maximum(m << 16, m & -65536)
+    elif KIND == 1:
+        return tl.maximum(_half_lo(m, False).to(tl.int32, bitcast=True),
+                          _half_hi(m, False).to(tl.int32, bitcast=True))
+    else:
+        return m
+
+
+@triton.jit
+def _fp8r_scale(bits):
+    """amax float32 bits -> (scale, inv) exactly as _q_fp8 (COMPUTE) computes them."""
+    amax = bits.to(tl.float32, bitcast=True)
+    s = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
+    s = tl.where(s > 0, s, 1.0)
+    return s, tl.minimum(tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s), FLT_MAX)
+
+
+@triton.jit
+def _fp8r_load(xw_ptr, l0, w0, L, NW, s_lw, B: tl.constexpr, BW: tl.constexpr,
+               LMASK: tl.constexpr, WMASK: tl.constexpr):
+    """Words [w0, w0 + BW) of layers [l0, l0 + B) as a [B, BW] int32 tile; 0 past L / NW."""
+    l = l0 + tl.arange(0, B)
+    j = w0 + tl.arange(0, BW)
+    p = xw_ptr + ((l.to(tl.int64) * s_lw)[:, None] + j[None, :])
+    if WMASK:
+        return tl.load(p, mask=(l < L)[:, None] & (j < NW)[None, :], other=0)
+    elif LMASK:
+        return tl.load(p, mask=(l < L)[:, None], other=0)
+    else:
+        return tl.load(p)
+
+
+@triton.jit
+def _fp8r_publish(w, amax_ptr, cnt_ptr, step, w0, L, H: tl.constexpr, DW: tl.constexpr,
+                  BW: tl.constexpr, B: tl.constexpr, MODE: tl.constexpr, KIND: tl.constexpr):
+    """This program's |x| max of each layer (MODE 0) / (layer, head) (1: heads by a reshape,
+    2: by masks over the rows) of step ``step`` -> atomic_max into amax_ptr; then arrive on
+    the step's counter (release: after all of the program's atomic_max, behind the barrier)."""
+    l = step * B + tl.arange(0, B)
+    a = _fp8r_abs(w, KIND)
+    if MODE == 0:
+        m = _fp8r_bits(_fp8r_max(a, 1, KIND), KIND)                               # [B]
+        tl.atomic_max(amax_ptr + l, m, mask=l < L, sem="relaxed", scope="gpu")
+    elif MODE == 1:
+        # the program's words are whole rows of H heads: [B, rows, H, DW]; the rows first (a
+        # thread's words are mostly one head: in-thread maxima, then across warps)
+        m = tl.reshape(a, (B, BW // (H * DW), H, DW))
+        m = _fp8r_bits(_fp8r_max(_fp8r_max(m, 1, KIND), 2, KIND), KIND)          # [B, H]
+        k = l[:, None] * H + tl.arange(0, H)[None, :]
+        tl.atomic_max(amax_ptr + k, m, mask=(l < L)[:, None], sem="relaxed", scope="gpu")
+    else:
+        # H not a power of two: per-row maxima, then one masked max per head (H <= 8)
+        R: tl.constexpr = BW // DW
+        m = _fp8r_bits(_fp8r_max(tl.reshape(a, (B, R, DW)), 2, KIND), KIND)      # [B, R]
+        head = ((w0 // DW + tl.arange(0, R)) % H)[None, :]
+        for h in tl.static_range(H):
+            mh = tl.max(tl.where(head == h, m, 0), axis=1)
+            tl.atomic_max(amax_ptr + (l * H + h), mh, mask=l < L, sem="relaxed", scope="gpu")
+    tl.debug_barrier()
+    tl.atomic_add(cnt_ptr + step, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _fp8r_wait(cnt_ptr, P):
+    """Spin until all P programs arrived on the counter (acquire: their atomic_max are seen)."""
+    while tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu") < P:
+        pass
+
+
+@triton.jit
+def _fp8r_quantize(w, codes_ptr, scale_ptr, amax_ptr, step, w0, L, NW, H: tl.constexpr,
+                   DW: tl.constexpr, BW: tl.constexpr, B: tl.constexpr, MODE: tl.constexpr,
+                   KIND: tl.constexpr, LMASK: tl.constexpr, WMASK: tl.constexpr):
+    """Codes of the [B, BW] words w of step ``step`` (its amax complete: after _fp8r_wait);
+    program 0 stores the step's scales. amax is read with volatile loads (not through L1)."""
+    l = step * B + tl.arange(0, B)
+    lm = l < L
+    sm = l < tl.where(tl.program_id(0) == 0, L, 0)   # scales: stored by program 0
+    if MODE == 0:
+        s, inv = _fp8r_scale(tl.load(amax_ptr + l, mask=lm, other=0, volatile=True))
+        tl.store(scale_ptr + l, s, mask=sm)
+        inv = inv[:, None]
+    elif MODE == 1:
+        k = l[:, None] * H + tl.arange(0, H)[None, :]
+        s, inv = _fp8r_scale(tl.load(amax_ptr + k, mask=lm[:, None], other=0, volatile=True))
+        tl.store(scale_ptr + k, s, mask=sm[:, None])
+        RQ: tl.constexpr = BW // (H * DW)
+        inv = tl.reshape(tl.broadcast_to(inv[:, None, :, None], (B, RQ, H, DW)), (B, BW))
+    else:
+        R: tl.constexpr = BW // DW
+        head = ((w0 // DW + tl.arange(0, R)) % H)[None, :]
+        inv_r = tl.zeros((B, R), tl.float32)
+        for h in tl.static_range(H):
+            s, inv_h = _fp8r_scale(tl.load(amax_ptr + (l * H + h), mask=lm, other=0, volatile=True))
+            tl.store(scale_ptr + (l * H + h), s, mask=sm)
+            inv_r = tl.where(head == h, inv_h[:, None], inv_r)
+        inv = tl.reshape(tl.broadcast_to(inv_r[:, :, None], (B, R, DW)), (B, BW))
+    # codes: a word's elements (in order) -> its codes; the GPU's conversion saturates to +-448
+    if KIND == 2:
+        c = (w.to(tl.float32, bitcast=True) * inv).to(tl.float8e4nv)
+        CW: tl.constexpr = BW
+        n = NW
+    else:
+        y = tl.join(_half_lo(w, KIND == 0) * inv, _half_hi(w, KIND == 0) * inv)  # [B, BW, 2]
+        c = tl.reshape(y.to(tl.float8e4nv), (B, 2 * BW))
+        CW: tl.constexpr = 2 * BW
+        n = 2 * NW
+    c = c.to(tl.uint8, bitcast=True)
+    # stored in the layout they are computed in (the codes of a thread's 16-byte word vector)
+    j = tl.max_contiguous(w0 * (CW // BW) + tl.arange(0, CW), [4 * CW // BW])
+    p = codes_ptr + ((l.to(tl.int64) * n)[:, None] + j[None, :])
+    if WMASK:
+        tl.store(p, c, mask=lm[:, None] & (j < n)[None, :])
+    elif LMASK:
+        tl.store(p, c, mask=lm[:, None])
+    else:
+        tl.store(p, c)
+
+
+@triton.jit
+def _q_fp8_resident(x_ptr, codes_ptr, scale_ptr, amax_ptr, cnt_ptr, L, NW, s_lw,
+                    H: tl.constexpr, DW: tl.constexpr, BW: tl.constexpr, B: tl.constexpr,
+                    MODE: tl.constexpr, KIND: tl.constexpr, LMASK: tl.constexpr,
+                    WMASK: tl.constexpr):
+    # fp8 quantize with computed tensor / head scales in one pass over x (see
+    # _fp8_resident_plan): the grid (<= one program per SM, launched cooperatively, so all
+    # programs are resident and may wait for each other) owns each layer in slices of BW int32
+    # words (NW per layer, layer stride s_lw words); steps of B layers. A step's words stay in
+    # registers until the step's amax is complete: published, then quantized one step later,
+    # so that the wait for the other programs overlaps the loads of the next step.
+    w0 = tl.program_id(0) * BW
+    P = tl.num_programs(0)
+    xw_ptr = x_ptr.to(tl.pointer_type(tl.int32))
+    nsteps = tl.cdiv(L, B)
+    prev = _fp8r_load(xw_ptr, 0, w0, L, NW, s_lw, B, BW, LMASK, WMASK)
+    _fp8r_publish(prev, amax_ptr, cnt_ptr, 0, w0, L, H, DW, BW, B, MODE, KIND)
+    for step in range(1, nsteps):
+        cur = _fp8r_load(xw_ptr, step * B, w0, L, NW, s_lw, B, BW, LMASK, WMASK)
+        _fp8r_wait(cnt_ptr + (step - 1), P)
+        _fp8r_quantize(prev, codes_ptr, scale_ptr, amax_ptr, step - 1, w0, L, NW, H, DW, BW, B,
+                       MODE, KIND, LMASK, WMASK)
+        _fp8r_publish(cur, amax_ptr, cnt_ptr, step, w0, L, H, DW, BW, B, MODE, KIND)
+        prev = cur
+    _fp8r_wait(cnt_ptr + (nsteps - 1), P)
+    _fp8r_quantize(prev, codes_ptr, scale_ptr, amax_ptr, nsteps - 1, w0, L, NW, H, DW, BW, B,
+                   MODE, KIND, LMASK, WMASK)
+
+
 # ---------------------------------------------------------------------------------------------
 # launch helpers
 # ---------------------------------------------------------------------------------------------
@@ -785,6 +976,63 @@ def _capability(index):
     return torch.cuda.get_device_capability(index)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _has_coop_launch() -> bool:
+    """Whether this Triton has the ``launch_cooperative_grid`` launch option (3.6 and newer do)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "launch_cooperative_grid" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
+# fp8 tensor / head scopes with computed scales in one pass (_q_fp8_resident). KVK_FP8_RESIDENT=0
+# turns it off (A/B against the two-kernel path); never under the interpreter, which runs the
+# programs one after another (a program waiting for the others would wait forever).
+_FP8_RESIDENT = os.environ.get("KVK_FP8_RESIDENT", "1") != "0" and not _INTERPRET
+_RESIDENT_STEP_BYTES = 6 << 20    # x bytes per step: a few MiB (one grid-wide wait per step)
+_RESIDENT_TILE_WORDS = 64 * 256   # int32 words of a step tile: 64 per thread at 8 warps (two live)
+_RESIDENT_MIN_BW = 512            # words per program and layer at least (small layers: fewer programs)
+
+
+def _fp8_resident_plan(L: int, T: int, H: int, D: int, esize: int, sms: int, head: bool = False):
+    """Launch plan of _q_fp8_resident for x ``[L, T, H, D]`` (element size ``esize``, each layer
+    dense) on ``sms`` SMs, or None where its steps cannot stay in registers. A layer is NW int32
+    words; program p owns words [p*BW, (p+1)*BW) of every layer (BW a power of two, P <= sms
+    programs); a step is B layers (a power of two, about _RESIDENT_STEP_BYTES of x, tile B*BW <=
+    _RESIDENT_TILE_WORDS). ``head``: per-head scales, which need head rows of a power-of-two
+    number of words DW; MODE 1 (H a power of two: BW whole rows of H heads) or 2 (H <= 8: per-row
+    masks); else MODE 0 (one scale per layer; per head with H == 1)."""
+    nbytes = T * H * D * esize
+    if nbytes % 4 or L < 1 or sms < 1:
+        return None
+    NW = nbytes // 4
+    BW = max(_p2(triton.cdiv(NW, sms)), min(_RESIDENT_MIN_BW, _p2(NW)))
+    mode, DW = 0, 1
+    if head and H > 1:
+        DW = D * esize // 4
+        if (D * esize) % 4 or _p2(DW) != DW:
+            return None
+        if H & (H - 1) == 0:
+            mode, BW = 1, max(BW, H * DW)
+        elif H <= 8:
+            mode, BW = 2, max(BW, DW)
+        else:
+            return None
+    if BW > _RESIDENT_TILE_WORDS:
+        return None
+    B = 1
+    while 2 * B <= _p2(L) and 2 * B * nbytes <= _RESIDENT_STEP_BYTES and 2 * B * BW <= _RESIDENT_TILE_WORDS:
+        B *= 2
+    return dict(P=triton.cdiv(NW, BW), BW=BW, B=B, nsteps=triton.cdiv(L, B), NW=NW, DW=DW, MODE=mode,
+                warps=min(8, max(1, B * BW // 128)))
+
+
 def _token_strides(s_t: int, esize: int, G: int, H: int, D: int, K: int):
     """(x/out token stride, codes token stride) as constexprs for the token-group kernels when a
     group spans less than 1 MiB (immediate load/store offsets), else 0 (run-time strides)."""
@@ -852,6 +1100,35 @@ def _layer_chunks(L: int, *tensors):
         yield tuple(None if t is None else t[sl] for t in tensors)
 
 
+def _q_fp8_resident_into(x, codes, scale, scope: int) -> bool:
+    """fp8 quantize with computed ``tensor`` (scope 0) / ``head`` (1) scales by _q_fp8_resident
+    if it applies: CUDA, each layer of x dense and 16-byte aligned, a plan that fits (else False:
+    the caller runs the amax and quantize kernels)."""
+    L, T, H, D, s_l, s_t, s_h, es, _ = _geometry(x)
+    if not (_FP8_RESIDENT and x.is_cuda and x.dtype in _DTYPES and _has_coop_launch()):
+        return False
+    if (T > 1 and s_t != H * D) or (H > 1 and s_h != D) or x.data_ptr() % 16 or (L > 1 and s_l * es % 16):
+        return False
+    plan = _fp8_resident_plan(L, T, H, D, es, _sm_count(x.device.index), head=scope == 1)
+    if plan is None:
+        return False
+    # amax (float bits) per layer / (layer, head), then one arrival counter per step
+    nkeys = L * H if scope == 1 else L
+    ws = torch.zeros(nkeys + plan["nsteps"], dtype=torch.int32, device=x.device)
+    _fp8_resident_launch(x, codes, scale, ws, nkeys, plan, launch_cooperative_grid=True, **_LAUNCH)
+    return True
+
+
+def _fp8_resident_launch(x, codes, scale, ws, nkeys: int, plan, **launch):
+    L, T, H, D, s_l, _, _, es, _ = _geometry(x)
+    B, BW, NW = plan["B"], plan["BW"], plan["NW"]
+    _q_fp8_resident[(plan["P"],)](
+        x, codes, scale, ws[:nkeys], ws[nkeys:], L, NW, s_l * es // 4 if L > 1 else 0,
+        H=H if plan["MODE"] else 1, DW=plan["DW"], BW=BW, B=B, MODE=plan["MODE"],
+        KIND=_DTYPES.index(x.dtype), LMASK=L % B != 0, WMASK=NW % BW != 0,
+        num_warps=plan["warps"], num_stages=1, **launch)
+
+
 def quantize_into(x, fmt: QuantFormat, codes, scale, zero, compute_scale: bool = True) -> None:
     L, T, H, D, s_l, s_t, s_h, es, DP = _geometry(x)
     if L * T * H == 0:
@@ -866,6 +1143,8 @@ def quantize_into(x, fmt: QuantFormat, codes, scale, zero, compute_scale: bool =
         return
     if fmt.kind == "fp8":
         scope = _SCOPE[fmt.scope]
+        if compute_scale and scope != 2 and _q_fp8_resident_into(x, codes, scale, scope):
+            return
         amax = scale  # placeholder pointer when unused
         if compute_scale and scope != 2:
             cfg = CONFIG["amax_fp8"]
