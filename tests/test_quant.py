@@ -130,13 +130,14 @@ def dequantize_vs_reference(codes, scale, zero, fmt, shape, dtype, backend, layo
 def assert_codes_match(codes, rcodes, rscale, rzero, fmt, shape):
     """Codes identical to the reference's, except fp8 under the Triton interpreter, which rounds
     fp8 casts wrongly: there, codes within one e4m3 step (checked by decoding both), or exactly
-    half the value (the interpreter drops the carry when rounding up across a binade)."""
+    half the value (the interpreter drops the carry when rounding up across a binade); a NaN
+    input's code is not checked there."""
     if fmt.kind == "fp8" and INTERP:
         y = ref.dequantize_float64(codes, rscale, rzero, fmt, shape)
         yr = ref.dequantize_float64(rcodes, rscale, rzero, fmt, shape)
         s = ref._fp8_broadcast(rscale.double(), fmt.scope).expand_as(y)
         near = (y - yr).abs() <= torch.maximum(yr.abs() * 2 * FP8_REL, s * 2 * FP8_SUBNORMAL_ABS)
-        assert (near | (y == yr / 2)).all()
+        assert (near | (y == yr / 2) | yr.isnan()).all()  # its cast of NaN is wrong too (GPU: exact)
     else:
         assert torch.equal(codes, rcodes), f"{int((codes != rcodes).sum())} codes differ from the reference"
 
@@ -330,10 +331,10 @@ def test_cuda_graph_capture(backend, spec):
 # fp8 tensor/head scales computed on the GPU over shapes from one step of several layers to
 # layers of 8 and 16 MiB (bf16), all dtypes: an all-zero layer (scale 1), a NaN in one layer
 # (scale 1 there, as the reference), the largest |x| in the last element, a small layer.
-COMPUTED_SHAPES = [(5, 300, 8, 128), (37, 257, 8, 128), (3, 4096, 8, 128), (2, 8192, 8, 128)]
+COMPUTED_SHAPES = ([(5, 300, 8, 128), (37, 257, 8, 128), (3, 4096, 8, 128), (2, 8192, 8, 128)] if ON_GPU
+                   else [(5, 21, 3, 64)])
 
 
-@pytest.mark.skipif(not ON_GPU, reason="large shapes")
 @pytest.mark.parametrize("shape", COMPUTED_SHAPES, ids=["x".join(map(str, s)) for s in COMPUTED_SHAPES])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("spec", ["fp8:tensor", "fp8:head"])

@@ -114,6 +114,27 @@ def _pow2_floor(n: int) -> int:
 # kernels
 # ---------------------------------------------------------------------------------------------
 @triton.jit
+def _max_nan_fn(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _min_nan_fn(a, b):
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _rmax(x, axis: tl.constexpr):
+    """max along axis with NaN propagating, as torch.amax in the reference (tl.max drops NaN)."""
+    return tl.reduce(x, axis, _max_nan_fn)
+
+
+@triton.jit
+def _rmin(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _min_nan_fn)
+
+
+@triton.jit
 def _int_params(mn, mx, QMAX: tl.constexpr):
     """Per group: scale = (mx - mn) / qmax and inv = min(qmax / (mx - mn), FLT_MAX), both IEEE;
     inv is zeroed where scale == 0 (every code of such a group is then 0)."""
@@ -223,13 +244,13 @@ def _q_int_channel(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h,
     xp = x_ptr + (xrow[:, None, None] + j)
     if G == GP:
         x = tl.load(xp).to(tl.float32)
-        mn = tl.min(tl.min(x, axis=2), axis=1)                              # [RB]
-        mx = tl.max(tl.max(x, axis=2), axis=1)
+        mn = _rmin(_rmin(x, 2), 1)                                          # [RB]
+        mx = _rmax(_rmax(x, 2), 1)
     else:
         jm = j < G
         x = tl.load(xp, mask=jm, other=0.0).to(tl.float32)
-        mn = tl.min(tl.min(tl.where(jm, x, float("inf")), axis=2), axis=1)
-        mx = tl.max(tl.max(tl.where(jm, x, float("-inf")), axis=2), axis=1)
+        mn = _rmin(_rmin(tl.where(jm, x, float("inf")), 2), 1)
+        mx = _rmax(_rmax(tl.where(jm, x, float("-inf")), 2), 1)
     scale, inv = _int_params(mn, mx, QMAX)
     tl.store(scale_ptr + grp, scale, mask=rmask)
     tl.store(zero_ptr + grp, mn, mask=rmask)
@@ -514,16 +535,16 @@ def _q_token_group(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h, t
     if NCH == 1:
         ti, tmask = _token_rows(i, 0, CH, G, n, FULL)
         x = _load_d(xp + (ti.to(tl.int64) * xs)[:, None, :, None], d, D, DC * NDC).to(tl.float32)
-        mn = tl.min(tl.min(x, axis=2), axis=0)                              # [HB, DC]
-        mx = tl.max(tl.max(x, axis=2), axis=0)
+        mn = _rmin(_rmin(x, 2), 0)                                          # [HB, DC]
+        mx = _rmax(_rmax(x, 2), 0)
     else:
         mn = tl.full((HB, DC), float("inf"), tl.float32)
         mx = tl.full((HB, DC), float("-inf"), tl.float32)
         for c in range(NCH):
             ti, tmask = _token_rows(i, c, CH, G, n, FULL)
             x = _load_d(xp + (ti.to(tl.int64) * xs)[:, None, :, None], d, D, DC * NDC).to(tl.float32)
-            mn = tl.minimum(mn, tl.min(tl.min(x, axis=2), axis=0))
-            mx = tl.maximum(mx, tl.max(tl.max(x, axis=2), axis=0))
+            mn = _min_nan_fn(mn, _rmin(_rmin(x, 2), 0))
+            mx = _max_nan_fn(mx, _rmax(_rmax(x, 2), 0))
     scale, inv = _int_params(mn, mx, QMAX)
     tl.store(scale_ptr + sz, scale, mask=hd_mask)
     tl.store(zero_ptr + sz, mn, mask=hd_mask)
@@ -627,9 +648,9 @@ def _fp8_amax(x_ptr, amax_ptr, T, H, s_l, s_t, s_h,
     else:
         x = tl.load(x_ptr + off, mask=(d < D)[None, None, :], other=0.0)
     a = tl.abs(x.to(tl.float32))
-    a = tl.max(tl.max(a, axis=2), axis=0)                                  # [HB]
+    a = _rmax(_rmax(a, 2), 0)                                              # [HB]
     if SCOPE == 0:
-        v = tl.max(a, axis=0)
+        v = _rmax(a, 0)
         tl.atomic_max(amax_ptr + l, v.to(tl.int32, bitcast=True))
     else:
         tl.atomic_max(amax_ptr + (l * H + h), a.to(tl.int32, bitcast=True), mask=hmask)
@@ -660,7 +681,7 @@ def _q_fp8(x_ptr, codes_ptr, scale_ptr, amax_ptr, T, H, s_l, s_t, s_h,
     sidx = _fp8_scale_index(l, t, h, T, H, SCOPE)
     if COMPUTE:
         if SCOPE == 2:
-            amax = tl.max(tl.max(tl.abs(x), axis=2), axis=1)
+            amax = _rmax(_rmax(tl.abs(x), 2), 1)
         else:
             amax = tl.load(amax_ptr + sidx).to(tl.float32, bitcast=True)
         s = tl.math.div_rn(amax, tl.full(amax.shape, FMAX, tl.float32))
