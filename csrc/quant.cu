@@ -25,8 +25,11 @@
 //    channel): a thread owns E channels (8 bytes of input, at least one code byte) of one
 //    (layer, token group, head); quantize keeps the group's G <= 32 tokens in registers (else
 //    two passes over them, the second from cache).
-//  * amax_kernel + fp8_finalize_kernel -- fp8 tensor/head scopes with computed scales: block
-//    reduction, atomicMax on the bits of non-negative floats, then s = amax / 448 (0 -> 1).
+//  * quant_fp8_resident_kernel -- fp8 tensor/head scopes with computed scales in one pass over x
+//    (a cooperative grid keeps up to 8 MiB of layers in shared memory across a grid barrier).
+//  * amax_kernel + fp8_finalize_kernel -- the same for larger layers (or without a workspace):
+//    block reduction, atomicMax on the bits of non-negative floats, then s = amax / 448 (0 -> 1),
+//    then the rows kernels quantize.
 //
 // Index math: per-launch row/vector counts are < 2^31 (the launchers split L to guarantee it),
 // so decompositions use 32-bit magic-number division; element offsets are int64.
@@ -867,6 +870,210 @@ __global__ void fp8_finalize_kernel(float* __restrict__ scale, uint32_t n) {
 }
 
 // ================================================================================================
+// fp8 tensor / head scopes with computed scales, one pass: quant_fp8_resident_kernel
+// ================================================================================================
+// The two-kernel path above reads x twice (amax, then quantize). Here the grid is co-resident
+// (cooperative launch, one block of 1024 threads per SM) and x is read from HBM once: a step (B
+// whole layers, <= 8 MiB of input) is copied into shared memory (cp.async), where it stays until
+// every block has reduced its amax. Three steps are on chip at a time; at iteration s:
+//
+//   step s has landed: its amax per key -> this block's slots (publish)
+//   step s-1 (published one iteration ago): wait for every block's slots, scale, quantize, store
+//   step s+2: loads start into the stage step s-1 held (two iterations to land)
+//
+// The barrier is the data: workspace slot (key, block) (key = layer, or (layer, head); uint32,
+// zeroed by the launcher) receives block b's amax for the key with bit 31 set, in one store; a
+// block waiting for step s polls the step's slots until all are set and reduces them. No fence,
+// no counter (an arrival counter behind a fence cost two more L2 round trips per step).
+// Measured (H200, bench/results/fp8-resident-h200-2026-11-27.txt): 72-77% of copy for fp8:tensor
+// where the two kernels reach 51-57%; earlier versions holding steps in registers (two steps
+// on chip) were slower than the two kernels. Larger layers take the two-kernel path.
+constexpr int kResBlock = 1024;   // 32 warps per SM
+constexpr int kResStages = 3;     // steps held in shared memory
+constexpr uint32_t kSlotFull = 0x80000000u;
+constexpr int kResMaxKeys = 256;  // amax entries per step (B * Hs)
+
+struct ResidentArgs {
+  const void* x;       // layer l: N = T*H*D dense elements at x + l * sL
+  int64_t sL;
+  uint8_t* codes;      // [L, N] e4m3
+  float* scale;        // [L * Hs]
+  uint32_t* slots;     // workspace [L * Hs, grid]: block b's amax of a key, kSlotFull | float bits
+  uint32_t L, B, Hs, nsteps, Nv;  // Nv: 16-byte vectors per layer
+  FastDiv divNv, divC, divH;      // C = D / VE vectors per (token, head) row
+};
+
+// max |x| of a 16-byte vector, in the element type's bit format (|x| bits order like the values
+// for fp32/fp16/bf16, NaN above inf).
+template <typename Tr>
+__device__ __forceinline__ uint32_t abs_max_bits(const uint4& w) {
+  if constexpr (Tr::kSize == 4) {
+    return max(max(w.x & 0x7fffffffu, w.y & 0x7fffffffu), max(w.z & 0x7fffffffu, w.w & 0x7fffffffu));
+  } else {
+    const uint32_t m = __vmaxu2(__vmaxu2(w.x & 0x7fff7fffu, w.y & 0x7fff7fffu),
+                                __vmaxu2(w.z & 0x7fff7fffu, w.w & 0x7fff7fffu));
+    return max(m & 0xffffu, m >> 16);
+  }
+}
+template <typename Tr>
+__device__ __forceinline__ float abs_bits_to_float(uint32_t b) {
+  if constexpr (Tr::kSize == 4) return __uint_as_float(b);
+  else return Tr::to_float(static_cast<typename Tr::storage>(b));
+}
+
+__device__ __forceinline__ uint32_t ld_relaxed_gpu(const uint32_t* p) {  // from L2, never a stale L1 line
+  uint32_t v;
+  asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_relaxed_gpu(uint32_t* p, uint32_t v) {
+  asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+template <typename Tr, int K, bool HEAD>
+__global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const ResidentArgs a) {
+  using S = typename Tr::storage;
+  constexpr int VE = 16 / Tr::kSize;
+  constexpr int kStage = kResBlock * K;  // 16-byte vectors per stage
+  extern __shared__ uint4 stages[];      // kResStages x kStage vectors; slot k of thread i at k*kResBlock + i
+  __shared__ uint32_t s_amax[kResMaxKeys];
+  __shared__ uint32_t s_red[kResMaxKeys];
+  __shared__ float s_inv[kResMaxKeys];
+  const uint32_t lane = threadIdx.x & 31;
+  const uint32_t g = blockIdx.x * kResBlock + threadIdx.x, P = gridDim.x * kResBlock;
+  const uint64_t N = uint64_t(a.Nv) * VE;
+  for (uint32_t i = threadIdx.x; i < kResMaxKeys; i += kResBlock) s_amax[i] = s_red[i] = 0;
+
+  // Slot k of this thread in a step: vector v = k * P + g of the step's B layers, i.e. layer lb of
+  // the step, vector off in it, amax key. The same in every step (decomposed once; only the last
+  // step can have fewer layers).
+  uint32_t soff[K], slk[K];  // slk: lb | key << 16, or ~0 past a full step
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const uint32_t v = uint32_t(k) * P + g;
+    uint32_t lb = 0, off = 0, key = 0;
+    if (v < a.B * a.Nv) {
+      a.divNv.divmod(v, lb, off);
+      if constexpr (HEAD) {
+        const uint32_t row = a.divC.div(off);
+        key = lb * a.Hs + (row - a.divH.div(row) * a.Hs);
+      } else {
+        key = lb;
+      }
+      slk[k] = lb | (key << 16);
+    } else {
+      slk[k] = 0xffffffffu;
+    }
+    soff[k] = off;
+  }
+  auto locate = [&](uint32_t s, int k, uint32_t& lb, uint32_t& off, uint32_t& key) -> bool {
+    if (slk[k] == 0xffffffffu) return false;
+    lb = slk[k] & 0xffffu;
+    if (lb >= a.L - s * a.B) return false;  // past the last layer (last step only)
+    off = soff[k];
+    key = slk[k] >> 16;
+    return true;
+  };
+  // step s's vectors -> stage s % kResStages, asynchronously (invalid slots are zero-filled)
+  auto issue = [&](uint32_t s) {
+    uint4* st = stages + (s % kResStages) * kStage;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      uint32_t lb = 0, off = 0, key;
+      const bool ok = s < a.nsteps && locate(s, k, lb, off, key);
+      const S* src = static_cast<const S*>(a.x) + (ok ? int64_t(s * a.B + lb) * a.sL + int64_t(off) * VE : 0);
+      cp_async16(st + k * kResBlock + threadIdx.x, src, ok);
+    }
+    cp_async_commit();  // one group per step, empty ones too: wait_group counts stay uniform
+  };
+  // This block's amax per key of step s -> its slots (flag bit | float bits): one store each.
+  auto publish = [&](uint32_t s) {
+    const uint4* st = stages + (s % kResStages) * kStage;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      uint32_t lb, off, key = 0xffffffffu;
+      const uint32_t m = locate(s, k, lb, off, key) ? abs_max_bits<Tr>(st[k * kResBlock + threadIdx.x]) : 0u;
+      const uint32_t key0 = __shfl_sync(0xffffffffu, key, 0);
+      if (__all_sync(0xffffffffu, key == key0)) {  // the common case: one key per warp
+        const uint32_t r = __reduce_max_sync(0xffffffffu, m);
+        if (lane == 0 && key0 != 0xffffffffu && r) atomicMax(&s_amax[key0], r);
+      } else if (key != 0xffffffffu && m) {
+        atomicMax(&s_amax[key], m);
+      }
+    }
+    __syncthreads();
+    const uint32_t l0 = s * a.B, nkeys = min(a.B, a.L - l0) * a.Hs;
+    for (uint32_t i = threadIdx.x; i < nkeys; i += kResBlock) {
+      const uint32_t m = s_amax[i];
+      s_amax[i] = 0;  // reused after at least two more barriers
+      // |x| as float: non-negative (or a positive NaN), at most 0x7fffffff: bit 31 is free
+      st_relaxed_gpu(a.slots + (uint64_t(l0 * a.Hs + i) * gridDim.x + blockIdx.x),
+                     kSlotFull | __float_as_uint(abs_bits_to_float<Tr>(m)));
+    }
+  };
+  // Wait for every block's slots of step s (grid barrier), reduce them, quantize + store.
+  auto quantize_step = [&](uint32_t s) {
+    const uint32_t l0 = s * a.B, nkeys = min(a.B, a.L - l0) * a.Hs;
+    const uint32_t nslots = nkeys * gridDim.x;
+    const uint32_t* slots = a.slots + uint64_t(l0 * a.Hs) * gridDim.x;
+    for (uint32_t i = threadIdx.x; i < nslots; i += kResBlock) {
+      uint32_t v = ld_relaxed_gpu(slots + i);
+      while (!(v & kSlotFull)) {  // back-off 0, 32 or 200 ns: the same time (measured)
+        __nanosleep(32);
+        v = ld_relaxed_gpu(slots + i);
+      }
+      if (v & ~kSlotFull) atomicMax(&s_red[i / gridDim.x], v & ~kSlotFull);
+    }
+    __syncthreads();
+    for (uint32_t i = threadIdx.x; i < nkeys; i += kResBlock) {
+      const float sc = fp8_scale_from_amax(__uint_as_float(s_red[i]));
+      s_red[i] = 0;
+      s_inv[i] = fp8_inv(sc);
+      if (blockIdx.x == 0) a.scale[l0 * a.Hs + i] = sc;
+    }
+    __syncthreads();
+    const uint4* st = stages + (s % kResStages) * kStage;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      uint32_t lb, off, key;
+      if (!locate(s, k, lb, off, key)) continue;
+      Vec<Tr, VE> raw;
+      raw.w = st[k * kResBlock + threadIdx.x];
+      float f[VE];
+      raw_to_float<Tr, VE>(raw, f);
+      const float inv = s_inv[key];
+#pragma unroll
+      for (int j = 0; j < VE; ++j) f[j] = __fmul_rn(f[j], inv);  // the encoder saturates (fp8_prescale)
+      store_bytes<VE>(a.codes + (l0 + lb) * N + uint64_t(off) * VE, fp8_pack<VE>(f), true);
+    }
+    __syncthreads();  // the stage and s_inv are rewritten next
+  };
+
+  // Pipeline, kResStages = 3 steps on chip: at iteration s, step s lands and is published, step
+  // s-1 (published one iteration ago) is quantized, and step s+2's loads start into its stage.
+  // Loads get two iterations to land; a barrier gets the publish of the next step.
+  issue(0);
+  issue(1);
+  for (uint32_t s = 0; s < a.nsteps; ++s) {
+    cp_async_wait<1>();  // all but the newest group: step s has landed
+    __syncthreads();
+    publish(s);
+    if (s > 0) quantize_step(s - 1);
+    issue(s + 2);
+  }
+  quantize_step(a.nsteps - 1);
+}
+
+// ================================================================================================
 // Host side
 // ================================================================================================
 template <typename F>
@@ -1298,6 +1505,124 @@ cudaError_t launch_fp8_scale(const void* x, int dt, int64_t L, int64_t T, int64_
   return cudaGetLastError();
 }
 
+// ---- fp8 tensor/head, one pass (quant_fp8_resident_kernel) -------------------------------------
+struct DeviceInfo {
+  int sms = 0;
+  bool coop = false;
+};
+DeviceInfo device_info() {
+  static DeviceInfo cache[64];
+  static bool known[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return {};
+  if (!known[dev]) {
+    int sms = 0, coop = 0;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev);
+    cache[dev] = DeviceInfo{sms, coop != 0};
+    known[dev] = true;
+  }
+  return cache[dev];
+}
+
+constexpr int resident_smem_bytes(int K) { return kResStages * kResBlock * K * 16; }
+
+// Resident blocks per SM of quant_fp8_resident_kernel<Tr, K, HEAD> (0 if unknown or it does not fit).
+template <typename Tr, int K, bool HEAD>
+int resident_blocks_per_sm() {
+  static int cache[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
+  if (!cache[dev]) {
+    int n = 0;
+    const int smem = resident_smem_bytes(K);
+    if (cudaFuncSetAttribute(quant_fp8_resident_kernel<Tr, K, HEAD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             smem) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, quant_fp8_resident_kernel<Tr, K, HEAD>, kResBlock, smem) !=
+            cudaSuccess) {
+      cudaGetLastError();  // clear: the caller falls back to the two-kernel path
+      n = 0;
+    }
+    cache[dev] = n > 0 ? n : -1;
+  }
+  return std::max(cache[dev], 0);
+}
+
+// Bytes of input per step (B layers): big enough that a step's loads cover the barrier's latency,
+// small enough that the first load and the last store (not overlapped) stay short. Developer
+// knob KVK_FP8_STEP_KB for the bench.
+int64_t resident_step_bytes() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("KVK_FP8_STEP_KB");
+    const long long kb = e ? std::atoll(e) : 0;
+    return kb > 0 ? int64_t(kb) * 1024 : int64_t(8) << 20;
+  }();
+  return v;
+}
+
+// Returns cudaErrorNotSupported (nothing launched) when the layers don't fit the resident grid or
+// the layout isn't dense; the caller then takes the two-kernel path.
+cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int64_t H, int64_t D, int64_t sL,
+                                int64_t sT, int64_t sH, uint8_t* codes, float* scale, int scope, uint32_t* ws,
+                                int64_t ws_words, cudaStream_t stream) {
+  static const bool off = kvk_env_off("KVK_FP8_RESIDENT");
+  if (off || !ws || scope > 1 || ws_words <= 0) return cudaErrorNotSupported;
+  const int sz = dtype_size(dt), VE = 16 / sz;
+  const bool dense = (T == 1 || sT == H * D) && (H == 1 || sH == D);
+  if (!dense || D % VE || !ptr_aligned(x, 16) || !stride_ok(sL, L, VE) || !ptr_aligned(codes, VE))
+    return cudaErrorNotSupported;
+  const DeviceInfo dev = device_info();
+  if (!dev.coop || dev.sms <= 0) return cudaErrorNotSupported;
+  const int64_t Hs = scope == 1 ? H : 1, Nv = T * H * D / VE;
+  if (Hs > kResMaxKeys || Nv > kMaxCount) return cudaErrorNotSupported;
+  return with_dtype_mode_bool(dt, 0, scope == 1, [&](auto tr, auto, auto hc) -> cudaError_t {
+    using Tr = decltype(tr);
+    constexpr bool HEAD = decltype(hc)::value;
+    // capacity in vectors with K vectors per thread; the smallest K that holds a step wins (more
+    // blocks per SM, fewer registers per thread)
+    auto cap = [&](int bps, int k) { return int64_t(bps) * dev.sms * kResBlock * k; };
+    constexpr int kK[3] = {1, 2, 4};  // 4: an 8 MiB bf16 layer on 132 SMs (one block each)
+    const int bps[3] = {resident_blocks_per_sm<Tr, 1, HEAD>(), resident_blocks_per_sm<Tr, 2, HEAD>(),
+                        resident_blocks_per_sm<Tr, 4, HEAD>()};
+    const int64_t cap_max = cap(bps[2], kK[2]);
+    if (Nv > cap_max) return cudaErrorNotSupported;
+    int64_t B = std::max<int64_t>(1, resident_step_bytes() / (Nv * 16));
+    B = std::min({B, L, cap_max / Nv, int64_t(kResMaxKeys) / Hs});
+    const int64_t stepv = B * Nv;
+    int ki = 0;
+    while (cap(bps[ki], kK[ki]) < stepv) ++ki;  // terminates: cap(bps[2], kK[2]) >= stepv
+    const int K = kK[ki];
+    const int64_t nsteps = (L + B - 1) / B;
+    const uint32_t grid = ceil_div_u32(stepv, uint64_t(kResBlock) * K);
+    if (L * Hs * grid > ws_words) return cudaErrorNotSupported;
+    cudaError_t err = cudaMemsetAsync(ws, 0, size_t(L * Hs * grid) * sizeof(uint32_t), stream);
+    if (err != cudaSuccess) return err;
+    ResidentArgs a{};
+    a.x = x;
+    a.sL = sL;
+    a.codes = codes;
+    a.scale = scale;
+    a.slots = ws;
+    a.L = uint32_t(L); a.B = uint32_t(B); a.Hs = uint32_t(Hs); a.nsteps = uint32_t(nsteps); a.Nv = uint32_t(Nv);
+    a.divNv = FastDiv(uint32_t(Nv));
+    a.divC = FastDiv(uint32_t(D / VE));
+    a.divH = FastDiv(uint32_t(H));
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(grid);
+    cfg.blockDim = dim3(kResBlock);
+    cfg.dynamicSmemBytes = resident_smem_bytes(K);
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeCooperative;
+    attr[0].val.cooperative = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    return with_int<1, 2, 4>(K, cudaErrorNotSupported, [&](auto kc) -> cudaError_t {
+      return cudaLaunchKernelEx(&cfg, quant_fp8_resident_kernel<Tr, decltype(kc)::value, HEAD>, a);
+    });
+  });
+}
+
 }  // namespace
 }  // namespace kvk
 
@@ -1339,11 +1664,15 @@ extern "C" cudaError_t kvk_dequantize_int(const uint8_t* codes, const float* sca
 
 extern "C" cudaError_t kvk_quantize_fp8(const void* x, int x_dtype, int64_t L, int64_t T, int64_t H, int64_t D,
                                         int64_t sL, int64_t sT, int64_t sH, uint8_t* codes, float* scale, int scope,
-                                        bool compute_scale, cudaStream_t stream) {
+                                        bool compute_scale, uint32_t* workspace, int64_t workspace_words,
+                                        cudaStream_t stream) {
   if (!x || !codes || !scale) return cudaErrorInvalidValue;
   if (x_dtype < 0 || x_dtype > 2 || !dims_ok(L, T, H, D) || scope < 0 || scope > 2) return cudaErrorInvalidValue;
   if (compute_scale && scope != 2) {
-    cudaError_t err = launch_fp8_scale(x, x_dtype, L, T, H, D, sL, sT, sH, scale, scope, stream);
+    cudaError_t err = launch_fp8_resident(x, x_dtype, L, T, H, D, sL, sT, sH, codes, scale, scope, workspace,
+                                          workspace_words, stream);
+    if (err != cudaErrorNotSupported) return err;
+    err = launch_fp8_scale(x, x_dtype, L, T, H, D, sL, sT, sH, scale, scope, stream);
     if (err != cudaSuccess) return err;
   }
   return launch_rows_quant(x, x_dtype, L, T, H, D, sL, sT, sH, codes, scale, nullptr, 0, D, scope,

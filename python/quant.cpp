@@ -60,14 +60,15 @@ void dequantize_int(std::uintptr_t codes, std::uintptr_t scale, std::uintptr_t z
 }
 
 void quantize_fp8(std::uintptr_t x, int x_dtype, int64_t L, int64_t T, int64_t H, int64_t D, int64_t sL, int64_t sT,
-                  int64_t sH, std::uintptr_t codes, std::uintptr_t scale, int scope, bool compute_scale, int device,
-                  std::uintptr_t stream) {
+                  int64_t sH, std::uintptr_t codes, std::uintptr_t scale, int scope, bool compute_scale,
+                  std::uintptr_t workspace, int64_t workspace_words, int device, std::uintptr_t stream) {
   set_device(device, "quantize_fp8");
   cudaError_t err;
   {
     py::gil_scoped_release nogil;
     err = kvk_quantize_fp8(ptr<const void>(x), x_dtype, L, T, H, D, sL, sT, sH, ptr<uint8_t>(codes),
-                           ptr<float>(scale), scope, compute_scale, reinterpret_cast<cudaStream_t>(stream));
+                           ptr<float>(scale), scope, compute_scale, ptr<uint32_t>(workspace),
+                           workspace_words, reinterpret_cast<cudaStream_t>(stream));
   }
   check(err, "quantize_fp8");
 }
@@ -99,7 +100,7 @@ void register_quant(py::module_& m) {
   m.def("quantize_fp8", &kvk_py::quantize_fp8,
         "x [L,T,H,D] -> e4m3 codes [L,T,H,D], scale per scope (0 tensor, 1 head, 2 token_head)", "x"_a, "x_dtype"_a,
         "L"_a, "T"_a, "H"_a, "D"_a, "sL"_a, "sT"_a, "sH"_a, "codes"_a, "scale"_a, "scope"_a, "compute_scale"_a,
-        "device"_a, "stream"_a);
+        "workspace"_a, "workspace_words"_a, "device"_a, "stream"_a);
   m.def("dequantize_fp8", &kvk_py::dequantize_fp8, "e4m3 codes/scale -> out [L,T,H,D]", "codes"_a, "scale"_a,
         "out"_a, "out_dtype"_a, "L"_a, "T"_a, "H"_a, "D"_a, "osL"_a, "osT"_a, "osH"_a, "scope"_a, "device"_a,
         "stream"_a);

@@ -330,7 +330,9 @@ def test_cuda_graph_capture(backend, spec):
 
 # fp8 tensor/head scales computed on the GPU over shapes from one step of several layers to
 # layers of 8 and 16 MiB (bf16), all dtypes: an all-zero layer (scale 1), a NaN in one layer
-# (scale 1 there, as the reference), the largest |x| in the last element, a small layer.
+# (scale 1 there, as the reference), the largest |x| in the last element, a small layer. On the
+# GPU the CUDA backend runs its one-pass kernel (steps of several layers, a partial last step,
+# one 8 MiB layer per step) where layers fit on chip and the two kernels elsewhere (checked).
 COMPUTED_SHAPES = ([(5, 300, 8, 128), (37, 257, 8, 128), (3, 4096, 8, 128), (2, 8192, 8, 128)] if ON_GPU
                    else [(5, 21, 3, 64)])
 
@@ -353,6 +355,23 @@ def test_fp8_computed_scale_special_values(backend, spec, dtype, shape):
         pytest.skip(f"{backend}: {why}")
     (codes, scale, _), (rcodes, rscale, rzero) = quantize_vs_reference(x, fmt, backend)
     assert_codes_match(codes, rcodes, rscale, rzero, fmt, x.shape)
+    if backend == "cuda" and ON_GPU:  # the one-pass kernel runs exactly where the layers fit on chip
+        layer = x[0].numel() * x.element_size()
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        if layer <= (4 << 20) or sms >= 132:  # 8 MiB layers fit 132-SM GPUs (H100 SXM, H200)
+            names = _kernel_names(lambda: run_quantize(x, fmt, backend))
+            ran = any("quant_fp8_resident_kernel" in n for n in names)
+            fits = layer <= (8 << 20)
+            assert ran == fits, f"one-pass kernel ran: {ran}, expected {fits}; kernels: {sorted(names)}"
+
+
+def _kernel_names(fn):
+    """Names of the GPU kernels that fn() launches (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if e.device_type.name == "CUDA"}
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")

@@ -17,6 +17,7 @@ csrc/quant.{h,cu} (kernels) and python/quant.cpp (bindings).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -95,6 +96,11 @@ def supports(t: torch.Tensor, fmt: QuantFormat) -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 
@@ -115,8 +121,16 @@ def quantize_into(x: torch.Tensor, fmt: QuantFormat, codes: torch.Tensor, scale:
                   zero: Optional[torch.Tensor], compute_scale: bool = True) -> None:
     _C, codes, geo, tail = _prepare(codes, scale, zero, x)
     if fmt.kind == "fp8":
-        _C.quantize_fp8(x.data_ptr(), *geo, codes.data_ptr(), scale.data_ptr(), _SCOPE_CODE[fmt.scope],
-                        bool(compute_scale), *tail)
+        scope = _SCOPE_CODE[fmt.scope]
+        ws, words = 0, 0
+        if compute_scale and scope != 2:
+            # scratch for the one-pass kernel: an amax slot per (layer[, head], block), <= 4 blocks
+            # per SM (zeroed by the kernel's launcher)
+            L, _, H, _ = x.shape
+            words = L * (H if scope == 1 else 1) * 4 * _sm_count(x.device)
+            ws = torch.empty(words, dtype=torch.int32, device=x.device).data_ptr()
+        _C.quantize_fp8(x.data_ptr(), *geo, codes.data_ptr(), scale.data_ptr(), scope, bool(compute_scale), ws,
+                        words, *tail)
     else:
         _C.quantize_int(x.data_ptr(), *geo, codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), fmt.bits,
                         fmt.group_size, _AXIS_CODE[fmt.axis], *tail)
