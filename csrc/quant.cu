@@ -1133,7 +1133,8 @@ int64_t fp8_scale_per_layer(int scope, int64_t T, int64_t H) { return scope == 0
 bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
 
 // Developer A/B switches (bench/perf notes): KVK_FAST=0 disables the dense fast paths,
-// KVK_TOK_SPLIT=0 the two-lane token kernel. Read once per process.
+// KVK_TOK_SPLIT=0 the two-lane token kernel, KVK_FP8_RESIDENT=0 the one-pass fp8 kernel. Read once per
+// process.
 bool kvk_env_off(const char* name) {
   const char* v = std::getenv(name);
   return v && v[0] == '0';
