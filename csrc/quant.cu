@@ -1576,11 +1576,11 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
   if (!dev.coop || dev.sms <= 0) return cudaErrorNotSupported;
   const int64_t Hs = scope == 1 ? H : 1, Nv = T * H * D / VE;
   if (Hs > kResMaxKeys || Nv > kMaxCount) return cudaErrorNotSupported;
-  return with_dtype(dt, [&](auto tr) { return with_bool(scope == 1, [&](auto hc) -> cudaError_t {
+  return with_dtype_mode_bool(dt, 0, scope == 1, [&](auto tr, auto, auto hc) -> cudaError_t {
     using Tr = decltype(tr);
     constexpr bool HEAD = decltype(hc)::value;
-    // capacity in vectors with K vectors per thread per stage; the smallest K that holds a step
-    // wins (less shared memory: up to two blocks per SM)
+    // capacity in vectors with K vectors per thread; the smallest K that holds a step wins (more
+    // blocks per SM, fewer registers per thread)
     auto cap = [&](int bps, int k) { return int64_t(bps) * dev.sms * kResBlock * k; };
     constexpr int kK[3] = {1, 2, 4};  // 4: an 8 MiB bf16 layer on 132 SMs (one block each)
     const int bps[3] = {resident_blocks_per_sm<Tr, 1, HEAD>(), resident_blocks_per_sm<Tr, 2, HEAD>(),
@@ -1621,7 +1621,7 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
     return with_int<1, 2, 4>(K, cudaErrorNotSupported, [&](auto kc) -> cudaError_t {
       return cudaLaunchKernelEx(&cfg, quant_fp8_resident_kernel<Tr, decltype(kc)::value, HEAD>, a);
     });
-  }); });
+  });
 }
 
 }  // namespace
