@@ -1014,7 +1014,7 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
     const uint32_t l0 = s * a.B, nkeys = min(a.B, a.L - l0) * a.Hs;
     for (uint32_t i = threadIdx.x; i < nkeys; i += kResBlock) {
       const uint32_t m = s_amax[i];
-      s_amax[i] = 0;  // reused after at least two more barriers
+      s_amax[i] = 0;  // the next publish is behind at least one more barrier
       // |x| as float: non-negative (or a positive NaN), at most 0x7fffffff: bit 31 is free
       st_relaxed_gpu(a.slots + (uint64_t(l0 * a.Hs + i) * gridDim.x + blockIdx.x),
                      kSlotFull | __float_as_uint(abs_bits_to_float<Tr>(m)));

@@ -122,15 +122,16 @@ def quantize_into(x: torch.Tensor, fmt: QuantFormat, codes: torch.Tensor, scale:
     _C, codes, geo, tail = _prepare(codes, scale, zero, x)
     if fmt.kind == "fp8":
         scope = _SCOPE_CODE[fmt.scope]
-        ws, words = 0, 0
+        ws = None
         if compute_scale and scope != 2:
-            # scratch for the one-pass kernel: an amax slot per (layer[, head], block), <= 4 blocks
-            # per SM (zeroed by the kernel's launcher)
+            # scratch for the one-pass kernel: an amax slot per (layer[, head], block); its grid
+            # has at most 2 blocks per SM, 4 leaves room (zeroed by the kernel's launcher). Held
+            # until the launch is enqueued; the stream orders its reuse after the kernel.
             L, _, H, _ = x.shape
-            words = L * (H if scope == 1 else 1) * 4 * _sm_count(x.device)
-            ws = torch.empty(words, dtype=torch.int32, device=x.device).data_ptr()
-        _C.quantize_fp8(x.data_ptr(), *geo, codes.data_ptr(), scale.data_ptr(), scope, bool(compute_scale), ws,
-                        words, *tail)
+            ws = torch.empty(L * (H if scope == 1 else 1) * 4 * _sm_count(x.device), dtype=torch.int32,
+                             device=x.device)
+        _C.quantize_fp8(x.data_ptr(), *geo, codes.data_ptr(), scale.data_ptr(), scope, bool(compute_scale),
+                        0 if ws is None else ws.data_ptr(), 0 if ws is None else ws.numel(), *tail)
     else:
         _C.quantize_int(x.data_ptr(), *geo, codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), fmt.bits,
                         fmt.group_size, _AXIS_CODE[fmt.axis], *tail)
