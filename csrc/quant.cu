@@ -36,6 +36,8 @@
 #include "quant.h"
 #include "quant_math.cuh"
 
+#include <cooperative_groups.h>
+
 #include <algorithm>
 #include <cstdlib>
 #include <type_traits>
@@ -881,13 +883,18 @@ __global__ void fp8_finalize_kernel(float* __restrict__ scale, uint32_t n) {
 //   step s-1 (published one iteration ago): wait for every block's slots, scale, quantize, store
 //   step s+2: loads start into the stage step s-1 held (two iterations to land)
 //
-// The barrier is the data: workspace slot (key, block) (key = layer, or (layer, head); uint32,
-// zeroed by the launcher) receives block b's amax for the key with bit 31 set, in one store; a
-// block waiting for step s polls the step's slots until all are set and reduces them. No fence,
-// no counter (an arrival counter behind a fence cost two more L2 round trips per step).
-// Measured (H200, bench/results/fp8-resident-h200-2026-11-27.txt): 72-77% of copy for fp8:tensor
-// where the two kernels reach 51-57%; earlier versions holding steps in registers (two steps
-// on chip) were slower than the two kernels. Larger layers take the two-kernel path.
+// The barrier is the data: workspace slot (key, block) (key = layer, or (layer, head); uint32)
+// receives block b's amax for the key with bit 31 set, in one store; a block waiting for step s
+// polls the step's slots until all are set and reduces them. No fence, no counter (an arrival
+// counter behind a fence cost two more L2 round trips per step). The first poll load of step s-1
+// is issued before step s's publish, so its L2 round trip (~0.6 us under load) overlaps it. Each
+// block clears its own slot column at the start, behind one grid barrier that overlaps the first
+// loads (a memset node before the kernel cost 2-3 us).
+// Measured (H200, bench/results/fp8-resident-h200-2026-11-27.txt, per-block %globaltimer traces
+// in scripts/exp/fp8_resident_exp.cu): a step costs ~3.3 us for ~2.6 us of HBM time: landing wait
+// ~0.6, publish ~1.1, barrier wait ~0.5, quantize + store ~1.0, phases that all 32 warps of an SM
+// go through together. 84-86% of copy for fp8:tensor on Llama-3-8B shapes, 73% on SmolLM2, where
+// the two kernels reach 51-57%. Larger layers take the two-kernel path.
 constexpr int kResBlock = 1024;   // 32 warps per SM
 constexpr int kResStages = 3;     // steps held in shared memory
 constexpr uint32_t kSlotFull = 0x80000000u;
@@ -996,20 +1003,33 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
     cp_async_commit();  // one group per step, empty ones too: wait_group counts stay uniform
   };
   // This block's amax per key of step s -> its slots (flag bit | float bits): one store each.
+  // max of m per key over the block's warps into red[key] (key ~0: nothing); every lane calls it
+  auto warp_max_into = [&](uint32_t* red, uint32_t key, uint32_t m) {
+    const uint32_t key0 = __shfl_sync(0xffffffffu, key, 0);
+    if (__all_sync(0xffffffffu, key == key0)) {  // the common case: one key per warp
+      const uint32_t r = __reduce_max_sync(0xffffffffu, m);
+      if (lane == 0 && key0 != 0xffffffffu && r) atomicMax(&red[key0], r);
+    } else if (key != 0xffffffffu && m) {
+      atomicMax(&red[key], m);
+    }
+  };
   auto publish = [&](uint32_t s) {
     const uint4* st = stages + (s % kResStages) * kStage;
+    uint32_t akey = 0xffffffffu, am = 0;  // a thread's slots of one key are reduced before the warp's
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       uint32_t lb, off, key = 0xffffffffu;
       const uint32_t m = locate(s, k, lb, off, key) ? abs_max_bits<Tr>(st[k * kResBlock + threadIdx.x]) : 0u;
-      const uint32_t key0 = __shfl_sync(0xffffffffu, key, 0);
-      if (__all_sync(0xffffffffu, key == key0)) {  // the common case: one key per warp
-        const uint32_t r = __reduce_max_sync(0xffffffffu, m);
-        if (lane == 0 && key0 != 0xffffffffu && r) atomicMax(&s_amax[key0], r);
-      } else if (key != 0xffffffffu && m) {
-        atomicMax(&s_amax[key], m);
+      if (k == 0 || key == akey) {
+        akey = key;
+        am = max(am, m);
+      } else {
+        warp_max_into(s_amax, akey, am);
+        akey = key;
+        am = m;
       }
     }
+    warp_max_into(s_amax, akey, am);
     __syncthreads();
     const uint32_t l0 = s * a.B, nkeys = min(a.B, a.L - l0) * a.Hs;
     for (uint32_t i = threadIdx.x; i < nkeys; i += kResBlock) {
@@ -1020,18 +1040,30 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
                      kSlotFull | __float_as_uint(abs_bits_to_float<Tr>(m)));
     }
   };
+  // The first slot a thread reads for step s, loaded early (its latency then overlaps a publish).
+  auto poll_first = [&](uint32_t s) -> uint32_t {
+    const uint32_t l0 = s * a.B, nslots = min(a.B, a.L - l0) * a.Hs * gridDim.x;
+    return threadIdx.x < nslots ? ld_relaxed_gpu(a.slots + uint64_t(l0 * a.Hs) * gridDim.x + threadIdx.x) : 0u;
+  };
   // Wait for every block's slots of step s (grid barrier), reduce them, quantize + store.
-  auto quantize_step = [&](uint32_t s) {
+  // first: poll_first(s) of this thread.
+  auto quantize_step = [&](uint32_t s, uint32_t first) {
     const uint32_t l0 = s * a.B, nkeys = min(a.B, a.L - l0) * a.Hs;
     const uint32_t nslots = nkeys * gridDim.x;
     const uint32_t* slots = a.slots + uint64_t(l0 * a.Hs) * gridDim.x;
-    for (uint32_t i = threadIdx.x; i < nslots; i += kResBlock) {
-      uint32_t v = ld_relaxed_gpu(slots + i);
-      while (!(v & kSlotFull)) {  // back-off 0, 32 or 200 ns: the same time (measured)
-        __nanosleep(32);
-        v = ld_relaxed_gpu(slots + i);
+    for (uint32_t i0 = 0; i0 < nslots; i0 += kResBlock) {  // uniform: warp_max_into needs every lane
+      const uint32_t i = i0 + threadIdx.x;
+      uint32_t v = 0, key = 0xffffffffu;
+      if (i < nslots) {
+        v = i0 == 0 ? first : ld_relaxed_gpu(slots + i);
+        while (!(v & kSlotFull)) {  // back-off 0, 32 or 200 ns: the same time (measured)
+          __nanosleep(32);
+          v = ld_relaxed_gpu(slots + i);
+        }
+        v &= ~kSlotFull;
+        key = i / gridDim.x;
       }
-      if (v & ~kSlotFull) atomicMax(&s_red[i / gridDim.x], v & ~kSlotFull);
+      warp_max_into(s_red, key, v);
     }
     __syncthreads();
     for (uint32_t i = threadIdx.x; i < nkeys; i += kResBlock) {
@@ -1063,14 +1095,20 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   // Loads get two iterations to land; a barrier gets the publish of the next step.
   issue(0);
   issue(1);
+  // The workspace holds garbage (it is not zeroed by the launcher: a memset node cost 2-3 us):
+  // each block clears its own slot column, then one grid barrier, overlapping the first loads.
+  for (uint32_t key = threadIdx.x; key < a.L * a.Hs; key += kResBlock)
+    a.slots[uint64_t(key) * gridDim.x + blockIdx.x] = 0u;
+  cooperative_groups::this_grid().sync();
   for (uint32_t s = 0; s < a.nsteps; ++s) {
     cp_async_wait<1>();  // all but the newest group: step s has landed
     __syncthreads();
+    const uint32_t first = s > 0 ? poll_first(s - 1) : 0u;
     publish(s);
-    if (s > 0) quantize_step(s - 1);
+    if (s > 0) quantize_step(s - 1, first);
     issue(s + 2);
   }
-  quantize_step(a.nsteps - 1);
+  quantize_step(a.nsteps - 1, poll_first(a.nsteps - 1));
 }
 
 // ================================================================================================
@@ -1595,9 +1633,7 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
     const int K = kK[ki];
     const int64_t nsteps = (L + B - 1) / B;
     const uint32_t grid = ceil_div_u32(stepv, uint64_t(kResBlock) * K);
-    if (L * Hs * grid > ws_words) return cudaErrorNotSupported;
-    cudaError_t err = cudaMemsetAsync(ws, 0, size_t(L * Hs * grid) * sizeof(uint32_t), stream);
-    if (err != cudaSuccess) return err;
+    if (L * Hs * grid > ws_words) return cudaErrorNotSupported;  // (the kernel clears what it uses)
     ResidentArgs a{};
     a.x = x;
     a.sL = sL;
