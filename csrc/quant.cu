@@ -1015,12 +1015,14 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   };
   auto publish = [&](uint32_t s) {
     const uint4* st = stages + (s % kResStages) * kStage;
-    uint32_t akey = 0xffffffffu, am = 0;  // a thread's slots of one key are reduced before the warp's
+    // A thread's slots of one key are reduced before the warp's; the warp flushes when any lane's
+    // key changes (the decision is warp-uniform: warp_max_into needs every lane).
+    uint32_t akey = 0xffffffffu, am = 0;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       uint32_t lb, off, key = 0xffffffffu;
       const uint32_t m = locate(s, k, lb, off, key) ? abs_max_bits<Tr>(st[k * kResBlock + threadIdx.x]) : 0u;
-      if (k == 0 || key == akey) {
+      if (__all_sync(0xffffffffu, k == 0 || key == akey)) {
         akey = key;
         am = max(am, m);
       } else {

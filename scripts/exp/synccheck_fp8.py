@@ -1,0 +1,19 @@
+"""Run the one-pass fp8 kernel on shapes whose warps straddle layers (lanes of one warp reduce
+different keys), for compute-sanitizer --tool synccheck / racecheck; compares with the reference.
+    compute-sanitizer --tool synccheck python3 scripts/exp/synccheck_fp8.py
+"""
+import torch
+
+import kvkernels as kk
+
+torch.manual_seed(0)
+bad = 0
+for shape in [(300, 33, 3, 64), (5, 21, 3, 64)]:
+    for spec in ["fp8:tensor", "fp8:head"]:
+        x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+        q = kk.quantize(x, spec, backend="cuda")
+        r = kk.quantize(x, spec, backend="torch")
+        ok = torch.equal(q.codes, r.codes) and torch.equal(q.scale, r.scale)
+        bad += not ok
+        print(shape, spec, "ok" if ok else "MISMATCH", flush=True)
+print("mismatches:", bad)
