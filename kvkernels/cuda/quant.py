@@ -125,8 +125,8 @@ def quantize_into(x: torch.Tensor, fmt: QuantFormat, codes: torch.Tensor, scale:
         ws = None
         if compute_scale and scope != 2:
             # scratch for the one-pass kernel: an amax slot per (layer[, head], block); its grid
-            # has at most 2 blocks per SM, 4 leaves room (zeroed by the kernel's launcher). Held
-            # until the launch is enqueued; the stream orders its reuse after the kernel.
+            # has at most 2 blocks per SM, 4 leaves room. Any content: the kernel clears what it
+            # uses. Held until the launch is enqueued; the stream orders its reuse after the kernel.
             L, _, H, _ = x.shape
             ws = torch.empty(L * (H if scope == 1 else 1) * 4 * _sm_count(x.device), dtype=torch.int32,
                              device=x.device)

@@ -2,8 +2,14 @@
 // (quant_fp8_resident_kernel) against variants, timed standalone with events after warm-up and
 // an L2 flush, as a fraction of a device-to-device copy of the same bytes measured in the same run.
 //   nvcc -arch=sm_90 -std=c++17 -O3 -Icsrc scripts/exp/fp8_resident_exp.cu -o /tmp/fp8x && /tmp/fp8x
-// Variants: PF = steps prefetched into L2 (cp.async.bulk.prefetch.L2) ahead of the shared-memory
-// loads; TRACE = per-block %globaltimer stamps of each iteration (where the time goes).
+// (or bash scripts/exp/run_fp8x.sh OUT). res_x is a copy of the kernel as it was at e09a8a4 (tensor
+// scope) with switches: NT threads per block (1024, or 512 with two blocks per SM); ACC a thread's
+// K slots max-reduced before the warp's; EARLY the first poll load issued before the landing wait
+// (1) or before the publish (2); AGG warp-reduced slot polls; ZS slots cleared in-kernel behind a
+// grid barrier (no memset); TRACE per-block %globaltimer stamps of each iteration (where the time
+// goes). The L2-prefetch variant of the first run (PF, cp.async.bulk.prefetch.L2) is left in
+// with PF = 0. The library kernel took ACC + EARLY 2 + AGG + ZS (ba608c0, 789844d); results in
+// bench/results/fp8-resident-h200-2026-11-27.txt. Not part of the package or the tests.
 #include "../../csrc/quant.cu"
 
 #include <cooperative_groups.h>
