@@ -109,7 +109,7 @@ __global__ void __launch_bounds__(NT, 1024 / NT) res_x(const ResidentArgs a, uin
       const uint32_t m = locate(s, k, lb, off, key) ? abs_max_bits<Tr>(st[k * kResBlock + threadIdx.x]) : 0u;
       if (!ACC) {
         flush(key, m);
-      } else if (key == akey || k == 0) {
+      } else if (__all_sync(0xffffffffu, key == akey || k == 0)) {  // warp-uniform (flush needs every lane)
         akey = key;
         am = max(am, m);
       } else {
