@@ -1113,183 +1113,6 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   quantize_step(a.nsteps - 1, poll_first(a.nsteps - 1));
 }
 
-// ---- the same pipeline with the phases overlapped: quant_fp8_split_kernel ----------------------
-// In quant_fp8_resident_kernel all 32 warps of a block go through landing wait, publish, barrier
-// wait and quantize in turn, so a step costs their sum (~3.3 us for ~2.6-3.0 us of HBM time).
-// Here the block's warps take roles: warps 0-15 (loaders) issue a step's copies, wait for them,
-// reduce and publish its amax; warps 16-31 (quantizers) wait for the step's grid barrier and
-// quantize it. Loaders publish step s while quantizers quantize step s-1, so a step costs the
-// longer of the two chains. Same workspace, shared memory, stages and slot protocol as the
-// resident kernel; a thread of either role owns 2K vectors of a stage (the same ones in both
-// roles). Named barriers: kBarLoad / kBarQuant within a role; kBarFull + stage (loaders arrive
-// when a step has landed, quantizers sync) and kBarEmpty + stage (quantizers arrive when done
-// with a stage, loaders sync before refilling it).
-constexpr int kBarLoad = 1, kBarQuant = 2, kBarFull = 3, kBarEmpty = 6;  // 0: __syncthreads
-__device__ __forceinline__ void bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(n) : "memory"); }
-__device__ __forceinline__ void bar_arrive(int id, int n) {
-  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(n) : "memory");
-}
-
-template <typename Tr, int K, bool HEAD>
-__global__ void __launch_bounds__(kResBlock, 1) quant_fp8_split_kernel(const ResidentArgs a) {
-  using S = typename Tr::storage;
-  constexpr int VE = 16 / Tr::kSize;
-  constexpr int R = kResBlock / 2;       // threads per role
-  constexpr int KS = 2 * K;              // vectors of a stage per thread of a role
-  constexpr int kStage = kResBlock * K;  // 16-byte vectors per stage; vector k of thread r at k*R + r
-  extern __shared__ uint4 stages[];
-  __shared__ uint32_t s_amax[kResMaxKeys];
-  __shared__ uint32_t s_red[kResMaxKeys];
-  __shared__ float s_inv[kResMaxKeys];
-  const bool loader = threadIdx.x < R;
-  const uint32_t r = loader ? threadIdx.x : threadIdx.x - R;
-  const uint32_t lane = threadIdx.x & 31;
-  const uint32_t g = blockIdx.x * R + r, P = gridDim.x * R;
-  const uint64_t N = uint64_t(a.Nv) * VE;
-  for (uint32_t i = threadIdx.x; i < kResMaxKeys; i += kResBlock) s_amax[i] = s_red[i] = 0;
-
-  uint32_t soff[KS], slk[KS];  // as in quant_fp8_resident_kernel, for vector v = k * P + g
-#pragma unroll
-  for (int k = 0; k < KS; ++k) {
-    const uint32_t v = uint32_t(k) * P + g;
-    uint32_t lb = 0, off = 0, key = 0;
-    if (v < a.B * a.Nv) {
-      a.divNv.divmod(v, lb, off);
-      if constexpr (HEAD) {
-        const uint32_t row = a.divC.div(off);
-        key = lb * a.Hs + (row - a.divH.div(row) * a.Hs);
-      } else {
-        key = lb;
-      }
-      slk[k] = lb | (key << 16);
-    } else {
-      slk[k] = 0xffffffffu;
-    }
-    soff[k] = off;
-  }
-  auto locate = [&](uint32_t s, int k, uint32_t& lb, uint32_t& off, uint32_t& key) -> bool {
-    if (slk[k] == 0xffffffffu) return false;
-    lb = slk[k] & 0xffffu;
-    if (lb >= a.L - s * a.B) return false;
-    off = soff[k];
-    key = slk[k] >> 16;
-    return true;
-  };
-  auto issue = [&](uint32_t s) {  // loaders
-    uint4* st = stages + (s % kResStages) * kStage;
-#pragma unroll
-    for (int k = 0; k < KS; ++k) {
-      uint32_t lb = 0, off = 0, key;
-      const bool ok = s < a.nsteps && locate(s, k, lb, off, key);
-      const S* src = static_cast<const S*>(a.x) + (ok ? int64_t(s * a.B + lb) * a.sL + int64_t(off) * VE : 0);
-      cp_async16(st + k * R + r, src, ok);
-    }
-    cp_async_commit();
-  };
-  auto warp_max_into = [&](uint32_t* red, uint32_t key, uint32_t m) {
-    const uint32_t key0 = __shfl_sync(0xffffffffu, key, 0);
-    if (__all_sync(0xffffffffu, key == key0)) {
-      const uint32_t rm = __reduce_max_sync(0xffffffffu, m);
-      if (lane == 0 && key0 != 0xffffffffu && rm) atomicMax(&red[key0], rm);
-    } else if (key != 0xffffffffu && m) {
-      atomicMax(&red[key], m);
-    }
-  };
-  auto publish = [&](uint32_t s) {  // loaders: this block's amax per key of step s -> its slots
-    const uint4* st = stages + (s % kResStages) * kStage;
-    uint32_t akey = 0xffffffffu, am = 0;
-#pragma unroll
-    for (int k = 0; k < KS; ++k) {
-      uint32_t lb, off, key = 0xffffffffu;
-      const uint32_t m = locate(s, k, lb, off, key) ? abs_max_bits<Tr>(st[k * R + r]) : 0u;
-      if (__all_sync(0xffffffffu, k == 0 || key == akey)) {
-        akey = key;
-        am = max(am, m);
-      } else {
-        warp_max_into(s_amax, akey, am);
-        akey = key;
-        am = m;
-      }
-    }
-    warp_max_into(s_amax, akey, am);
-    bar_sync(kBarLoad, R);
-    const uint32_t l0 = s * a.B, nkeys = min(a.B, a.L - l0) * a.Hs;
-    for (uint32_t i = r; i < nkeys; i += R) {
-      const uint32_t m = s_amax[i];
-      s_amax[i] = 0;  // the next step's atomics are behind a loaders' barrier
-      st_relaxed_gpu(a.slots + (uint64_t(l0 * a.Hs + i) * gridDim.x + blockIdx.x),
-                     kSlotFull | __float_as_uint(abs_bits_to_float<Tr>(m)));
-    }
-  };
-  auto quantize_step = [&](uint32_t s) {  // quantizers
-    const uint32_t l0 = s * a.B, nkeys = min(a.B, a.L - l0) * a.Hs;
-    const uint32_t nslots = nkeys * gridDim.x;
-    const uint32_t* slots = a.slots + uint64_t(l0 * a.Hs) * gridDim.x;
-    for (uint32_t i0 = 0; i0 < nslots; i0 += R) {  // uniform trip count: warp_max_into needs every lane
-      const uint32_t i = i0 + r;
-      uint32_t v = 0, key = 0xffffffffu;
-      if (i < nslots) {
-        v = ld_relaxed_gpu(slots + i);
-        while (!(v & kSlotFull)) {
-          __nanosleep(32);
-          v = ld_relaxed_gpu(slots + i);
-        }
-        v &= ~kSlotFull;
-        key = i / gridDim.x;
-      }
-      warp_max_into(s_red, key, v);
-    }
-    bar_sync(kBarQuant, R);
-    for (uint32_t i = r; i < nkeys; i += R) {
-      const float sc = fp8_scale_from_amax(__uint_as_float(s_red[i]));
-      s_red[i] = 0;  // the next step's atomics are behind the next kBarFull
-      s_inv[i] = fp8_inv(sc);
-      if (blockIdx.x == 0) a.scale[l0 * a.Hs + i] = sc;
-    }
-    bar_sync(kBarQuant, R);
-    const uint4* st = stages + (s % kResStages) * kStage;
-#pragma unroll
-    for (int k = 0; k < KS; ++k) {
-      uint32_t lb, off, key;
-      if (!locate(s, k, lb, off, key)) continue;
-      Vec<Tr, VE> raw;
-      raw.w = st[k * R + r];
-      float f[VE];
-      raw_to_float<Tr, VE>(raw, f);
-      const float inv = s_inv[key];
-#pragma unroll
-      for (int j = 0; j < VE; ++j) f[j] = __fmul_rn(f[j], inv);
-      store_bytes<VE>(a.codes + (l0 + lb) * N + uint64_t(off) * VE, fp8_pack<VE>(f), true);
-    }
-  };
-
-  if (loader) {
-    issue(0);
-    issue(1);
-  }
-  for (uint32_t key = threadIdx.x; key < a.L * a.Hs; key += kResBlock)  // garbage in: clear this block's column
-    a.slots[uint64_t(key) * gridDim.x + blockIdx.x] = 0u;
-  cooperative_groups::this_grid().sync();
-  if (loader) {
-    for (uint32_t s = 0; s < a.nsteps; ++s) {
-      cp_async_wait<1>();                               // step s has landed (this thread's copies)
-      bar_arrive(kBarFull + s % kResStages, kResBlock);  // ... and is visible to the quantizers
-      publish(s);
-      // refill the stage of step s-1 once the quantizers are done with it
-      if (s > 0) bar_sync(kBarEmpty + (s - 1) % kResStages, kResBlock);
-      else bar_sync(kBarLoad, R);                       // (orders s_amax's clear before the next atomics)
-      issue(s + 2);
-    }
-    bar_sync(kBarEmpty + (a.nsteps - 1) % kResStages, kResBlock);  // the quantizers' last arrive
-  } else {
-    for (uint32_t s = 0; s < a.nsteps; ++s) {
-      bar_sync(kBarFull + s % kResStages, kResBlock);
-      quantize_step(s);
-      bar_arrive(kBarEmpty + s % kResStages, kResBlock);
-    }
-  }
-}
-
 // ================================================================================================
 // Host side
 // ================================================================================================
@@ -1746,13 +1569,7 @@ DeviceInfo device_info() {
 constexpr int resident_smem_bytes(int K) { return kResStages * kResBlock * K * 16; }
 
 // Resident blocks per SM of quant_fp8_resident_kernel<Tr, K, HEAD> (0 if unknown or it does not fit).
-template <typename Tr, int K, bool HEAD, bool SPLIT>
-constexpr auto resident_kernel() {
-  if constexpr (SPLIT) return quant_fp8_split_kernel<Tr, K, HEAD>;
-  else return quant_fp8_resident_kernel<Tr, K, HEAD>;
-}
-
-template <typename Tr, int K, bool HEAD, bool SPLIT>
+template <typename Tr, int K, bool HEAD>
 int resident_blocks_per_sm() {
   static int cache[64] = {};
   int dev = 0;
@@ -1760,9 +1577,10 @@ int resident_blocks_per_sm() {
   if (!cache[dev]) {
     int n = 0;
     const int smem = resident_smem_bytes(K);
-    const auto kern = resident_kernel<Tr, K, HEAD, SPLIT>();
-    if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kern, kResBlock, smem) != cudaSuccess) {
+    if (cudaFuncSetAttribute(quant_fp8_resident_kernel<Tr, K, HEAD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             smem) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, quant_fp8_resident_kernel<Tr, K, HEAD>, kResBlock, smem) !=
+            cudaSuccess) {
       cudaGetLastError();  // clear: the caller falls back to the two-kernel path
       n = 0;
     }
@@ -1798,18 +1616,15 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
   if (!dev.coop || dev.sms <= 0) return cudaErrorNotSupported;
   const int64_t Hs = scope == 1 ? H : 1, Nv = T * H * D / VE;
   if (Hs > kResMaxKeys || Nv > kMaxCount) return cudaErrorNotSupported;
-  static const bool split = !kvk_env_off("KVK_FP8_SPLIT");
   return with_dtype_mode_bool(dt, 0, scope == 1, [&](auto tr, auto, auto hc) -> cudaError_t {
     using Tr = decltype(tr);
     constexpr bool HEAD = decltype(hc)::value;
-    return with_bool(split, [&](auto sc) -> cudaError_t {
-    constexpr bool SPLIT = decltype(sc)::value;
     // capacity in vectors with K vectors per thread; the smallest K that holds a step wins (more
     // blocks per SM, fewer registers per thread)
     auto cap = [&](int bps, int k) { return int64_t(bps) * dev.sms * kResBlock * k; };
     constexpr int kK[3] = {1, 2, 4};  // 4: an 8 MiB bf16 layer on 132 SMs (one block each)
-    const int bps[3] = {resident_blocks_per_sm<Tr, 1, HEAD, SPLIT>(), resident_blocks_per_sm<Tr, 2, HEAD, SPLIT>(),
-                        resident_blocks_per_sm<Tr, 4, HEAD, SPLIT>()};
+    const int bps[3] = {resident_blocks_per_sm<Tr, 1, HEAD>(), resident_blocks_per_sm<Tr, 2, HEAD>(),
+                        resident_blocks_per_sm<Tr, 4, HEAD>()};
     const int64_t cap_max = cap(bps[2], kK[2]);
     if (Nv > cap_max) return cudaErrorNotSupported;
     int64_t B = std::max<int64_t>(1, resident_step_bytes() / (Nv * 16));
@@ -1842,8 +1657,7 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
     cfg.attrs = attr;
     cfg.numAttrs = 1;
     return with_int<1, 2, 4>(K, cudaErrorNotSupported, [&](auto kc) -> cudaError_t {
-      return cudaLaunchKernelEx(&cfg, resident_kernel<Tr, decltype(kc)::value, HEAD, SPLIT>(), a);
-    });
+      return cudaLaunchKernelEx(&cfg, quant_fp8_resident_kernel<Tr, decltype(kc)::value, HEAD>, a);
     });
   });
 }
