@@ -23,9 +23,9 @@ MODELS = {"llama3-8b": (32, 8, 128), "smollm2-135m": (30, 3, 64)}
 GPU_SIZES = [("llama3-8b", 4096), ("llama3-8b", 32768), ("smollm2-135m", 4096)]
 CPU_SIZES = [("smollm2-135m", 256)]
 # "+given": fp8 with a given (calibrated) scale, one pass; plain fp8 tensor/head compute the scale
-# (an amax pass over x, then the quantize pass).
-FORMATS = ["fp8:token_head", "fp8:tensor", "fp8:tensor+given", "int8:g64:channel", "int4:g32:channel",
-           "int2:g32:channel", "int4:g32:token", "int2:g32:token"]
+# (a grid-wide amax per layer or per (layer, head) before any code can be written).
+FORMATS = ["fp8:token_head", "fp8:tensor", "fp8:tensor+given", "fp8:head", "fp8:head+given",
+           "int8:g64:channel", "int4:g32:channel", "int2:g32:channel", "int4:g32:token", "int2:g32:token"]
 
 
 def _bufs(fmt, L, T, H, D, device):
