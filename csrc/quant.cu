@@ -1616,7 +1616,7 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
   if (!dev.coop || dev.sms <= 0) return cudaErrorNotSupported;
   const int64_t Hs = scope == 1 ? H : 1, Nv = T * H * D / VE;
   if (Hs > kResMaxKeys || Nv > kMaxCount) return cudaErrorNotSupported;
-  return with_dtype_mode_bool(dt, 0, scope == 1, [&](auto tr, auto, auto hc) -> cudaError_t {
+  return with_dtype(dt, [&](auto tr) { return with_bool(scope == 1, [&](auto hc) -> cudaError_t {
     using Tr = decltype(tr);
     constexpr bool HEAD = decltype(hc)::value;
     // capacity in vectors with K vectors per thread; the smallest K that holds a step wins (more
@@ -1659,7 +1659,7 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
     return with_int<1, 2, 4>(K, cudaErrorNotSupported, [&](auto kc) -> cudaError_t {
       return cudaLaunchKernelEx(&cfg, quant_fp8_resident_kernel<Tr, decltype(kc)::value, HEAD>, a);
     });
-  });
+  }); });
 }
 
 }  // namespace
