@@ -40,7 +40,6 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <string>
 #include <type_traits>
 
 namespace kvk {
@@ -1114,232 +1113,6 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   quantize_step(a.nsteps - 1, poll_first(a.nsteps - 1));
 }
 
-// ---- fp8 tensor/head, one pass from HBM with the re-read from L2: quant_fp8_roles_kernel -------
-// (experiment, KVK_FP8_ONEPASS=roles) The grid is co-resident (cooperative launch, one block per
-// SM) and its blocks take one of two roles for the whole kernel: the first nA blocks (amax
-// blocks) stream each step (B whole layers) from HBM, reduce its amax per key and publish it
-// (slot protocol of quant_fp8_resident_kernel, one slot per (key, amax block)); the other blocks
-// (quantize blocks) wait for a step's slots, then read the step again -- from L2, where the amax
-// blocks left it a step or two earlier -- quantize and store. The amax blocks stay at most `lag`
-// steps ahead (a done counter per step), so the steps in flight fit in L2. No step needs to fit
-// in shared memory, and no block waits for a barrier with work it could do: an amax block never
-// waits for another one, a quantize block only for a step that is lag steps behind the amax blocks.
-constexpr int kRolesBlock = 1024;
-constexpr int kRolesUnroll = 8;  // 16-byte loads per thread per batch (quantize blocks)
-constexpr int kRolesBatch = 4;   // amax blocks: two batches of 4 in flight per thread
-
-struct RolesArgs {
-  const void* x;       // layer l: N = T*H*D dense elements at x + l * sL
-  int64_t sL;
-  uint8_t* codes;      // [L, N] e4m3
-  float* scale;        // [L * Hs]
-  uint32_t* slots;     // workspace: [L * Hs, nA] slots, then [nsteps] done counters
-  uint32_t L, B, Hs, nsteps, Nv, nA, lag;
-  FastDiv divNv, divC, divH;
-};
-
-__device__ __forceinline__ uint4 ld_cs_v4(const void* p) { return __ldcs(static_cast<const uint4*>(p)); }
-
-template <typename Tr, bool HEAD>
-__global__ void __launch_bounds__(kRolesBlock, 1) quant_fp8_roles_kernel(const RolesArgs a) {
-  using S = typename Tr::storage;
-  constexpr int VE = 16 / Tr::kSize;
-  __shared__ uint32_t s_amax[2 * kResMaxKeys];  // amax blocks: by step parity; quantize blocks: [0, kResMaxKeys)
-  __shared__ float s_inv[kResMaxKeys];
-  const uint32_t lane = threadIdx.x & 31;
-  const bool amax_role = blockIdx.x < a.nA;
-  const uint32_t nQ = gridDim.x - a.nA;
-  const uint32_t P = (amax_role ? a.nA : nQ) * kRolesBlock;
-  const uint32_t g = (amax_role ? blockIdx.x : blockIdx.x - a.nA) * kRolesBlock + threadIdx.x;
-  const uint64_t N = uint64_t(a.Nv) * VE;
-  uint32_t* done = a.slots + uint64_t(a.L) * a.Hs * a.nA;
-  for (uint32_t i = threadIdx.x; i < 2 * kResMaxKeys; i += kRolesBlock) s_amax[i] = 0;
-  {  // garbage in: clear the workspace, then one grid barrier
-    const uint64_t nw = uint64_t(a.L) * a.Hs * a.nA + a.nsteps;
-    for (uint64_t i = uint64_t(blockIdx.x) * kRolesBlock + threadIdx.x; i < nw; i += uint64_t(gridDim.x) * kRolesBlock)
-      a.slots[i] = 0u;
-  }
-  cooperative_groups::this_grid().sync();
-  // vector v of a step (B layers): layer lb, vector off in it, key
-  auto key_of = [&](uint32_t v, uint32_t& lb, uint32_t& off) -> uint32_t {
-    a.divNv.divmod(v, lb, off);
-    if constexpr (HEAD) {
-      const uint32_t row = a.divC.div(off);
-      return lb * a.Hs + (row - a.divH.div(row) * a.Hs);
-    } else {
-      return lb;
-    }
-  };
-  auto warp_max_into = [&](uint32_t* red, uint32_t key, uint32_t m) {  // every lane calls it
-    const uint32_t key0 = __shfl_sync(0xffffffffu, key, 0);
-    if (__all_sync(0xffffffffu, key == key0)) {
-      const uint32_t r = __reduce_max_sync(0xffffffffu, m);
-      if (lane == 0 && key0 != 0xffffffffu && r) atomicMax(&red[key0], r);
-    } else if (key != 0xffffffffu && m) {
-      atomicMax(&red[key], m);
-    }
-  };
-  if (amax_role) {
-    // A rolling pipeline of batches (kRolesBatch vectors per thread; a step is one or more
-    // batches): the next batch's loads -- of this step or the next -- are issued before the
-    // current batch is reduced, so this block's loads never stop at a step boundary (the
-    // reduction, the block barrier and the publish of a step overlap the next step's loads).
-    // s_amax is double-buffered by step parity: a step's clear and the next step's atomics
-    // need no barrier between them.
-    const uint32_t stepv_full = a.B * a.Nv, per_batch = P * kRolesBatch;
-    const uint32_t nb_full = (stepv_full + per_batch - 1) / per_batch;
-    const uint32_t nl_last = a.L - (a.nsteps - 1) * a.B;
-    const uint32_t nb_last = (nl_last * a.Nv + per_batch - 1) / per_batch;
-    auto nbatches = [&](uint32_t s) { return s + 1 == a.nsteps ? nb_last : nb_full; };
-    auto issue = [&](uint32_t s, uint32_t bt, uint4 (&w)[kRolesBatch]) {
-      if (s >= a.nsteps) return;
-      if (bt == 0 && s >= a.lag) {  // throttle, per warp: stay within lag steps of the quantize blocks
-        if (lane == 0)
-          while (ld_relaxed_gpu(done + (s - a.lag)) < nQ) __nanosleep(64);
-        __syncwarp();
-      }
-      const uint32_t l0 = s * a.B, stepv = min(a.B, a.L - l0) * a.Nv;
-      const S* xs = static_cast<const S*>(a.x) + int64_t(l0) * a.sL;
-#pragma unroll
-      for (int u = 0; u < kRolesBatch; ++u) {
-        const uint32_t v = bt * per_batch + u * P + g;
-        if (v < stepv) {
-          uint32_t lb, off;
-          key_of(v, lb, off);
-          w[u] = __ldg(reinterpret_cast<const uint4*>(xs + int64_t(lb) * a.sL + int64_t(off) * VE));
-        }
-      }
-    };
-    uint32_t akey = 0xffffffffu, am = 0;
-    auto reduce = [&](uint32_t s, uint32_t bt, const uint4 (&w)[kRolesBatch]) {
-      const uint32_t l0 = s * a.B, nl = min(a.B, a.L - l0), stepv = nl * a.Nv;
-      uint32_t* red = s_amax + (s & 1) * kResMaxKeys;
-#pragma unroll
-      for (int u = 0; u < kRolesBatch; ++u) {
-        const uint32_t v = bt * per_batch + u * P + g;
-        uint32_t key = 0xffffffffu, m = 0;
-        if (v < stepv) {
-          uint32_t lb, off;
-          key = key_of(v, lb, off);
-          m = abs_max_bits<Tr>(w[u]);
-        }
-        if (__all_sync(0xffffffffu, akey == 0xffffffffu || key == akey || key == 0xffffffffu)) {
-          if (key != 0xffffffffu) akey = key;
-          am = max(am, m);
-        } else {
-          warp_max_into(red, akey, am);
-          akey = key;
-          am = m;
-        }
-      }
-      if (bt + 1 == nbatches(s)) {  // the step's last batch: publish it
-        warp_max_into(red, akey, am);
-        akey = 0xffffffffu;
-        am = 0;
-        __syncthreads();
-        for (uint32_t i = threadIdx.x; i < nl * a.Hs; i += kRolesBlock) {
-          const uint32_t m = red[i];
-          red[i] = 0;  // reused two steps later, behind the next step's barrier
-          st_relaxed_gpu(a.slots + (uint64_t(l0 * a.Hs + i) * a.nA + blockIdx.x),
-                         kSlotFull | __float_as_uint(abs_bits_to_float<Tr>(m)));
-        }
-      }
-    };
-    auto advance = [&](uint32_t& s, uint32_t& bt) {
-      if (++bt == nbatches(s)) {
-        bt = 0;
-        ++s;
-      }
-    };
-    uint4 wa[kRolesBatch], wb[kRolesBatch];
-    uint32_t s = 0, bt = 0;
-    issue(0, 0, wa);
-    for (;;) {  // two batches per trip (the register buffers alternate)
-      uint32_t s1 = s, b1 = bt;
-      advance(s1, b1);
-      issue(s1, b1, wb);
-      reduce(s, bt, wa);
-      if (s1 >= a.nsteps) break;
-      uint32_t s2 = s1, b2 = b1;
-      advance(s2, b2);
-      issue(s2, b2, wa);
-      reduce(s1, b1, wb);
-      if (s2 >= a.nsteps) break;
-      s = s2;
-      bt = b2;
-    }
-  } else {
-    // A step is kRolesUnroll vectors per thread or fewer when quantize blocks are half the SMs and
-    // the step <= 8 MiB; larger steps loop. The loads (from L2) are issued before the poll for the
-    // step's amax: their latencies overlap.
-    for (uint32_t s = 0; s < a.nsteps; ++s) {
-      const uint32_t l0 = s * a.B, nl = min(a.B, a.L - l0), stepv = nl * a.Nv, nkeys = nl * a.Hs;
-      const uint32_t nslots = nkeys * a.nA;
-      const S* xs = static_cast<const S*>(a.x) + int64_t(l0) * a.sL;
-      auto load_batch = [&](uint32_t v0, uint4 (&w)[kRolesUnroll]) {
-#pragma unroll
-        for (int u = 0; u < kRolesUnroll; ++u) {
-          const uint32_t v = v0 + u * P + g;
-          if (v < stepv) {
-            uint32_t lb, off;
-            key_of(v, lb, off);
-            w[u] = ld_cs_v4(xs + int64_t(lb) * a.sL + int64_t(off) * VE);
-          }
-        }
-      };
-      uint4 w[kRolesUnroll];
-      load_batch(0, w);
-      const uint32_t* slots = a.slots + uint64_t(l0 * a.Hs) * a.nA;
-      for (uint32_t i0 = 0; i0 < nslots; i0 += kRolesBlock) {  // uniform trip count
-        const uint32_t i = i0 + threadIdx.x;
-        uint32_t v = 0, key = 0xffffffffu;
-        if (i < nslots) {
-          v = ld_relaxed_gpu(slots + i);
-          while (!(v & kSlotFull)) {
-            __nanosleep(32);
-            v = ld_relaxed_gpu(slots + i);
-          }
-          v &= ~kSlotFull;
-          key = i / a.nA;
-        }
-        warp_max_into(s_amax, key, v);
-      }
-      __syncthreads();
-      for (uint32_t i = threadIdx.x; i < nkeys; i += kRolesBlock) {
-        const float sc = fp8_scale_from_amax(__uint_as_float(s_amax[i]));
-        s_amax[i] = 0;
-        s_inv[i] = fp8_inv(sc);
-        if (blockIdx.x == a.nA) a.scale[l0 * a.Hs + i] = sc;
-      }
-      __syncthreads();
-      for (uint32_t v0 = 0; v0 < stepv; v0 += P * kRolesUnroll) {
-        if (v0 > 0) load_batch(v0, w);
-#pragma unroll
-        for (int u = 0; u < kRolesUnroll; ++u) {
-          const uint32_t v = v0 + u * P + g;
-          if (v < stepv) {
-            uint32_t lb, off;
-            const uint32_t key = key_of(v, lb, off);
-            Vec<Tr, VE> raw;
-            raw.w = w[u];
-            float f[VE];
-            raw_to_float<Tr, VE>(raw, f);
-            const float inv = s_inv[key];
-#pragma unroll
-            for (int j = 0; j < VE; ++j) f[j] = __fmul_rn(f[j], inv);
-            const uint64_t c = fp8_pack<VE>(f);
-            uint8_t* dst = a.codes + (l0 + lb) * N + uint64_t(off) * VE;
-            if constexpr (VE == 8) __stcs(reinterpret_cast<uint2*>(dst), make_uint2(unsigned(c), unsigned(c >> 32)));
-            else __stcs(reinterpret_cast<unsigned int*>(dst), unsigned(c));
-          }
-        }
-      }
-      __syncthreads();  // s_inv is rewritten next step; then count this block done
-      if (threadIdx.x == 0) atomicAdd(done + s, 1u);
-    }
-  }
-}
-
 // ================================================================================================
 // Host side
 // ================================================================================================
@@ -1830,63 +1603,10 @@ int64_t resident_step_bytes() {
 
 // Returns cudaErrorNotSupported (nothing launched) when the layers don't fit the resident grid or
 // the layout isn't dense; the caller then takes the two-kernel path.
-int64_t env_int(const char* name, int64_t dflt) {
-  const char* e = std::getenv(name);
-  const long long v = e ? std::atoll(e) : 0;
-  return v > 0 ? int64_t(v) : dflt;
-}
-
-// quant_fp8_roles_kernel (experiment: KVK_FP8_ONEPASS=roles; KVK_FP8_LAG steps ahead, default 2;
-// KVK_FP8_NA amax blocks, default half the SMs; KVK_FP8_STEP_KB as for the resident kernel)
-cudaError_t launch_fp8_roles(const void* x, int dt, int64_t L, int64_t T, int64_t H, int64_t D, int64_t sL,
-                             uint8_t* codes, float* scale, int scope, uint32_t* ws, int64_t ws_words,
-                             cudaStream_t stream) {
-  const DeviceInfo dev = device_info();
-  const int64_t VE = 16 / dtype_size(dt), Hs = scope == 1 ? H : 1, Nv = T * H * D / VE;
-  // lag >= 2: an amax block issues step s+1's loads (and its throttle wait on step s+1-lag) before it publishes step s
-  static const int64_t lag = std::max<int64_t>(2, env_int("KVK_FP8_LAG", 2)), nA_env = env_int("KVK_FP8_NA", 0);
-  const int64_t nA = std::min<int64_t>(nA_env ? nA_env : dev.sms / 2, dev.sms - 1);
-  if (dev.sms < 2 || nA < 1 || Nv > kMaxCount) return cudaErrorNotSupported;
-  int64_t B = std::max<int64_t>(1, resident_step_bytes() / (Nv * 16));
-  B = std::min({B, L, int64_t(kResMaxKeys) / Hs, int64_t(kMaxCount) / Nv});
-  if (B < 1) return cudaErrorNotSupported;
-  const int64_t nsteps = (L + B - 1) / B;
-  if (L * Hs * nA + nsteps > ws_words) return cudaErrorNotSupported;
-  RolesArgs a{};
-  a.x = x; a.sL = sL; a.codes = codes; a.scale = scale; a.slots = ws;
-  a.L = uint32_t(L); a.B = uint32_t(B); a.Hs = uint32_t(Hs); a.nsteps = uint32_t(nsteps); a.Nv = uint32_t(Nv);
-  a.nA = uint32_t(nA); a.lag = uint32_t(lag);
-  a.divNv = FastDiv(uint32_t(Nv));
-  a.divC = FastDiv(uint32_t(D / VE));
-  a.divH = FastDiv(uint32_t(H));
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(dev.sms);
-  cfg.blockDim = dim3(kRolesBlock);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeCooperative;
-  attr[0].val.cooperative = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return with_dtype_mode_bool(dt, 0, scope == 1, [&](auto tr, auto, auto hc) -> cudaError_t {
-    const auto kern = quant_fp8_roles_kernel<decltype(tr), decltype(hc)::value>;
-    int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kern, kRolesBlock, 0) != cudaSuccess || n < 1) {
-      cudaGetLastError();
-      return cudaErrorNotSupported;
-    }
-    return cudaLaunchKernelEx(&cfg, kern, a);
-  });
-}
-
 cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int64_t H, int64_t D, int64_t sL,
                                 int64_t sT, int64_t sH, uint8_t* codes, float* scale, int scope, uint32_t* ws,
                                 int64_t ws_words, cudaStream_t stream) {
   static const bool off = kvk_env_off("KVK_FP8_RESIDENT");
-  static const bool roles = [] {
-    const char* e = std::getenv("KVK_FP8_ONEPASS");
-    return e && std::string(e) == "roles";
-  }();
   if (off || !ws || scope > 1 || ws_words <= 0) return cudaErrorNotSupported;
   const int sz = dtype_size(dt), VE = 16 / sz;
   const bool dense = (T == 1 || sT == H * D) && (H == 1 || sH == D);
@@ -1896,7 +1616,6 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
   if (!dev.coop || dev.sms <= 0) return cudaErrorNotSupported;
   const int64_t Hs = scope == 1 ? H : 1, Nv = T * H * D / VE;
   if (Hs > kResMaxKeys || Nv > kMaxCount) return cudaErrorNotSupported;
-  if (roles) return launch_fp8_roles(x, dt, L, T, H, D, sL, codes, scale, scope, ws, ws_words, stream);
   return with_dtype(dt, [&](auto tr) { return with_bool(scope == 1, [&](auto hc) -> cudaError_t {
     using Tr = decltype(tr);
     constexpr bool HEAD = decltype(hc)::value;
