@@ -908,6 +908,7 @@ struct ResidentArgs {
   float* scale;        // [L * Hs]
   uint32_t* slots;     // workspace [L * Hs, grid]: block b's amax of a key, kSlotFull | float bits
   uint32_t L, B, Hs, nsteps, Nv;  // Nv: 16-byte vectors per layer
+  uint32_t W;                     // UNI variant: keys are uniform over aligned groups of W lanes
   FastDiv divNv, divC, divH;      // C = D / VE vectors per (token, head) row
 };
 
@@ -929,6 +930,40 @@ __device__ __forceinline__ float abs_bits_to_float(uint32_t b) {
   else return Tr::to_float(static_cast<typename Tr::storage>(b));
 }
 
+// Accumulates max |x| of a 16-byte vector into acc, in the element type's bit format: for 16-bit
+// types both halves of acc hold a running max (finish with abs_acc_finish); no unpacking per vector.
+template <typename Tr>
+__device__ __forceinline__ uint32_t abs_acc(uint32_t acc, const uint4& w) {
+  if constexpr (Tr::kSize == 4) {
+    return max(acc, max(max(w.x & 0x7fffffffu, w.y & 0x7fffffffu), max(w.z & 0x7fffffffu, w.w & 0x7fffffffu)));
+  } else {
+    return __vmaxu2(__vmaxu2(acc, __vmaxu2(w.x & 0x7fff7fffu, w.y & 0x7fff7fffu)),
+                    __vmaxu2(w.z & 0x7fff7fffu, w.w & 0x7fff7fffu));
+  }
+}
+template <typename Tr>
+__device__ __forceinline__ uint32_t abs_acc_finish(uint32_t acc) {
+  if constexpr (Tr::kSize == 4) return acc;
+  else return max(acc & 0xffffu, acc >> 16);
+}
+// A 16-byte vector as floats. bf16 straight from the 32-bit words (low element: w << 16, high: the
+// word with its low half cleared), one instruction per element.
+template <typename Tr, int VE>
+__device__ __forceinline__ void vec16_to_float(const uint4& w, float (&f)[VE]) {
+  if constexpr (std::is_same<Tr, BF16>::value) {
+    const uint32_t u[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      f[2 * j] = __uint_as_float(u[j] << 16);
+      f[2 * j + 1] = __uint_as_float(u[j] & 0xffff0000u);
+    }
+  } else {
+    Vec<Tr, VE> raw;
+    raw.w = w;
+    raw_to_float<Tr, VE>(raw, f);
+  }
+}
+
 __device__ __forceinline__ uint32_t ld_relaxed_gpu(const uint32_t* p) {  // from L2, never a stale L1 line
   uint32_t v;
   asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
@@ -947,7 +982,12 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
-template <typename Tr, int K, bool HEAD>
+// UNI (one layer per step; the launcher checks the layout): all K slots of a thread have one key,
+// and the keys are uniform over aligned groups of a.W lanes (W = 32 for the tensor scope; the
+// vectors of a head row for the head scope). A thread then reduces its slots in packed registers
+// and a group with a few shuffles, with no per-slot key bookkeeping: fewer instructions in the
+// publish and quantize phases, which all warps of an SM go through together.
+template <typename Tr, int K, bool HEAD, bool UNI>
 __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const ResidentArgs a) {
   using S = typename Tr::storage;
   constexpr int VE = 16 / Tr::kSize;
@@ -983,6 +1023,8 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
     }
     soff[k] = off;
   }
+  // UNI: this thread's one key (0 where it has no slot)
+  const uint32_t ukey = slk[0] == 0xffffffffu ? 0u : slk[0] >> 16;
   auto locate = [&](uint32_t s, int k, uint32_t& lb, uint32_t& off, uint32_t& key) -> bool {
     if (slk[k] == 0xffffffffu) return false;
     lb = slk[k] & 0xffffu;
@@ -1016,6 +1058,22 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   };
   auto publish = [&](uint32_t s) {
     const uint4* st = stages + (s % kResStages) * kStage;
+    if constexpr (UNI) {
+      uint32_t acc = 0;
+#pragma unroll
+      for (int k = 0; k < K; ++k)
+        if (slk[k] != 0xffffffffu) acc = abs_acc<Tr>(acc, st[k * kResBlock + threadIdx.x]);
+      uint32_t r = abs_acc_finish<Tr>(acc);
+      if (!HEAD || a.W == 32) {
+        r = __reduce_max_sync(0xffffffffu, r);
+      } else {
+#pragma unroll
+        for (uint32_t o = 16; o > 0; o >>= 1)
+          if (o < a.W) r = max(r, __shfl_xor_sync(0xffffffffu, r, o));
+      }
+      // slots past the layer come in whole groups (r = 0 there); their slk[0] is not a key
+      if ((lane & (a.W - 1)) == 0 && r) atomicMax(&s_amax[ukey], r);
+    } else {
     // A thread's slots of one key are reduced before the warp's; the warp flushes when any lane's
     // key changes (the decision is warp-uniform: warp_max_into needs every lane).
     uint32_t akey = 0xffffffffu, am = 0;
@@ -1033,6 +1091,7 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
       }
     }
     warp_max_into(s_amax, akey, am);
+    }
     __syncthreads();
     const uint32_t l0 = s * a.B, nkeys = min(a.B, a.L - l0) * a.Hs;
     for (uint32_t i = threadIdx.x; i < nkeys; i += kResBlock) {
@@ -1064,7 +1123,7 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
           v = ld_relaxed_gpu(slots + i);
         }
         v &= ~kSlotFull;
-        key = i / gridDim.x;
+        key = (UNI && !HEAD) ? 0u : i / gridDim.x;
       }
       warp_max_into(s_red, key, v);
     }
@@ -1077,18 +1136,30 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
     }
     __syncthreads();
     const uint4* st = stages + (s % kResStages) * kStage;
+    if constexpr (UNI) {
+      const float inv = s_inv[ukey];
+      uint8_t* __restrict__ cb = a.codes + uint64_t(s) * N;
 #pragma unroll
-    for (int k = 0; k < K; ++k) {
-      uint32_t lb, off, key;
-      if (!locate(s, k, lb, off, key)) continue;
-      Vec<Tr, VE> raw;
-      raw.w = st[k * kResBlock + threadIdx.x];
-      float f[VE];
-      raw_to_float<Tr, VE>(raw, f);
-      const float inv = s_inv[key];
+      for (int k = 0; k < K; ++k) {
+        if (slk[k] == 0xffffffffu) continue;
+        float f[VE];
+        vec16_to_float<Tr, VE>(st[k * kResBlock + threadIdx.x], f);
 #pragma unroll
-      for (int j = 0; j < VE; ++j) f[j] = __fmul_rn(f[j], inv);  // the encoder saturates (fp8_prescale)
-      store_bytes<VE>(a.codes + (l0 + lb) * N + uint64_t(off) * VE, fp8_pack<VE>(f), true);
+        for (int j = 0; j < VE; ++j) f[j] = __fmul_rn(f[j], inv);  // the encoder saturates (fp8_prescale)
+        store_bytes<VE>(cb + uint64_t(soff[k]) * VE, fp8_pack<VE>(f), true);
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        uint32_t lb, off, key;
+        if (!locate(s, k, lb, off, key)) continue;
+        float f[VE];
+        vec16_to_float<Tr, VE>(st[k * kResBlock + threadIdx.x], f);
+        const float inv = s_inv[key];
+#pragma unroll
+        for (int j = 0; j < VE; ++j) f[j] = __fmul_rn(f[j], inv);
+        store_bytes<VE>(a.codes + (l0 + lb) * N + uint64_t(off) * VE, fp8_pack<VE>(f), true);
+      }
     }
     __syncthreads();  // the stage and s_inv are rewritten next
   };
@@ -1570,7 +1641,7 @@ DeviceInfo device_info() {
 constexpr int resident_smem_bytes(int K) { return kResStages * kResBlock * K * 16; }
 
 // Resident blocks per SM of quant_fp8_resident_kernel<Tr, K, HEAD> (0 if unknown or it does not fit).
-template <typename Tr, int K, bool HEAD>
+template <typename Tr, int K, bool HEAD, bool UNI>
 int resident_blocks_per_sm() {
   static int cache[64] = {};
   int dev = 0;
@@ -1578,9 +1649,10 @@ int resident_blocks_per_sm() {
   if (!cache[dev]) {
     int n = 0;
     const int smem = resident_smem_bytes(K);
-    if (cudaFuncSetAttribute(quant_fp8_resident_kernel<Tr, K, HEAD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             smem) != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, quant_fp8_resident_kernel<Tr, K, HEAD>, kResBlock, smem) !=
+    if (cudaFuncSetAttribute(quant_fp8_resident_kernel<Tr, K, HEAD, UNI>,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, quant_fp8_resident_kernel<Tr, K, HEAD, UNI>, kResBlock,
+                                                      smem) !=
             cudaSuccess) {
       cudaGetLastError();  // clear: the caller falls back to the two-kernel path
       n = 0;
@@ -1624,8 +1696,8 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
     // blocks per SM, fewer registers per thread)
     auto cap = [&](int bps, int k) { return int64_t(bps) * dev.sms * kResBlock * k; };
     constexpr int kK[3] = {1, 2, 4};  // 4: an 8 MiB bf16 layer on 132 SMs (one block each)
-    const int bps[3] = {resident_blocks_per_sm<Tr, 1, HEAD>(), resident_blocks_per_sm<Tr, 2, HEAD>(),
-                        resident_blocks_per_sm<Tr, 4, HEAD>()};
+    const int bps[3] = {resident_blocks_per_sm<Tr, 1, HEAD, false>(), resident_blocks_per_sm<Tr, 2, HEAD, false>(),
+                        resident_blocks_per_sm<Tr, 4, HEAD, false>()};
     const int64_t cap_max = cap(bps[2], kK[2]);
     if (Nv > cap_max) return cudaErrorNotSupported;
     int64_t B = std::max<int64_t>(1, resident_step_bytes() / (Nv * 16));
@@ -1657,8 +1729,24 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
     attr[0].val.cooperative = 1;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
+    // The UNI variant where one layer per step gives each thread one key and each aligned group of
+    // W lanes one key: always for the tensor scope (W = 32); for the head scope when a head row of
+    // C vectors is a power of two <= 32 lanes (W = C) or a multiple of 32 (W = 32), and a thread's
+    // K slots (P = grid * kResBlock vectors apart) land in the same head: (P / C) % H == 0.
+    static const bool uni_off = kvk_env_off("KVK_FP8_UNI");  // developer A/B switch
+    const int64_t C = D / VE, P = int64_t(grid) * kResBlock;
+    uint32_t W = 0;
+    if (!HEAD) W = 32;
+    else if (C % 32 == 0) W = 32;
+    else if (C < 32 && (C & (C - 1)) == 0) W = uint32_t(C);
+    const bool uni = !uni_off && B == 1 && W != 0 && (!HEAD || (P % C == 0 && (P / C) % H == 0));
+    a.W = W ? W : 32;
     return with_int<1, 2, 4>(K, cudaErrorNotSupported, [&](auto kc) -> cudaError_t {
-      return cudaLaunchKernelEx(&cfg, quant_fp8_resident_kernel<Tr, decltype(kc)::value, HEAD>, a);
+      constexpr int KC = decltype(kc)::value;
+      // same shared memory; the occupancy is checked, as the grid must be co-resident
+      if (uni && resident_blocks_per_sm<Tr, KC, HEAD, true>() >= bps[ki])
+        return cudaLaunchKernelEx(&cfg, quant_fp8_resident_kernel<Tr, KC, HEAD, true>, a);
+      return cudaLaunchKernelEx(&cfg, quant_fp8_resident_kernel<Tr, KC, HEAD, false>, a);
     });
   }); });
 }

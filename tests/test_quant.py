@@ -335,7 +335,11 @@ def test_cuda_graph_capture(backend, spec):
 # one 8 MiB layer per step) where layers fit on chip and the two kernels elsewhere (checked).
 # (300, 33, 3, 64): 792 (bf16) or 1584 (fp32) 16-byte vectors per layer, so warps straddle layer
 # boundaries (lanes of one warp reduce different keys), in 2-4 steps of up to 256 keys.
-COMPUTED_SHAPES = ([(5, 300, 8, 128), (37, 257, 8, 128), (300, 33, 3, 64), (3, 4096, 8, 128), (2, 8192, 8, 128)]
+# One 4-8 MiB layer per step (16-bit types) takes the kernel's UNI variant (one key per thread):
+# (3, 2113, 8, 128) with a partial last block, and for the head scope lane groups of 16
+# (head_dim 128), 8 (64) and 32 (256) vectors; their fp32 layers exceed the on-chip capacity.
+COMPUTED_SHAPES = ([(5, 300, 8, 128), (37, 257, 8, 128), (300, 33, 3, 64), (3, 4096, 8, 128), (2, 8192, 8, 128),
+                    (3, 2113, 8, 128), (2, 8500, 4, 64), (2, 2120, 4, 256)]
                    if ON_GPU else [(5, 21, 3, 64)])
 
 

@@ -1,5 +1,6 @@
 """Run the one-pass fp8 kernel on shapes whose warps straddle layers (lanes of one warp reduce
-different keys), for compute-sanitizer --tool synccheck / racecheck; compares with the reference.
+different keys) and on one-layer steps (the UNI variant), for compute-sanitizer --tool synccheck /
+racecheck; compares with the reference.
     compute-sanitizer --tool synccheck python3 scripts/exp/synccheck_fp8.py
 """
 import torch
@@ -8,7 +9,7 @@ import kvkernels as kk
 
 torch.manual_seed(0)
 bad = 0
-for shape in [(300, 33, 3, 64), (5, 21, 3, 64)]:
+for shape in [(300, 33, 3, 64), (5, 21, 3, 64), (3, 2113, 8, 128), (2, 8500, 4, 64), (2, 2120, 4, 256)]:
     for spec in ["fp8:tensor", "fp8:head"]:
         x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
         q = kk.quantize(x, spec, backend="cuda")
