@@ -989,6 +989,11 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 // publish and quantize phases, which all warps of an SM go through together.
 template <typename Tr, int K, bool HEAD, bool UNI>
 __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const ResidentArgs a) {
+  // TU (UNI, tensor scope): one barrier per step. Each warp polls the step's slots and computes the
+  // scale itself, and a thread touches only its own slots of a stage, so warps are not held
+  // together between publishes (s_amax alternates by step parity).
+  constexpr bool TU = UNI && !HEAD;
+  constexpr int kPollEarly = TU ? 5 : 1;  // TU: slots lane + 32 j loaded early (grids <= 160)
   using S = typename Tr::storage;
   constexpr int VE = 16 / Tr::kSize;
   constexpr int kStage = kResBlock * K;  // 16-byte vectors per stage
@@ -1072,7 +1077,7 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
           if (o < a.W) r = max(r, __shfl_xor_sync(0xffffffffu, r, o));
       }
       // slots past the layer come in whole groups (r = 0 there); their slk[0] is not a key
-      if ((lane & (a.W - 1)) == 0 && r) atomicMax(&s_amax[ukey], r);
+      if ((lane & (a.W - 1)) == 0 && r) atomicMax(&s_amax[TU ? (s & 1) : ukey], r);
     } else {
     // A thread's slots of one key are reduced before the warp's; the warp flushes when any lane's
     // key changes (the decision is warp-uniform: warp_max_into needs every lane).
@@ -1093,6 +1098,15 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
     warp_max_into(s_amax, akey, am);
     }
     __syncthreads();
+    if constexpr (TU) {  // s_amax by step parity: warps run up to one publish ahead of thread 0
+      if (threadIdx.x == 0) {
+        const uint32_t m = s_amax[s & 1];
+        s_amax[s & 1] = 0;  // reused at step s + 2, behind the barrier of step s + 1
+        st_relaxed_gpu(a.slots + (uint64_t(s) * gridDim.x + blockIdx.x),
+                       kSlotFull | __float_as_uint(abs_bits_to_float<Tr>(m)));
+      }
+      return;
+    }
     const uint32_t l0 = s * a.B, nkeys = min(a.B, a.L - l0) * a.Hs;
     for (uint32_t i = threadIdx.x; i < nkeys; i += kResBlock) {
       const uint32_t m = s_amax[i];
@@ -1102,14 +1116,66 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
                      kSlotFull | __float_as_uint(abs_bits_to_float<Tr>(m)));
     }
   };
-  // The first slot a thread reads for step s, loaded early (its latency then overlaps a publish).
-  auto poll_first = [&](uint32_t s) -> uint32_t {
-    const uint32_t l0 = s * a.B, nslots = min(a.B, a.L - l0) * a.Hs * gridDim.x;
-    return threadIdx.x < nslots ? ld_relaxed_gpu(a.slots + uint64_t(l0 * a.Hs) * gridDim.x + threadIdx.x) : 0u;
+  // The first slots a thread reads for step s, loaded early (their latency then overlaps a
+  // publish): slot threadIdx.x, or with TU slots lane + 32 j of the step.
+  auto poll_first = [&](uint32_t s, uint32_t (&e)[kPollEarly]) {
+    if constexpr (TU) {
+      const uint32_t* slots = a.slots + uint64_t(s) * gridDim.x;
+#pragma unroll
+      for (int j = 0; j < kPollEarly; ++j) {
+        const uint32_t i = lane + 32u * j;
+        e[j] = i < gridDim.x ? ld_relaxed_gpu(slots + i) : kSlotFull;
+      }
+    } else {
+      const uint32_t l0 = s * a.B, nslots = min(a.B, a.L - l0) * a.Hs * gridDim.x;
+      e[0] = threadIdx.x < nslots ? ld_relaxed_gpu(a.slots + uint64_t(l0 * a.Hs) * gridDim.x + threadIdx.x) : 0u;
+    }
+  };
+  // TU: every warp waits for the step's slots and reduces them itself (no block barrier).
+  auto warp_scale_inv = [&](uint32_t s, const uint32_t (&e)[kPollEarly]) -> float {
+    const uint32_t* slots = a.slots + uint64_t(s) * gridDim.x;
+    uint32_t m = 0;
+#pragma unroll
+    for (int j = 0; j < kPollEarly; ++j) {
+      const uint32_t i = lane + 32u * j;
+      uint32_t v = e[j];
+      while (!(v & kSlotFull)) {  // past the grid: preset full, value 0
+        __nanosleep(32);
+        v = ld_relaxed_gpu(slots + i);
+      }
+      m = max(m, v & ~kSlotFull);
+    }
+    for (uint32_t i = lane + 32u * kPollEarly; i < gridDim.x; i += 32) {
+      uint32_t v = ld_relaxed_gpu(slots + i);
+      while (!(v & kSlotFull)) {
+        __nanosleep(32);
+        v = ld_relaxed_gpu(slots + i);
+      }
+      m = max(m, v & ~kSlotFull);
+    }
+    const float sc = fp8_scale_from_amax(__uint_as_float(__reduce_max_sync(0xffffffffu, m)));
+    if (blockIdx.x == 0 && threadIdx.x == 0) a.scale[s] = sc;
+    return fp8_inv(sc);
   };
   // Wait for every block's slots of step s (grid barrier), reduce them, quantize + store.
-  // first: poll_first(s) of this thread.
-  auto quantize_step = [&](uint32_t s, uint32_t first) {
+  // e: poll_first(s) of this thread.
+  auto quantize_step = [&](uint32_t s, const uint32_t (&e)[kPollEarly]) {
+    const uint4* st = stages + (s % kResStages) * kStage;
+    if constexpr (TU) {  // a thread reads only its own slots of the stage: no block barrier
+      const float inv = warp_scale_inv(s, e);
+      uint8_t* __restrict__ cb = a.codes + uint64_t(s) * N;
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        if (slk[k] == 0xffffffffu) continue;
+        float f[VE];
+        vec16_to_float<Tr, VE>(st[k * kResBlock + threadIdx.x], f);
+#pragma unroll
+        for (int j = 0; j < VE; ++j) f[j] = __fmul_rn(f[j], inv);  // the encoder saturates (fp8_prescale)
+        store_bytes<VE>(cb + uint64_t(soff[k]) * VE, fp8_pack<VE>(f), true);
+      }
+      return;
+    }
+    const uint32_t first = e[0];
     const uint32_t l0 = s * a.B, nkeys = min(a.B, a.L - l0) * a.Hs;
     const uint32_t nslots = nkeys * gridDim.x;
     const uint32_t* slots = a.slots + uint64_t(l0 * a.Hs) * gridDim.x;
@@ -1135,7 +1201,6 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
       if (blockIdx.x == 0) a.scale[l0 * a.Hs + i] = sc;
     }
     __syncthreads();
-    const uint4* st = stages + (s % kResStages) * kStage;
     if constexpr (UNI) {
       const float inv = s_inv[ukey];
       uint8_t* __restrict__ cb = a.codes + uint64_t(s) * N;
@@ -1145,7 +1210,7 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
         float f[VE];
         vec16_to_float<Tr, VE>(st[k * kResBlock + threadIdx.x], f);
 #pragma unroll
-        for (int j = 0; j < VE; ++j) f[j] = __fmul_rn(f[j], inv);  // the encoder saturates (fp8_prescale)
+        for (int j = 0; j < VE; ++j) f[j] = __fmul_rn(f[j], inv);
         store_bytes<VE>(cb + uint64_t(soff[k]) * VE, fp8_pack<VE>(f), true);
       }
     } else {
@@ -1174,15 +1239,17 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   for (uint32_t key = threadIdx.x; key < a.L * a.Hs; key += kResBlock)
     a.slots[uint64_t(key) * gridDim.x + blockIdx.x] = 0u;
   cooperative_groups::this_grid().sync();
+  uint32_t e[kPollEarly];
   for (uint32_t s = 0; s < a.nsteps; ++s) {
     cp_async_wait<1>();  // all but the newest group: step s has landed
-    __syncthreads();
-    const uint32_t first = s > 0 ? poll_first(s - 1) : 0u;
+    if (!TU) __syncthreads();
+    if (s > 0) poll_first(s - 1, e);
     publish(s);
-    if (s > 0) quantize_step(s - 1, first);
+    if (s > 0) quantize_step(s - 1, e);
     issue(s + 2);
   }
-  quantize_step(a.nsteps - 1, poll_first(a.nsteps - 1));
+  poll_first(a.nsteps - 1, e);
+  quantize_step(a.nsteps - 1, e);
 }
 
 // ================================================================================================
