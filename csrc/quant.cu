@@ -989,11 +989,12 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 // publish and quantize phases, which all warps of an SM go through together.
 template <typename Tr, int K, bool HEAD, bool UNI>
 __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const ResidentArgs a) {
-  // TU (UNI, tensor scope): one barrier per step. Each warp polls the step's slots and computes the
-  // scale itself, and a thread touches only its own slots of a stage, so warps are not held
-  // together between publishes (s_amax alternates by step parity).
+  // TU (UNI, tensor scope): two block barriers per step instead of five. Warp 0 alone polls the
+  // step's slots and computes the scale; a thread touches only its own slots of a stage, so no
+  // barrier guards the stages; s_amax and s_inv alternate by step parity.
   constexpr bool TU = UNI && !HEAD;
   constexpr int kPollEarly = TU ? 5 : 1;  // TU: slots lane + 32 j loaded early (grids <= 160)
+  const uint32_t warp = threadIdx.x >> 5;
   using S = typename Tr::storage;
   constexpr int VE = 16 / Tr::kSize;
   constexpr int kStage = kResBlock * K;  // 16-byte vectors per stage
@@ -1120,6 +1121,7 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   // publish): slot threadIdx.x, or with TU slots lane + 32 j of the step.
   auto poll_first = [&](uint32_t s, uint32_t (&e)[kPollEarly]) {
     if constexpr (TU) {
+      if (warp != 0) return;
       const uint32_t* slots = a.slots + uint64_t(s) * gridDim.x;
 #pragma unroll
       for (int j = 0; j < kPollEarly; ++j) {
@@ -1131,8 +1133,8 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
       e[0] = threadIdx.x < nslots ? ld_relaxed_gpu(a.slots + uint64_t(l0 * a.Hs) * gridDim.x + threadIdx.x) : 0u;
     }
   };
-  // TU: every warp waits for the step's slots and reduces them itself (no block barrier).
-  auto warp_scale_inv = [&](uint32_t s, const uint32_t (&e)[kPollEarly]) -> float {
+  // TU, warp 0: wait for the step's slots, reduce them, scale -> s_inv[s & 1] (and a.scale).
+  auto warp_scale_inv = [&](uint32_t s, const uint32_t (&e)[kPollEarly]) {
     const uint32_t* slots = a.slots + uint64_t(s) * gridDim.x;
     uint32_t m = 0;
 #pragma unroll
@@ -1154,15 +1156,19 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
       m = max(m, v & ~kSlotFull);
     }
     const float sc = fp8_scale_from_amax(__uint_as_float(__reduce_max_sync(0xffffffffu, m)));
-    if (blockIdx.x == 0 && threadIdx.x == 0) a.scale[s] = sc;
-    return fp8_inv(sc);
+    if (lane == 0) {
+      s_inv[s & 1] = fp8_inv(sc);  // rewritten at step s + 2, behind the barrier of step s + 1
+      if (blockIdx.x == 0) a.scale[s] = sc;
+    }
   };
   // Wait for every block's slots of step s (grid barrier), reduce them, quantize + store.
   // e: poll_first(s) of this thread.
   auto quantize_step = [&](uint32_t s, const uint32_t (&e)[kPollEarly]) {
     const uint4* st = stages + (s % kResStages) * kStage;
-    if constexpr (TU) {  // a thread reads only its own slots of the stage: no block barrier
-      const float inv = warp_scale_inv(s, e);
+    if constexpr (TU) {
+      if (warp == 0) warp_scale_inv(s, e);
+      __syncthreads();
+      const float inv = s_inv[s & 1];
       uint8_t* __restrict__ cb = a.codes + uint64_t(s) * N;
 #pragma unroll
       for (int k = 0; k < K; ++k) {

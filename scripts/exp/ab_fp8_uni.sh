@@ -13,7 +13,7 @@ timeout 120 compute-sanitizer --tool synccheck python3 scripts/exp/synccheck_fp8
 for r in 1 2; do
   for v in 0 1; do
     echo "== run $r KVK_FP8_UNI=$v"
-    KVK_FP8_UNI=$v timeout 200 python3 -m bench quant --backends cuda --formats fp8:tensor fp8:head \
+    KVK_FP8_UNI=$v timeout 200 python3 -m bench quant --backends cuda --formats ${FORMATS:-fp8:tensor fp8:head} \
       --tokens 4096 --out "$OUT/b$r$v" 2>&1 | grep -E "^ *quantize"
   done
 done
