@@ -984,28 +984,28 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 
 // UNI (one layer per step; the launcher checks the layout): all K slots of a thread have one key,
 // and the keys are uniform over aligned groups of a.W lanes (W = 32 for the tensor scope; the
-// vectors of a head row for the head scope). Then
-//  * a thread reduces its slots in packed registers and a lane group with a few shuffles, with no
-//    per-slot key bookkeeping (fewer instructions in the phases all warps go through together);
-//  * warp w alone polls key w's slots and computes its scale (keys w + 32 j if more than 32);
-//  * a thread touches only its own slots of a stage, so no barrier guards the stages: two block
-//    barriers per step instead of five, with s_amax and s_inv alternating by step parity.
+// vectors of a head row for the head scope). A thread then reduces its slots in packed registers
+// and a group with a few shuffles, with no per-slot key bookkeeping: fewer instructions in the
+// publish and quantize phases, which all warps of an SM go through together.
 template <typename Tr, int K, bool HEAD, bool UNI>
 __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const ResidentArgs a) {
-  constexpr int kPollEarly = UNI ? 5 : 1;  // UNI: slots lane + 32 j of key `warp` loaded early
+  // TU (UNI, tensor scope): two block barriers per step instead of five. Warp 0 alone polls the
+  // step's slots and computes the scale; a thread touches only its own slots of a stage, so no
+  // barrier guards the stages; s_amax and s_inv alternate by step parity.
+  constexpr bool TU = UNI && !HEAD;
+  constexpr int kPollEarly = TU ? 5 : 1;  // TU: slots lane + 32 j loaded early (grids <= 160)
   const uint32_t warp = threadIdx.x >> 5;
   using S = typename Tr::storage;
   constexpr int VE = 16 / Tr::kSize;
   constexpr int kStage = kResBlock * K;  // 16-byte vectors per stage
   extern __shared__ uint4 stages[];      // kResStages x kStage vectors; slot k of thread i at k*kResBlock + i
-  __shared__ uint32_t s_amax[2 * kResMaxKeys];  // UNI: by step parity; else the first half
+  __shared__ uint32_t s_amax[kResMaxKeys];
   __shared__ uint32_t s_red[kResMaxKeys];
-  __shared__ float s_inv[2 * kResMaxKeys];      // the same
+  __shared__ float s_inv[kResMaxKeys];
   const uint32_t lane = threadIdx.x & 31;
   const uint32_t g = blockIdx.x * kResBlock + threadIdx.x, P = gridDim.x * kResBlock;
   const uint64_t N = uint64_t(a.Nv) * VE;
-  for (uint32_t i = threadIdx.x; i < 2 * kResMaxKeys; i += kResBlock) s_amax[i] = 0;
-  for (uint32_t i = threadIdx.x; i < kResMaxKeys; i += kResBlock) s_red[i] = 0;
+  for (uint32_t i = threadIdx.x; i < kResMaxKeys; i += kResBlock) s_amax[i] = s_red[i] = 0;
 
   // Slot k of this thread in a step: vector v = k * P + g of the step's B layers, i.e. layer lb of
   // the step, vector off in it, amax key. The same in every step (decomposed once; only the last
@@ -1078,7 +1078,7 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
           if (o < a.W) r = max(r, __shfl_xor_sync(0xffffffffu, r, o));
       }
       // slots past the layer come in whole groups (r = 0 there); their slk[0] is not a key
-      if ((lane & (a.W - 1)) == 0 && r) atomicMax(&s_amax[(s & 1) * kResMaxKeys + ukey], r);
+      if ((lane & (a.W - 1)) == 0 && r) atomicMax(&s_amax[TU ? (s & 1) : ukey], r);
     } else {
     // A thread's slots of one key are reduced before the warp's; the warp flushes when any lane's
     // key changes (the decision is warp-uniform: warp_max_into needs every lane).
@@ -1099,12 +1099,11 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
     warp_max_into(s_amax, akey, am);
     }
     __syncthreads();
-    if constexpr (UNI) {  // by step parity: warps run up to one publish ahead of these threads
-      uint32_t* am = s_amax + (s & 1) * kResMaxKeys;
-      for (uint32_t i = threadIdx.x; i < a.Hs; i += kResBlock) {
-        const uint32_t m = am[i];
-        am[i] = 0;  // reused at step s + 2, behind the barrier of step s + 1
-        st_relaxed_gpu(a.slots + (uint64_t(s * a.Hs + i) * gridDim.x + blockIdx.x),
+    if constexpr (TU) {  // s_amax by step parity: warps run up to one publish ahead of thread 0
+      if (threadIdx.x == 0) {
+        const uint32_t m = s_amax[s & 1];
+        s_amax[s & 1] = 0;  // reused at step s + 2, behind the barrier of step s + 1
+        st_relaxed_gpu(a.slots + (uint64_t(s) * gridDim.x + blockIdx.x),
                        kSlotFull | __float_as_uint(abs_bits_to_float<Tr>(m)));
       }
       return;
@@ -1119,11 +1118,11 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
     }
   };
   // The first slots a thread reads for step s, loaded early (their latency then overlaps a
-  // publish): slot threadIdx.x, or with UNI slots lane + 32 j of key `warp`.
+  // publish): slot threadIdx.x, or with TU slots lane + 32 j of the step.
   auto poll_first = [&](uint32_t s, uint32_t (&e)[kPollEarly]) {
-    if constexpr (UNI) {
-      if (warp >= a.Hs) return;
-      const uint32_t* slots = a.slots + uint64_t(s * a.Hs + warp) * gridDim.x;
+    if constexpr (TU) {
+      if (warp != 0) return;
+      const uint32_t* slots = a.slots + uint64_t(s) * gridDim.x;
 #pragma unroll
       for (int j = 0; j < kPollEarly; ++j) {
         const uint32_t i = lane + 32u * j;
@@ -1134,15 +1133,14 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
       e[0] = threadIdx.x < nslots ? ld_relaxed_gpu(a.slots + uint64_t(l0 * a.Hs) * gridDim.x + threadIdx.x) : 0u;
     }
   };
-  // UNI, one warp: wait for the slots of key `key` of step s, reduce them, scale -> s_inv (by step
-  // parity) and a.scale. e: the early loads, if key == warp.
-  auto warp_scale_inv = [&](uint32_t s, uint32_t key, const uint32_t (&e)[kPollEarly]) {
-    const uint32_t* slots = a.slots + uint64_t(s * a.Hs + key) * gridDim.x;
+  // TU, warp 0: wait for the step's slots, reduce them, scale -> s_inv[s & 1] (and a.scale).
+  auto warp_scale_inv = [&](uint32_t s, const uint32_t (&e)[kPollEarly]) {
+    const uint32_t* slots = a.slots + uint64_t(s) * gridDim.x;
     uint32_t m = 0;
 #pragma unroll
     for (int j = 0; j < kPollEarly; ++j) {
       const uint32_t i = lane + 32u * j;
-      uint32_t v = key == warp ? e[j] : (i < gridDim.x ? ld_relaxed_gpu(slots + i) : kSlotFull);
+      uint32_t v = e[j];
       while (!(v & kSlotFull)) {  // past the grid: preset full, value 0
         __nanosleep(32);
         v = ld_relaxed_gpu(slots + i);
@@ -1159,18 +1157,18 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
     }
     const float sc = fp8_scale_from_amax(__uint_as_float(__reduce_max_sync(0xffffffffu, m)));
     if (lane == 0) {
-      s_inv[(s & 1) * kResMaxKeys + key] = fp8_inv(sc);  // rewritten at step s + 2, behind the barrier of s + 1
-      if (blockIdx.x == 0) a.scale[s * a.Hs + key] = sc;
+      s_inv[s & 1] = fp8_inv(sc);  // rewritten at step s + 2, behind the barrier of step s + 1
+      if (blockIdx.x == 0) a.scale[s] = sc;
     }
   };
   // Wait for every block's slots of step s (grid barrier), reduce them, quantize + store.
   // e: poll_first(s) of this thread.
   auto quantize_step = [&](uint32_t s, const uint32_t (&e)[kPollEarly]) {
     const uint4* st = stages + (s % kResStages) * kStage;
-    if constexpr (UNI) {
-      for (uint32_t key = warp; key < a.Hs; key += kResBlock / 32) warp_scale_inv(s, key, e);
+    if constexpr (TU) {
+      if (warp == 0) warp_scale_inv(s, e);
       __syncthreads();
-      const float inv = s_inv[(s & 1) * kResMaxKeys + ukey];
+      const float inv = s_inv[s & 1];
       uint8_t* __restrict__ cb = a.codes + uint64_t(s) * N;
 #pragma unroll
       for (int k = 0; k < K; ++k) {
@@ -1197,7 +1195,7 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
           v = ld_relaxed_gpu(slots + i);
         }
         v &= ~kSlotFull;
-        key = i / gridDim.x;
+        key = (UNI && !HEAD) ? 0u : i / gridDim.x;
       }
       warp_max_into(s_red, key, v);
     }
@@ -1209,16 +1207,30 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
       if (blockIdx.x == 0) a.scale[l0 * a.Hs + i] = sc;
     }
     __syncthreads();
+    if constexpr (UNI) {
+      const float inv = s_inv[ukey];
+      uint8_t* __restrict__ cb = a.codes + uint64_t(s) * N;
 #pragma unroll
-    for (int k = 0; k < K; ++k) {
-      uint32_t lb, off, key;
-      if (!locate(s, k, lb, off, key)) continue;
-      float f[VE];
-      vec16_to_float<Tr, VE>(st[k * kResBlock + threadIdx.x], f);
-      const float inv = s_inv[key];
+      for (int k = 0; k < K; ++k) {
+        if (slk[k] == 0xffffffffu) continue;
+        float f[VE];
+        vec16_to_float<Tr, VE>(st[k * kResBlock + threadIdx.x], f);
 #pragma unroll
-      for (int j = 0; j < VE; ++j) f[j] = __fmul_rn(f[j], inv);
-      store_bytes<VE>(a.codes + (l0 + lb) * N + uint64_t(off) * VE, fp8_pack<VE>(f), true);
+        for (int j = 0; j < VE; ++j) f[j] = __fmul_rn(f[j], inv);
+        store_bytes<VE>(cb + uint64_t(soff[k]) * VE, fp8_pack<VE>(f), true);
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        uint32_t lb, off, key;
+        if (!locate(s, k, lb, off, key)) continue;
+        float f[VE];
+        vec16_to_float<Tr, VE>(st[k * kResBlock + threadIdx.x], f);
+        const float inv = s_inv[key];
+#pragma unroll
+        for (int j = 0; j < VE; ++j) f[j] = __fmul_rn(f[j], inv);
+        store_bytes<VE>(a.codes + (l0 + lb) * N + uint64_t(off) * VE, fp8_pack<VE>(f), true);
+      }
     }
     __syncthreads();  // the stage and s_inv are rewritten next
   };
@@ -1236,7 +1248,7 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   uint32_t e[kPollEarly];
   for (uint32_t s = 0; s < a.nsteps; ++s) {
     cp_async_wait<1>();  // all but the newest group: step s has landed
-    if (!UNI) __syncthreads();
+    if (!TU) __syncthreads();
     if (s > 0) poll_first(s - 1, e);
     publish(s);
     if (s > 0) quantize_step(s - 1, e);
