@@ -1715,7 +1715,7 @@ DeviceInfo device_info() {
 
 constexpr int resident_smem_bytes(int K) { return kResStages * kResBlock * K * 16; }
 
-// Resident blocks per SM of quant_fp8_resident_kernel<Tr, K, HEAD> (0 if unknown or it does not fit).
+// Resident blocks per SM of quant_fp8_resident_kernel<Tr, K, HEAD, UNI> (0 if unknown or it does not fit).
 template <typename Tr, int K, bool HEAD, bool UNI>
 int resident_blocks_per_sm() {
   static int cache[64] = {};

@@ -6,6 +6,7 @@ dequantize (tolerances from tests/tolerances.py). Outputs are poisoned before ea
 """
 import itertools
 import os
+import re
 
 import pytest
 import torch
@@ -366,9 +367,40 @@ def test_fp8_computed_scale_special_values(backend, spec, dtype, shape):
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
         if layer <= (4 << 20) or sms >= 132:  # 8 MiB layers fit 132-SM GPUs (H100 SXM, H200)
             names = _kernel_names(lambda: run_quantize(x, fmt, backend))
-            ran = any("quant_fp8_resident_kernel" in n for n in names)
+            res = [n for n in names if "quant_fp8_resident_kernel" in n]
             fits = layer <= (8 << 20)
-            assert ran == fits, f"one-pass kernel ran: {ran}, expected {fits}; kernels: {sorted(names)}"
+            assert bool(res) == fits, f"one-pass kernel ran: {bool(res)}, expected {fits}; kernels: {sorted(names)}"
+            if res and sms == 132:  # which variant: the launcher's rule, restated for 132 SMs
+                uni = _uni_flag(res[0])
+                assert uni == _expect_uni(x, spec, sms), f"UNI variant: {uni}; kernel: {res[0]}"
+
+
+def _uni_flag(name):
+    """The UNI template flag (last of <Tr, K, HEAD, UNI>) of a one-pass kernel's name, demangled or not."""
+    m = re.search(r"quant_fp8_resident_kernel<([^<>]*)>", name)
+    if m:
+        return m.group(1).split(",")[-1].strip() == "true"
+    m = re.search(r"quant_fp8_resident_kernel.*Lb[01]ELb([01])E", name)
+    assert m, f"cannot read the template flags of {name}"
+    return m.group(1) == "1"
+
+
+def _expect_uni(x, spec, sms):
+    """Whether the launcher picks the UNI variant (one 16-byte-vector key per thread): one layer
+    per step (layer > half the 8 MiB step), and for the head scope a power-of-two (<= 32) or
+    32-multiple row of C vectors with the grid's P = grid * 1024 vectors a multiple of C * H."""
+    L, T, H, D = x.shape
+    ve = 16 // x.element_size()
+    nv = T * H * D // ve
+    if min(L, max(1, (8 << 20) // (nv * 16))) != 1:
+        return False
+    if spec == "fp8:tensor":
+        return True
+    k = next((k for k in (1, 2, 4) if sms * 1024 * k >= nv), 4)  # one 1024-thread block per SM
+    p = -(-nv // (1024 * k)) * 1024
+    c = D // ve
+    w_ok = c % 32 == 0 or (c < 32 and c & (c - 1) == 0)
+    return w_ok and p % c == 0 and (p // c) % H == 0
 
 
 def _kernel_names(fn):
