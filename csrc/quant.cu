@@ -1119,6 +1119,14 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
                      kSlotFull | __float_as_uint(abs_bits_to_float<Tr>(m)));
     }
   };
+  // Slot *p's value once its full bit is set; v: a first load of it.
+  auto wait_full = [](const uint32_t* p, uint32_t v) -> uint32_t {
+    while (!(v & kSlotFull)) {  // back-off 0, 32 or 200 ns: the same time (measured)
+      __nanosleep(32);
+      v = ld_relaxed_gpu(p);
+    }
+    return v & ~kSlotFull;
+  };
   // The first slots a thread reads for step s, loaded early (their latency then overlaps a
   // publish): slot threadIdx.x, or with TU slots lane + 32 j of the step.
   auto poll_first = [&](uint32_t s, uint32_t (&e)[kPollEarly]) {
@@ -1140,27 +1148,26 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
     const uint32_t* slots = a.slots + uint64_t(s) * gridDim.x;
     uint32_t m = 0;
 #pragma unroll
-    for (int j = 0; j < kPollEarly; ++j) {
-      const uint32_t i = lane + 32u * j;
-      uint32_t v = e[j];
-      while (!(v & kSlotFull)) {  // past the grid: preset full, value 0
-        __nanosleep(32);
-        v = ld_relaxed_gpu(slots + i);
-      }
-      m = max(m, v & ~kSlotFull);
-    }
-    for (uint32_t i = lane + 32u * kPollEarly; i < gridDim.x; i += 32) {
-      uint32_t v = ld_relaxed_gpu(slots + i);
-      while (!(v & kSlotFull)) {
-        __nanosleep(32);
-        v = ld_relaxed_gpu(slots + i);
-      }
-      m = max(m, v & ~kSlotFull);
-    }
+    for (int j = 0; j < kPollEarly; ++j)  // past the grid: e[j] preset full, value 0
+      m = max(m, wait_full(slots + lane + 32u * j, e[j]));
+    for (uint32_t i = lane + 32u * kPollEarly; i < gridDim.x; i += 32) m = max(m, wait_full(slots + i, ld_relaxed_gpu(slots + i)));
     const float sc = fp8_scale_from_amax(__uint_as_float(__reduce_max_sync(0xffffffffu, m)));
     if (lane == 0) {
       s_inv[s & 1] = fp8_inv(sc);  // rewritten at step s + 2, behind the barrier of step s + 1
       if (blockIdx.x == 0) a.scale[s] = sc;
+    }
+  };
+  // UNI: quantize + store this thread's slots of step s (layer s), all with one inverse scale.
+  auto quantize_own = [&](const uint4* st, uint32_t s, float inv) {
+    uint8_t* __restrict__ cb = a.codes + uint64_t(s) * N;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      if (slk[k] == 0xffffffffu) continue;
+      float f[VE];
+      vec16_to_float<Tr, VE>(st[k * kResBlock + threadIdx.x], f);
+#pragma unroll
+      for (int j = 0; j < VE; ++j) f[j] = __fmul_rn(f[j], inv);  // the encoder saturates (fp8_prescale)
+      store_bytes<VE>(cb + uint64_t(soff[k]) * VE, fp8_pack<VE>(f), true);
     }
   };
   // Wait for every block's slots of step s (grid barrier), reduce them, quantize + store.
@@ -1170,17 +1177,7 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
     if constexpr (TU) {
       if (warp == 0) warp_scale_inv(s, e);
       __syncthreads();
-      const float inv = s_inv[s & 1];
-      uint8_t* __restrict__ cb = a.codes + uint64_t(s) * N;
-#pragma unroll
-      for (int k = 0; k < K; ++k) {
-        if (slk[k] == 0xffffffffu) continue;
-        float f[VE];
-        vec16_to_float<Tr, VE>(st[k * kResBlock + threadIdx.x], f);
-#pragma unroll
-        for (int j = 0; j < VE; ++j) f[j] = __fmul_rn(f[j], inv);  // the encoder saturates (fp8_prescale)
-        store_bytes<VE>(cb + uint64_t(soff[k]) * VE, fp8_pack<VE>(f), true);
-      }
+      quantize_own(st, s, s_inv[s & 1]);
       return;
     }
     const uint32_t first = e[0];
@@ -1191,13 +1188,8 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
       const uint32_t i = i0 + threadIdx.x;
       uint32_t v = 0, key = 0xffffffffu;
       if (i < nslots) {
-        v = i0 == 0 ? first : ld_relaxed_gpu(slots + i);
-        while (!(v & kSlotFull)) {  // back-off 0, 32 or 200 ns: the same time (measured)
-          __nanosleep(32);
-          v = ld_relaxed_gpu(slots + i);
-        }
-        v &= ~kSlotFull;
-        key = (UNI && !HEAD) ? 0u : i / gridDim.x;
+        v = wait_full(slots + i, i0 == 0 ? first : ld_relaxed_gpu(slots + i));
+        key = i / gridDim.x;  // (TU has its own poll)
       }
       warp_max_into(s_red, key, v);
     }
@@ -1210,17 +1202,7 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
     }
     __syncthreads();
     if constexpr (UNI) {
-      const float inv = s_inv[ukey];
-      uint8_t* __restrict__ cb = a.codes + uint64_t(s) * N;
-#pragma unroll
-      for (int k = 0; k < K; ++k) {
-        if (slk[k] == 0xffffffffu) continue;
-        float f[VE];
-        vec16_to_float<Tr, VE>(st[k * kResBlock + threadIdx.x], f);
-#pragma unroll
-        for (int j = 0; j < VE; ++j) f[j] = __fmul_rn(f[j], inv);
-        store_bytes<VE>(cb + uint64_t(soff[k]) * VE, fp8_pack<VE>(f), true);
-      }
+      quantize_own(st, s, s_inv[ukey]);
     } else {
 #pragma unroll
       for (int k = 0; k < K; ++k) {
