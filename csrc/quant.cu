@@ -984,6 +984,24 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
+// Developer trace (scripts/exp/fp8_trace_exp.cu compiles this file with KVK_FP8_TRACE): thread 0
+// of each block stores %globaltimer at four points of each of the first 64 steps into
+// g_kvk_fp8_trace[grid][64][4]: 0 landed, 1 published, 2 scale known (grid barrier passed),
+// 3 quantized. Without the macro the hooks are empty.
+#ifdef KVK_FP8_TRACE
+__device__ uint64_t* g_kvk_fp8_trace;
+__device__ __forceinline__ void fp8_trace(uint32_t s, int phase) {
+  if (threadIdx.x == 0 && g_kvk_fp8_trace && s < 64) {
+    uint64_t t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    g_kvk_fp8_trace[(uint64_t(blockIdx.x) * 64 + s) * 4 + phase] = t;
+  }
+}
+#define KVK_FP8_TRACE_AT(s, phase) fp8_trace((s), (phase))
+#else
+#define KVK_FP8_TRACE_AT(s, phase)
+#endif
+
 // UNI (one layer per step; the launcher checks the layout): all K slots of a thread have one key,
 // and the keys are uniform over aligned groups of a.W lanes (W = 32 for the tensor scope; the
 // vectors of a head row for the head scope). A thread then reduces its slots in packed registers
@@ -1177,7 +1195,9 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
     if constexpr (TU) {
       if (warp == 0) warp_scale_inv(s, e);
       __syncthreads();
+      KVK_FP8_TRACE_AT(s, 2);
       quantize_own(st, s, s_inv[s & 1]);
+      KVK_FP8_TRACE_AT(s, 3);
       return;
     }
     const uint32_t first = e[0];
@@ -1201,6 +1221,7 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
       if (blockIdx.x == 0) a.scale[l0 * a.Hs + i] = sc;
     }
     __syncthreads();
+    KVK_FP8_TRACE_AT(s, 2);
     if constexpr (UNI) {
       quantize_own(st, s, s_inv[ukey]);
     } else {
@@ -1217,6 +1238,7 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
       }
     }
     __syncthreads();  // the stage and s_inv are rewritten next
+    KVK_FP8_TRACE_AT(s, 3);
   };
 
   // Pipeline, kResStages = 3 steps on chip: at iteration s, step s lands and is published, step
@@ -1233,8 +1255,10 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   for (uint32_t s = 0; s < a.nsteps; ++s) {
     cp_async_wait<1>();  // all but the newest group: step s has landed
     if (!TU) __syncthreads();
+    KVK_FP8_TRACE_AT(s, 0);
     if (s > 0) poll_first(s - 1, e);
     publish(s);
+    KVK_FP8_TRACE_AT(s, 1);
     if (s > 0) quantize_step(s - 1, e);
     issue(s + 2);
   }

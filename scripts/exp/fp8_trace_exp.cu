@@ -1,0 +1,114 @@
+// Private experiment (prepared 2026-11-27, seventh session; not yet run on a GPU): per-block
+// %globaltimer trace of the library's one-pass fp8 kernel (quant_fp8_resident_kernel, the variant
+// the launcher picks), per tensor and per head, to see where the head scope's extra time goes
+// (Llama-3-8B T=4096: tensor 91%, head 81% of copy with the same step structure).
+//
+// csrc/quant.cu is compiled here with KVK_FP8_TRACE: thread 0 of each block stores the time at
+// four points of each step (landed, published, scale known, quantized). Prints, per step, the
+// median over blocks of each point (ns from the first landing) and the mean time per block of
+// each phase of an iteration s: landing wait [quantized(s-2) -> landed(s)], publish [landed(s) ->
+// published(s)], barrier wait [published(s) -> scale known(s-1)], quantize [scale known(s-1) ->
+// quantized(s-1)]. Also times the kernel with the trace pointer null (the hooks then cost thread 0
+// a load and a branch each; no L2 flush between runs), for reference.
+//
+//   nvcc -arch=sm_90 -std=c++17 -O3 -Icsrc scripts/exp/fp8_trace_exp.cu -o /tmp/fp8t && /tmp/fp8t
+#define KVK_FP8_TRACE 1
+#include "../../csrc/quant.cu"
+
+#include <algorithm>
+#include <cstdio>
+#include <vector>
+
+namespace kvk {
+namespace {
+__global__ void fill_kernel(uint16_t* x, uint64_t n) {
+  for (uint64_t i = blockIdx.x * uint64_t(blockDim.x) + threadIdx.x; i < n; i += uint64_t(gridDim.x) * blockDim.x) {
+    uint32_t h = uint32_t(i * 2654435761ull) ^ uint32_t(i >> 13);
+    h ^= h >> 15; h *= 0x2c1b3c6du; h ^= h >> 12;
+    const float f = (float(h & 0xffff) / 65536.f - 0.5f) * 6.f + 0.5f;
+    x[i] = uint16_t(__float_as_uint(f) >> 16);
+  }
+}
+}  // namespace
+}  // namespace kvk
+
+#define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { printf("CUDA %s at %d: %s\n", #x, __LINE__, cudaGetErrorString(e_)); exit(1); } } while (0)
+
+static double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2];
+}
+
+int main() {
+  using namespace kvk;
+  setvbuf(stdout, nullptr, _IOLBF, 0);
+  cudaStream_t st; CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  cudaDeviceProp prop; CK(cudaGetDeviceProperties(&prop, 0));
+  const int sms = prop.multiProcessorCount;
+  printf("%s, %d SMs\n", prop.name, sms);
+  struct Shape { const char* name; int64_t L, T, H, D; };
+  const Shape shapes[] = {{"llama3-8b", 32, 4096, 8, 128}, {"smollm2", 30, 4096, 3, 64}};
+  for (const Shape& sh : shapes) {
+    const int64_t N = sh.T * sh.H * sh.D, n = sh.L * N;
+    uint16_t* x; uint8_t* codes; float* scale; uint32_t* ws; uint64_t* trace;
+    CK(cudaMalloc(&x, n * 2)); CK(cudaMalloc(&codes, n)); CK(cudaMalloc(&scale, sh.L * sh.H * 4));
+    const int64_t wsw = sh.L * sh.H * 4 * sms;
+    CK(cudaMalloc(&ws, wsw * 4));
+    const int64_t ntr = int64_t(2 * sms + 1) * 64 * 4;  // grid <= 2 blocks/SM (+1: a zero row ends it)
+    CK(cudaMalloc(&trace, ntr * 8));
+    fill_kernel<<<1024, 256, 0, st>>>(x, n);
+    for (int scope : {0, 1}) {
+      auto run = [&] {
+        CK(kvk_quantize_fp8(x, 2, sh.L, sh.T, sh.H, sh.D, N, sh.H * sh.D, sh.D, codes, scale, scope, true, ws, wsw, st));
+      };
+      uint64_t* none = nullptr;
+      CK(cudaMemcpyToSymbol(g_kvk_fp8_trace, &none, sizeof(none)));
+      for (int i = 0; i < 5; ++i) run();
+      cudaEvent_t e0, e1; CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
+      std::vector<double> ts;
+      for (int i = 0; i < 20; ++i) {
+        CK(cudaEventRecord(e0, st)); run(); CK(cudaEventRecord(e1, st)); CK(cudaEventSynchronize(e1));
+        float ms; CK(cudaEventElapsedTime(&ms, e0, e1)); ts.push_back(ms * 1e3);
+      }
+      CK(cudaMemsetAsync(trace, 0, ntr * 8, st));
+      CK(cudaMemcpyToSymbol(g_kvk_fp8_trace, &trace, sizeof(trace)));
+      run();
+      CK(cudaStreamSynchronize(st));
+      CK(cudaMemcpyToSymbol(g_kvk_fp8_trace, &none, sizeof(none)));
+      std::vector<uint64_t> h(ntr);
+      CK(cudaMemcpy(h.data(), trace, ntr * 8, cudaMemcpyDeviceToHost));
+      // [block][64 steps][4]: grid = blocks with stamps, nsteps = block 0's stamped steps
+      auto at = [&](int b, int s, int p) { return h[(uint64_t(b) * 64 + s) * 4 + p]; };
+      int grid = 0, nsteps = 0;
+      while (grid < 2 * sms && at(grid, 0, 0) != 0) ++grid;
+      while (nsteps < 64 && at(0, nsteps, 0) != 0) ++nsteps;
+      uint64_t t0 = ~0ull;
+      for (int b = 0; b < grid; ++b) t0 = std::min(t0, at(b, 0, 0));
+      printf("\n== %s %s: %.1f us with the trace off (median of 20), grid %d, %d steps\n", sh.name, scope ? "head" : "tensor",
+             median(ts), grid, nsteps);
+      printf("   step   landed   published   scale-known   quantized   (median over blocks, ns from the first landing)\n");
+      double wl = 0, wp = 0, wb = 0, wq = 0; int cnt = 0;
+      for (int s = 0; s < nsteps; ++s) {
+        std::vector<double> v[4];
+        for (int b = 0; b < grid; ++b)
+          for (int p = 0; p < 4; ++p) v[p].push_back(double(at(b, s, p)) - double(t0));
+        if (s < 4 || s >= nsteps - 2)
+          printf("   %4d %8.0f %11.0f %13.0f %11.0f\n", s, median(v[0]), median(v[1]), median(v[2]), median(v[3]));
+        if (s >= 2) {
+          for (int b = 0; b < grid; ++b) {
+            wl += double(at(b, s, 0)) - double(at(b, s - 2, 3));
+            wp += double(at(b, s, 1)) - double(at(b, s, 0));
+            wb += double(at(b, s - 1, 2)) - double(at(b, s, 1));
+            wq += double(at(b, s - 1, 3)) - double(at(b, s - 1, 2));
+            ++cnt;
+          }
+        }
+      }
+      if (cnt)
+        printf("   mean per block-iteration (s >= 2): landing wait %.0f ns, publish %.0f, barrier wait %.0f, quantize %.0f\n",
+               wl / cnt, wp / cnt, wb / cnt, wq / cnt);
+    }
+    CK(cudaFree(x)); CK(cudaFree(codes)); CK(cudaFree(scale)); CK(cudaFree(ws)); CK(cudaFree(trace));
+  }
+  return 0;
+}
