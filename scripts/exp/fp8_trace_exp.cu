@@ -19,20 +19,7 @@
 #include <cstdio>
 #include <vector>
 
-namespace kvk {
-namespace {
-__global__ void fill_kernel(uint16_t* x, uint64_t n) {
-  for (uint64_t i = blockIdx.x * uint64_t(blockDim.x) + threadIdx.x; i < n; i += uint64_t(gridDim.x) * blockDim.x) {
-    uint32_t h = uint32_t(i * 2654435761ull) ^ uint32_t(i >> 13);
-    h ^= h >> 15; h *= 0x2c1b3c6du; h ^= h >> 12;
-    const float f = (float(h & 0xffff) / 65536.f - 0.5f) * 6.f + 0.5f;
-    x[i] = uint16_t(__float_as_uint(f) >> 16);
-  }
-}
-}  // namespace
-}  // namespace kvk
-
-#define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { printf("CUDA %s at %d: %s\n", #x, __LINE__, cudaGetErrorString(e_)); exit(1); } } while (0)
+#include "exp_common.cuh"
 
 static double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -41,6 +28,7 @@ static double median(std::vector<double> v) {
 
 int main() {
   using namespace kvk;
+  using namespace kvkexp;
   setvbuf(stdout, nullptr, _IOLBF, 0);
   cudaStream_t st; CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
   cudaDeviceProp prop; CK(cudaGetDeviceProperties(&prop, 0));

@@ -68,51 +68,14 @@ __global__ void __launch_bounds__(256, MINB) dq_tok_wide(const WideArgs a) {
   }
 }
 
-__global__ void fill_kernel(uint16_t* x, uint64_t n) {
-  for (uint64_t i = blockIdx.x * uint64_t(blockDim.x) + threadIdx.x; i < n; i += uint64_t(gridDim.x) * blockDim.x) {
-    uint32_t hh = uint32_t(i * 2654435761ull) ^ uint32_t(i >> 13);
-    hh ^= hh >> 15; hh *= 0x2c1b3c6du; hh ^= hh >> 12;
-    const float f = (float(hh & 0xffff) / 65536.f - 0.5f) * 6.f + 0.5f;
-    x[i] = uint16_t(__float_as_uint(f) >> 16);
-  }
-}
-__global__ void flush_kernel(const uint4* p, uint64_t n, uint32_t* sink) {
-  uint32_t acc = 0;
-  for (uint64_t i = blockIdx.x * uint64_t(blockDim.x) + threadIdx.x; i < n; i += uint64_t(gridDim.x) * blockDim.x)
-    acc ^= p[i].x;
-  if (acc == 0x12345678u) *sink = acc;
-}
-
 }  // namespace
 }  // namespace kvk
 
-#define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { printf("CUDA %s at %d: %s\n", #x, __LINE__, cudaGetErrorString(e_)); exit(1); } } while (0)
-
-struct Timer {
-  cudaStream_t st;
-  uint4* fl; uint64_t fln; uint32_t* sink;
-  cudaEvent_t e0, e1;
-  explicit Timer(cudaStream_t s) : st(s) {
-    fln = (uint64_t(128) << 20) / 16;
-    CK(cudaMalloc(&fl, fln * 16)); CK(cudaMemset(fl, 1, fln * 16)); CK(cudaMalloc(&sink, 4));
-    CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
-  }
-  template <typename F> float median_us(F&& f, int reps = 40) {
-    for (int i = 0; i < 5; ++i) f();
-    std::vector<float> v;
-    for (int i = 0; i < reps; ++i) {
-      kvk::flush_kernel<<<264, 1024, 0, st>>>(fl, fln, sink);
-      CK(cudaEventRecord(e0, st)); f(); CK(cudaEventRecord(e1, st));
-      CK(cudaEventSynchronize(e1));
-      float ms; CK(cudaEventElapsedTime(&ms, e0, e1)); v.push_back(ms * 1e3f);
-    }
-    std::sort(v.begin(), v.end());
-    return v[v.size() / 2];
-  }
-};
+#include "exp_common.cuh"
 
 int main() {
   using namespace kvk;
+  using namespace kvkexp;
   setvbuf(stdout, nullptr, _IOLBF, 0);
   cudaStream_t st; CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
   cudaDeviceProp prop; CK(cudaGetDeviceProperties(&prop, 0));
