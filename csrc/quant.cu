@@ -914,40 +914,42 @@ struct ResidentArgs {
   FastDiv divNv, divC, divH;      // C = D / VE vectors per (token, head) row
 };
 
-// max |x| of a 16-byte vector, in the element type's bit format (|x| bits order like the values
-// for fp32/fp16/bf16, NaN above inf).
+// max |x| of 16-byte vectors, in the element type's bit format (|x| bits order like the values
+// for fp32/fp16/bf16, NaN above inf). For 16-bit types a word holds two running maxima (packed
+// max; unpack with abs_acc_finish): abs_acc accumulates vectors without unpacking each.
 template <typename Tr>
-__device__ __forceinline__ uint32_t abs_max_bits(const uint4& w) {
-  if constexpr (Tr::kSize == 4) {
-    return max(max(w.x & 0x7fffffffu, w.y & 0x7fffffffu), max(w.z & 0x7fffffffu, w.w & 0x7fffffffu));
-  } else {
-    const uint32_t m = __vmaxu2(__vmaxu2(w.x & 0x7fff7fffu, w.y & 0x7fff7fffu),
-                                __vmaxu2(w.z & 0x7fff7fffu, w.w & 0x7fff7fffu));
-    return max(m & 0xffffu, m >> 16);
-  }
+__device__ __forceinline__ uint32_t abs_vmax(uint32_t a, uint32_t b) {  // max of (packed) |x| bits
+  if constexpr (Tr::kSize == 4) return max(a, b);
+  else return __vmaxu2(a, b);
 }
 template <typename Tr>
-__device__ __forceinline__ float abs_bits_to_float(uint32_t b) {
-  if constexpr (Tr::kSize == 4) return __uint_as_float(b);
-  else return Tr::to_float(static_cast<typename Tr::storage>(b));
-}
-
-// Accumulates max |x| of a 16-byte vector into acc, in the element type's bit format: for 16-bit
-// types both halves of acc hold a running max (finish with abs_acc_finish); no unpacking per vector.
-template <typename Tr>
-__device__ __forceinline__ uint32_t abs_acc(uint32_t acc, const uint4& w) {
-  if constexpr (Tr::kSize == 4) {
-    return max(acc, max(max(w.x & 0x7fffffffu, w.y & 0x7fffffffu), max(w.z & 0x7fffffffu, w.w & 0x7fffffffu)));
-  } else {
-    return __vmaxu2(__vmaxu2(acc, __vmaxu2(w.x & 0x7fff7fffu, w.y & 0x7fff7fffu)),
-                    __vmaxu2(w.z & 0x7fff7fffu, w.w & 0x7fff7fffu));
-  }
+__device__ __forceinline__ uint32_t abs_pair(uint32_t a, uint32_t b) {  // of two raw words
+  constexpr uint32_t M = Tr::kSize == 4 ? 0x7fffffffu : 0x7fff7fffu;
+  return abs_vmax<Tr>(a & M, b & M);
 }
 template <typename Tr>
 __device__ __forceinline__ uint32_t abs_acc_finish(uint32_t acc) {
   if constexpr (Tr::kSize == 4) return acc;
   else return max(acc & 0xffffu, acc >> 16);
 }
+template <typename Tr>
+__device__ __forceinline__ uint32_t abs_vec(const uint4& w) {  // one vector, packed for 16-bit types
+  return abs_vmax<Tr>(abs_pair<Tr>(w.x, w.y), abs_pair<Tr>(w.z, w.w));
+}
+template <typename Tr>
+__device__ __forceinline__ uint32_t abs_acc(uint32_t acc, const uint4& w) {
+  // (the association that compiles to 3-input max instructions in both cases)
+  if constexpr (Tr::kSize == 4) return abs_vmax<Tr>(acc, abs_vec<Tr>(w));
+  else return abs_vmax<Tr>(abs_vmax<Tr>(acc, abs_pair<Tr>(w.x, w.y)), abs_pair<Tr>(w.z, w.w));
+}
+template <typename Tr>
+__device__ __forceinline__ uint32_t abs_max_bits(const uint4& w) { return abs_acc_finish<Tr>(abs_vec<Tr>(w)); }
+template <typename Tr>
+__device__ __forceinline__ float abs_bits_to_float(uint32_t b) {
+  if constexpr (Tr::kSize == 4) return __uint_as_float(b);
+  else return Tr::to_float(static_cast<typename Tr::storage>(b));
+}
+
 // A 16-byte vector as floats. bf16 straight from the 32-bit words (low element: w << 16, high: the
 // word with its low half cleared), one instruction per element.
 template <typename Tr, int VE>
