@@ -1823,7 +1823,7 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
     else if (C % 32 == 0) W = 32;
     else if (C < 32 && (C & (C - 1)) == 0) W = uint32_t(C);
     const bool uni = !uni_off && B == 1 && W != 0 && (!HEAD || (P % C == 0 && (P / C) % H == 0));
-    a.W = W ? W : 32;
+    a.W = W;  // read by the UNI variant only
     return with_int<1, 2, 4>(K, cudaErrorNotSupported, [&](auto kc) -> cudaError_t {
       constexpr int KC = decltype(kc)::value;
       // same shared memory; the occupancy is checked, as the grid must be co-resident

@@ -31,6 +31,16 @@ __global__ void flush_kernel(const uint4* p, uint64_t n, uint32_t* sink) {
   if (acc == 0x12345678u) *sink = acc;
 }
 
+// Line-buffered stdout, a non-blocking stream, the device's properties printed once.
+inline cudaStream_t start(cudaDeviceProp& prop) {
+  setvbuf(stdout, nullptr, _IOLBF, 0);
+  cudaStream_t st;
+  CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  CK(cudaGetDeviceProperties(&prop, 0));
+  printf("%s, %d SMs, L2 %d MiB\n", prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20);
+  return st;
+}
+
 struct Timer {
   cudaStream_t st;
   uint4* fl; uint64_t fln; uint32_t* sink;

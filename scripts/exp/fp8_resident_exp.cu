@@ -218,10 +218,8 @@ __global__ void __launch_bounds__(NT, 1024 / NT) res_x(const ResidentArgs a, uin
 int main(int argc, char** argv) {
   using namespace kvk;
   using namespace kvkexp;
-  setvbuf(stdout, nullptr, _IOLBF, 0);
-  cudaStream_t st; CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-  cudaDeviceProp prop; CK(cudaGetDeviceProperties(&prop, 0));
-  printf("%s, %d SMs, L2 %d MiB\n", prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20);
+  cudaDeviceProp prop;
+  cudaStream_t st = start(prop);
   Timer timer(st);
   struct Shape { const char* name; int64_t L, T, H, D; };
   const Shape shapes[] = {{"llama3-8b", 32, 4096, 8, 128}, {"smollm2", 30, 4096, 3, 64}};

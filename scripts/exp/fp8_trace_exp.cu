@@ -29,11 +29,9 @@ static double median(std::vector<double> v) {
 int main() {
   using namespace kvk;
   using namespace kvkexp;
-  setvbuf(stdout, nullptr, _IOLBF, 0);
-  cudaStream_t st; CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-  cudaDeviceProp prop; CK(cudaGetDeviceProperties(&prop, 0));
+  cudaDeviceProp prop;
+  cudaStream_t st = start(prop);
   const int sms = prop.multiProcessorCount;
-  printf("%s, %d SMs\n", prop.name, sms);
   struct Shape { const char* name; int64_t L, T, H, D; };
   const Shape shapes[] = {{"llama3-8b", 32, 4096, 8, 128}, {"smollm2", 30, 4096, 3, 64}};
   for (const Shape& sh : shapes) {

@@ -76,10 +76,8 @@ __global__ void __launch_bounds__(256, MINB) dq_tok_wide(const WideArgs a) {
 int main() {
   using namespace kvk;
   using namespace kvkexp;
-  setvbuf(stdout, nullptr, _IOLBF, 0);
-  cudaStream_t st; CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-  cudaDeviceProp prop; CK(cudaGetDeviceProperties(&prop, 0));
-  printf("%s, %d SMs\n", prop.name, prop.multiProcessorCount);
+  cudaDeviceProp prop;
+  cudaStream_t st = start(prop);
   Timer timer(st);
   const int64_t L = 32, H = 8, D = 128, G = 32;
   for (int64_t T : {4096, 32768}) {
