@@ -30,7 +30,7 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # (L, T, H, D): odd token counts, head_dim 64/80/96/128/256
 SHAPES = [(1, 37, 2, 64), (2, 19, 3, 128), (1, 33, 1, 96), (2, 7, 2, 80), (1, 5, 1, 256)]
 if ON_GPU:
-    SHAPES += [(3, 1025, 8, 128), (2, 511, 3, 64)]
+    SHAPES += [(3, 1025, 8, 128), (2, 511, 3, 64), (2, 512, 3, 96)]  # T % 32 == 0: dense token dequantize
 LAYOUTS = ["contiguous", "token_strided", "hnd"]
 KERNEL_BACKENDS = ["cuda", "triton"]
 

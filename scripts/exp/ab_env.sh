@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Private experiment (GPU machine): build, a test subset, then a bench subset with a developer
+# switch off (VAR=0) and on (VAR=1), alternating, twice. Usage:
+#   bash scripts/exp/ab_env.sh OUT VAR "pytest -k expression" "formats" [tokens] [backends]
+# e.g. bash scripts/exp/ab_env.sh OUT KVK_TOK_DQ_DENSE "token" "int4:g32:token int2:g32:token" "4096 32768"
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${1:?OUT}; VAR=${2:?VAR}; SEL=${3:?pytest -k}; FMTS=${4:?formats}; TOK=${5:-4096}; BK=${6:-cuda}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD
+BENCH=0 bash scripts/gpu_check.sh "$OUT/check" tests/test_quant.py -k "$SEL" > "$OUT/check.txt" 2>&1
+grep -E "build rc|passed|failed|Error" "$OUT/check.txt" | tail -5
+grep -E "^FAILED|^ERROR" "$OUT/check/pytest.log" | head -20
+rm -f "$OUT/check/junit.xml" "$OUT/check/build.txt"
+for r in 1 2; do
+  for v in 0 1; do
+    echo "== run $r $VAR=$v"
+    env "$VAR=$v" timeout 250 python3 -m bench quant --backends "$BK" --formats $FMTS --tokens $TOK \
+      --out "$OUT/b$r$v" 2>&1 | grep -E "^ *(de)?quantize"
+    rm -f "$OUT/b$r$v/quant.csv"
+  done
+done
