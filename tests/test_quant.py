@@ -30,7 +30,7 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # (L, T, H, D): odd token counts, head_dim 64/80/96/128/256
 SHAPES = [(1, 37, 2, 64), (2, 19, 3, 128), (1, 33, 1, 96), (2, 7, 2, 80), (1, 5, 1, 256)]
 if ON_GPU:
-    SHAPES += [(3, 1025, 8, 128), (2, 511, 3, 64), (2, 512, 3, 96)]  # T % 32 == 0: dense token dequantize
+    SHAPES += [(3, 1025, 8, 128), (2, 511, 3, 64), (2, 512, 3, 96)]
 LAYOUTS = ["contiguous", "token_strided", "hnd"]
 KERNEL_BACKENDS = ["cuda", "triton"]
 
@@ -198,6 +198,28 @@ def test_kernel_paths_exact(backend, spec, dtype, layout):
     (codes, _, _), (rcodes, rscale, rzero) = quantize_vs_reference(x, fmt, backend)
     assert torch.equal(codes, rcodes), f"{int((codes != rcodes).sum())} codes differ from the reference"
     dequantize_vs_reference(rcodes, rscale, rzero, fmt, shape, dtype, backend, layout)
+
+
+DENSE_SHAPES = [(3, 64, 8, 128), (2, 512, 3, 96), (1, 32, 1, 64), (2, 96, 5, 80)]
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the CUDA dense token dequantize kernel")
+@pytest.mark.parametrize("layout", ["contiguous", "misaligned"])
+@pytest.mark.parametrize("shape", DENSE_SHAPES, ids=["x".join(map(str, s)) for s in DENSE_SHAPES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("spec", ["int4:g32:token", "int2:g32:token", "int8:g32:token"])
+def test_token_dequantize_dense(spec, dtype, shape, layout):
+    """Token counts that are multiples of 32 into a contiguous 16-byte-aligned output take the
+    dense g32 kernel (16-byte output vectors; int8 only into float32), a misaligned output the
+    general one: both against the reference, outputs poisoned."""
+    fmt = QuantFormat.parse(spec)
+    x = make_x(shape, dtype, "contiguous")
+    x[0, :32, 0] = 0.5  # a constant group (scale 0)
+    why = _runnable("cuda", x, fmt)
+    if why:
+        pytest.skip(f"cuda: {why}")
+    codes, scale, zero = run_quantize(x, fmt, "torch")
+    dequantize_vs_reference(codes, scale, zero, fmt, shape, dtype, "cuda", layout)
 
 
 @pytest.mark.parametrize("spec", FORMATS)
