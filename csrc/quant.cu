@@ -9,6 +9,8 @@
 //    kItems 16-byte output vectors per thread, linear addressing for dense rows.
 //  * quant_tok_split_kernel -- fast token-group quantize for 17..32-token groups: the group's
 //    tokens split over two lanes that combine min / max with one shuffle.
+//    dequant_tok_dense_kernel -- fast token-group dequantize (G = 32, whole groups, contiguous
+//    output): a thread writes 16-byte vectors of one head over one group, 32 code words in flight.
 //
 // General kernels (E = elements per thread-vector: 16 bytes of input when D and G allow it,
 // i.e. 8 for fp16/bf16 and 4 for fp32, else 8/bits so that a vector packs into whole bytes):
