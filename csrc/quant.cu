@@ -813,11 +813,12 @@ __global__ void __launch_bounds__(kBlock) dequant_tok_kernel(const TokArgs a) {
 // Dense token dequantize, G = 32 and whole groups (the launcher checks: output [L, T, H, D]
 // contiguous and 16-byte aligned, T % 32 == 0): a thread owns 16 bytes of output (E = 16 / size
 // channels) of one head over one group, with the group's 32 code words (2-4 bytes each) loaded
-// before the first is decoded. One block per SM as a launch bound (72 registers, 3 blocks/SM).
-// scripts/exp/tok_dq_exp.cu, H200, L=32 H=8 D=128 bf16: int4 88.5 -> 90.6% of copy at T=4096,
-// 90.5 -> 91.2% at T=32768; int2 87.3 -> 89.0%, 91.6 -> 90.9%. The same 16-byte layout inside
-// dequant_tok_kernel (run-time strides, partial groups) measured 61-69%: its 16-byte stores
-// came out as four 4-byte ones (SASS), and with them forced to one store, 87-89%.
+// before the first is decoded. Launch bound: at least one block per SM (ptxas takes 72
+// registers, 3 blocks of 256 per SM). H200, bench A/B against dequant_tok_kernel (KVK_TOK_DQ_DENSE,
+// bench/results/tok-dq-dense-h200-2026-11-27.txt): Llama-3-8B T=4096 int4 88.4 -> 89.5% of copy,
+// int2 87.5 -> 88.4%; SmolLM2 int4 82 -> 97%; T=32768 int2 90.7 -> 89.9%, the rest +0.2-0.5.
+// The same 16-byte layout inside dequant_tok_kernel (run-time strides, partial groups) measured
+// 61-69%: there NVVM splits each 16-byte store into four 4-byte ones (SASS: STG.E).
 template <typename Tr, int E, int BITS>
 __global__ void __launch_bounds__(kBlock, 1) dequant_tok_dense_kernel(const TokArgs a) {
   using S = typename Tr::storage;
