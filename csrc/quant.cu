@@ -935,10 +935,10 @@ __global__ void fp8_finalize_kernel(float* __restrict__ scale, uint32_t n) {
 // block clears its own slot column at the start, behind one grid barrier that overlaps the first
 // loads (a memset node before the kernel cost 2-3 us).
 // Measured (H200, bench/results/fp8-resident-h200-2026-11-27.txt, per-block %globaltimer traces
-// in scripts/exp/fp8_resident_exp.cu, of this pipeline with the early poll): a step costs ~3.3 us
-// for ~2.6 us of HBM time: landing wait ~0.7, publish ~1.1, barrier wait ~0.5, quantize + store
-// ~1.1, phases that all 32 warps of an SM go through together, so a step's instructions and
-// block barriers are on the critical path. With one layer per step the UNI variant (below) cuts
+// by the fifth session's harness, git show 15bb67d:scripts/exp/fp8_resident_exp.cu, of this
+// pipeline with the early poll): a step costs ~3.3 us for ~2.6 us of HBM time: landing wait
+// ~0.7, publish ~1.1, barrier wait ~0.5, quantize + store ~1.1, phases that all 32 warps of an
+// SM go through together, so a step's instructions and block barriers are on the critical path. With one layer per step the UNI variant (below) cuts
 // both: bench (5867c14, bench/results/fp8-uni-h200-2026-11-27.txt) 91.1% of copy for fp8:tensor
 // on Llama-3-8B T=4096 (was 85.5%), head 81.3% (79.1%); SmolLM2 (5 layers a step, generic
 // variant) 73% / 61%, where the two kernels reach 49-57%. Larger layers take the two-kernel path.
