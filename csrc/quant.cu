@@ -819,30 +819,35 @@ __global__ void __launch_bounds__(kBlock) dequant_tok_kernel(const TokArgs a) {
 // int2 87.5 -> 88.4%; SmolLM2 int4 82 -> 97%; T=32768 int2 90.7 -> 89.9%, the rest +0.2-0.5.
 // The same 16-byte layout inside dequant_tok_kernel (run-time strides, partial groups) measured
 // 61-69%: there NVVM splits each 16-byte store into four 4-byte ones (SASS: STG.E).
-template <typename Tr, int E, int BITS>
+// NP: threads per group (each TPT = 32 / NP of its tokens; the launcher's a.n counts them).
+template <typename Tr, int E, int BITS, int NP>
 __global__ void __launch_bounds__(kBlock, 1) dequant_tok_dense_kernel(const TokArgs a) {
   using S = typename Tr::storage;
-  constexpr int NB = E * BITS / 8, G = 32;
+  constexpr int NB = E * BITS / 8, G = 32, TPT = G / NP;
   static_assert(E * Tr::kSize == 16 && NB <= 4, "16-byte output vectors, code words of at most 4 bytes");
+  static_assert(NP == 1 || NP == 2 || NP == 4, "a group is split into 1, 2 or 4 token ranges");
   const uint32_t s = blockIdx.x * blockDim.x + threadIdx.x;
   if (s >= a.n) return;
   uint32_t q1, c, q2, h, l, tg;
   a.divC.divmod(s, q1, c);
   a.divH.divmod(q1, q2, h);
+  const uint32_t part = q2 % NP;  // (head, channel vector) fastest, then the group's token range
+  q2 /= NP;
   a.divNTG.divmod(q2, l, tg);
   const uint64_t row = uint64_t(a.H) * a.D;    // output elements per token
   const uint64_t crow = uint64_t(a.H) * a.Dp;  // code bytes per token
-  const uint64_t t0 = uint64_t(l) * a.T + uint64_t(tg) * G;
+  const uint64_t t0 = uint64_t(l) * a.T + uint64_t(tg) * G + part * TPT;
   S* __restrict__ op = static_cast<S*>(a.out) + t0 * row + uint64_t(h) * a.D + c * E;
   const uint8_t* __restrict__ cp = a.codes + t0 * crow + uint64_t(h) * a.Dp + c * NB;
+  const uint64_t gi = (uint64_t(q2) * a.H + h) * a.D + c * E;  // the group's scale / zero
   float sc[E], zp[E];
-  load_floats<E>(a.scale + uint64_t(q1) * a.D + c * E, true, sc);
-  load_floats<E>(a.zero + uint64_t(q1) * a.D + c * E, true, zp);
-  uint32_t w[G];
+  load_floats<E>(a.scale + gi, true, sc);
+  load_floats<E>(a.zero + gi, true, zp);
+  uint32_t w[TPT];
 #pragma unroll
-  for (int u = 0; u < G; ++u) w[u] = uint32_t(load_bytes<NB>(cp + uint64_t(u) * crow, true));
+  for (int u = 0; u < TPT; ++u) w[u] = uint32_t(load_bytes<NB>(cp + uint64_t(u) * crow, true));
 #pragma unroll
-  for (int u = 0; u < G; ++u) {
+  for (int u = 0; u < TPT; ++u) {
     uint32_t q[E];
     float f[E];
     unpack_codes<BITS, E>(w[u], q);
@@ -947,6 +952,10 @@ constexpr int kResStages = 3;     // steps held in shared memory
 constexpr uint32_t kSlotFull = 0x80000000u;
 constexpr int kResMaxKeys = 256;  // amax entries per step (B * Hs)
 
+// "Layer" below is a layer of x, or with Hsub > 1 one head of one (the head scope of a layer too
+// big for the chip whose heads fit, run as the tensor scope over L * H pseudo-layers [T, D]):
+// pseudo-layer p = l * Hsub + h starts at x + l * sL + h * Dh (codes: l * N * Hsub + h * Dh), and
+// its rows of C vectors are rowv vectors apart in x and codes (H * C; C when Hsub == 1).
 struct ResidentArgs {
   const void* x;       // layer l: N = T*H*D dense elements at x + l * sL
   int64_t sL;
@@ -955,7 +964,8 @@ struct ResidentArgs {
   uint32_t* slots;     // workspace [L * Hs, grid]: block b's amax of a key, kSlotFull | float bits
   uint32_t L, B, Hs, nsteps, Nv;  // Nv: 16-byte vectors per layer
   uint32_t W;                     // UNI variant: keys are uniform over aligned groups of W lanes
-  FastDiv divNv, divC, divH;      // C = D / VE vectors per (token, head) row
+  uint32_t Hsub, Dh, rowv;        // pseudo-layers (above); 1, 0, C for whole layers
+  FastDiv divNv, divC, divH, divHsub;  // C = D / VE vectors per (token, head) row
 };
 
 // max |x| of 16-byte vectors, in the element type's bit format (|x| bits order like the values
@@ -1088,6 +1098,10 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
         key = lb * a.Hs + (row - a.divH.div(row) * a.Hs);
       } else {
         key = lb;
+        if (a.Hsub > 1) {  // a head's row: C vectors, then the next token's row of that head
+          const uint32_t row = a.divC.div(off);
+          off = row * a.rowv + (off - row * a.divC.d);
+        }
       }
       slk[k] = lb | (key << 16);
     } else {
@@ -1105,14 +1119,28 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
     key = slk[k] >> 16;
     return true;
   };
+  // where (pseudo-)layer p starts in x and in codes (elements)
+  auto x_base = [&](uint32_t p) -> int64_t {
+    if (a.Hsub == 1) return int64_t(p) * a.sL;
+    uint32_t l, h;
+    a.divHsub.divmod(p, l, h);
+    return int64_t(l) * a.sL + int64_t(h) * a.Dh;
+  };
+  auto codes_base = [&](uint32_t p) -> uint64_t {
+    if (a.Hsub == 1) return uint64_t(p) * N;
+    uint32_t l, h;
+    a.divHsub.divmod(p, l, h);
+    return uint64_t(l) * N * a.Hsub + uint64_t(h) * a.Dh;
+  };
   // step s's vectors -> stage s % kResStages, asynchronously (invalid slots are zero-filled)
   auto issue = [&](uint32_t s) {
     uint4* st = stages + (s % kResStages) * kStage;
+    const int64_t xb = UNI && s < a.nsteps ? x_base(s) : 0;  // UNI: one layer a step
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       uint32_t lb = 0, off = 0, key;
       const bool ok = s < a.nsteps && locate(s, k, lb, off, key);
-      const S* src = static_cast<const S*>(a.x) + (ok ? int64_t(s * a.B + lb) * a.sL + int64_t(off) * VE : 0);
+      const S* src = static_cast<const S*>(a.x) + (ok ? (UNI ? xb : x_base(s * a.B + lb)) + int64_t(off) * VE : 0);
       cp_async16(st + k * kResBlock + threadIdx.x, src, ok);
     }
     cp_async_commit();  // one group per step, empty ones too: wait_group counts stay uniform
@@ -1223,7 +1251,7 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   };
   // UNI: quantize + store this thread's slots of step s (layer s), all with one inverse scale.
   auto quantize_own = [&](const uint4* st, uint32_t s, float inv) {
-    uint8_t* __restrict__ cb = a.codes + uint64_t(s) * N;
+    uint8_t* __restrict__ cb = a.codes + codes_base(s);
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       if (slk[k] == 0xffffffffu) continue;
@@ -1280,7 +1308,7 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
         const float inv = s_inv[key];
 #pragma unroll
         for (int j = 0; j < VE; ++j) f[j] = __fmul_rn(f[j], inv);
-        store_bytes<VE>(a.codes + (l0 + lb) * N + uint64_t(off) * VE, fp8_pack<VE>(f), true);
+        store_bytes<VE>(a.codes + codes_base(l0 + lb) + uint64_t(off) * VE, fp8_pack<VE>(f), true);
       }
     }
     __syncthreads();  // the stage and s_inv are rewritten next
@@ -1662,7 +1690,13 @@ cudaError_t launch_tok(bool quant, const void* x, void* out, int dt, int64_t L, 
                      sT == H * D && sH == D && (L == 1 || sL == T * H * D) && ptr_aligned(out, 16) &&
                      ptr_aligned(codes, ED * bits / 8) && ptr_aligned(scale, 16) && ptr_aligned(zero, 16);
   if (dense) {
-    const int64_t Ld = layers_per_launch(L, (T / 32) * H * (D / ED));
+    // threads per group (developer knob KVK_TOK_DQ_TPT = tokens per thread: 32, 16 or 8)
+    static const int np = [] {
+      const char* e = std::getenv("KVK_TOK_DQ_TPT");
+      const int t = e ? std::atoi(e) : 32;
+      return t == 8 ? 4 : t == 16 ? 2 : 1;
+    }();
+    const int64_t Ld = layers_per_launch(L, (T / 32) * np * H * (D / ED));
     if (!Ld) return cudaErrorNotSupported;
     return for_layer_chunks(L, Ld, [&](int64_t l0, int64_t n) -> cudaError_t {
       TokArgs a{};
@@ -1672,25 +1706,27 @@ cudaError_t launch_tok(bool quant, const void* x, void* out, int dt, int64_t L, 
       a.zero = zero + l0 * NTG * H * D;
       a.T = uint32_t(T); a.H = uint32_t(H); a.D = uint32_t(D); a.G = 32;
       a.NTG = uint32_t(NTG); a.Dp = uint32_t(Dp);
-      a.n = uint32_t(n * NTG * H * (D / ED));
+      a.n = uint32_t(n * NTG * np * H * (D / ED));
       a.divC = FastDiv(uint32_t(D / ED));
       a.divH = FastDiv(uint32_t(H));
       a.divNTG = FastDiv(uint32_t(NTG));
       return with_dtype(dt, [&](auto tr) -> cudaError_t {
-        using Tr = decltype(tr);
-        constexpr int EV = 16 / Tr::kSize;
-        cudaError_t e = cudaErrorNotSupported;
-        if (bits == 4) {
-          dequant_tok_dense_kernel<Tr, EV, 4><<<ceil_div_u32(a.n, kBlock), kBlock, 0, stream>>>(a);
-          e = cudaGetLastError();
-        } else if (bits == 2) {
-          dequant_tok_dense_kernel<Tr, EV, 2><<<ceil_div_u32(a.n, kBlock), kBlock, 0, stream>>>(a);
-          e = cudaGetLastError();
-        } else if constexpr (EV * 8 <= 32) {
-          dequant_tok_dense_kernel<Tr, EV, 8><<<ceil_div_u32(a.n, kBlock), kBlock, 0, stream>>>(a);
-          e = cudaGetLastError();
-        }
-        return e;
+        return with_int<1, 2, 4>(np, cudaErrorNotSupported, [&](auto npc) -> cudaError_t {
+          using Tr = decltype(tr);
+          constexpr int EV = 16 / Tr::kSize, NP = decltype(npc)::value;
+          cudaError_t e = cudaErrorNotSupported;
+          if (bits == 4) {
+            dequant_tok_dense_kernel<Tr, EV, 4, NP><<<ceil_div_u32(a.n, kBlock), kBlock, 0, stream>>>(a);
+            e = cudaGetLastError();
+          } else if (bits == 2) {
+            dequant_tok_dense_kernel<Tr, EV, 2, NP><<<ceil_div_u32(a.n, kBlock), kBlock, 0, stream>>>(a);
+            e = cudaGetLastError();
+          } else if constexpr (EV * 8 <= 32) {
+            dequant_tok_dense_kernel<Tr, EV, 8, NP><<<ceil_div_u32(a.n, kBlock), kBlock, 0, stream>>>(a);
+            e = cudaGetLastError();
+          }
+          return e;
+        });
       });
     });
   }
@@ -1853,38 +1889,52 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
     return cudaErrorNotSupported;
   const DeviceInfo dev = device_info();
   if (!dev.coop || dev.sms <= 0) return cudaErrorNotSupported;
-  const int64_t Hs = scope == 1 ? H : 1, Nv = T * H * D / VE;
-  if (Hs > kResMaxKeys || Nv > kMaxCount) return cudaErrorNotSupported;
-  return with_dtype(dt, [&](auto tr) { return with_bool(scope == 1, [&](auto hc) -> cudaError_t {
+  if ((scope == 1 ? H : 1) > kResMaxKeys || T * H * D / VE > kMaxCount) return cudaErrorNotSupported;
+  static const bool split_off = kvk_env_off("KVK_FP8_HEAD_SPLIT");  // developer A/B switch
+  // capacity in vectors with K vectors per thread; the smallest K that holds a step wins (more
+  // blocks per SM, fewer registers per thread)
+  auto cap = [&](int bps, int k) { return int64_t(bps) * dev.sms * kResBlock * k; };
+  return with_dtype(dt, [&](auto tr) {
     using Tr = decltype(tr);
+    // The head scope of a layer too big for the chip (bf16 Llama-3-8B beyond T = 4224) whose
+    // heads [T, D] fit (up to T = 33792): the tensor-scope kernel over L * H pseudo-layers, one
+    // per (layer, head), whose scales [L * H] are the head scope's [L, H].
+    const bool split = !split_off && scope == 1 && H > 1 &&
+                       T * H * D / VE > cap(resident_blocks_per_sm<Tr, 4, true, false>(), 4) &&
+                       T * D / VE <= cap(resident_blocks_per_sm<Tr, 4, false, false>(), 4);
+    const int64_t Hsub = split ? H : 1;
+    return with_bool(scope == 1 && !split, [&](auto hc) -> cudaError_t {
     constexpr bool HEAD = decltype(hc)::value;
-    // capacity in vectors with K vectors per thread; the smallest K that holds a step wins (more
-    // blocks per SM, fewer registers per thread)
-    auto cap = [&](int bps, int k) { return int64_t(bps) * dev.sms * kResBlock * k; };
+    // from here on, layers are pseudo-layers where split
+    const int64_t nL = L * Hsub, Hs = HEAD ? H : 1, Nv = T * H * D / VE / Hsub;
     constexpr int kK[3] = {1, 2, 4};  // 4: an 8 MiB bf16 layer on 132 SMs (one block each)
     const int bps[3] = {resident_blocks_per_sm<Tr, 1, HEAD, false>(), resident_blocks_per_sm<Tr, 2, HEAD, false>(),
                         resident_blocks_per_sm<Tr, 4, HEAD, false>()};
     const int64_t cap_max = cap(bps[2], kK[2]);
     if (Nv > cap_max) return cudaErrorNotSupported;
     int64_t B = std::max<int64_t>(1, resident_step_bytes() / (Nv * 16));
-    B = std::min({B, L, cap_max / Nv, int64_t(kResMaxKeys) / Hs});
+    B = std::min({B, nL, cap_max / Nv, int64_t(kResMaxKeys) / Hs});
     const int64_t stepv = B * Nv;
     int ki = 0;
     while (cap(bps[ki], kK[ki]) < stepv) ++ki;  // terminates: cap(bps[2], kK[2]) >= stepv
     const int K = kK[ki];
-    const int64_t nsteps = (L + B - 1) / B;
+    const int64_t nsteps = (nL + B - 1) / B;
     const uint32_t grid = ceil_div_u32(stepv, uint64_t(kResBlock) * K);
-    if (L * Hs * grid > ws_words) return cudaErrorNotSupported;  // (the kernel clears what it uses)
+    if (nL * Hs * grid > ws_words) return cudaErrorNotSupported;  // (the kernel clears what it uses)
     ResidentArgs a{};
     a.x = x;
     a.sL = sL;
     a.codes = codes;
     a.scale = scale;
     a.slots = ws;
-    a.L = uint32_t(L); a.B = uint32_t(B); a.Hs = uint32_t(Hs); a.nsteps = uint32_t(nsteps); a.Nv = uint32_t(Nv);
+    a.L = uint32_t(nL); a.B = uint32_t(B); a.Hs = uint32_t(Hs); a.nsteps = uint32_t(nsteps); a.Nv = uint32_t(Nv);
+    a.Hsub = uint32_t(Hsub);
+    a.Dh = split ? uint32_t(D) : 0u;
+    a.rowv = uint32_t(Hsub * D / VE);
     a.divNv = FastDiv(uint32_t(Nv));
     a.divC = FastDiv(uint32_t(D / VE));
     a.divH = FastDiv(uint32_t(H));
+    a.divHsub = FastDiv(uint32_t(Hsub));
     cudaLaunchConfig_t cfg{};
     cfg.gridDim = dim3(grid);
     cfg.blockDim = dim3(kResBlock);
@@ -1914,7 +1964,8 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
         return cudaLaunchKernelEx(&cfg, quant_fp8_resident_kernel<Tr, KC, HEAD, true>, a);
       return cudaLaunchKernelEx(&cfg, quant_fp8_resident_kernel<Tr, KC, HEAD, false>, a);
     });
-  }); });
+    });
+  });
 }
 
 }  // namespace

@@ -361,8 +361,11 @@ def test_cuda_graph_capture(backend, spec):
 # One 4-8 MiB layer per step (16-bit types) takes the kernel's UNI variant (one key per thread):
 # (3, 2113, 8, 128) with a partial last block, and for the head scope lane groups of 16
 # (head_dim 128), 8 (64) and 32 (256) vectors; their fp32 layers exceed the on-chip capacity.
+# The head scope of a layer too big for the chip runs the tensor-scope kernel over one
+# pseudo-layer per (layer, head) when a head's [T, D] fits: several a step ((2, 8192, 8, 128), the
+# fp32 layers above), or one 4.2 MiB head a step, UNI ((2, 17000, 2, 128) in 16-bit types).
 COMPUTED_SHAPES = ([(5, 300, 8, 128), (37, 257, 8, 128), (300, 33, 3, 64), (3, 4096, 8, 128), (2, 8192, 8, 128),
-                    (3, 2113, 8, 128), (2, 8500, 4, 64), (2, 2120, 4, 256)]
+                    (3, 2113, 8, 128), (2, 8500, 4, 64), (2, 2120, 4, 256), (2, 17000, 2, 128)]
                    if ON_GPU else [(5, 21, 3, 64)])
 
 
@@ -385,33 +388,43 @@ def test_fp8_computed_scale_special_values(backend, spec, dtype, shape):
     (codes, scale, _), (rcodes, rscale, rzero) = quantize_vs_reference(x, fmt, backend)
     assert_codes_match(codes, rcodes, rscale, rzero, fmt, x.shape)
     if backend == "cuda" and ON_GPU:  # the one-pass kernel runs exactly where the layers fit on chip
+        L, T, H, D = x.shape
         layer = x[0].numel() * x.element_size()
+        # the head scope of a layer beyond the chip: pseudo-layers of one head, the tensor-scope kernel
+        split = spec == "fp8:head" and H > 1 and layer > (8 << 20)
+        size = T * D * x.element_size() if split else layer
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        if layer <= (4 << 20) or sms >= 132:  # 8 MiB layers fit 132-SM GPUs (H100 SXM, H200)
+        if size <= (4 << 20) or sms >= 132:  # 8 MiB layers fit 132-SM GPUs (H100 SXM, H200)
             names = _kernel_names(lambda: run_quantize(x, fmt, backend))
             res = [n for n in names if "quant_fp8_resident_kernel" in n]
-            fits = layer <= (8 << 20)
+            fits = size <= (8 << 20)
             assert bool(res) == fits, f"one-pass kernel ran: {bool(res)}, expected {fits}; kernels: {sorted(names)}"
-            if res and sms == 132:  # which variant: the launcher's rule, restated for 132 SMs
-                uni = _uni_flag(res[0])
-                assert uni == _expect_uni(x, spec, sms), f"UNI variant: {uni}; kernel: {res[0]}"
+            if res:
+                head, uni = _template_flags(res[0])
+                assert head == (spec == "fp8:head" and not split), f"HEAD flag {head}, split {split}: {res[0]}"
+                if sms == 132:  # which variant: the launcher's rule, restated for 132 SMs
+                    assert uni == _expect_uni(x, spec, sms, split), f"UNI variant: {uni}; kernel: {res[0]}"
 
 
-def _uni_flag(name):
-    """The UNI template flag (last of <Tr, K, HEAD, UNI>) of a one-pass kernel's name, demangled or not."""
+def _template_flags(name):
+    """The HEAD and UNI template flags (last two of <Tr, K, HEAD, UNI>) of a one-pass kernel's
+    name, demangled or not."""
     m = re.search(r"quant_fp8_resident_kernel<([^<>]*)>", name)
     if m:
-        return m.group(1).split(",")[-1].strip() == "true"
-    m = re.search(r"quant_fp8_resident_kernel.*Lb[01]ELb([01])E", name)
+        return tuple(f.strip() == "true" for f in m.group(1).split(",")[-2:])
+    m = re.search(r"quant_fp8_resident_kernel.*Lb([01])ELb([01])E", name)
     assert m, f"cannot read the template flags of {name}"
-    return m.group(1) == "1"
+    return m.group(1) == "1", m.group(2) == "1"
 
 
-def _expect_uni(x, spec, sms):
+def _expect_uni(x, spec, sms, split=False):
     """Whether the launcher picks the UNI variant (one 16-byte-vector key per thread): one layer
     per step (layer > half the 8 MiB step), and for the head scope a power-of-two (<= 32) or
-    32-multiple row of C vectors with the grid's P = grid * 1024 vectors a multiple of C * H."""
+    32-multiple row of C vectors with the grid's P = grid * 1024 vectors a multiple of C * H.
+    split: the head scope as the tensor scope over L * H pseudo-layers [T, D]."""
     L, T, H, D = x.shape
+    if split:
+        L, H, spec = L * H, 1, "fp8:tensor"
     ve = 16 // x.element_size()
     nv = T * H * D // ve
     if min(L, max(1, (8 << 20) // (nv * 16))) != 1:

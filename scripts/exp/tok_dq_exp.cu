@@ -43,22 +43,22 @@ int main() {
       printf("\n== int%d:g32:token dequantize, L=%ld T=%ld H=%ld D=%ld -> bf16, %.1f MiB counted; copy %.1f us\n",
              bits, L, T, H, D, bytes / 1048576.0, t_copy);
       // TokArgs of one launch over all L layers with E channels per thread (as launch_tok fills it)
-      auto args = [&](uint16_t* o, int E) {
+      auto args = [&](uint16_t* o, int E, int np) {
         TokArgs a{};
         a.out = o; a.sL = T * H * D; a.sT = H * D; a.sH = D;
         a.codes = codes; a.scale = scale; a.zero = zero;
         a.T = uint32_t(T); a.H = uint32_t(H); a.D = uint32_t(D); a.G = uint32_t(G);
         a.NTG = uint32_t(T / G); a.Dp = uint32_t(D * bits / 8);
-        a.n = uint32_t(L * (T / G) * H * (D / E));
+        a.n = uint32_t(L * (T / G) * np * H * (D / E));
         a.divC = FastDiv(uint32_t(D / E)); a.divH = FastDiv(uint32_t(H)); a.divNTG = FastDiv(uint32_t(T / G));
         a.x_aligned = a.c_aligned = a.s_aligned = true;
         return a;
       };
       std::vector<uint16_t> href(n), hout(n);
-      auto variant = [&](const char* name, auto kern, int E, uint16_t* o, bool check) {
+      auto variant = [&](const char* name, auto kern, int E, int np, uint16_t* o, bool check) {
         cudaFuncAttributes fa;
         CK(cudaFuncGetAttributes(&fa, kern));
-        const TokArgs a = args(o, E);
+        const TokArgs a = args(o, E, np);
         auto run = [&] { kern<<<(a.n + kBlock - 1) / kBlock, kBlock, 0, st>>>(a); CK(cudaGetLastError()); };
         CK(cudaMemsetAsync(o, 0xff, n * 2, st));  // poisoned
         run();
@@ -66,14 +66,19 @@ int main() {
         CK(cudaMemcpy(check ? hout.data() : href.data(), o, n * 2, cudaMemcpyDeviceToHost));
         const char* verdict = !check ? "reference" : std::memcmp(hout.data(), href.data(), n * 2) == 0 ? "bit-exact" : "MISMATCH";
         const float t = timer.median_us(run);
-        printf("%-33s %8.1f us %6.1f%%  %3d regs  %s\n", name, t, pct(t), fa.numRegs, verdict);
+        printf("%-40s %8.1f us %6.1f%%  %3d regs  %s\n", name, t, pct(t), fa.numRegs, verdict);
       };
+      // dense kernel: NP threads per group, 32 / NP tokens each (KVK_TOK_DQ_TPT in the library)
       if (bits == 4) {
-        variant("dequant_tok_kernel (E=4)", dequant_tok_kernel<BF16, 4, 4, true>, 4, ref, false);
-        variant("dequant_tok_dense_kernel (E=8)", dequant_tok_dense_kernel<BF16, 8, 4>, 8, out, true);
+        variant("dequant_tok_kernel (E=4)", dequant_tok_kernel<BF16, 4, 4, true>, 4, 1, ref, false);
+        variant("dequant_tok_dense_kernel (E=8, 32 tok)", dequant_tok_dense_kernel<BF16, 8, 4, 1>, 8, 1, out, true);
+        variant("dequant_tok_dense_kernel (E=8, 16 tok)", dequant_tok_dense_kernel<BF16, 8, 4, 2>, 8, 2, out, true);
+        variant("dequant_tok_dense_kernel (E=8, 8 tok)", dequant_tok_dense_kernel<BF16, 8, 4, 4>, 8, 4, out, true);
       } else {
-        variant("dequant_tok_kernel (E=4)", dequant_tok_kernel<BF16, 4, 2, true>, 4, ref, false);
-        variant("dequant_tok_dense_kernel (E=8)", dequant_tok_dense_kernel<BF16, 8, 2>, 8, out, true);
+        variant("dequant_tok_kernel (E=4)", dequant_tok_kernel<BF16, 4, 2, true>, 4, 1, ref, false);
+        variant("dequant_tok_dense_kernel (E=8, 32 tok)", dequant_tok_dense_kernel<BF16, 8, 2, 1>, 8, 1, out, true);
+        variant("dequant_tok_dense_kernel (E=8, 16 tok)", dequant_tok_dense_kernel<BF16, 8, 2, 2>, 8, 2, out, true);
+        variant("dequant_tok_dense_kernel (E=8, 8 tok)", dequant_tok_dense_kernel<BF16, 8, 2, 4>, 8, 4, out, true);
       }
       CK(cudaFree(x)); CK(cudaFree(out)); CK(cudaFree(ref)); CK(cudaFree(codes));
       CK(cudaFree(scale)); CK(cudaFree(zero)); CK(cudaFree(cpa)); CK(cudaFree(cpb));
