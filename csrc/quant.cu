@@ -1693,7 +1693,7 @@ cudaError_t launch_tok(bool quant, const void* x, void* out, int dt, int64_t L, 
     // threads per group (developer knob KVK_TOK_DQ_TPT = tokens per thread: 32, 16 or 8)
     static const int np = [] {
       const char* e = std::getenv("KVK_TOK_DQ_TPT");
-      const int t = e ? std::atoi(e) : 32;
+      const int t = e ? std::atoi(e) : 8;
       return t == 8 ? 4 : t == 16 ? 2 : 1;
     }();
     const int64_t Ld = layers_per_launch(L, (T / 32) * np * H * (D / ED));
