@@ -1919,10 +1919,7 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
     while (cap(bps[ki], kK[ki]) < stepv) ++ki;  // terminates: cap(bps[2], kK[2]) >= stepv
     const int K = kK[ki];
     const int64_t nsteps = (nL + B - 1) / B;
-    uint32_t grid = ceil_div_u32(stepv, uint64_t(kResBlock) * K);
-    // experiment (KVK_FP8_GRID_ALL=1): every co-resident block, the last slots of a step empty
-    static const bool grid_all = [] { const char* e = std::getenv("KVK_FP8_GRID_ALL"); return e && e[0] == '1'; }();
-    if (grid_all) grid = std::max<uint32_t>(grid, uint32_t(bps[ki] * dev.sms));
+    const uint32_t grid = ceil_div_u32(stepv, uint64_t(kResBlock) * K);
     if (nL * Hs * grid > ws_words) return cudaErrorNotSupported;  // (the kernel clears what it uses)
     ResidentArgs a{};
     a.x = x;

@@ -51,8 +51,7 @@ SWEEP = {
               [dict(elems=8192, warps=8, row_elems=32), dict(elems=8192, warps=8, row_elems=16),
                dict(elems=4096, warps=4, row_elems=32)]),
     "dq_token": ("dequantize", ["int4:g32:token", "int2:g32:token"],
-                 grid(elems=[16384], warps=[4], split=[1], split_elems=[8192], split_warps=[4])
-                 + grid(elems=[16384], warps=[4], split=[2, 4], split_elems=[4096, 8192], split_warps=[2, 4])),
+                 grid(elems=[8192, 16384], warps=[2, 4, 8])),
     # (int4/int2 channel dequantize use _dq_int_channel_flat, which has no CONFIG entry)
     "dq_channel": ("dequantize", ["int8:g64:channel"],
                    grid(elems=[16384, 32768], warps=[8, 16], row_elems=[8])),

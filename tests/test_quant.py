@@ -529,28 +529,6 @@ def test_triton_merge_heads(spec, layout, merged_q, merged_dq, monkeypatch):
     assert all(rows == 37 * 3 for rows in views)
 
 
-@pytest.mark.parametrize("spec", ["int4:g32:token", "int2:g32:token", "int8:g16:token"])
-def test_triton_token_dequantize_split(spec, monkeypatch):
-    """Full token groups dequantized by 1, 2 or 4 programs a group (CONFIG["dq_token"]["split"]),
-    with the partial last group by one: the reference's values, and bit-identical outputs for
-    every split."""
-    from kvkernels.triton_kernels import quant as tq
-
-    fmt = QuantFormat.parse(spec)
-    shape = (3, 300, 8, 128) if ON_GPU else (2, 70, 3, 64)
-    x = make_x(shape, torch.bfloat16, "contiguous")
-    if _runnable("triton", x, fmt):
-        pytest.skip(f"triton: {_runnable('triton', x, fmt)}")
-    rc, rs, rz = run_quantize(x, fmt, "torch")
-    want = run_dequantize(rc, rs, rz, fmt, shape, torch.bfloat16, "torch")
-    outs = []
-    for split in (1, 2, 4):
-        monkeypatch.setitem(tq.CONFIG, "dq_token", dict(tq.CONFIG["dq_token"], split=split))
-        outs.append(run_dequantize(rc, rs, rz, fmt, shape, torch.bfloat16, "triton"))
-        check_close(outs[-1], want, torch.bfloat16)
-    assert all(torch.equal(o, outs[0]) for o in outs[1:])
-
-
 def test_triton_token_parts():
     """Token-group launches: the full groups, then the partial last group alone."""
     from kvkernels.triton_kernels import quant as tq

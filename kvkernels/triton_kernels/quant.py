@@ -75,8 +75,6 @@ from triton.language.extra import libdevice
 from ..formats import QuantFormat
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# developer A/B knob (bench): programs a full token group in dequantize, instead of CONFIG's
-_DQ_SPLIT_ENV = int(os.environ.get("KVK_TRITON_DQ_SPLIT", "0") or 0)
 # floor of the code by a round-down add (GPU); the interpreter has no directed rounding
 _RD_FLOOR: tl.constexpr = tl.constexpr(not _INTERPRET)
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -100,9 +98,7 @@ CONFIG = {
     "amax_fp8": dict(elems=8192, warps=8),
     # token groups: x elements per thread, warps (= heads per program)
     "q_token": dict(thread_elems=128, warps=2, pairs=1),
-    # token groups dequantize: elements per program, warps; full groups: split programs a group
-    # (G / split tokens each) with their own elements per program and warps
-    "dq_token": dict(elems=16384, warps=4, split=4, split_elems=8192, split_warps=4),
+    "dq_token": dict(elems=16384, warps=4),
 }
 
 
@@ -570,33 +566,26 @@ def _q_token_group(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h, t
 def _dq_int_token(codes_ptr, scale_ptr, zero_ptr, out_ptr, T, H, s_l, s_t, s_h, tg0,
                   D: tl.constexpr, DP: tl.constexpr, G: tl.constexpr, TB: tl.constexpr,
                   HB: tl.constexpr, BITS: tl.constexpr, CV: tl.constexpr,
-                  OS: tl.constexpr, CS: tl.constexpr, PART: tl.constexpr, SPLIT: tl.constexpr):
+                  OS: tl.constexpr, CS: tl.constexpr, PART: tl.constexpr):
     # Program: token group pid0, heads [pid1*HB, +HB), layer pid2; chunks of [TB, HB, DP]
     # with the group's scale/zero [HB, DP] in registers. Codes are loaded CV bytes per thread
     # (the layout of the output's 16-byte vectors after unpacking). Full groups skip the token
     # clamps and masks; OS / CS: constexpr token strides of out / codes (0: run-time), as in
-    # _q_int_token; PART as there. SPLIT (full groups, G = SPLIT * TB): SPLIT programs a group,
-    # chunk pid0 % SPLIT each (fewer tokens a thread: shorter programs, a shorter tail).
-    if SPLIT > 1:
-        tg = tl.program_id(0) // SPLIT + tg0
-        _dq_token_group(codes_ptr, scale_ptr, zero_ptr, out_ptr, T, H, s_l, s_t, s_h, tg,
-                        tl.program_id(0) % SPLIT, 1, D, DP, G, TB, HB, BITS, CV, OS, CS, True)
-    else:
-        tg = tl.program_id(0) + tg0
-        _dq_token_group(codes_ptr, scale_ptr, zero_ptr, out_ptr, T, H, s_l, s_t, s_h, tg,
-                        0, (G + TB - 1) // TB, D, DP, G, TB, HB, BITS, CV, OS, CS, not PART)
+    # _q_int_token; PART as there.
+    tg = tl.program_id(0) + tg0
+    _dq_token_group(codes_ptr, scale_ptr, zero_ptr, out_ptr, T, H, s_l, s_t, s_h, tg,
+                    D, DP, G, TB, HB, BITS, CV, OS, CS, not PART)
 
 
 @triton.jit
-def _dq_token_group(codes_ptr, scale_ptr, zero_ptr, out_ptr, T, H, s_l, s_t, s_h, tg, c0,
-                    NCH: tl.constexpr,
+def _dq_token_group(codes_ptr, scale_ptr, zero_ptr, out_ptr, T, H, s_l, s_t, s_h, tg,
                     D: tl.constexpr, DP: tl.constexpr, G: tl.constexpr, TB: tl.constexpr,
                     HB: tl.constexpr, BITS: tl.constexpr, CV: tl.constexpr,
                     OS: tl.constexpr, CS: tl.constexpr, FULL: tl.constexpr):
-    # chunks c0 .. c0 + NCH - 1 of TB tokens of group tg
     K: tl.constexpr = 8 // BITS
     DB: tl.constexpr = D // K
     DPB: tl.constexpr = DP // K
+    NCH: tl.constexpr = (G + TB - 1) // TB
     NGT = tl.cdiv(T, G)
     l = tl.program_id(2).to(tl.int64)
     h = tl.program_id(1) * HB + tl.arange(0, HB)
@@ -618,10 +607,10 @@ def _dq_token_group(codes_ptr, scale_ptr, zero_ptr, out_ptr, T, H, s_l, s_t, s_h
     n = tl.minimum(T - t0, G)
     os = _stride(OS, s_t)
     cs = _stride(CS, H * DB)
-    for cc in tl.static_range(NCH):
-        ti, tmask = _token_rows(i, c0 + cc, TB, G, n, FULL)
+    for c in tl.static_range(NCH):
+        ti, tmask = _token_rows(i, c, TB, G, n, FULL)
         cb = _load_d(cp + (ti.to(tl.int64) * cs)[:, None, None], db, DB, DPB).to(tl.int32)
-        if cc == 0:
+        if c == 0:
             # scale and zero as one [HB, DP, 2] load, after the first codes: their change of
             # layout (through shared memory, behind a barrier) then waits for all loads at once
             sc = tl.join(scale_ptr + sz, zero_ptr + sz)
@@ -959,15 +948,11 @@ def dequantize_into(codes, scale, zero, fmt: QuantFormat, out) -> None:
         _dq_int_channel[grid](codes, scale, zero, out, T, H, s_l, s_t, s_h, **kw)
     else:
         cfg = CONFIG["dq_token"]
+        TB = min(_p2(G), _pow2_floor(max(1, cfg["elems"] // DP)))
+        HB = min(_p2(H), _pow2_floor(max(1, cfg["elems"] // (TB * DP))))
         OS, CS = _token_strides(s_t, es, G, H, D, K)
         for tg0, n, part in _token_parts(T, G):
-            # full groups: cfg["split"] programs a group when that leaves power-of-two chunks
-            split = _DQ_SPLIT_ENV or cfg.get("split", 1)
-            split = split if not part and G % split == 0 and _p2(G // split) == G // split else 1
-            elems = cfg["split_elems"] if split > 1 else cfg["elems"]
-            TB = G // split if split > 1 else min(_p2(G), _pow2_floor(max(1, elems // DP)))
-            HB = min(_p2(H), _pow2_floor(max(1, elems // (TB * DP))))
-            _dq_int_token[(n * split, triton.cdiv(H, HB), L)](
+            _dq_int_token[(n, triton.cdiv(H, HB), L)](
                 codes, scale, zero, out, T, H, s_l, s_t, s_h, tg0, D=D, DP=DP, G=G, TB=TB,
                 HB=HB, BITS=fmt.bits, CV=max(1, (16 // es) // K), OS=OS, CS=CS, PART=part,
-                SPLIT=split, num_warps=cfg["split_warps"] if split > 1 else cfg["warps"], **_LAUNCH)
+                num_warps=cfg["warps"], **_LAUNCH)

@@ -12,11 +12,4 @@ BENCH=0 bash scripts/gpu_check.sh "$OUT/check" tests/test_quant.py -k "$SEL" > "
 grep -E "build rc|passed|failed|Error" "$OUT/check.txt" | tail -5
 grep -E "^FAILED|^ERROR" "$OUT/check/pytest.log" | head -20
 rm -f "$OUT/check/junit.xml" "$OUT/check/build.txt"
-for r in 1 2; do
-  for v in 0 1; do
-    echo "== run $r $VAR=$v"
-    env "$VAR=$v" timeout 250 python3 -m bench quant --backends "$BK" --formats $FMTS --tokens $TOK \
-      --out "$OUT/b$r$v" 2>&1 | grep -E "^ *(de)?quantize"
-    rm -f "$OUT/b$r$v/quant.csv"
-  done
-done
+bash scripts/exp/ab_values.sh "$OUT" "$VAR" "0 1" "$FMTS" "$TOK" "$BK"
