@@ -10,7 +10,8 @@
 //  * quant_tok_split_kernel -- fast token-group quantize for 17..32-token groups: the group's
 //    tokens split over two lanes that combine min / max with one shuffle.
 //    dequant_tok_dense_kernel -- fast token-group dequantize (G = 32, whole groups, contiguous
-//    output): a thread writes 16-byte vectors of one head over one group, 32 code words in flight.
+//    output): a thread writes 16-byte vectors of one head over 8 tokens of a group (four threads
+//    a group), its 8 code words loaded first.
 //
 // General kernels (E = elements per thread-vector: 16 bytes of input when D and G allow it,
 // i.e. 8 for fp16/bf16 and 4 for fp32, else 8/bits so that a vector packs into whole bytes):
@@ -28,7 +29,8 @@
 //    (layer, token group, head); quantize keeps the group's G <= 32 tokens in registers (else
 //    two passes over them, the second from cache).
 //  * quant_fp8_resident_kernel -- fp8 tensor/head scopes with computed scales in one pass over x
-//    (a cooperative grid keeps up to 8 MiB of layers in shared memory across a grid barrier).
+//    (a cooperative grid keeps up to 8 MiB of layers in shared memory across a grid barrier; the
+//    head scope of larger layers runs as the tensor scope over one pseudo-layer per head).
 //  * amax_kernel + fp8_finalize_kernel -- the same for larger layers (or without a workspace):
 //    block reduction, atomicMax on the bits of non-negative floats, then s = amax / 448 (0 -> 1),
 //    then the rows kernels quantize.
@@ -812,14 +814,19 @@ __global__ void __launch_bounds__(kBlock) dequant_tok_kernel(const TokArgs a) {
 
 // Dense token dequantize, G = 32 and whole groups (the launcher checks: output [L, T, H, D]
 // contiguous and 16-byte aligned, T % 32 == 0): a thread owns 16 bytes of output (E = 16 / size
-// channels) of one head over one group, with the group's 32 code words (2-4 bytes each) loaded
-// before the first is decoded. Launch bound: at least one block per SM (ptxas takes 72
-// registers, 3 blocks of 256 per SM). H200, bench A/B against dequant_tok_kernel (KVK_TOK_DQ_DENSE,
+// channels) of one head over TPT tokens of one group, with their TPT code words (2-4 bytes each)
+// loaded before the first is decoded. Launch bound: at least one block per SM. H200, bench A/B
+// against dequant_tok_kernel (KVK_TOK_DQ_DENSE, eighth session, one thread a group:
 // bench/results/tok-dq-dense-h200-2026-11-27.txt): Llama-3-8B T=4096 int4 88.4 -> 89.5% of copy,
 // int2 87.5 -> 88.4%; SmolLM2 int4 82 -> 97%; T=32768 int2 90.7 -> 89.9%, the rest +0.2-0.5.
 // The same 16-byte layout inside dequant_tok_kernel (run-time strides, partial groups) measured
 // 61-69%: there NVVM splits each 16-byte store into four 4-byte ones (SASS: STG.E).
-// NP: threads per group (each TPT = 32 / NP of its tokens; the launcher's a.n counts them).
+// NP: threads per group, each with TPT = 32 / NP of its tokens (the launcher's a.n counts them).
+// NP = 4 by default (KVK_TOK_DQ_TPT=32/16/8 picks NP = 1/2/4): shorter-lived blocks (a shorter
+// tail at the end of the grid) and 48 registers instead of 72. H200 bench A/B (ninth session,
+// bench/results/tok-dq-tpt-h200-2026-11-27.txt): Llama-3-8B T=4096 int4 89.6 -> 92.3-92.5% of
+// copy, int2 88.1 -> 91.6-91.8%; T=32768 91.1 -> 93.0%, 90.3 -> 93.0-93.1%; SmolLM2 T=32768
+// 86-87 -> 91%; SmolLM2 T=4096 (below 64 MiB) 95 -> 92-94%.
 template <typename Tr, int E, int BITS, int NP>
 __global__ void __launch_bounds__(kBlock, 1) dequant_tok_dense_kernel(const TokArgs a) {
   using S = typename Tr::storage;
@@ -946,7 +953,10 @@ __global__ void fp8_finalize_kernel(float* __restrict__ scale, uint32_t n) {
 // SM go through together, so a step's instructions and block barriers are on the critical path. With one layer per step the UNI variant (below) cuts
 // both: bench (5867c14, bench/results/fp8-uni-h200-2026-11-27.txt) 91.1% of copy for fp8:tensor
 // on Llama-3-8B T=4096 (was 85.5%), head 81.3% (79.1%); SmolLM2 (5 layers a step, generic
-// variant) 73% / 61%, where the two kernels reach 49-57%. Larger layers take the two-kernel path.
+// variant) 73% / 61%, where the two kernels reach 49-57%. Larger layers take the two-kernel path,
+// except for the head scope where one head's [T, D] fits: it runs as the tensor scope over L * H
+// pseudo-layers (ResidentArgs: Hsub > 1), fp8:head on Llama-3-8B T=32768 58 -> 89.5-90.0% of copy
+// (ninth session, bench/results/fp8-head-split-h200-2026-11-27.txt; KVK_FP8_HEAD_SPLIT=0: off).
 constexpr int kResBlock = 1024;   // 32 warps per SM
 constexpr int kResStages = 3;     // steps held in shared memory
 constexpr uint32_t kSlotFull = 0x80000000u;
