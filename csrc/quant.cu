@@ -822,9 +822,9 @@ __global__ void __launch_bounds__(kBlock) dequant_tok_kernel(const TokArgs a) {
 // The same 16-byte layout inside dequant_tok_kernel (run-time strides, partial groups) measured
 // 61-69%: there NVVM splits each 16-byte store into four 4-byte ones (SASS: STG.E).
 // NP: threads per group, each with TPT = 32 / NP of its tokens (the launcher's a.n counts them).
-// NP = 4 by default (KVK_TOK_DQ_TPT=32/16/8 picks NP = 1/2/4): shorter-lived blocks (a shorter
-// tail at the end of the grid) and 48 registers instead of 72. H200 bench A/B (ninth session,
-// bench/results/tok-dq-tpt-h200-2026-11-27.txt): Llama-3-8B T=4096 int4 89.6 -> 92.3-92.5% of
+// The launcher takes NP = 4 (scripts/exp/tok_dq_exp.cu runs NP = 1/2/4): shorter-lived blocks (a
+// shorter tail at the end of the grid) and 48 registers instead of 72. H200 bench A/B (ninth
+// session, then a knob; bench/results/tok-dq-tpt-h200-2026-11-27.txt): Llama-3-8B T=4096 int4 89.6 -> 92.3-92.5% of
 // copy, int2 88.1 -> 91.6-91.8%; T=32768 91.1 -> 93.0%, 90.3 -> 93.0-93.1%; SmolLM2 T=32768
 // 86-87 -> 91%; SmolLM2 T=4096 (below 64 MiB) 95 -> 92-94%.
 template <typename Tr, int E, int BITS, int NP>
@@ -1700,12 +1700,7 @@ cudaError_t launch_tok(bool quant, const void* x, void* out, int dt, int64_t L, 
                      sT == H * D && sH == D && (L == 1 || sL == T * H * D) && ptr_aligned(out, 16) &&
                      ptr_aligned(codes, ED * bits / 8) && ptr_aligned(scale, 16) && ptr_aligned(zero, 16);
   if (dense) {
-    // threads per group (developer knob KVK_TOK_DQ_TPT = tokens per thread: 32, 16 or 8)
-    static const int np = [] {
-      const char* e = std::getenv("KVK_TOK_DQ_TPT");
-      const int t = e ? std::atoi(e) : 8;
-      return t == 8 ? 4 : t == 16 ? 2 : 1;
-    }();
+    constexpr int np = 4;  // threads per group (dequant_tok_dense_kernel's NP)
     const int64_t Ld = layers_per_launch(L, (T / 32) * np * H * (D / ED));
     if (!Ld) return cudaErrorNotSupported;
     return for_layer_chunks(L, Ld, [&](int64_t l0, int64_t n) -> cudaError_t {
@@ -1721,22 +1716,20 @@ cudaError_t launch_tok(bool quant, const void* x, void* out, int dt, int64_t L, 
       a.divH = FastDiv(uint32_t(H));
       a.divNTG = FastDiv(uint32_t(NTG));
       return with_dtype(dt, [&](auto tr) -> cudaError_t {
-        return with_int<1, 2, 4>(np, cudaErrorNotSupported, [&](auto npc) -> cudaError_t {
-          using Tr = decltype(tr);
-          constexpr int EV = 16 / Tr::kSize, NP = decltype(npc)::value;
-          cudaError_t e = cudaErrorNotSupported;
-          if (bits == 4) {
-            dequant_tok_dense_kernel<Tr, EV, 4, NP><<<ceil_div_u32(a.n, kBlock), kBlock, 0, stream>>>(a);
-            e = cudaGetLastError();
-          } else if (bits == 2) {
-            dequant_tok_dense_kernel<Tr, EV, 2, NP><<<ceil_div_u32(a.n, kBlock), kBlock, 0, stream>>>(a);
-            e = cudaGetLastError();
-          } else if constexpr (EV * 8 <= 32) {
-            dequant_tok_dense_kernel<Tr, EV, 8, NP><<<ceil_div_u32(a.n, kBlock), kBlock, 0, stream>>>(a);
-            e = cudaGetLastError();
-          }
-          return e;
-        });
+        using Tr = decltype(tr);
+        constexpr int EV = 16 / Tr::kSize;
+        cudaError_t e = cudaErrorNotSupported;
+        if (bits == 4) {
+          dequant_tok_dense_kernel<Tr, EV, 4, np><<<ceil_div_u32(a.n, kBlock), kBlock, 0, stream>>>(a);
+          e = cudaGetLastError();
+        } else if (bits == 2) {
+          dequant_tok_dense_kernel<Tr, EV, 2, np><<<ceil_div_u32(a.n, kBlock), kBlock, 0, stream>>>(a);
+          e = cudaGetLastError();
+        } else if constexpr (EV * 8 <= 32) {
+          dequant_tok_dense_kernel<Tr, EV, 8, np><<<ceil_div_u32(a.n, kBlock), kBlock, 0, stream>>>(a);
+          e = cudaGetLastError();
+        }
+        return e;
       });
     });
   }

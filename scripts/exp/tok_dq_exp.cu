@@ -68,7 +68,7 @@ int main() {
         const float t = timer.median_us(run);
         printf("%-40s %8.1f us %6.1f%%  %3d regs  %s\n", name, t, pct(t), fa.numRegs, verdict);
       };
-      // dense kernel: NP threads per group, 32 / NP tokens each (KVK_TOK_DQ_TPT in the library)
+      // dense kernel: NP threads per group, 32 / NP tokens each (the library launches NP = 4)
       if (bits == 4) {
         variant("dequant_tok_kernel (E=4)", dequant_tok_kernel<BF16, 4, 4, true>, 4, 1, ref, false);
         variant("dequant_tok_dense_kernel (E=8, 32 tok)", dequant_tok_dense_kernel<BF16, 8, 4, 1>, 8, 1, out, true);
