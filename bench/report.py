@@ -3,6 +3,9 @@
 One row per (op, format, model, T): each backend's GB/s and % of the device copy measured in
 the same run, and the data-movement ceiling of the op's read:write mix (bench/ceiling.py) as
 GB/s and % of that copy. The README's bench table is generated with this.
+
+``python -m bench.report FILE --below 90 [--min-mib 64]``: instead, the rows of at least
+``min-mib`` MiB moved that reach less than that % of copy (issue #2's target: 90, 64), with a count.
 """
 from __future__ import annotations
 
@@ -39,6 +42,25 @@ def table(rows, backends=("cuda", "triton", "torch")) -> str:
     return "\n".join(lines)
 
 
+def below(rows, pct: float, min_mib: float = 64) -> str:
+    """The rows of >= min_mib MiB moved under pct % of copy, after a count of those that reach it."""
+    big = [r for r in rows if r.get("status") == "ran" and r.get("pct_copy") is not None
+           and r["bytes"] >= min_mib * 2**20]
+    low = [r for r in big if r["pct_copy"] < pct]
+    lines = [f"{len(big) - len(low)} of {len(big)} rows of >= {min_mib:g} MiB at >= {pct:g}% of copy"]
+    lines += [f"  {r['op']:10s} {r['format']:18s} {r['backend']:6s} {r['model']:12s} T={r['T']:<6d} "
+              f"{r['pct_copy']:6.2f}%" for r in low]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    with open(sys.argv[1]) as f:
-        print(table(json.load(f)))
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m bench.report")
+    ap.add_argument("json")
+    ap.add_argument("--below", type=float, help="list the rows under this %% of copy instead of the table")
+    ap.add_argument("--min-mib", type=float, default=64)
+    args = ap.parse_args()
+    with open(args.json) as f:
+        rows = json.load(f)
+    print(table(rows) if args.below is None else below(rows, args.below, args.min_mib))

@@ -33,5 +33,6 @@ bnc=$?
   echo "build rc=$brc tests rc=$trc bench rc=$bnc"
   grep -E "passed|failed" "$OUT/pytest.log" | tail -1
   cat "$OUT/bench.txt"
+  [ -f "$OUT/quant.json" ] && $PY -m bench.report "$OUT/quant.json" --below 90  # issue #2's target
 } > "$OUT/summary.txt"
 cat "$OUT/summary.txt" | tail -60
