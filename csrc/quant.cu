@@ -1694,6 +1694,24 @@ cudaError_t launch_tok(bool quant, const void* x, void* out, int dt, int64_t L, 
   const bool reg = quant && E == emax && G <= kTokReg;
   static const bool split_off = kvk_env_off("KVK_TOK_SPLIT");
   static const bool dense_off = kvk_env_off("KVK_TOK_DQ_DENSE");  // developer A/B switch
+  // TokArgs of layers [l0, l0 + n): e channels a thread, `per` threads a (group, head, e-vector)
+  auto args = [&](int64_t l0, int64_t n, int64_t e, int64_t per) {
+    TokArgs a{};
+    const int64_t xoff = l0 * sL * sz;
+    a.x = quant ? static_cast<const char*>(x) + xoff : nullptr;
+    a.out = quant ? nullptr : static_cast<char*>(out) + xoff;
+    a.sL = sL; a.sT = sT; a.sH = sH;
+    a.codes = codes + l0 * T * H * Dp;
+    a.scale = scale + l0 * NTG * H * D;
+    a.zero = zero + l0 * NTG * H * D;
+    a.T = uint32_t(T); a.H = uint32_t(H); a.D = uint32_t(D); a.G = uint32_t(G);
+    a.NTG = uint32_t(NTG); a.Dp = uint32_t(Dp);
+    a.n = uint32_t(n * NTG * per * H * (D / e));
+    a.divC = FastDiv(uint32_t(D / e));
+    a.divH = FastDiv(uint32_t(H));
+    a.divNTG = FastDiv(uint32_t(NTG));
+    return a;
+  };
   // dequant_tok_dense_kernel: G = 32, whole groups, 16-byte output vectors, dense aligned output
   const int ED = 16 / sz;
   const bool dense = !quant && !dense_off && G == 32 && T % 32 == 0 && D % ED == 0 && ED * bits <= 32 &&
@@ -1701,20 +1719,10 @@ cudaError_t launch_tok(bool quant, const void* x, void* out, int dt, int64_t L, 
                      ptr_aligned(codes, ED * bits / 8) && ptr_aligned(scale, 16) && ptr_aligned(zero, 16);
   if (dense) {
     constexpr int np = 4;  // threads per group (dequant_tok_dense_kernel's NP)
-    const int64_t Ld = layers_per_launch(L, (T / 32) * np * H * (D / ED));
+    const int64_t Ld = layers_per_launch(L, NTG * np * H * (D / ED));
     if (!Ld) return cudaErrorNotSupported;
     return for_layer_chunks(L, Ld, [&](int64_t l0, int64_t n) -> cudaError_t {
-      TokArgs a{};
-      a.out = static_cast<char*>(out) + l0 * T * H * D * sz;
-      a.codes = codes + l0 * T * H * Dp;
-      a.scale = scale + l0 * NTG * H * D;
-      a.zero = zero + l0 * NTG * H * D;
-      a.T = uint32_t(T); a.H = uint32_t(H); a.D = uint32_t(D); a.G = 32;
-      a.NTG = uint32_t(NTG); a.Dp = uint32_t(Dp);
-      a.n = uint32_t(n * NTG * np * H * (D / ED));
-      a.divC = FastDiv(uint32_t(D / ED));
-      a.divH = FastDiv(uint32_t(H));
-      a.divNTG = FastDiv(uint32_t(NTG));
+      const TokArgs a = args(l0, n, ED, np);
       return with_dtype(dt, [&](auto tr) -> cudaError_t {
         using Tr = decltype(tr);
         constexpr int EV = 16 / Tr::kSize;
@@ -1734,20 +1742,7 @@ cudaError_t launch_tok(bool quant, const void* x, void* out, int dt, int64_t L, 
     });
   }
   return for_layer_chunks(L, Lc, [&](int64_t l0, int64_t n) -> cudaError_t {
-    TokArgs a{};
-    const int64_t xoff = l0 * sL * sz;
-    a.x = quant ? static_cast<const char*>(x) + xoff : nullptr;
-    a.out = quant ? nullptr : static_cast<char*>(out) + xoff;
-    a.sL = sL; a.sT = sT; a.sH = sH;
-    a.codes = codes + l0 * T * H * Dp;
-    a.scale = scale + l0 * NTG * H * D;
-    a.zero = zero + l0 * NTG * H * D;
-    a.T = uint32_t(T); a.H = uint32_t(H); a.D = uint32_t(D); a.G = uint32_t(G);
-    a.NTG = uint32_t(NTG); a.Dp = uint32_t(Dp);
-    a.n = uint32_t(n * NTG * H * C);
-    a.divC = FastDiv(uint32_t(C));
-    a.divH = FastDiv(uint32_t(H));
-    a.divNTG = FastDiv(uint32_t(NTG));
+    TokArgs a = args(l0, n, E, 1);
     a.x_aligned = ptr_aligned(quant ? a.x : a.out, int64_t(E) * sz) && stride_ok(sL, n, E) && stride_ok(sT, T, E) &&
                   stride_ok(sH, H, E);
     a.c_aligned = ptr_aligned(a.codes, NB);
