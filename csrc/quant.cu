@@ -824,9 +824,9 @@ __global__ void __launch_bounds__(kBlock) dequant_tok_kernel(const TokArgs a) {
 // NP: threads per group, each with TPT = 32 / NP of its tokens (the launcher's a.n counts them).
 // The launcher takes NP = 4 (scripts/exp/tok_dq_exp.cu runs NP = 1/2/4): shorter-lived blocks (a
 // shorter tail at the end of the grid) and 48 registers instead of 72. H200 bench A/B (ninth
-// session, then a knob; bench/results/tok-dq-tpt-h200-2026-11-27.txt): Llama-3-8B T=4096 int4 89.6 -> 92.3-92.5% of
-// copy, int2 88.1 -> 91.6-91.8%; T=32768 91.1 -> 93.0%, 90.3 -> 93.0-93.1%; SmolLM2 T=32768
-// 86-87 -> 91%; SmolLM2 T=4096 (below 64 MiB) 95 -> 92-94%.
+// session, then a knob; bench/results/tok-dq-tpt-h200-2026-11-27.txt): Llama-3-8B T=4096 int4
+// 89.6 -> 92.3-92.5% of copy, int2 88.1 -> 91.6-91.8%; T=32768 91.1 -> 93.0%, 90.3 -> 93.0-93.1%;
+// SmolLM2 T=32768 86-87 -> 91%; SmolLM2 T=4096 (below 64 MiB) 95 -> 92-94%.
 template <typename Tr, int E, int BITS, int NP>
 __global__ void __launch_bounds__(kBlock, 1) dequant_tok_dense_kernel(const TokArgs a) {
   using S = typename Tr::storage;
@@ -950,10 +950,11 @@ __global__ void fp8_finalize_kernel(float* __restrict__ scale, uint32_t n) {
 // by the fifth session's harness, git show 15bb67d:scripts/exp/fp8_resident_exp.cu, of this
 // pipeline with the early poll): a step costs ~3.3 us for ~2.6 us of HBM time: landing wait
 // ~0.7, publish ~1.1, barrier wait ~0.5, quantize + store ~1.1, phases that all 32 warps of an
-// SM go through together, so a step's instructions and block barriers are on the critical path. With one layer per step the UNI variant (below) cuts
-// both: bench (5867c14, bench/results/fp8-uni-h200-2026-11-27.txt) 91.1% of copy for fp8:tensor
-// on Llama-3-8B T=4096 (was 85.5%), head 81.3% (79.1%); SmolLM2 (5 layers a step, generic
-// variant) 73% / 61%, where the two kernels reach 49-57%. Larger layers take the two-kernel path,
+// SM go through together, so a step's instructions and block barriers are on the critical path.
+// With one layer per step the UNI variant (below) cuts both: bench (5867c14,
+// bench/results/fp8-uni-h200-2026-11-27.txt) 91.1% of copy for fp8:tensor on Llama-3-8B T=4096
+// (was 85.5%), head 81.3% (79.1%); SmolLM2 (5 layers a step, generic variant) 73% / 61%, where
+// the two kernels reach 49-57%. Larger layers take the two-kernel path,
 // except for the head scope where one head's [T, D] fits: it runs as the tensor scope over L * H
 // pseudo-layers (ResidentArgs: Hsub > 1), fp8:head on Llama-3-8B T=32768 58 -> 89.5-90.0% of copy
 // (ninth session, bench/results/fp8-head-split-h200-2026-11-27.txt; KVK_FP8_HEAD_SPLIT=0: off).
@@ -1252,7 +1253,8 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
 #pragma unroll
     for (int j = 0; j < kPollEarly; ++j)  // past the grid: e[j] preset full, value 0
       m = max(m, wait_full(slots + lane + 32u * j, e[j]));
-    for (uint32_t i = lane + 32u * kPollEarly; i < gridDim.x; i += 32) m = max(m, wait_full(slots + i, ld_relaxed_gpu(slots + i)));
+    for (uint32_t i = lane + 32u * kPollEarly; i < gridDim.x; i += 32)
+      m = max(m, wait_full(slots + i, ld_relaxed_gpu(slots + i)));
     const float sc = fp8_scale_from_amax(__uint_as_float(__reduce_max_sync(0xffffffffu, m)));
     if (lane == 0) {
       s_inv[s & 1] = fp8_inv(sc);  // rewritten at step s + 2, behind the barrier of step s + 1
@@ -1902,66 +1904,66 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
                        T * D / VE <= cap(resident_blocks_per_sm<Tr, 4, false, false>(), 4);
     const int64_t Hsub = split ? H : 1;
     return with_bool(scope == 1 && !split, [&](auto hc) -> cudaError_t {
-    constexpr bool HEAD = decltype(hc)::value;
-    // from here on, layers are pseudo-layers where split
-    const int64_t nL = L * Hsub, Hs = HEAD ? H : 1, Nv = T * H * D / VE / Hsub;
-    constexpr int kK[3] = {1, 2, 4};  // 4: an 8 MiB bf16 layer on 132 SMs (one block each)
-    const int bps[3] = {resident_blocks_per_sm<Tr, 1, HEAD, false>(), resident_blocks_per_sm<Tr, 2, HEAD, false>(),
-                        resident_blocks_per_sm<Tr, 4, HEAD, false>()};
-    const int64_t cap_max = cap(bps[2], kK[2]);
-    if (Nv > cap_max) return cudaErrorNotSupported;
-    int64_t B = std::max<int64_t>(1, resident_step_bytes() / (Nv * 16));
-    B = std::min({B, nL, cap_max / Nv, int64_t(kResMaxKeys) / Hs});
-    const int64_t stepv = B * Nv;
-    int ki = 0;
-    while (cap(bps[ki], kK[ki]) < stepv) ++ki;  // terminates: cap(bps[2], kK[2]) >= stepv
-    const int K = kK[ki];
-    const int64_t nsteps = (nL + B - 1) / B;
-    const uint32_t grid = ceil_div_u32(stepv, uint64_t(kResBlock) * K);
-    if (nL * Hs * grid > ws_words) return cudaErrorNotSupported;  // (the kernel clears what it uses)
-    ResidentArgs a{};
-    a.x = x;
-    a.sL = sL;
-    a.codes = codes;
-    a.scale = scale;
-    a.slots = ws;
-    a.L = uint32_t(nL); a.B = uint32_t(B); a.Hs = uint32_t(Hs); a.nsteps = uint32_t(nsteps); a.Nv = uint32_t(Nv);
-    a.Hsub = uint32_t(Hsub);
-    a.Dh = split ? uint32_t(D) : 0u;
-    a.rowv = uint32_t(Hsub * D / VE);
-    a.divNv = FastDiv(uint32_t(Nv));
-    a.divC = FastDiv(uint32_t(D / VE));
-    a.divH = FastDiv(uint32_t(H));
-    a.divHsub = FastDiv(uint32_t(Hsub));
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3(grid);
-    cfg.blockDim = dim3(kResBlock);
-    cfg.dynamicSmemBytes = resident_smem_bytes(K);
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeCooperative;
-    attr[0].val.cooperative = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    // The UNI variant where one layer per step gives each thread one key and each aligned group of
-    // W lanes one key: always for the tensor scope (W = 32); for the head scope when a head row of
-    // C vectors is a power of two <= 32 lanes (W = C) or a multiple of 32 (W = 32), and a thread's
-    // K slots (P = grid * kResBlock vectors apart) land in the same head: (P / C) % H == 0.
-    static const bool uni_off = kvk_env_off("KVK_FP8_UNI");  // developer A/B switch
-    const int64_t C = D / VE, P = int64_t(grid) * kResBlock;
-    uint32_t W = 0;
-    if (!HEAD) W = 32;
-    else if (C % 32 == 0) W = 32;
-    else if (C < 32 && (C & (C - 1)) == 0) W = uint32_t(C);
-    const bool uni = !uni_off && B == 1 && W != 0 && (!HEAD || (P % C == 0 && (P / C) % H == 0));
-    a.W = W;  // read by the UNI variant only
-    return with_int<1, 2, 4>(K, cudaErrorNotSupported, [&](auto kc) -> cudaError_t {
-      constexpr int KC = decltype(kc)::value;
-      // same shared memory; the occupancy is checked, as the grid must be co-resident
-      if (uni && resident_blocks_per_sm<Tr, KC, HEAD, true>() >= bps[ki])
-        return cudaLaunchKernelEx(&cfg, quant_fp8_resident_kernel<Tr, KC, HEAD, true>, a);
-      return cudaLaunchKernelEx(&cfg, quant_fp8_resident_kernel<Tr, KC, HEAD, false>, a);
-    });
+      constexpr bool HEAD = decltype(hc)::value;
+      // from here on, layers are pseudo-layers where split
+      const int64_t nL = L * Hsub, Hs = HEAD ? H : 1, Nv = T * H * D / VE / Hsub;
+      constexpr int kK[3] = {1, 2, 4};  // 4: an 8 MiB bf16 layer on 132 SMs (one block each)
+      const int bps[3] = {resident_blocks_per_sm<Tr, 1, HEAD, false>(), resident_blocks_per_sm<Tr, 2, HEAD, false>(),
+                          resident_blocks_per_sm<Tr, 4, HEAD, false>()};
+      const int64_t cap_max = cap(bps[2], kK[2]);
+      if (Nv > cap_max) return cudaErrorNotSupported;
+      int64_t B = std::max<int64_t>(1, resident_step_bytes() / (Nv * 16));
+      B = std::min({B, nL, cap_max / Nv, int64_t(kResMaxKeys) / Hs});
+      const int64_t stepv = B * Nv;
+      int ki = 0;
+      while (cap(bps[ki], kK[ki]) < stepv) ++ki;  // terminates: cap(bps[2], kK[2]) >= stepv
+      const int K = kK[ki];
+      const int64_t nsteps = (nL + B - 1) / B;
+      const uint32_t grid = ceil_div_u32(stepv, uint64_t(kResBlock) * K);
+      if (nL * Hs * grid > ws_words) return cudaErrorNotSupported;  // (the kernel clears what it uses)
+      ResidentArgs a{};
+      a.x = x;
+      a.sL = sL;
+      a.codes = codes;
+      a.scale = scale;
+      a.slots = ws;
+      a.L = uint32_t(nL); a.B = uint32_t(B); a.Hs = uint32_t(Hs); a.nsteps = uint32_t(nsteps); a.Nv = uint32_t(Nv);
+      a.Hsub = uint32_t(Hsub);
+      a.Dh = split ? uint32_t(D) : 0u;
+      a.rowv = uint32_t(Hsub * D / VE);
+      a.divNv = FastDiv(uint32_t(Nv));
+      a.divC = FastDiv(uint32_t(D / VE));
+      a.divH = FastDiv(uint32_t(H));
+      a.divHsub = FastDiv(uint32_t(Hsub));
+      cudaLaunchConfig_t cfg{};
+      cfg.gridDim = dim3(grid);
+      cfg.blockDim = dim3(kResBlock);
+      cfg.dynamicSmemBytes = resident_smem_bytes(K);
+      cfg.stream = stream;
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeCooperative;
+      attr[0].val.cooperative = 1;
+      cfg.attrs = attr;
+      cfg.numAttrs = 1;
+      // The UNI variant where one layer per step gives each thread one key and each aligned group of
+      // W lanes one key: always for the tensor scope (W = 32); for the head scope when a head row of
+      // C vectors is a power of two <= 32 lanes (W = C) or a multiple of 32 (W = 32), and a thread's
+      // K slots (P = grid * kResBlock vectors apart) land in the same head: (P / C) % H == 0.
+      static const bool uni_off = kvk_env_off("KVK_FP8_UNI");  // developer A/B switch
+      const int64_t C = D / VE, P = int64_t(grid) * kResBlock;
+      uint32_t W = 0;
+      if (!HEAD) W = 32;
+      else if (C % 32 == 0) W = 32;
+      else if (C < 32 && (C & (C - 1)) == 0) W = uint32_t(C);
+      const bool uni = !uni_off && B == 1 && W != 0 && (!HEAD || (P % C == 0 && (P / C) % H == 0));
+      a.W = W;  // read by the UNI variant only
+      return with_int<1, 2, 4>(K, cudaErrorNotSupported, [&](auto kc) -> cudaError_t {
+        constexpr int KC = decltype(kc)::value;
+        // same shared memory; the occupancy is checked, as the grid must be co-resident
+        if (uni && resident_blocks_per_sm<Tr, KC, HEAD, true>() >= bps[ki])
+          return cudaLaunchKernelEx(&cfg, quant_fp8_resident_kernel<Tr, KC, HEAD, true>, a);
+        return cudaLaunchKernelEx(&cfg, quant_fp8_resident_kernel<Tr, KC, HEAD, false>, a);
+      });
     });
   });
 }
