@@ -962,6 +962,7 @@ constexpr int kResBlock = 1024;   // 32 warps per SM
 constexpr int kResStages = 3;     // steps held in shared memory
 constexpr uint32_t kSlotFull = 0x80000000u;
 constexpr int kResMaxKeys = 256;  // amax entries per step (B * Hs)
+constexpr int64_t kGroupMinVectors = 4 * kResBlock;  // block groups: layers of at least 4 blocks' vectors (K = 1)
 
 // "Layer" below is a layer of x, or with Hsub > 1 one head of one (the head scope of a layer too
 // big for the chip whose heads fit, run as the tensor scope over L * H pseudo-layers [T, D]):
@@ -976,6 +977,7 @@ struct ResidentArgs {
   uint32_t L, B, Hs, nsteps, Nv;  // Nv: 16-byte vectors per layer
   uint32_t W;                     // UNI variant: keys are uniform over aligned groups of W lanes
   uint32_t Hsub, Dh, rowv;        // pseudo-layers (above); 1, 0, C for whole layers
+  uint32_t NG;                    // TU variant: block groups (below); 1 otherwise
   FastDiv divNv, divC, divH, divHsub;  // C = D / VE vectors per (token, head) row
 };
 
@@ -1090,7 +1092,12 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   __shared__ uint32_t s_red[kResMaxKeys];
   __shared__ float s_inv[kResMaxKeys];
   const uint32_t lane = threadIdx.x & 31;
-  const uint32_t g = blockIdx.x * kResBlock + threadIdx.x, P = gridDim.x * kResBlock;
+  // TU: the grid is NG groups of gpb blocks; group grp takes (pseudo-)layer s * NG + grp at step
+  // s, so a step holds NG layers, each with a grid barrier of its own group's gpb blocks. The
+  // other variants: one group (gpb = gridDim.x, bl = blockIdx.x).
+  const uint32_t gpb = gridDim.x / a.NG, grp = blockIdx.x / gpb, bl = blockIdx.x - grp * gpb;
+  const uint32_t g = bl * kResBlock + threadIdx.x, P = gpb * kResBlock;
+  auto layer_of = [&](uint32_t s) { return s * a.NG + grp; };  // TU: this block's layer of step s
   const uint64_t N = uint64_t(a.Nv) * VE;
   for (uint32_t i = threadIdx.x; i < kResMaxKeys; i += kResBlock) s_amax[i] = s_red[i] = 0;
 
@@ -1125,7 +1132,7 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   auto locate = [&](uint32_t s, int k, uint32_t& lb, uint32_t& off, uint32_t& key) -> bool {
     if (slk[k] == 0xffffffffu) return false;
     lb = slk[k] & 0xffffu;
-    if (lb >= a.L - s * a.B) return false;  // past the last layer (last step only)
+    if (uint64_t(s) * a.B * a.NG + grp + lb >= a.L) return false;  // past the last layer (last step)
     off = soff[k];
     key = slk[k] >> 16;
     return true;
@@ -1146,7 +1153,7 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   // step s's vectors -> stage s % kResStages, asynchronously (invalid slots are zero-filled)
   auto issue = [&](uint32_t s) {
     uint4* st = stages + (s % kResStages) * kStage;
-    const int64_t xb = UNI && s < a.nsteps ? x_base(s) : 0;  // UNI: one layer a step
+    const int64_t xb = UNI && s < a.nsteps && layer_of(s) < a.L ? x_base(layer_of(s)) : 0;  // UNI: one layer a step
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       uint32_t lb = 0, off = 0, key;
@@ -1208,8 +1215,9 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
       if (threadIdx.x == 0) {
         const uint32_t m = s_amax[s & 1];
         s_amax[s & 1] = 0;  // reused at step s + 2, behind the barrier of step s + 1
-        st_relaxed_gpu(a.slots + (uint64_t(s) * gridDim.x + blockIdx.x),
-                       kSlotFull | __float_as_uint(abs_bits_to_float<Tr>(m)));
+        if (layer_of(s) < a.L)
+          st_relaxed_gpu(a.slots + (uint64_t(layer_of(s)) * gpb + bl),
+                         kSlotFull | __float_as_uint(abs_bits_to_float<Tr>(m)));
       }
       return;
     }
@@ -1234,36 +1242,40 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   // publish): slot threadIdx.x, or with TU slots lane + 32 j of the step.
   auto poll_first = [&](uint32_t s, uint32_t (&e)[kPollEarly]) {
     if constexpr (TU) {
-      if (warp != 0) return;
-      const uint32_t* slots = a.slots + uint64_t(s) * gridDim.x;
+      if (warp != 0 || layer_of(s) >= a.L) return;
+      const uint32_t* slots = a.slots + uint64_t(layer_of(s)) * gpb;
 #pragma unroll
       for (int j = 0; j < kPollEarly; ++j) {
         const uint32_t i = lane + 32u * j;
-        e[j] = i < gridDim.x ? ld_relaxed_gpu(slots + i) : kSlotFull;
+        e[j] = i < gpb ? ld_relaxed_gpu(slots + i) : kSlotFull;
       }
     } else {
       const uint32_t l0 = s * a.B, nslots = min(a.B, a.L - l0) * a.Hs * gridDim.x;
       e[0] = threadIdx.x < nslots ? ld_relaxed_gpu(a.slots + uint64_t(l0 * a.Hs) * gridDim.x + threadIdx.x) : 0u;
     }
   };
-  // TU, warp 0: wait for the step's slots, reduce them, scale -> s_inv[s & 1] (and a.scale).
+  // TU, warp 0: wait for the group's slots of the step's layer, reduce them, scale ->
+  // s_inv[s & 1] (and a.scale).
   auto warp_scale_inv = [&](uint32_t s, const uint32_t (&e)[kPollEarly]) {
-    const uint32_t* slots = a.slots + uint64_t(s) * gridDim.x;
+    const uint32_t p = layer_of(s);
+    if (p >= a.L) return;  // no layer for this group in the last step
+    const uint32_t* slots = a.slots + uint64_t(p) * gpb;
     uint32_t m = 0;
 #pragma unroll
-    for (int j = 0; j < kPollEarly; ++j)  // past the grid: e[j] preset full, value 0
+    for (int j = 0; j < kPollEarly; ++j)  // past the group: e[j] preset full, value 0
       m = max(m, wait_full(slots + lane + 32u * j, e[j]));
-    for (uint32_t i = lane + 32u * kPollEarly; i < gridDim.x; i += 32)
+    for (uint32_t i = lane + 32u * kPollEarly; i < gpb; i += 32)
       m = max(m, wait_full(slots + i, ld_relaxed_gpu(slots + i)));
     const float sc = fp8_scale_from_amax(__uint_as_float(__reduce_max_sync(0xffffffffu, m)));
     if (lane == 0) {
       s_inv[s & 1] = fp8_inv(sc);  // rewritten at step s + 2, behind the barrier of step s + 1
-      if (blockIdx.x == 0) a.scale[s] = sc;
+      if (bl == 0) a.scale[p] = sc;
     }
   };
-  // UNI: quantize + store this thread's slots of step s (layer s), all with one inverse scale.
+  // UNI: quantize + store this thread's slots of step s (its layer), all with one inverse scale.
   auto quantize_own = [&](const uint4* st, uint32_t s, float inv) {
-    uint8_t* __restrict__ cb = a.codes + codes_base(s);
+    if (layer_of(s) >= a.L) return;
+    uint8_t* __restrict__ cb = a.codes + codes_base(layer_of(s));
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       if (slk[k] == 0xffffffffu) continue;
@@ -1334,8 +1346,9 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   issue(1);
   // The workspace holds garbage (it is not zeroed by the launcher: a memset node cost 2-3 us):
   // each block clears its own slot column, then one grid barrier, overlapping the first loads.
-  for (uint32_t key = threadIdx.x; key < a.L * a.Hs; key += kResBlock)
-    a.slots[uint64_t(key) * gridDim.x + blockIdx.x] = 0u;
+  // (TU: key = layer, the group's layers only)
+  for (uint32_t key = threadIdx.x * a.NG + grp; key < a.L * a.Hs; key += kResBlock * a.NG)
+    a.slots[uint64_t(key) * gpb + bl] = 0u;
   cooperative_groups::this_grid().sync();
   uint32_t e[kPollEarly];
   for (uint32_t s = 0; s < a.nsteps; ++s) {
@@ -1890,18 +1903,23 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
   const DeviceInfo dev = device_info();
   if (!dev.coop || dev.sms <= 0) return cudaErrorNotSupported;
   if ((scope == 1 ? H : 1) > kResMaxKeys || T * H * D / VE > kMaxCount) return cudaErrorNotSupported;
-  static const bool split_off = kvk_env_off("KVK_FP8_HEAD_SPLIT");  // developer A/B switch
+  static const bool split_off = kvk_env_off("KVK_FP8_HEAD_SPLIT");  // developer A/B switches
+  static const bool groups_off = kvk_env_off("KVK_FP8_GROUPS");
   // capacity in vectors with K vectors per thread; the smallest K that holds a step wins (more
   // blocks per SM, fewer registers per thread)
   auto cap = [&](int bps, int k) { return int64_t(bps) * dev.sms * kResBlock * k; };
   return with_dtype(dt, [&](auto tr) {
     using Tr = decltype(tr);
-    // The head scope of a layer too big for the chip (bf16 Llama-3-8B beyond T = 4224) whose
-    // heads [T, D] fit (up to T = 33792): the tensor-scope kernel over L * H pseudo-layers, one
-    // per (layer, head), whose scales [L * H] are the head scope's [L, H].
+    // The head scope where a head's [T, D] fits (bf16: up to T = 33792 on 132 SMs): the
+    // tensor-scope kernel over L * H pseudo-layers, one per (layer, head), whose scales [L * H]
+    // are the head scope's [L, H]. Taken for layers too big for the chip (bf16 Llama-3-8B beyond
+    // T = 4224), and for heads big enough for block groups (below); the HEAD variant takes the
+    // others.
+    const int64_t head_v = T * D / VE;
     const bool split = !split_off && scope == 1 && H > 1 &&
-                       T * H * D / VE > cap(resident_blocks_per_sm<Tr, 4, true, false>(), 4) &&
-                       T * D / VE <= cap(resident_blocks_per_sm<Tr, 4, false, false>(), 4);
+                       ((!groups_off && head_v >= kGroupMinVectors) ||
+                        T * H * D / VE > cap(resident_blocks_per_sm<Tr, 4, true, false>(), 4)) &&
+                       head_v <= cap(resident_blocks_per_sm<Tr, 4, false, false>(), 4);
     const int64_t Hsub = split ? H : 1;
     return with_bool(scope == 1 && !split, [&](auto hc) -> cudaError_t {
       constexpr bool HEAD = decltype(hc)::value;
@@ -1917,10 +1935,32 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
       const int64_t stepv = B * Nv;
       int ki = 0;
       while (cap(bps[ki], kK[ki]) < stepv) ++ki;  // terminates: cap(bps[2], kK[2]) >= stepv
+      int64_t nsteps = (nL + B - 1) / B;
+      uint32_t grid = ceil_div_u32(stepv, uint64_t(kResBlock) * kK[ki]), NG = 1;
+      // Block groups (tensor scope, TU variant): NG groups of gpb = ceil(Nv / (1024 K)) blocks,
+      // each holding one whole (pseudo-)layer a step: B = 1, a step of NG layers, every block
+      // with one amax key, each layer's grid barrier among its own group. NG from the step bytes,
+      // evened over the steps; the smallest K whose groups fit the chip. Layers of fewer than
+      // kGroupMinVectors vectors would leave too many threads of a group idle: steps of several
+      // layers (generic variant) instead.
+      const bool grouped = !groups_off && !HEAD && Nv >= kGroupMinVectors;
+      if (grouped) {
+        const int64_t want = std::min<int64_t>(B, nL);
+        nsteps = (nL + want - 1) / want;
+        int64_t ng = (nL + nsteps - 1) / nsteps;
+        auto gpb_of = [&](int i) { return (Nv + int64_t(kResBlock) * kK[i] - 1) / (int64_t(kResBlock) * kK[i]); };
+        ki = 0;
+        while (ki < 2 && int64_t(bps[ki]) * dev.sms / gpb_of(ki) < ng) ++ki;
+        ng = std::min<int64_t>(ng, int64_t(bps[ki]) * dev.sms / gpb_of(ki));  // >= 1: Nv <= cap_max
+        nsteps = (nL + ng - 1) / ng;
+        B = 1;
+        NG = uint32_t(ng);
+        grid = uint32_t(ng * gpb_of(ki));
+      }
       const int K = kK[ki];
-      const int64_t nsteps = (nL + B - 1) / B;
-      const uint32_t grid = ceil_div_u32(stepv, uint64_t(kResBlock) * K);
-      if (nL * Hs * grid > ws_words) return cudaErrorNotSupported;  // (the kernel clears what it uses)
+      // workspace words: TU, key = layer, gpb per key; otherwise grid per key (the kernel clears
+      // what it uses)
+      if (nL * Hs * (grid / NG) > ws_words) return cudaErrorNotSupported;
       ResidentArgs a{};
       a.x = x;
       a.sL = sL;
@@ -1935,6 +1975,7 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
       a.divC = FastDiv(uint32_t(D / VE));
       a.divH = FastDiv(uint32_t(H));
       a.divHsub = FastDiv(uint32_t(Hsub));
+      a.NG = NG;
       cudaLaunchConfig_t cfg{};
       cfg.gridDim = dim3(grid);
       cfg.blockDim = dim3(kResBlock);
@@ -1955,13 +1996,14 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
       if (!HEAD) W = 32;
       else if (C % 32 == 0) W = 32;
       else if (C < 32 && (C & (C - 1)) == 0) W = uint32_t(C);
-      const bool uni = !uni_off && B == 1 && W != 0 && (!HEAD || (P % C == 0 && (P / C) % H == 0));
+      const bool uni = grouped || (!uni_off && B == 1 && W != 0 && (!HEAD || (P % C == 0 && (P / C) % H == 0)));
       a.W = W;  // read by the UNI variant only
       return with_int<1, 2, 4>(K, cudaErrorNotSupported, [&](auto kc) -> cudaError_t {
         constexpr int KC = decltype(kc)::value;
         // same shared memory; the occupancy is checked, as the grid must be co-resident
         if (uni && resident_blocks_per_sm<Tr, KC, HEAD, true>() >= bps[ki])
           return cudaLaunchKernelEx(&cfg, quant_fp8_resident_kernel<Tr, KC, HEAD, true>, a);
+        if (NG > 1) return cudaErrorNotSupported;  // groups need the TU variant: two kernels
         return cudaLaunchKernelEx(&cfg, quant_fp8_resident_kernel<Tr, KC, HEAD, false>, a);
       });
     });

@@ -390,8 +390,11 @@ def test_fp8_computed_scale_special_values(backend, spec, dtype, shape):
     if backend == "cuda" and ON_GPU:  # the one-pass kernel runs exactly where the layers fit on chip
         L, T, H, D = x.shape
         layer = x[0].numel() * x.element_size()
-        # the head scope of a layer beyond the chip: pseudo-layers of one head, the tensor-scope kernel
-        split = spec == "fp8:head" and H > 1 and layer > (8 << 20)
+        # the head scope as pseudo-layers of one head, the tensor-scope kernel: always with block
+        # groups (the default); without them only for layers beyond the chip
+        groups = not os.environ.get("KVK_FP8_GROUPS", "").startswith("0")
+        ve = 16 // x.element_size()  # block groups for layers of >= 4096 16-byte vectors
+        split = spec == "fp8:head" and H > 1 and ((groups and T * D // ve >= 4096) or layer > (8 << 20))
         size = T * D * x.element_size() if split else layer
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
         if size <= (4 << 20) or sms >= 132:  # 8 MiB layers fit 132-SM GPUs (H100 SXM, H200)
@@ -402,7 +405,10 @@ def test_fp8_computed_scale_special_values(backend, spec, dtype, shape):
             if res:
                 head, uni = _template_flags(res[0])
                 assert head == (spec == "fp8:head" and not split), f"HEAD flag {head}, split {split}: {res[0]}"
-                if sms == 132:  # which variant: the launcher's rule, restated for 132 SMs
+                nv = (T * D if split else T * H * D) // ve
+                if groups and not head and nv >= 4096:  # block groups: the UNI variant, a layer per group a step
+                    assert uni, f"block groups need the UNI variant; kernel: {res[0]}"
+                elif sms == 132:  # which variant: the launcher's rule, restated for 132 SMs
                     assert uni == _expect_uni(x, spec, sms, split), f"UNI variant: {uni}; kernel: {res[0]}"
 
 
