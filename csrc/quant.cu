@@ -978,7 +978,6 @@ struct ResidentArgs {
   uint32_t W;                     // UNI variant: keys are uniform over aligned groups of W lanes
   uint32_t Hsub, Dh, rowv;        // pseudo-layers (above); 1, 0, C for whole layers
   uint32_t NG;                    // TU variant: block groups (below); 1 otherwise
-  uint32_t lag0;                  // TU variant: quantize each step in the iteration it lands (below)
   FastDiv divNv, divC, divH, divHsub;  // C = D / VE vectors per (token, head) row
 };
 
@@ -1343,14 +1342,8 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   // Pipeline, kResStages = 3 steps on chip: at iteration s, step s lands and is published, step
   // s-1 (published one iteration ago) is quantized, and step s+2's loads start into its stage.
   // Loads get two iterations to land; a barrier gets the publish of the next step.
-  // TU with lag0: step s is quantized in iteration s, right after its own barrier, and three
-  // steps of loads are in flight (s+1 .. s+3): the first codes are written a step earlier and the
-  // last step's quantize does not wait for a further iteration (fill and drain of few-step runs),
-  // while the barrier's latency is no longer overlapped by a publish.
-  const bool lag0 = TU && a.lag0;
   issue(0);
   issue(1);
-  if (lag0) issue(2);
   // The workspace holds garbage (it is not zeroed by the launcher: a memset node cost 2-3 us):
   // each block clears its own slot column, then one grid barrier, overlapping the first loads.
   // (TU: key = layer, the group's layers only)
@@ -1358,18 +1351,6 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
     a.slots[uint64_t(key) * gpb + bl] = 0u;
   cooperative_groups::this_grid().sync();
   uint32_t e[kPollEarly];
-  if (lag0) {
-    for (uint32_t s = 0; s < a.nsteps; ++s) {
-      cp_async_wait<2>();  // all but the two newest groups: step s has landed
-      KVK_FP8_TRACE_AT(s, 0);
-      publish(s);
-      KVK_FP8_TRACE_AT(s, 1);
-      poll_first(s, e);
-      quantize_step(s, e);  // each thread reads only its own slots of the stage: no barrier for
-      issue(s + 3);         // the loads into it
-    }
-    return;
-  }
   for (uint32_t s = 0; s < a.nsteps; ++s) {
     cp_async_wait<1>();  // all but the newest group: step s has landed
     if (!TU) __syncthreads();
@@ -1995,11 +1976,6 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
       a.divH = FastDiv(uint32_t(H));
       a.divHsub = FastDiv(uint32_t(Hsub));
       a.NG = NG;
-      static const int lag_env = [] {  // developer A/B knob KVK_FP8_LAG: 0 or 1 (default)
-        const char* e = std::getenv("KVK_FP8_LAG");
-        return e && e[0] == '0' ? 0 : 1;
-      }();
-      a.lag0 = grouped && lag_env == 0;
       cudaLaunchConfig_t cfg{};
       cfg.gridDim = dim3(grid);
       cfg.blockDim = dim3(kResBlock);
