@@ -978,6 +978,7 @@ struct ResidentArgs {
   uint32_t W;                     // UNI variant: keys are uniform over aligned groups of W lanes
   uint32_t Hsub, Dh, rowv;        // pseudo-layers (above); 1, 0, C for whole layers
   uint32_t NG;                    // TU variant: block groups (below); 1 otherwise
+  uint32_t sync_first;            // experiment: first loads after the first grid barrier
   FastDiv divNv, divC, divH, divHsub;  // C = D / VE vectors per (token, head) row
 };
 
@@ -1067,8 +1068,18 @@ __device__ __forceinline__ void fp8_trace(uint32_t s, int phase) {
   }
 }
 #define KVK_FP8_TRACE_AT(s, phase) fp8_trace((s), (phase))
+__device__ uint64_t* g_kvk_fp8_start;  // [grid][2]: when each block started, passed the first grid barrier
+__device__ __forceinline__ void fp8_trace_start(int i) {
+  if (threadIdx.x == 0 && g_kvk_fp8_start) {
+    uint64_t t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    g_kvk_fp8_start[blockIdx.x * 2 + i] = t;
+  }
+}
+#define KVK_FP8_TRACE_START(i) fp8_trace_start(i)
 #else
 #define KVK_FP8_TRACE_AT(s, phase)
+#define KVK_FP8_TRACE_START(i)
 #endif
 
 // UNI (one layer per step; the launcher checks the layout): all K slots of a thread have one key,
@@ -1082,6 +1093,7 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   // step's slots and computes the scale; a thread touches only its own slots of a stage, so no
   // barrier guards the stages; s_amax and s_inv alternate by step parity.
   constexpr bool TU = UNI && !HEAD;
+  KVK_FP8_TRACE_START(0);
   constexpr int kPollEarly = TU ? 5 : 1;  // TU: slots lane + 32 j loaded early (grids <= 160)
   const uint32_t warp = threadIdx.x >> 5;
   using S = typename Tr::storage;
@@ -1342,14 +1354,21 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   // Pipeline, kResStages = 3 steps on chip: at iteration s, step s lands and is published, step
   // s-1 (published one iteration ago) is quantized, and step s+2's loads start into its stage.
   // Loads get two iterations to land; a barrier gets the publish of the next step.
-  issue(0);
-  issue(1);
+  if (!a.sync_first) {
+    issue(0);
+    issue(1);
+  }
   // The workspace holds garbage (it is not zeroed by the launcher: a memset node cost 2-3 us):
   // each block clears its own slot column, then one grid barrier, overlapping the first loads.
   // (TU: key = layer, the group's layers only)
   for (uint32_t key = threadIdx.x * a.NG + grp; key < a.L * a.Hs; key += kResBlock * a.NG)
     a.slots[uint64_t(key) * gpb + bl] = 0u;
   cooperative_groups::this_grid().sync();
+  KVK_FP8_TRACE_START(1);
+  if (a.sync_first) {
+    issue(0);
+    issue(1);
+  }
   uint32_t e[kPollEarly];
   for (uint32_t s = 0; s < a.nsteps; ++s) {
     cp_async_wait<1>();  // all but the newest group: step s has landed
@@ -1976,6 +1995,8 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
       a.divH = FastDiv(uint32_t(H));
       a.divHsub = FastDiv(uint32_t(Hsub));
       a.NG = NG;
+      static const bool sync_first = std::getenv("KVK_FP8_SYNC_FIRST") && std::getenv("KVK_FP8_SYNC_FIRST")[0] == '1';
+      a.sync_first = sync_first;
       cudaLaunchConfig_t cfg{};
       cfg.gridDim = dim3(grid);
       cfg.blockDim = dim3(kResBlock);

@@ -42,6 +42,8 @@ int main() {
     CK(cudaMalloc(&ws, wsw * 4));
     const int64_t ntr = int64_t(2 * sms + 1) * 64 * 4;  // grid <= 2 blocks/SM (+1: a zero row ends it)
     CK(cudaMalloc(&trace, ntr * 8));
+    uint64_t* starts;  // when each block started (KVK_FP8_TRACE_START)
+    CK(cudaMalloc(&starts, (2 * sms + 1) * 16));
     fill_kernel<<<1024, 256, 0, st>>>(x, n);
     for (int scope : {0, 1}) {
       auto run = [&] {
@@ -49,6 +51,7 @@ int main() {
       };
       uint64_t* none = nullptr;
       CK(cudaMemcpyToSymbol(g_kvk_fp8_trace, &none, sizeof(none)));
+      CK(cudaMemcpyToSymbol(g_kvk_fp8_start, &none, sizeof(none)));
       for (int i = 0; i < 5; ++i) run();
       cudaEvent_t e0, e1; CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
       std::vector<double> ts;
@@ -57,12 +60,16 @@ int main() {
         float ms; CK(cudaEventElapsedTime(&ms, e0, e1)); ts.push_back(ms * 1e3);
       }
       CK(cudaMemsetAsync(trace, 0, ntr * 8, st));
+      CK(cudaMemsetAsync(starts, 0, (2 * sms + 1) * 16, st));
       CK(cudaMemcpyToSymbol(g_kvk_fp8_trace, &trace, sizeof(trace)));
+      CK(cudaMemcpyToSymbol(g_kvk_fp8_start, &starts, sizeof(starts)));
       run();
       CK(cudaStreamSynchronize(st));
       CK(cudaMemcpyToSymbol(g_kvk_fp8_trace, &none, sizeof(none)));
-      std::vector<uint64_t> h(ntr);
+      CK(cudaMemcpyToSymbol(g_kvk_fp8_start, &none, sizeof(none)));
+      std::vector<uint64_t> h(ntr), hs(2 * (2 * sms + 1));
       CK(cudaMemcpy(h.data(), trace, ntr * 8, cudaMemcpyDeviceToHost));
+      CK(cudaMemcpy(hs.data(), starts, hs.size() * 8, cudaMemcpyDeviceToHost));
       // [block][64 steps][4]: grid = blocks with stamps, nsteps = block 0's stamped steps
       auto at = [&](int b, int s, int p) { return h[(uint64_t(b) * 64 + s) * 4 + p]; };
       int grid = 0, nsteps = 0;
@@ -90,11 +97,32 @@ int main() {
           }
         }
       }
+      {  // the ends: block starts -> first landing, last landing -> last quantized
+        std::vector<double> st0, fill, tail, sync, sync_land;
+        uint64_t last = 0;
+        for (int b = 0; b < grid; ++b) {
+          st0.push_back(double(hs[2 * b]) - double(t0));
+          fill.push_back(double(at(b, 0, 0)) - double(hs[2 * b]));
+          sync.push_back(double(hs[2 * b + 1]) - double(hs[2 * b]));
+          sync_land.push_back(double(at(b, 0, 0)) - double(hs[2 * b + 1]));
+          tail.push_back(double(at(b, nsteps - 1, 3)) - double(at(b, nsteps - 1, 0)));
+          last = std::max(last, at(b, nsteps - 1, 3));
+        }
+        uint64_t first = ~0ull;
+        uint64_t lastst = 0;
+        for (int b = 0; b < grid; ++b) first = std::min(first, hs[2 * b]), lastst = std::max(lastst, hs[2 * b]);
+        printf("   block start (median) %.0f ns from the first landing; start -> own first landing %.0f; last step landed ->"
+               " quantized %.0f; first start -> last quantized %.0f ns\n",
+               median(st0), median(fill), median(tail), double(last - first));
+        printf("   block starts spread over %.0f ns; start -> past the first grid barrier %.0f (median), then -> first landing %.0f\n",
+               double(lastst - first), median(sync), median(sync_land));
+      }
       if (cnt)
         printf("   mean per block-iteration (s >= 2): landing wait %.0f ns, publish %.0f, barrier wait %.0f, quantize %.0f\n",
                wl / cnt, wp / cnt, wb / cnt, wq / cnt);
     }
     CK(cudaFree(x)); CK(cudaFree(codes)); CK(cudaFree(scale)); CK(cudaFree(ws)); CK(cudaFree(trace));
+    CK(cudaFree(starts));
   }
   return 0;
 }
