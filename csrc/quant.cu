@@ -978,7 +978,7 @@ struct ResidentArgs {
   uint32_t W;                     // UNI variant: keys are uniform over aligned groups of W lanes
   uint32_t Hsub, Dh, rowv;        // pseudo-layers (above); 1, 0, C for whole layers
   uint32_t NG;                    // TU variant: block groups (below); 1 otherwise
-  uint32_t sync_first;            // experiment: first loads after the first grid barrier
+  uint32_t sync_first;            // experiment: 1 first loads after the first grid barrier, 2 split it (arrive, loads, wait)
   FastDiv divNv, divC, divH, divHsub;  // C = D / VE vectors per (token, head) row
 };
 
@@ -1354,7 +1354,7 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   // Pipeline, kResStages = 3 steps on chip: at iteration s, step s lands and is published, step
   // s-1 (published one iteration ago) is quantized, and step s+2's loads start into its stage.
   // Loads get two iterations to land; a barrier gets the publish of the next step.
-  if (!a.sync_first) {
+  if (a.sync_first == 0) {
     issue(0);
     issue(1);
   }
@@ -1363,9 +1363,17 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   // (TU: key = layer, the group's layers only)
   for (uint32_t key = threadIdx.x * a.NG + grp; key < a.L * a.Hs; key += kResBlock * a.NG)
     a.slots[uint64_t(key) * gpb + bl] = 0u;
-  cooperative_groups::this_grid().sync();
+  if (a.sync_first == 2) {
+    const cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+    cooperative_groups::grid_group::arrival_token token = grid.barrier_arrive();
+    issue(0);
+    issue(1);
+    grid.barrier_wait(std::move(token));
+  } else {
+    cooperative_groups::this_grid().sync();
+  }
   KVK_FP8_TRACE_START(1);
-  if (a.sync_first) {
+  if (a.sync_first == 1) {
     issue(0);
     issue(1);
   }
@@ -1995,7 +2003,10 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
       a.divH = FastDiv(uint32_t(H));
       a.divHsub = FastDiv(uint32_t(Hsub));
       a.NG = NG;
-      static const bool sync_first = std::getenv("KVK_FP8_SYNC_FIRST") && std::getenv("KVK_FP8_SYNC_FIRST")[0] == '1';
+      static const uint32_t sync_first = [] {
+        const char* e = std::getenv("KVK_FP8_SYNC_FIRST");
+        return e ? uint32_t(std::atoi(e)) : 0u;
+      }();
       a.sync_first = sync_first;
       cudaLaunchConfig_t cfg{};
       cfg.gridDim = dim3(grid);
