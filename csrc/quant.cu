@@ -944,8 +944,8 @@ __global__ void fp8_finalize_kernel(float* __restrict__ scale, uint32_t n) {
 // polls the step's slots until all are set and reduces them. No fence, no counter (an arrival
 // counter behind a fence cost two more L2 round trips per step). The first poll load of step s-1
 // is issued before step s's publish, so its L2 round trip (~0.6 us under load) overlaps it. Each
-// block clears its own slot column at the start, behind one grid barrier that overlaps the first
-// loads (a memset node before the kernel cost 2-3 us).
+// block clears its own slot column at the start, behind one grid barrier before the first loads
+// (a memset node before the kernel cost 2-3 us).
 // Measured (H200, bench/results/fp8-resident-h200-2026-11-27.txt, per-block %globaltimer traces
 // by the fifth session's harness, git show 15bb67d:scripts/exp/fp8_resident_exp.cu, of this
 // pipeline with the early poll): a step costs ~3.3 us for ~2.6 us of HBM time: landing wait
@@ -958,6 +958,14 @@ __global__ void fp8_finalize_kernel(float* __restrict__ scale, uint32_t n) {
 // except for the head scope where one head's [T, D] fits: it runs as the tensor scope over L * H
 // pseudo-layers (ResidentArgs: Hsub > 1), fp8:head on Llama-3-8B T=32768 58 -> 89.5-90.0% of copy
 // (ninth session, bench/results/fp8-head-split-h200-2026-11-27.txt; KVK_FP8_HEAD_SPLIT=0: off).
+// Block groups (tenth session, bench/results/fp8-groups-h200-2026-11-27.txt; KVK_FP8_GROUPS=0:
+// off): wherever a (pseudo-)layer has >= kGroupMinVectors vectors, the grid is NG groups of gpb
+// blocks and group g holds (pseudo-)layer s * NG + g at step s, whole, so every block has one key
+// and runs the UNI tensor-scope variant, and each layer's barrier involves its own group only.
+// The head scope then always runs as pseudo-layers. Llama-3-8B fp8:head T=4096 80 -> 88-89%,
+// SmolLM2 tensor / head T=4096 70 / 58 -> 79-81 / 74-76%, SmolLM2 head T=32768 70 -> 89-90%.
+// The first grid barrier moved before the first loads (same session, same record): 88-89 -> 90%
+// (Llama tensor and head), SmolLM2 79 / 74 -> 83-84 / 80%.
 constexpr int kResBlock = 1024;   // 32 warps per SM
 constexpr int kResStages = 3;     // steps held in shared memory
 constexpr uint32_t kSlotFull = 0x80000000u;
@@ -975,10 +983,8 @@ struct ResidentArgs {
   float* scale;        // [L * Hs]
   uint32_t* slots;     // workspace [L * Hs, grid]: block b's amax of a key, kSlotFull | float bits
   uint32_t L, B, Hs, nsteps, Nv;  // Nv: 16-byte vectors per layer
-  uint32_t W;                     // UNI variant: keys are uniform over aligned groups of W lanes
   uint32_t Hsub, Dh, rowv;        // pseudo-layers (above); 1, 0, C for whole layers
   uint32_t NG;                    // TU variant: block groups (below); 1 otherwise
-  uint32_t sync_first;            // experiment: 1 first loads after the first grid barrier, 2 split it (arrive, loads, wait)
   FastDiv divNv, divC, divH, divHsub;  // C = D / VE vectors per (token, head) row
 };
 
@@ -1082,17 +1088,19 @@ __device__ __forceinline__ void fp8_trace_start(int i) {
 #define KVK_FP8_TRACE_START(i)
 #endif
 
-// UNI (one layer per step; the launcher checks the layout): all K slots of a thread have one key,
-// and the keys are uniform over aligned groups of a.W lanes (W = 32 for the tensor scope; the
-// vectors of a head row for the head scope). A thread then reduces its slots in packed registers
-// and a group with a few shuffles, with no per-slot key bookkeeping: fewer instructions in the
-// publish and quantize phases, which all warps of an SM go through together.
+// UNI (tensor scope, one (pseudo-)layer per block a step: block groups, or one layer a step; the
+// launcher checks the layout): all K slots of a thread, and all threads of a block, have one key.
+// A thread reduces its slots in packed registers and the warp with one instruction, with no
+// per-slot key bookkeeping: fewer instructions in the publish and quantize phases, which all warps
+// of an SM go through together. (A head-scope UNI variant, keys uniform over lane groups of a head
+// row, was replaced by block groups over pseudo-layers: 80% against 88-90% of copy.)
 template <typename Tr, int K, bool HEAD, bool UNI>
 __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const ResidentArgs a) {
-  // TU (UNI, tensor scope): two block barriers per step instead of five. Warp 0 alone polls the
-  // step's slots and computes the scale; a thread touches only its own slots of a stage, so no
-  // barrier guards the stages; s_amax and s_inv alternate by step parity.
-  constexpr bool TU = UNI && !HEAD;
+  static_assert(!(HEAD && UNI), "the UNI variant is tensor-scope only");
+  // TU (= UNI): two block barriers per step instead of five. Warp 0 alone polls the step's slots
+  // and computes the scale; a thread touches only its own slots of a stage, so no barrier guards
+  // the stages; s_amax and s_inv alternate by step parity.
+  constexpr bool TU = UNI;
   KVK_FP8_TRACE_START(0);
   constexpr int kPollEarly = TU ? 5 : 1;  // TU: slots lane + 32 j loaded early (grids <= 160)
   const uint32_t warp = threadIdx.x >> 5;
@@ -1139,8 +1147,6 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
     }
     soff[k] = off;
   }
-  // UNI: this thread's one key (0 where it has no slot)
-  const uint32_t ukey = slk[0] == 0xffffffffu ? 0u : slk[0] >> 16;
   auto locate = [&](uint32_t s, int k, uint32_t& lb, uint32_t& off, uint32_t& key) -> bool {
     if (slk[k] == 0xffffffffu) return false;
     lb = slk[k] & 0xffffu;
@@ -1193,16 +1199,8 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
 #pragma unroll
       for (int k = 0; k < K; ++k)
         if (slk[k] != 0xffffffffu) acc = abs_acc<Tr>(acc, st[k * kResBlock + threadIdx.x]);
-      uint32_t r = abs_acc_finish<Tr>(acc);
-      if (!HEAD || a.W == 32) {
-        r = __reduce_max_sync(0xffffffffu, r);
-      } else {
-#pragma unroll
-        for (uint32_t o = 16; o > 0; o >>= 1)
-          if (o < a.W) r = max(r, __shfl_xor_sync(0xffffffffu, r, o));
-      }
-      // slots past the layer come in whole groups (r = 0 there); their slk[0] is not a key
-      if ((lane & (a.W - 1)) == 0 && r) atomicMax(&s_amax[TU ? (s & 1) : ukey], r);
+      const uint32_t r = __reduce_max_sync(0xffffffffu, abs_acc_finish<Tr>(acc));
+      if (lane == 0 && r) atomicMax(&s_amax[s & 1], r);  // (slots past the layer: r = 0)
     } else {
     // A thread's slots of one key are reduced before the warp's; the warp flushes when any lane's
     // key changes (the decision is warp-uniform: warp_max_into needs every lane).
@@ -1332,51 +1330,35 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
     }
     __syncthreads();
     KVK_FP8_TRACE_AT(s, 2);
-    if constexpr (UNI) {
-      quantize_own(st, s, s_inv[ukey]);
-    } else {
 #pragma unroll
-      for (int k = 0; k < K; ++k) {
-        uint32_t lb, off, key;
-        if (!locate(s, k, lb, off, key)) continue;
-        float f[VE];
-        vec16_to_float<Tr, VE>(st[k * kResBlock + threadIdx.x], f);
-        const float inv = s_inv[key];
+    for (int k = 0; k < K; ++k) {
+      uint32_t lb, off, key;
+      if (!locate(s, k, lb, off, key)) continue;
+      float f[VE];
+      vec16_to_float<Tr, VE>(st[k * kResBlock + threadIdx.x], f);
+      const float inv = s_inv[key];
 #pragma unroll
-        for (int j = 0; j < VE; ++j) f[j] = __fmul_rn(f[j], inv);
-        store_bytes<VE>(a.codes + codes_base(l0 + lb) + uint64_t(off) * VE, fp8_pack<VE>(f), true);
-      }
+      for (int j = 0; j < VE; ++j) f[j] = __fmul_rn(f[j], inv);
+      store_bytes<VE>(a.codes + codes_base(l0 + lb) + uint64_t(off) * VE, fp8_pack<VE>(f), true);
     }
     __syncthreads();  // the stage and s_inv are rewritten next
     KVK_FP8_TRACE_AT(s, 3);
   };
 
+  // The workspace holds garbage (it is not zeroed by the launcher: a memset node cost 2-3 us):
+  // each block clears its own slot column (TU: key = layer, the group's layers only), then one
+  // grid barrier, 2.3-3 us. It comes before the first loads: behind 16 MiB of them (two steps on
+  // every SM) its L2 round trips queue and it took ~7 us (trace, tenth session; splitting it
+  // into arrive / loads / wait did not help, the wait queues the same way).
+  for (uint32_t key = threadIdx.x * a.NG + grp; key < a.L * a.Hs; key += kResBlock * a.NG)
+    a.slots[uint64_t(key) * gpb + bl] = 0u;
+  cooperative_groups::this_grid().sync();
+  KVK_FP8_TRACE_START(1);
   // Pipeline, kResStages = 3 steps on chip: at iteration s, step s lands and is published, step
   // s-1 (published one iteration ago) is quantized, and step s+2's loads start into its stage.
   // Loads get two iterations to land; a barrier gets the publish of the next step.
-  if (a.sync_first == 0) {
-    issue(0);
-    issue(1);
-  }
-  // The workspace holds garbage (it is not zeroed by the launcher: a memset node cost 2-3 us):
-  // each block clears its own slot column, then one grid barrier, overlapping the first loads.
-  // (TU: key = layer, the group's layers only)
-  for (uint32_t key = threadIdx.x * a.NG + grp; key < a.L * a.Hs; key += kResBlock * a.NG)
-    a.slots[uint64_t(key) * gpb + bl] = 0u;
-  if (a.sync_first == 2) {
-    const cooperative_groups::grid_group grid = cooperative_groups::this_grid();
-    cooperative_groups::grid_group::arrival_token token = grid.barrier_arrive();
-    issue(0);
-    issue(1);
-    grid.barrier_wait(std::move(token));
-  } else {
-    cooperative_groups::this_grid().sync();
-  }
-  KVK_FP8_TRACE_START(1);
-  if (a.sync_first == 1) {
-    issue(0);
-    issue(1);
-  }
+  issue(0);
+  issue(1);
   uint32_t e[kPollEarly];
   for (uint32_t s = 0; s < a.nsteps; ++s) {
     cp_async_wait<1>();  // all but the newest group: step s has landed
@@ -2003,11 +1985,6 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
       a.divH = FastDiv(uint32_t(H));
       a.divHsub = FastDiv(uint32_t(Hsub));
       a.NG = NG;
-      static const uint32_t sync_first = [] {
-        const char* e = std::getenv("KVK_FP8_SYNC_FIRST");
-        return e ? uint32_t(std::atoi(e)) : 0u;
-      }();
-      a.sync_first = sync_first;
       cudaLaunchConfig_t cfg{};
       cfg.gridDim = dim3(grid);
       cfg.blockDim = dim3(kResBlock);
@@ -2018,24 +1995,17 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
       attr[0].val.cooperative = 1;
       cfg.attrs = attr;
       cfg.numAttrs = 1;
-      // The UNI variant where one layer per step gives each thread one key and each aligned group of
-      // W lanes one key: always for the tensor scope (W = 32); for the head scope when a head row of
-      // C vectors is a power of two <= 32 lanes (W = C) or a multiple of 32 (W = 32), and a thread's
-      // K slots (P = grid * kResBlock vectors apart) land in the same head: (P / C) % H == 0.
+      // The UNI variant (tensor scope): block groups, or without them one layer a step.
       static const bool uni_off = kvk_env_off("KVK_FP8_UNI");  // developer A/B switch
-      const int64_t C = D / VE, P = int64_t(grid) * kResBlock;
-      uint32_t W = 0;
-      if (!HEAD) W = 32;
-      else if (C % 32 == 0) W = 32;
-      else if (C < 32 && (C & (C - 1)) == 0) W = uint32_t(C);
-      const bool uni = grouped || (!uni_off && B == 1 && W != 0 && (!HEAD || (P % C == 0 && (P / C) % H == 0)));
-      a.W = W;  // read by the UNI variant only
+      const bool uni = !HEAD && (grouped || (!uni_off && B == 1));
       return with_int<1, 2, 4>(K, cudaErrorNotSupported, [&](auto kc) -> cudaError_t {
         constexpr int KC = decltype(kc)::value;
         // same shared memory; the occupancy is checked, as the grid must be co-resident
-        if (uni && resident_blocks_per_sm<Tr, KC, HEAD, true>() >= bps[ki])
-          return cudaLaunchKernelEx(&cfg, quant_fp8_resident_kernel<Tr, KC, HEAD, true>, a);
-        if (NG > 1) return cudaErrorNotSupported;  // groups need the TU variant: two kernels
+        if constexpr (!HEAD) {
+          if (uni && resident_blocks_per_sm<Tr, KC, false, true>() >= bps[ki])
+            return cudaLaunchKernelEx(&cfg, quant_fp8_resident_kernel<Tr, KC, false, true>, a);
+        }
+        if (NG > 1) return cudaErrorNotSupported;  // groups need the UNI variant: two kernels
         return cudaLaunchKernelEx(&cfg, quant_fp8_resident_kernel<Tr, KC, HEAD, false>, a);
       });
     });

@@ -358,12 +358,14 @@ def test_cuda_graph_capture(backend, spec):
 # one 8 MiB layer per step) where layers fit on chip and the two kernels elsewhere (checked).
 # (300, 33, 3, 64): 792 (bf16) or 1584 (fp32) 16-byte vectors per layer, so warps straddle layer
 # boundaries (lanes of one warp reduce different keys), in 2-4 steps of up to 256 keys.
-# One 4-8 MiB layer per step (16-bit types) takes the kernel's UNI variant (one key per thread):
-# (3, 2113, 8, 128) with a partial last block, and for the head scope lane groups of 16
-# (head_dim 128), 8 (64) and 32 (256) vectors; their fp32 layers exceed the on-chip capacity.
-# The head scope of a layer too big for the chip runs the tensor-scope kernel over one
-# pseudo-layer per (layer, head) when a head's [T, D] fits: several a step ((2, 8192, 8, 128), the
-# fp32 layers above), or one 4.2 MiB head a step, UNI ((2, 17000, 2, 128) in 16-bit types).
+# Layers (tensor) or heads (head scope, as pseudo-layers [T, D]) of >= 4096 16-byte vectors run
+# in block groups, a (pseudo-)layer per group a step, UNI variant: many small groups
+# ((5, 300, 8, 128) heads), partial last steps ((37, 257, 8, 128): 296 heads in 5 steps of 66,
+# 37 layers in steps of 13), one 4-8 MiB layer a step with a partial last block ((3, 2113, 8, 128)), heads of
+# head_dim 64 / 256 ((2, 8500, 4, 64), (2, 2120, 4, 256)), one 4.2 MiB head a step
+# ((2, 17000, 2, 128)); fp32 layers beyond the on-chip capacity take the heads or two kernels.
+# Smaller layers / heads ((300, 33, 3, 64)) take steps of several layers in the generic (tensor)
+# or HEAD variant.
 COMPUTED_SHAPES = ([(5, 300, 8, 128), (37, 257, 8, 128), (300, 33, 3, 64), (3, 4096, 8, 128), (2, 8192, 8, 128),
                     (3, 2113, 8, 128), (2, 8500, 4, 64), (2, 2120, 4, 256), (2, 17000, 2, 128)]
                    if ON_GPU else [(5, 21, 3, 64)])
@@ -405,11 +407,8 @@ def test_fp8_computed_scale_special_values(backend, spec, dtype, shape):
             if res:
                 head, uni = _template_flags(res[0])
                 assert head == (spec == "fp8:head" and not split), f"HEAD flag {head}, split {split}: {res[0]}"
-                nv = (T * D if split else T * H * D) // ve
-                if groups and not head and nv >= 4096:  # block groups: the UNI variant, a layer per group a step
-                    assert uni, f"block groups need the UNI variant; kernel: {res[0]}"
-                elif sms == 132:  # which variant: the launcher's rule, restated for 132 SMs
-                    assert uni == _expect_uni(x, spec, sms, split), f"UNI variant: {uni}; kernel: {res[0]}"
+                if sms == 132:  # which variant: the launcher's rule, restated for 132 SMs
+                    assert uni == _expect_uni(x, head, split, groups), f"UNI variant: {uni}; kernel: {res[0]}"
 
 
 def _template_flags(name):
@@ -423,25 +422,18 @@ def _template_flags(name):
     return m.group(1) == "1", m.group(2) == "1"
 
 
-def _expect_uni(x, spec, sms, split=False):
-    """Whether the launcher picks the UNI variant (one 16-byte-vector key per thread): one layer
-    per step (layer > half the 8 MiB step), and for the head scope a power-of-two (<= 32) or
-    32-multiple row of C vectors with the grid's P = grid * 1024 vectors a multiple of C * H.
-    split: the head scope as the tensor scope over L * H pseudo-layers [T, D]."""
+def _expect_uni(x, head, split, groups):
+    """Whether the launcher picks the UNI variant (tensor scope, one key per block): with block
+    groups (layers of >= 4096 16-byte vectors), or one layer per step (a layer > half the 8 MiB
+    step); never for the HEAD variant. split: the head scope as the tensor scope over L * H
+    pseudo-layers [T, D]."""
+    if head:
+        return False
     L, T, H, D = x.shape
     if split:
-        L, H, spec = L * H, 1, "fp8:tensor"
-    ve = 16 // x.element_size()
-    nv = T * H * D // ve
-    if min(L, max(1, (8 << 20) // (nv * 16))) != 1:
-        return False
-    if spec == "fp8:tensor":
-        return True
-    k = next((k for k in (1, 2, 4) if sms * 1024 * k >= nv), 4)  # one 1024-thread block per SM
-    p = -(-nv // (1024 * k)) * 1024
-    c = D // ve
-    w_ok = c % 32 == 0 or (c < 32 and c & (c - 1) == 0)
-    return w_ok and p % c == 0 and (p // c) % H == 0
+        L, H = L * H, 1
+    nv = T * H * D // (16 // x.element_size())
+    return (groups and nv >= 4096) or min(L, max(1, (8 << 20) // (nv * 16))) == 1
 
 
 def _kernel_names(fn):
