@@ -1,15 +1,18 @@
-// Private experiment (prepared 2026-11-27, seventh session; not yet run on a GPU): per-block
+// Private experiment (seventh session; run in the eighth and tenth, records in
+// bench/results/fp8-trace-h200-2026-11-27.txt and fp8-groups-h200-2026-11-27.txt): per-block
 // %globaltimer trace of the library's one-pass fp8 kernel (quant_fp8_resident_kernel, the variant
-// the launcher picks), per tensor and per head, to see where the head scope's extra time goes
-// (Llama-3-8B T=4096: tensor 91%, head 81% of copy with the same step structure).
+// the launcher picks), per tensor and per head, Llama-3-8B and SmolLM2 at T=4096.
 //
 // csrc/quant.cu is compiled here with KVK_FP8_TRACE: thread 0 of each block stores the time at
-// four points of each step (landed, published, scale known, quantized). Prints, per step, the
-// median over blocks of each point (ns from the first landing) and the mean time per block of
-// each phase of an iteration s: landing wait [quantized(s-2) -> landed(s)], publish [landed(s) ->
-// published(s)], barrier wait [published(s) -> scale known(s-1)], quantize [scale known(s-1) ->
-// quantized(s-1)]. Also times the kernel with the trace pointer null (the hooks then cost thread 0
-// a load and a branch each; no L2 flush between runs), for reference.
+// four points of each step (landed, published, scale known, quantized), and at block start and
+// past the first grid barrier. Prints, per step, the median over blocks of each point (ns from the
+// first landing), the kernel's ends (block start -> first landing, via the grid barrier; last
+// landing -> last quantized) and the mean time per block of each phase of an iteration s: landing
+// wait [quantized(s-2) -> landed(s)], publish [landed(s) -> published(s)], barrier wait
+// [published(s) -> scale known(s-1)], quantize [scale known(s-1) -> quantized(s-1)]. Also times
+// the kernel with the trace pointers null (the hooks then cost thread 0 a load and a branch each;
+// no L2 flush between runs; each launch alone, so the time includes the launch), for reference.
+// Developer knobs (KVK_FP8_GROUPS=0, ...) apply as in the library.
 //
 //   nvcc -arch=sm_90 -std=c++17 -O3 -Icsrc scripts/exp/fp8_trace_exp.cu -o /tmp/fp8t && /tmp/fp8t
 #define KVK_FP8_TRACE 1
