@@ -981,7 +981,7 @@ struct ResidentArgs {
   int64_t sL;
   uint8_t* codes;      // [L, N] e4m3
   float* scale;        // [L * Hs]
-  uint32_t* slots;     // workspace [L * Hs, grid]: block b's amax of a key, kSlotFull | float bits
+  uint32_t* slots;     // workspace [L * Hs, gpb]: block bl's (of the key's group) amax of a key, kSlotFull | float bits
   uint32_t L, B, Hs, nsteps, Nv;  // Nv: 16-byte vectors per layer
   uint32_t Hsub, Dh, rowv;        // pseudo-layers (above); 1, 0, C for whole layers
   uint32_t NG;                    // TU variant: block groups (below); 1 otherwise
