@@ -974,8 +974,8 @@ constexpr int64_t kGroupMinVectors = 4 * kResBlock;  // block groups: layers of 
 
 // "Layer" below is a layer of x, or with Hsub > 1 one head of one (the head scope of a layer too
 // big for the chip whose heads fit, run as the tensor scope over L * H pseudo-layers [T, D]):
-// pseudo-layer p = l * Hsub + h starts at x + l * sL + h * Dh (codes: l * N * Hsub + h * Dh), and
-// its rows of C vectors are rowv vectors apart in x and codes (H * C; C when Hsub == 1).
+// pseudo-layer p = l * Hsub + h starts at x + l * sL + h * D (codes: l * N * Hsub + h * D), and
+// its rows of C vectors are Hsub * C vectors apart in x and codes.
 struct ResidentArgs {
   const void* x;       // layer l: N = T*H*D dense elements at x + l * sL
   int64_t sL;
@@ -983,8 +983,8 @@ struct ResidentArgs {
   float* scale;        // [L * Hs]
   uint32_t* slots;     // workspace [L * Hs, gpb]: block bl's (of the key's group) amax of a key, kSlotFull | float bits
   uint32_t L, B, Hs, nsteps, Nv;  // Nv: 16-byte vectors per layer
-  uint32_t Hsub, Dh, rowv;        // pseudo-layers (above); 1, 0, C for whole layers
-  uint32_t NG;                    // TU variant: block groups (below); 1 otherwise
+  uint32_t Hsub;                  // pseudo-layers (above); 1 for whole layers
+  uint32_t NG;                    // UNI variant: block groups (below); 1 otherwise
   FastDiv divNv, divC, divH, divHsub;  // C = D / VE vectors per (token, head) row
 };
 
@@ -1097,12 +1097,11 @@ __device__ __forceinline__ void fp8_trace_start(int i) {
 template <typename Tr, int K, bool HEAD, bool UNI>
 __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const ResidentArgs a) {
   static_assert(!(HEAD && UNI), "the UNI variant is tensor-scope only");
-  // TU (= UNI): two block barriers per step instead of five. Warp 0 alone polls the step's slots
-  // and computes the scale; a thread touches only its own slots of a stage, so no barrier guards
-  // the stages; s_amax and s_inv alternate by step parity.
-  constexpr bool TU = UNI;
+  // UNI: two block barriers per step instead of five. Warp 0 alone polls the step's slots and
+  // computes the scale; a thread touches only its own slots of a stage, so no barrier guards the
+  // stages; s_amax and s_inv alternate by step parity.
   KVK_FP8_TRACE_START(0);
-  constexpr int kPollEarly = TU ? 5 : 1;  // TU: slots lane + 32 j loaded early (grids <= 160)
+  constexpr int kPollEarly = UNI ? 5 : 1;  // UNI: slots lane + 32 j loaded early (grids <= 160)
   const uint32_t warp = threadIdx.x >> 5;
   using S = typename Tr::storage;
   constexpr int VE = 16 / Tr::kSize;
@@ -1112,12 +1111,12 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   __shared__ uint32_t s_red[kResMaxKeys];
   __shared__ float s_inv[kResMaxKeys];
   const uint32_t lane = threadIdx.x & 31;
-  // TU: the grid is NG groups of gpb blocks; group grp takes (pseudo-)layer s * NG + grp at step
+  // UNI: the grid is NG groups of gpb blocks; group grp takes (pseudo-)layer s * NG + grp at step
   // s, so a step holds NG layers, each with a grid barrier of its own group's gpb blocks. The
   // other variants: one group (gpb = gridDim.x, bl = blockIdx.x).
   const uint32_t gpb = gridDim.x / a.NG, grp = blockIdx.x / gpb, bl = blockIdx.x - grp * gpb;
   const uint32_t g = bl * kResBlock + threadIdx.x, P = gpb * kResBlock;
-  auto layer_of = [&](uint32_t s) { return s * a.NG + grp; };  // TU: this block's layer of step s
+  auto layer_of = [&](uint32_t s) { return s * a.NG + grp; };  // UNI: this block's layer of step s
   const uint64_t N = uint64_t(a.Nv) * VE;
   for (uint32_t i = threadIdx.x; i < kResMaxKeys; i += kResBlock) s_amax[i] = s_red[i] = 0;
 
@@ -1138,7 +1137,7 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
         key = lb;
         if (a.Hsub > 1) {  // a head's row: C vectors, then the next token's row of that head
           const uint32_t row = a.divC.div(off);
-          off = row * a.rowv + (off - row * a.divC.d);
+          off = row * (a.Hsub * a.divC.d) + (off - row * a.divC.d);
         }
       }
       slk[k] = lb | (key << 16);
@@ -1160,13 +1159,13 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
     if (a.Hsub == 1) return int64_t(p) * a.sL;
     uint32_t l, h;
     a.divHsub.divmod(p, l, h);
-    return int64_t(l) * a.sL + int64_t(h) * a.Dh;
+    return int64_t(l) * a.sL + int64_t(h) * a.divC.d * VE;  // head h: h * D elements in
   };
   auto codes_base = [&](uint32_t p) -> uint64_t {
     if (a.Hsub == 1) return uint64_t(p) * N;
     uint32_t l, h;
     a.divHsub.divmod(p, l, h);
-    return uint64_t(l) * N * a.Hsub + uint64_t(h) * a.Dh;
+    return uint64_t(l) * N * a.Hsub + uint64_t(h) * a.divC.d * VE;
   };
   // step s's vectors -> stage s % kResStages, asynchronously (invalid slots are zero-filled)
   auto issue = [&](uint32_t s) {
@@ -1221,7 +1220,7 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
     warp_max_into(s_amax, akey, am);
     }
     __syncthreads();
-    if constexpr (TU) {  // s_amax by step parity: warps run up to one publish ahead of thread 0
+    if constexpr (UNI) {  // s_amax by step parity: warps run up to one publish ahead of thread 0
       if (threadIdx.x == 0) {
         const uint32_t m = s_amax[s & 1];
         s_amax[s & 1] = 0;  // reused at step s + 2, behind the barrier of step s + 1
@@ -1249,9 +1248,9 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
     return v & ~kSlotFull;
   };
   // The first slots a thread reads for step s, loaded early (their latency then overlaps a
-  // publish): slot threadIdx.x, or with TU slots lane + 32 j of the step.
+  // publish): slot threadIdx.x, or with UNI slots lane + 32 j of the step.
   auto poll_first = [&](uint32_t s, uint32_t (&e)[kPollEarly]) {
-    if constexpr (TU) {
+    if constexpr (UNI) {
       if (warp != 0 || layer_of(s) >= a.L) return;
       const uint32_t* slots = a.slots + uint64_t(layer_of(s)) * gpb;
 #pragma unroll
@@ -1264,7 +1263,7 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
       e[0] = threadIdx.x < nslots ? ld_relaxed_gpu(a.slots + uint64_t(l0 * a.Hs) * gridDim.x + threadIdx.x) : 0u;
     }
   };
-  // TU, warp 0: wait for the group's slots of the step's layer, reduce them, scale ->
+  // UNI, warp 0: wait for the group's slots of the step's layer, reduce them, scale ->
   // s_inv[s & 1] (and a.scale).
   auto warp_scale_inv = [&](uint32_t s, const uint32_t (&e)[kPollEarly]) {
     const uint32_t p = layer_of(s);
@@ -1300,7 +1299,7 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   // e: poll_first(s) of this thread.
   auto quantize_step = [&](uint32_t s, const uint32_t (&e)[kPollEarly]) {
     const uint4* st = stages + (s % kResStages) * kStage;
-    if constexpr (TU) {
+    if constexpr (UNI) {
       if (warp == 0) warp_scale_inv(s, e);
       __syncthreads();
       KVK_FP8_TRACE_AT(s, 2);
@@ -1317,7 +1316,7 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
       uint32_t v = 0, key = 0xffffffffu;
       if (i < nslots) {
         v = wait_full(slots + i, i0 == 0 ? first : ld_relaxed_gpu(slots + i));
-        key = i / gridDim.x;  // (TU has its own poll)
+        key = i / gridDim.x;  // (UNI has its own poll)
       }
       warp_max_into(s_red, key, v);
     }
@@ -1346,7 +1345,7 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   };
 
   // The workspace holds garbage (it is not zeroed by the launcher: a memset node cost 2-3 us):
-  // each block clears its own slot column (TU: key = layer, the group's layers only), then one
+  // each block clears its own slot column (UNI: key = layer, the group's layers only), then one
   // grid barrier, 2.3-3 us. It comes before the first loads: behind 16 MiB of them (two steps on
   // every SM) its L2 round trips queue and it took ~7 us (trace, tenth session; splitting it
   // into arrive / loads / wait did not help, the wait queues the same way).
@@ -1362,7 +1361,7 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   uint32_t e[kPollEarly];
   for (uint32_t s = 0; s < a.nsteps; ++s) {
     cp_async_wait<1>();  // all but the newest group: step s has landed
-    if (!TU) __syncthreads();
+    if (!UNI) __syncthreads();
     KVK_FP8_TRACE_AT(s, 0);
     if (s > 0) poll_first(s - 1, e);
     publish(s);
@@ -1946,7 +1945,7 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
       while (cap(bps[ki], kK[ki]) < stepv) ++ki;  // terminates: cap(bps[2], kK[2]) >= stepv
       int64_t nsteps = (nL + B - 1) / B;
       uint32_t grid = ceil_div_u32(stepv, uint64_t(kResBlock) * kK[ki]), NG = 1;
-      // Block groups (tensor scope, TU variant): NG groups of gpb = ceil(Nv / (1024 K)) blocks,
+      // Block groups (tensor scope, UNI variant): NG groups of gpb = ceil(Nv / (1024 K)) blocks,
       // each holding one whole (pseudo-)layer a step: B = 1, a step of NG layers, every block
       // with one amax key, each layer's grid barrier among its own group. NG from the step bytes,
       // evened over the steps; the smallest K whose groups fit the chip. Layers of fewer than
@@ -1967,7 +1966,7 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
         grid = uint32_t(ng * gpb_of(ki));
       }
       const int K = kK[ki];
-      // workspace words: TU, key = layer, gpb per key; otherwise grid per key (the kernel clears
+      // workspace words: UNI, key = layer, gpb per key; otherwise grid per key (the kernel clears
       // what it uses)
       if (nL * Hs * (grid / NG) > ws_words) return cudaErrorNotSupported;
       ResidentArgs a{};
@@ -1978,8 +1977,6 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
       a.slots = ws;
       a.L = uint32_t(nL); a.B = uint32_t(B); a.Hs = uint32_t(Hs); a.nsteps = uint32_t(nsteps); a.Nv = uint32_t(Nv);
       a.Hsub = uint32_t(Hsub);
-      a.Dh = split ? uint32_t(D) : 0u;
-      a.rowv = uint32_t(Hsub * D / VE);
       a.divNv = FastDiv(uint32_t(Nv));
       a.divC = FastDiv(uint32_t(D / VE));
       a.divH = FastDiv(uint32_t(H));
