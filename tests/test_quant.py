@@ -361,11 +361,11 @@ def test_cuda_graph_capture(backend, spec):
 # Layers (tensor) or heads (head scope, as pseudo-layers [T, D]) of >= 4096 16-byte vectors run
 # in block groups, a (pseudo-)layer per group a step, UNI variant: many small groups
 # ((5, 300, 8, 128) heads), partial last steps ((37, 257, 8, 128): 296 heads in 5 steps of 66,
-# 37 layers in steps of 13), one 4-8 MiB layer a step with a partial last block ((3, 2113, 8, 128)), heads of
-# head_dim 64 / 256 ((2, 8500, 4, 64), (2, 2120, 4, 256)), one 4.2 MiB head a step
-# ((2, 17000, 2, 128)); fp32 layers beyond the on-chip capacity take the heads or two kernels.
-# Smaller layers / heads ((300, 33, 3, 64)) take steps of several layers in the generic (tensor)
-# or HEAD variant.
+# 37 layers in steps of 13), one 4-8 MiB layer a step with a partial last block
+# ((3, 2113, 8, 128)), heads of head_dim 64 / 256 ((2, 8500, 4, 64), (2, 2120, 4, 256)), one
+# 4.2 MiB head a step ((2, 17000, 2, 128)); fp32 layers beyond the on-chip capacity take the
+# heads or two kernels. Smaller layers / heads ((300, 33, 3, 64)) take steps of several layers
+# in the generic (tensor) or HEAD variant.
 COMPUTED_SHAPES = ([(5, 300, 8, 128), (37, 257, 8, 128), (300, 33, 3, 64), (3, 4096, 8, 128), (2, 8192, 8, 128),
                     (3, 2113, 8, 128), (2, 8500, 4, 64), (2, 2120, 4, 256), (2, 17000, 2, 128)]
                    if ON_GPU else [(5, 21, 3, 64)])
