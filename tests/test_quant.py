@@ -534,3 +534,71 @@ def test_triton_token_parts():
     assert tq._token_parts(64, 32) == [(0, 2, False)]
     assert tq._token_parts(67, 32) == [(0, 2, False), (2, 1, True)]
     assert tq._token_parts(5, 32) == [(0, 1, True)]
+
+
+GLUON_CASES = [  # (spec, shape, layout): odd head counts, head_dim 64/80/96/256, partial groups
+    ("int2:g32:token", (2, 67, 8, 128), "contiguous"),
+    ("int4:g32:token", (2, 67, 3, 80), "token_strided"),
+    ("int8:g32:token", (1, 96, 5, 96), "hnd"),
+    ("int2:g16:token", (2, 40, 3, 64), "contiguous"),
+    ("int4:g48:token", (1, 100, 2, 256), "token_strided"),  # G % 32 != 0: masked chunks
+    ("int2:g4:token", (1, 9, 3, 64), "contiguous"),          # several heads a program
+    ("int4:g128:token", (1, 300, 2, 128), "contiguous"),    # a group of 4 chunks
+]
+
+
+@pytest.mark.skipif(not ON_GPU, reason="Gluon kernels run on the GPU only (no interpreter)")
+@pytest.mark.parametrize("gluon_on", [True, False], ids=["gluon", "tl"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("spec,shape,layout", GLUON_CASES, ids=[f"{c[0]}-{'x'.join(map(str, c[1]))}-{c[2]}" for c in GLUON_CASES])
+def test_triton_token_dequantize_gluon(spec, shape, layout, dtype, gluon_on, monkeypatch):
+    """int token dequantize on the GPU: the Gluon kernel (default) and, with KVK_GLUON=0, the tl
+    kernel both give the reference's values into poisoned, strided outputs; codes whose byte
+    offset is not a multiple of the code word take the tl kernel."""
+    from kvkernels.triton_kernels import quant as tq
+
+    if tq.gluon is None:
+        pytest.skip("this Triton has no Gluon")
+    monkeypatch.setenv("KVK_GLUON", "1" if gluon_on else "0")
+    fmt = QuantFormat.parse(spec)
+    x = make_x(shape, dtype, "contiguous")
+    x[0, :4, 0] = 0.5  # a constant group (scale 0)
+    codes, scale, zero = run_quantize(x, fmt, "torch")
+    out = make_x(shape, dtype, layout)
+    assert tq._dq_token_gluon_ok(codes, out, fmt) == gluon_on
+    dequantize_vs_reference(codes, scale, zero, fmt, shape, dtype, "triton", layout)
+    if gluon_on and fmt.bits * 16 // out.element_size() > 8:  # code words of >= 2 bytes
+        buf = torch.empty(codes.numel() + 1, dtype=torch.uint8, device=DEVICE)
+        odd = buf[1:].view(codes.shape)
+        odd.copy_(codes)
+        assert not tq._dq_token_gluon_ok(odd, out, fmt)
+        dequantize_vs_reference(odd, scale, zero, fmt, shape, dtype, "triton", layout)
+
+
+@pytest.mark.skipif(ON_GPU, reason="the GPU runs these kernels (test_triton_token_dequantize_gluon)")
+@pytest.mark.parametrize("spec,H,D,esize", [("int2:g32:token", 8, 128, 2), ("int4:g32:token", 3, 80, 2),
+                                             ("int8:g32:token", 8, 128, 2), ("int8:g48:token", 5, 96, 4),
+                                             ("int2:g4:token", 3, 64, 2)])
+def test_gluon_kernels_compile_sm90(spec, H, D, esize):
+    """Without a GPU (CI, the newest Triton), the Gluon kernels compile for sm_90 through ptxas,
+    and the token dequantize keeps its design: no shared memory (scale / zero are loaded in the
+    output's layout, so nothing changes layout)."""
+    from kvkernels.triton_kernels import quant as tq
+
+    if tq.gluon is None:
+        pytest.skip("this Triton has no Gluon")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    fmt = QuantFormat.parse(spec)
+    fn = tq._dq_int_token_gl
+    _, consts, warps = tq._dq_token_gluon_params(H, D, esize, fmt.group_size, fmt.bits)
+    consts.update(OS=0, CS=0, MASKED=True)
+    words = {1: "*u8", 2: "*i16", 4: "*i32", 8: "*i64"}[consts["V"] * fmt.bits // 8]
+    types = dict(codes_ptr=words, scale_ptr="*fp32", zero_ptr="*fp32", out_ptr={2: "*bf16", 4: "*fp32"}[esize],
+                 s_l="i64", s_t="i64", s_h="i64")
+    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+    k = triton.compile(GluonASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=warps, enable_fp_fusion=False))
+    assert k.asm["cubin"] and k.metadata.shared == 0

@@ -72,6 +72,12 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+try:  # Gluon: Triton's explicit-layout dialect (triton >= 3.5); GPU only, no interpreter
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+except ImportError:  # pragma: no cover - older Triton: the tl kernel runs instead
+    gluon = gl = None
+
 from ..formats import QuantFormat
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -629,6 +635,96 @@ def _dq_token_group(codes_ptr, scale_ptr, zero_ptr, out_ptr, T, H, s_l, s_t, s_h
             tl.store(opt, y, mask=tmask[:, None, None] & hd_mask[None])
 
 
+if gluon is not None:
+    @gluon.jit
+    def _dq_int_token_gl(codes_ptr, scale_ptr, zero_ptr, out_ptr, T, H, s_l, s_t, s_h, tg0,
+                         D: gl.constexpr, DV: gl.constexpr, V: gl.constexpr, G: gl.constexpr,
+                         TB: gl.constexpr, HB: gl.constexpr, BITS: gl.constexpr, OS: gl.constexpr,
+                         CS: gl.constexpr, MASKED: gl.constexpr, HDMASK: gl.constexpr, L4: gl.constexpr):
+        # int token dequantize, Gluon (see _dq_token_gluon_params): program pid0 = heads
+        # [hb*HB, +HB) of token group tg (+ tg0), hb fastest (the programs running together write
+        # whole token rows: heads slowest made 2 KiB-strided 256-byte pieces, 84% of copy at
+        # Llama-3-8B T=32768 against 90%), layer pid1; chunks [TB tokens, HB heads, DV vectors, V
+        # channels] in layout L4, where a thread owns whole V-channel output vectors (16 bytes).
+        # codes_ptr points to words of V codes (V * BITS bits: [L, T, H, D / V]), so a thread's
+        # codes are one load; the group's scale / zero [HB, DV, V] are loaded once straight in
+        # the output's layout (slice 0 of L4): no layout change, no shared memory. MASKED: a
+        # partial group or G % TB != 0 (token masks); HDMASK: padded heads or channels (H % HB,
+        # D < DV * V); OS / CS: out / codes token strides (elements / bytes; 0: run time).
+        S0: gl.constexpr = gl.SliceLayout(0, L4)                      # [HB, DV, V]
+        S3: gl.constexpr = gl.SliceLayout(3, L4)                      # [TB, HB, DV] code words
+        LT: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, S3))   # [TB]
+        S0h: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, S0))
+        S0d: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, S0))
+        S0j: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, S0))
+        S3h: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(0, S3))
+        S3d: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(0, S3))
+        DW: gl.constexpr = D // V
+        NCH: gl.constexpr = (G + TB - 1) // TB
+        NGT = gl.cdiv(T, G)
+        NHB = gl.cdiv(H, HB)
+        pid = gl.program_id(0)
+        tg = pid // NHB
+        h0 = (pid - tg * NHB) * HB
+        tg += tg0
+        l = gl.program_id(1).to(gl.int64)
+        h = h0 + gl.arange(0, HB, layout=S0h)
+        h3 = gl.expand_dims(gl.expand_dims(gl.minimum(h, H - 1), 1), 2)
+        ch = (gl.expand_dims(gl.expand_dims(gl.arange(0, DV, layout=S0d), 0), 2) * V
+              + gl.expand_dims(gl.expand_dims(gl.arange(0, V, layout=S0j), 0), 1))   # [1, DV, V]
+        sz = ((l * NGT + tg) * H + h3) * D + ch
+        if DV * V == D:
+            scale = gl.load(scale_ptr + sz)
+            zero = gl.load(zero_ptr + sz)
+        else:
+            scale = gl.load(scale_ptr + sz, mask=ch < D, other=0.0)
+            zero = gl.load(zero_ptr + sz, mask=ch < D, other=0.0)
+        scale = gl.expand_dims(scale, 0)
+        zero = gl.expand_dims(zero, 0)
+        ohd = gl.expand_dims(h3.to(gl.int64) * s_h + ch, 0)                         # [1, HB, DV, V]
+        hd_mask = gl.expand_dims(gl.expand_dims(gl.expand_dims(h < H, 1), 2) & (ch < D), 0)
+        hw = gl.minimum(h0 + gl.arange(0, HB, layout=S3h), H - 1)
+        dw = gl.minimum(gl.arange(0, DV, layout=S3d), DW - 1)
+        cw = gl.expand_dims(gl.expand_dims(hw, 1) * DW + gl.expand_dims(dw, 0), 0)  # [1, HB, DV]
+        shift = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.arange(0, V, layout=S0j), 0), 1), 0) * BITS
+        if OS == 0:
+            os = s_t
+        else:
+            os = OS
+        if CS == 0:
+            cs = H * DW
+        else:
+            cs = CS // (V * BITS // 8)
+        t0 = tg * G
+        n = gl.minimum(T - t0, G)
+        ob = out_ptr + (l * s_l + t0.to(gl.int64) * s_t)
+        cb = codes_ptr + (l * T + t0) * H * DW
+        for c in gl.static_range(NCH):
+            ti = c * TB + gl.arange(0, TB, layout=LT)
+            if MASKED:
+                tc = gl.minimum(ti, n - 1)
+            else:
+                tc = ti
+            w = gl.load(cb + (gl.expand_dims(gl.expand_dims(tc * cs, 1), 2) + cw))
+            if V * BITS > 32:   # int8 into 16-bit outputs: 8 codes, a 64-bit word
+                q = ((gl.expand_dims(w, 3) >> shift.to(gl.int64)) & 255).to(gl.int32)
+            else:
+                q = (gl.expand_dims(w.to(gl.int32), 3) >> shift) & ((1 << BITS) - 1)
+            y = (_code_to_float_gl(q) * scale + zero).to(out_ptr.dtype.element_ty)
+            to = gl.expand_dims(gl.expand_dims(gl.expand_dims(tc.to(gl.int64) * os, 1), 2), 3)
+            if MASKED:
+                tm = gl.expand_dims(gl.expand_dims(gl.expand_dims(ti < n, 1), 2), 3)
+                gl.store(ob + (to + ohd), y, mask=tm & hd_mask)
+            elif HDMASK:
+                gl.store(ob + (to + ohd), y, mask=hd_mask)
+            else:
+                gl.store(ob + (to + ohd), y)
+
+    @gluon.jit
+    def _code_to_float_gl(q):
+        return (q | 0x4B000000).to(gl.float32, bitcast=True) - 8388608.0
+
+
 @triton.jit
 def _fp8_amax(x_ptr, amax_ptr, T, H, s_l, s_t, s_h,
               D: tl.constexpr, DP: tl.constexpr, TB: tl.constexpr, HB: tl.constexpr,
@@ -813,6 +909,59 @@ def _token_strides(s_t: int, esize: int, G: int, H: int, D: int, K: int):
     return small(s_t, esize), small(H * D // K, 1)
 
 
+# int token dequantize in Gluon (_dq_int_token_gl), on GPUs; KVK_GLUON=0 turns it off (the tl
+# kernel _dq_int_token then runs, as it does under the interpreter).
+_CODE_WORD = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _dq_token_gluon_ok(codes, out, fmt: QuantFormat) -> bool:
+    """Whether dequantize_into runs the Gluon token kernel: a GPU, Gluon importable, whole
+    16-byte output vectors per thread (head_dim a multiple of them) and codes that can be read as
+    words of one vector's codes (the word size divides the codes' byte offset)."""
+    if gluon is None or _INTERPRET or out.device.type != "cuda" or os.environ.get("KVK_GLUON", "") == "0":
+        return False
+    V = 16 // out.element_size()
+    D = int(out.shape[-1])
+    cw = V * fmt.bits // 8
+    return fmt.kind == "int" and fmt.axis == "token" and D % V == 0 and codes.data_ptr() % cw == 0
+
+
+def _dq_token_gluon_params(H: int, D: int, esize: int, G: int, bits: int):
+    """The tile of _dq_int_token_gl: (HB, constexprs, warps). One token group of HB heads,
+    TB = min(G, 32) tokens a chunk; a thread owns V = 16 / element size channels (one 16-byte
+    output vector; V codes: one load). Lanes go to the vectors of a row first, then heads, then
+    tokens; warps to heads, then tokens. HB (H200, bench/results/gluon-dq-token-h200-2026-11-27.txt):
+    1 for a power-of-two head count (Llama-3-8B int2 g32: 92-93% of copy, 2 heads: 91-92%, 4:
+    90%); otherwise all heads padded to a power of two up to 4 (SmolLM2's 3: 91-96% at HB = 4,
+    86-91% at HB = 1, 82-94% at HB = 2); more heads when TB x (D / V) vectors would leave lanes
+    of 4 warps idle."""
+    V = 16 // esize
+    DV = _p2(D // V)
+    TB = min(_p2(G), 32)
+    HB = 1 if H & (H - 1) == 0 or _p2(H) > 4 else _p2(H)
+    HB = min(_p2(H), max(HB, 128 // (TB * DV)))
+    W = max(1, min(4, TB * HB * DV // 32))
+    tpd = min(DV, 32)
+    tph = min(HB, 32 // tpd)
+    tpt = 32 // (tpd * tph)
+    wh = min(max(1, HB // tph), W)
+    L4 = gl.BlockedLayout([1, 1, 1, V], [tpt, tph, tpd, 1], [W // wh, wh, 1, 1], [3, 2, 1, 0])
+    consts = dict(D=D, DV=DV, V=V, G=G, TB=TB, HB=HB, BITS=bits, HDMASK=H % HB != 0 or DV * V != D, L4=L4)
+    return HB, consts, W
+
+
+def _dq_token_gluon_launch(codes, scale, zero, fmt: QuantFormat, out) -> None:
+    L, T, H, D, s_l, s_t, s_h, es, _ = _geometry(out)
+    G = fmt.group_size
+    HB, consts, W = _dq_token_gluon_params(H, D, es, G, fmt.bits)
+    words = codes.view(_CODE_WORD[consts["V"] * fmt.bits // 8])
+    OS, CS = _token_strides(s_t, es, G, H, D, fmt.per_byte)
+    for tg0, n, part in _token_parts(T, G):
+        _dq_int_token_gl[(n * triton.cdiv(H, HB), L)](
+            words, scale, zero, out, T, H, s_l, s_t, s_h, tg0, OS=OS, CS=CS,
+            MASKED=part or G % consts["TB"] != 0, **consts, num_warps=W, **_LAUNCH)
+
+
 # ---------------------------------------------------------------------------------------------
 # public functions
 # ---------------------------------------------------------------------------------------------
@@ -946,6 +1095,8 @@ def dequantize_into(codes, scale, zero, fmt: QuantFormat, out) -> None:
     elif fmt.axis == "channel":
         grid, kw = _channel_launch(T, H, L, D, G, fmt.bits, es, CONFIG["dq_channel"])
         _dq_int_channel[grid](codes, scale, zero, out, T, H, s_l, s_t, s_h, **kw)
+    elif _dq_token_gluon_ok(codes, out, fmt):
+        _dq_token_gluon_launch(codes, scale, zero, fmt, out)
     else:
         cfg = CONFIG["dq_token"]
         TB = min(_p2(G), _pow2_floor(max(1, cfg["elems"] // DP)))
