@@ -365,7 +365,9 @@ def test_cuda_graph_capture(backend, spec):
 # ((3, 2113, 8, 128)), heads of head_dim 64 / 256 ((2, 8500, 4, 64), (2, 2120, 4, 256)), one
 # 4.2 MiB head a step ((2, 17000, 2, 128)); fp32 layers beyond the on-chip capacity take the
 # heads or two kernels. Smaller layers / heads ((300, 33, 3, 64)) take steps of several layers
-# in the generic (tensor) or HEAD variant.
+# in the generic (tensor) or HEAD variant. The Triton backend's Gluon one-pass kernel
+# (_q_fp8_resident_gl) takes the block-group cases (>= 4096 vectors a (pseudo-)layer, at most
+# 4096 a program, one program an SM), the amax + quantize kernels the others.
 COMPUTED_SHAPES = ([(5, 300, 8, 128), (37, 257, 8, 128), (300, 33, 3, 64), (3, 4096, 8, 128), (2, 8192, 8, 128),
                     (3, 2113, 8, 128), (2, 8500, 4, 64), (2, 2120, 4, 256), (2, 17000, 2, 128)]
                    if ON_GPU else [(5, 21, 3, 64)])
@@ -409,6 +411,17 @@ def test_fp8_computed_scale_special_values(backend, spec, dtype, shape):
                 assert head == (spec == "fp8:head" and not split), f"HEAD flag {head}, split {split}: {res[0]}"
                 if sms == 132:  # which variant: the launcher's rule, restated for 132 SMs
                     assert uni == _expect_uni(x, head, split, groups), f"UNI variant: {uni}; kernel: {res[0]}"
+    if backend == "triton" and ON_GPU:  # the Gluon one-pass kernel: where the launcher's rule says
+        from kvkernels.triton_kernels import quant as tq
+
+        if tq.gluon is not None and torch.cuda.get_device_capability() >= (9, 0) and os.environ.get("KVK_GLUON") != "0":
+            L, T, H, D = x.shape
+            hs = H if spec == "fp8:head" else 1  # the head scope: pseudo-layers [T, D]
+            nv = T * H * D // (16 // x.element_size()) // hs
+            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+            names = _kernel_names(lambda: run_quantize(x, fmt, backend))
+            ran = any("_q_fp8_resident_gl" in n for n in names)
+            assert ran == (4096 <= nv <= sms * 4096), f"Gluon one-pass kernel ran: {ran}; {nv} vectors a layer"
 
 
 def _template_flags(name):
@@ -602,3 +615,26 @@ def test_gluon_kernels_compile_sm90(spec, H, D, esize):
     k = triton.compile(GluonASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=warps, enable_fp_fusion=False))
     assert k.asm["cubin"] and k.metadata.shared == 0
+
+
+@pytest.mark.skipif(ON_GPU, reason="the GPU runs this kernel (test_fp8_computed_scale_special_values)")
+@pytest.mark.parametrize("esize,K,HS,D", [(2, 4, 1, 128), (2, 1, 8, 128), (4, 2, 3, 64)])
+def test_gluon_fp8_resident_compiles_sm90(esize, K, HS, D):
+    """Without a GPU, the Gluon one-pass fp8 kernel compiles for sm_90 with its three stages of
+    K x 1024 16-byte vectors in shared memory, within the 227 KiB an SM gives one program."""
+    from kvkernels.triton_kernels import quant as tq
+
+    if tq.gluon is None:
+        pytest.skip("this Triton has no Gluon")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    fn = tq._q_fp8_resident_gl
+    consts = dict(VE=16 // esize, K=K, HS=HS, D=D, NW=tq._RES_WARPS, GP2=256)
+    types = dict(x_ptr={2: "*bf16", 4: "*fp32"}[esize], codes_ptr="*u8", scale_ptr="*fp32", slots_ptr="*i32",
+                 s_l="i64", N="i64")
+    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+    k = triton.compile(GluonASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=tq._RES_WARPS, enable_fp_fusion=False))
+    assert k.asm["cubin"] and 3 * K * 1024 * 16 <= k.metadata.shared <= 227 * 1024

@@ -75,6 +75,9 @@ from triton.language.extra import libdevice
 try:  # Gluon: Triton's explicit-layout dialect (triton >= 3.5); GPU only, no interpreter
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
+    # cp.async into shared memory: async_load since Triton 3.7, async_copy_global_to_shared before
+    _gl_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 except ImportError:  # pragma: no cover - older Triton: the tl kernel runs instead
     gluon = gl = None
 
@@ -721,6 +724,86 @@ if gluon is not None:
                 gl.store(ob + (to + ohd), y)
 
     @gluon.jit
+    def _res_bases(p, s_l, N, HS: gl.constexpr, D: gl.constexpr):
+        """Where (pseudo-)layer p starts in x and in codes (elements, int64): layer p, or with
+        HS > 1 head p % HS of layer p // HS."""
+        if HS > 1:
+            l = (p // HS).to(gl.int64)
+            h = (p % HS).to(gl.int64)
+            return l * s_l + h * D, l * N + h * D
+        else:
+            return p.to(gl.int64) * s_l, p.to(gl.int64) * N
+
+    @gluon.jit
+    def _q_fp8_resident_gl(x_ptr, codes_ptr, scale_ptr, slots_ptr, s_l, N, Nv, nL, nsteps, NG, gpb,
+                           VE: gl.constexpr, K: gl.constexpr, HS: gl.constexpr, D: gl.constexpr,
+                           NW: gl.constexpr, GP2: gl.constexpr):
+        # fp8 tensor scope with computed scales over nL (pseudo-)layers of Nv 16-byte vectors, in
+        # one pass over x: the Gluon form of the CUDA quant_fp8_resident_kernel's block groups
+        # (csrc/quant.cu). The grid (co-resident: a cooperative launch, one program of NW warps
+        # an SM) is NG groups of gpb programs; at step s group grp holds (pseudo-)layer
+        # s * NG + grp, each program K vectors a thread. A step's vectors are copied into shared
+        # memory (cp.async, 3 stages: steps s+1 and s+2 load while step s - 1 is quantized), its
+        # amax goes to the program's slot (bit 31 set: full), and the group's programs wait for
+        # all gpb slots of the layer before quantizing it from shared memory. With HS > 1, a
+        # pseudo-layer is one head [T, D] of a layer (rows of C = D / VE vectors, HS * C apart):
+        # the head scope. slots: [nL, gpb] int32, zeroed by the caller.
+        NT: gl.constexpr = NW * 32
+        R: gl.constexpr = K * NT
+        C: gl.constexpr = D // VE
+        FULL: gl.constexpr = -2147483648
+        L2: gl.constexpr = gl.BlockedLayout([1, VE], [32, 1], [NW, 1], [1, 0])
+        LS: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
+        SH: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        pid = gl.program_id(0)
+        grp = pid // gpb
+        bl = pid - grp * gpb
+        r = gl.arange(0, R, layout=gl.SliceLayout(1, L2))
+        vec = (r // NT) * (gpb * NT) + bl * NT + (r % NT)   # thread i's vectors: i + NT k of this program
+        if HS > 1:
+            row = vec // C
+            off = row * (HS * C) + (vec - row * C)
+        else:
+            off = vec
+        offe = gl.expand_dims(off * VE, 1) + gl.expand_dims(gl.arange(0, VE, layout=gl.SliceLayout(0, L2)), 0)
+        valid = gl.expand_dims(vec < Nv, 1) & (offe >= 0)     # [R, VE]
+        stages = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [3, R, VE], SH)
+        si = gl.arange(0, GP2, layout=LS)
+        for s in range(-2, nsteps + 1):
+            if s >= 0:
+                # step s has landed (this thread's copies; a thread reads only its own vectors)
+                async_copy.wait_group(1)
+                p = s * NG + grp
+                if (s < nsteps) & (p < nL):
+                    a = stages.index(s % 3).load(L2).to(gl.float32).to(gl.int32, bitcast=True) & 0x7FFFFFFF
+                    m = gl.max(gl.max(gl.where(valid, a, 0), 1), 0)
+                    gl.atomic_xchg(slots_ptr + p * gpb + bl, m | FULL, sem="relaxed", scope="gpu")
+            if s >= 1:
+                # step s - 1: wait for the group's slots, scale, quantize from shared memory
+                p = (s - 1) * NG + grp
+                if p < nL:
+                    sp = slots_ptr + p * gpb + si
+                    v = gl.load(sp, mask=si < gpb, other=FULL, volatile=True)
+                    while gl.max(v, 0) >= 0:
+                        v = gl.load(sp, mask=si < gpb, other=FULL, volatile=True)
+                    amax = gl.max(v & 0x7FFFFFFF, 0).to(gl.float32, bitcast=True)
+                    sc = gl.div_rn(amax, 448.0)
+                    sc = gl.where(sc > 0, sc, 1.0)
+                    inv = gl.minimum(gl.div_rn(1.0, sc), 3.4028234663852886e38)
+                    if bl == 0:
+                        gl.store(scale_ptr + p, sc)
+                    xb, cb = _res_bases(p, s_l, N, HS, D)
+                    y = stages.index((s - 1) % 3).load(L2).to(gl.float32) * inv
+                    c = y.to(gl.float8e4nv).to(gl.uint8, bitcast=True)
+                    gl.store(codes_ptr + cb + offe, c, mask=valid)
+            # step s + 2: its loads start, into the stage that step s - 1 held
+            pn = (s + 2) * NG + grp
+            if (s + 2 < nsteps) & (pn < nL):
+                xb, cb = _res_bases(pn, s_l, N, HS, D)
+                _gl_async_load(stages.index((s + 2) % 3), x_ptr + xb + offe, mask=valid)
+            async_copy.commit_group()
+
+    @gluon.jit
     def _code_to_float_gl(q):
         return (q | 0x4B000000).to(gl.float32, bitcast=True) - 8388608.0
 
@@ -962,6 +1045,58 @@ def _dq_token_gluon_launch(codes, scale, zero, fmt: QuantFormat, out) -> None:
             MASKED=part or G % consts["TB"] != 0, **consts, num_warps=W, **_LAUNCH)
 
 
+# fp8 tensor / head scopes with computed scales in one pass (_q_fp8_resident_gl), on GPUs with
+# cooperative launch; KVK_GLUON=0 turns it off (the amax + quantize kernels then run).
+_RES_WARPS = 32                 # one program of 1024 threads an SM
+_RES_STEP_BYTES = 8 << 20       # input bytes a step (as the CUDA kernel)
+_RES_MIN_VECTORS = 4 * 1024     # (pseudo-)layers of fewer vectors leave a group's threads idle
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _fp8_resident_plan(x, codes, fmt: QuantFormat):
+    """Launch parameters of _q_fp8_resident_gl for x, or None where it does not apply: the
+    layout is not dense per layer, a (pseudo-)layer has fewer than _RES_MIN_VECTORS 16-byte
+    vectors or more than the chip holds (132 SMs x 1024 threads x 4), or Gluon is off. The head
+    scope runs as the tensor scope over L * H heads [T, D]. Groups: as many (pseudo-)layers a
+    step as 8 MiB of input holds, evened over the steps, with the fewest vectors a thread (K)
+    that lets that many groups of ceil(Nv / (1024 K)) programs fit the SMs."""
+    if gluon is None or _INTERPRET or x.device.type != "cuda" or os.environ.get("KVK_GLUON", "") == "0":
+        return None
+    if _capability(x.device.index) < (9, 0):
+        return None
+    L, T, H, D, s_l, s_t, s_h, es, _ = _geometry(x)
+    VE = 16 // es
+    dense = (T == 1 or s_t == H * D) and (H == 1 or s_h == D)
+    if not dense or D % VE or x.data_ptr() % 16 or s_l % VE or codes.data_ptr() % 16:
+        return None
+    HS = H if fmt.scope == "head" and H > 1 else 1
+    nL, Nv = L * HS, T * H * D // VE // HS
+    sms = _sm_count(x.device.index)
+    gpb = lambda k: -(-Nv // (1024 * k))  # noqa: E731
+    if Nv < _RES_MIN_VECTORS or gpb(4) > sms or nL >= 2**31 // sms:
+        return None
+    want = min(max(1, _RES_STEP_BYTES // (Nv * 16)), nL)
+    nsteps = -(-nL // want)
+    ng = -(-nL // nsteps)
+    K = next((k for k in (1, 2, 4) if sms // gpb(k) >= ng), 4)
+    ng = min(ng, sms // gpb(K))
+    return dict(nL=nL, Nv=Nv, nsteps=-(-nL // ng), NG=ng, gpb=gpb(K), K=K, HS=HS, VE=VE, D=D, s_l=s_l,
+                N=T * H * D)
+
+
+def _q_fp8_resident_launch(x, codes, scale, plan) -> None:
+    gpb, ng = plan["gpb"], plan["NG"]
+    slots = torch.zeros(plan["nL"] * gpb, dtype=torch.int32, device=x.device)
+    _q_fp8_resident_gl[(ng * gpb,)](
+        x, codes, scale, slots, plan["s_l"], plan["N"], plan["Nv"], plan["nL"], plan["nsteps"], ng, gpb,
+        VE=plan["VE"], K=plan["K"], HS=plan["HS"], D=plan["D"], NW=_RES_WARPS, GP2=_p2(gpb),
+        num_warps=_RES_WARPS, launch_cooperative_grid=True, **_LAUNCH)
+
+
 # ---------------------------------------------------------------------------------------------
 # public functions
 # ---------------------------------------------------------------------------------------------
@@ -1038,6 +1173,10 @@ def quantize_into(x, fmt: QuantFormat, codes, scale, zero, compute_scale: bool =
         scope = _SCOPE[fmt.scope]
         amax = scale  # placeholder pointer when unused
         if compute_scale and scope != 2:
+            plan = _fp8_resident_plan(x, codes, fmt)
+            if plan is not None:
+                _q_fp8_resident_launch(x, codes, scale, plan)
+                return
             cfg = CONFIG["amax_fp8"]
             amax = torch.zeros(scale.shape, dtype=torch.int32, device=x.device)
             TB, HB = _row_tile(T, H, DP, cfg["elems"])
