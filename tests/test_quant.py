@@ -633,8 +633,10 @@ def test_gluon_fp8_resident_compiles_sm90(esize, K, HS, D):
     fn = tq._q_fp8_resident_gl
     consts = dict(VE=16 // esize, K=K, HS=HS, D=D, NW=tq._RES_WARPS, GP2=256)
     types = dict(x_ptr={2: "*bf16", 4: "*fp32"}[esize], codes_ptr="*u8", scale_ptr="*fp32", slots_ptr="*i32",
-                 s_l="i64", N="i64")
+                 s_lv="i64", Nlv="i64")
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
-    k = triton.compile(GluonASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+    # pointers 16-byte aligned, as the launcher requires (Triton specializes on it at run time)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n].startswith("*")}
+    k = triton.compile(GluonASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=tq._RES_WARPS, enable_fp_fusion=False))
     assert k.asm["cubin"] and 3 * K * 1024 * 16 <= k.metadata.shared <= 227 * 1024

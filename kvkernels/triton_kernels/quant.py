@@ -724,18 +724,19 @@ if gluon is not None:
                 gl.store(ob + (to + ohd), y)
 
     @gluon.jit
-    def _res_bases(p, s_l, N, HS: gl.constexpr, D: gl.constexpr):
+    def _res_bases(p, s_lv, Nlv, VE: gl.constexpr, HS: gl.constexpr, D: gl.constexpr):
         """Where (pseudo-)layer p starts in x and in codes (elements, int64): layer p, or with
-        HS > 1 head p % HS of layer p // HS."""
+        HS > 1 head p % HS of layer p // HS. Layer strides in 16-byte vectors (s_lv, Nlv), so
+        that the compiler knows the bases are 16-byte aligned (16-byte cp.async)."""
         if HS > 1:
             l = (p // HS).to(gl.int64)
             h = (p % HS).to(gl.int64)
-            return l * s_l + h * D, l * N + h * D
+            return (l * s_lv + h * (D // VE)) * VE, (l * Nlv + h * (D // VE)) * VE
         else:
-            return p.to(gl.int64) * s_l, p.to(gl.int64) * N
+            return p.to(gl.int64) * s_lv * VE, p.to(gl.int64) * Nlv * VE
 
     @gluon.jit
-    def _q_fp8_resident_gl(x_ptr, codes_ptr, scale_ptr, slots_ptr, s_l, N, Nv, nL, nsteps, NG, gpb,
+    def _q_fp8_resident_gl(x_ptr, codes_ptr, scale_ptr, slots_ptr, s_lv, Nlv, Nv, nL, nsteps, NG, gpb,
                            VE: gl.constexpr, K: gl.constexpr, HS: gl.constexpr, D: gl.constexpr,
                            NW: gl.constexpr, GP2: gl.constexpr):
         # fp8 tensor scope with computed scales over nL (pseudo-)layers of Nv 16-byte vectors, in
@@ -776,7 +777,7 @@ if gluon is not None:
                 p = s * NG + grp
                 if (s < nsteps) & (p < nL):
                     a = stages.index(s % 3).load(L2).to(gl.float32).to(gl.int32, bitcast=True) & 0x7FFFFFFF
-                    m = gl.max(gl.max(gl.where(valid, a, 0), 1), 0)
+                    m = gl.reduce(gl.reduce(gl.where(valid, a, 0), 1, _imax_gl), 0, _imax_gl)
                     gl.atomic_xchg(slots_ptr + p * gpb + bl, m | FULL, sem="relaxed", scope="gpu")
             if s >= 1:
                 # step s - 1: wait for the group's slots, scale, quantize from shared memory
@@ -784,24 +785,28 @@ if gluon is not None:
                 if p < nL:
                     sp = slots_ptr + p * gpb + si
                     v = gl.load(sp, mask=si < gpb, other=FULL, volatile=True)
-                    while gl.max(v, 0) >= 0:
+                    while gl.reduce(v, 0, _imax_gl) >= 0:
                         v = gl.load(sp, mask=si < gpb, other=FULL, volatile=True)
-                    amax = gl.max(v & 0x7FFFFFFF, 0).to(gl.float32, bitcast=True)
+                    amax = gl.reduce(v & 0x7FFFFFFF, 0, _imax_gl).to(gl.float32, bitcast=True)
                     sc = gl.div_rn(amax, 448.0)
                     sc = gl.where(sc > 0, sc, 1.0)
                     inv = gl.minimum(gl.div_rn(1.0, sc), 3.4028234663852886e38)
                     if bl == 0:
                         gl.store(scale_ptr + p, sc)
-                    xb, cb = _res_bases(p, s_l, N, HS, D)
+                    xb, cb = _res_bases(p, s_lv, Nlv, VE, HS, D)
                     y = stages.index((s - 1) % 3).load(L2).to(gl.float32) * inv
                     c = y.to(gl.float8e4nv).to(gl.uint8, bitcast=True)
                     gl.store(codes_ptr + cb + offe, c, mask=valid)
             # step s + 2: its loads start, into the stage that step s - 1 held
             pn = (s + 2) * NG + grp
             if (s + 2 < nsteps) & (pn < nL):
-                xb, cb = _res_bases(pn, s_l, N, HS, D)
+                xb, cb = _res_bases(pn, s_lv, Nlv, VE, HS, D)
                 _gl_async_load(stages.index((s + 2) % 3), x_ptr + xb + offe, mask=valid)
             async_copy.commit_group()
+
+    @gluon.jit
+    def _imax_gl(a, b):  # (gl.max is a tl.jit function: under TRITON_INTERPRET=1 Gluon cannot compile it)
+        return gl.maximum(a, b)
 
     @gluon.jit
     def _code_to_float_gl(q):
@@ -1084,15 +1089,15 @@ def _fp8_resident_plan(x, codes, fmt: QuantFormat):
     ng = -(-nL // nsteps)
     K = next((k for k in (1, 2, 4) if sms // gpb(k) >= ng), 4)
     ng = min(ng, sms // gpb(K))
-    return dict(nL=nL, Nv=Nv, nsteps=-(-nL // ng), NG=ng, gpb=gpb(K), K=K, HS=HS, VE=VE, D=D, s_l=s_l,
-                N=T * H * D)
+    return dict(nL=nL, Nv=Nv, nsteps=-(-nL // ng), NG=ng, gpb=gpb(K), K=K, HS=HS, VE=VE, D=D, s_lv=s_l // VE,
+                Nlv=T * H * D // VE)
 
 
 def _q_fp8_resident_launch(x, codes, scale, plan) -> None:
     gpb, ng = plan["gpb"], plan["NG"]
     slots = torch.zeros(plan["nL"] * gpb, dtype=torch.int32, device=x.device)
     _q_fp8_resident_gl[(ng * gpb,)](
-        x, codes, scale, slots, plan["s_l"], plan["N"], plan["Nv"], plan["nL"], plan["nsteps"], ng, gpb,
+        x, codes, scale, slots, plan["s_lv"], plan["Nlv"], plan["Nv"], plan["nL"], plan["nsteps"], ng, gpb,
         VE=plan["VE"], K=plan["K"], HS=plan["HS"], D=plan["D"], NW=_RES_WARPS, GP2=_p2(gpb),
         num_warps=_RES_WARPS, launch_cooperative_grid=True, **_LAUNCH)
 
