@@ -754,7 +754,9 @@ if gluon is not None:
         C: gl.constexpr = D // VE
         FULL: gl.constexpr = -2147483648
         L2: gl.constexpr = gl.BlockedLayout([1, VE], [32, 1], [NW, 1], [1, 0])
-        LS: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
+        # the slots of a layer: all in each warp (the warps hold copies)
+        LS: gl.constexpr = gl.BlockedLayout([max(1, GP2 // 32)], [32], [NW], [0])
+        LW: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])   # [NT]: one element a thread
         SH: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
         pid = gl.program_id(0)
         grp = pid // gpb
@@ -770,7 +772,16 @@ if gluon is not None:
         valid = gl.expand_dims(vec < Nv, 1) & (offe >= 0)     # [R, VE]
         stages = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [3, R, VE], SH)
         si = gl.arange(0, GP2, layout=LS)
+        # thread ids (inline asm: opaque, so the per-warp masks below are not folded away)
+        poller = _tid_gl(si) < 32
+        tw = _tid_gl(gl.arange(0, NT, layout=LW))
         for s in range(-2, nsteps + 1):
+            pq = (s - 1) * NG + grp   # the layer quantized this iteration (step s - 1)
+            qa = (s >= 1) & (pq < nL)
+            # its slots' first poll, early: the load overlaps the publish (masked off if none)
+            sp = slots_ptr + pq * gpb + si
+            pm = (si < gpb) & poller & qa
+            v = gl.load(sp, mask=pm, other=FULL, volatile=True)
             if s >= 0:
                 # step s has landed (this thread's copies; a thread reads only its own vectors)
                 async_copy.wait_group(1)
@@ -779,30 +790,35 @@ if gluon is not None:
                     a = stages.index(s % 3).load(L2).to(gl.float32).to(gl.int32, bitcast=True) & 0x7FFFFFFF
                     m = gl.reduce(gl.reduce(gl.where(valid, a, 0), 1, _imax_gl), 0, _imax_gl)
                     gl.atomic_xchg(slots_ptr + p * gpb + bl, m | FULL, sem="relaxed", scope="gpu")
-            if s >= 1:
-                # step s - 1: wait for the group's slots, scale, quantize from shared memory
-                p = (s - 1) * NG + grp
-                if p < nL:
-                    sp = slots_ptr + p * gpb + si
-                    v = gl.load(sp, mask=si < gpb, other=FULL, volatile=True)
-                    while gl.reduce(v, 0, _imax_gl) >= 0:
-                        v = gl.load(sp, mask=si < gpb, other=FULL, volatile=True)
-                    amax = gl.reduce(v & 0x7FFFFFFF, 0, _imax_gl).to(gl.float32, bitcast=True)
-                    sc = gl.div_rn(amax, 448.0)
-                    sc = gl.where(sc > 0, sc, 1.0)
-                    inv = gl.minimum(gl.div_rn(1.0, sc), 3.4028234663852886e38)
-                    if bl == 0:
-                        gl.store(scale_ptr + p, sc)
-                    xb, cb = _res_bases(p, s_lv, Nlv, VE, HS, D)
-                    y = stages.index((s - 1) % 3).load(L2).to(gl.float32) * inv
-                    c = y.to(gl.float8e4nv).to(gl.uint8, bitcast=True)
-                    gl.store(codes_ptr + cb + offe, c, mask=valid)
+            if qa:
+                # step s - 1: warp 0 waits for the group's slots (its reduction is warp-local; the
+                # other warps' loads are masked off, so they pass), then a block-wide max hands
+                # the layer's amax to every warp (the one barrier of the wait)
+                while gl.reduce(v, 0, _imax_gl) >= 0:
+                    v = gl.load(sp, mask=pm, other=FULL, volatile=True)
+                am = gl.reduce(v & 0x7FFFFFFF, 0, _imax_gl)
+                amax = gl.reduce(gl.where(tw < 32, am, 0), 0, _imax_gl).to(gl.float32, bitcast=True)
+                sc = gl.div_rn(amax, 448.0)
+                sc = gl.where(sc > 0, sc, 1.0)
+                inv = gl.minimum(gl.div_rn(1.0, sc), 3.4028234663852886e38)
+                if bl == 0:
+                    gl.store(scale_ptr + pq, sc)
+                xb, cb = _res_bases(pq, s_lv, Nlv, VE, HS, D)
+                y = stages.index((s - 1) % 3).load(L2).to(gl.float32) * inv
+                c = y.to(gl.float8e4nv).to(gl.uint8, bitcast=True)
+                gl.store(codes_ptr + cb + offe, c, mask=valid)
             # step s + 2: its loads start, into the stage that step s - 1 held
             pn = (s + 2) * NG + grp
             if (s + 2 < nsteps) & (pn < nL):
                 xb, cb = _res_bases(pn, s_lv, Nlv, VE, HS, D)
                 _gl_async_load(stages.index((s + 2) % 3), x_ptr + xb + offe, mask=valid)
             async_copy.commit_group()
+
+    @gluon.jit
+    def _tid_gl(like):
+        """threadIdx.x, shaped and laid out like ``like`` (int32)."""
+        return gl.inline_asm_elementwise("mov.u32 $0, %tid.x;", "=r,r", [like], dtype=gl.int32, is_pure=True,
+                                         pack=1)
 
     @gluon.jit
     def _imax_gl(a, b):  # (gl.max is a tl.jit function: under TRITON_INTERPRET=1 Gluon cannot compile it)
