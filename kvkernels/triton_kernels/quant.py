@@ -756,7 +756,6 @@ if gluon is not None:
         L2: gl.constexpr = gl.BlockedLayout([1, VE], [32, 1], [NW, 1], [1, 0])
         # the slots of a layer: all in each warp (the warps hold copies)
         LS: gl.constexpr = gl.BlockedLayout([max(1, GP2 // 32)], [32], [NW], [0])
-        LW: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])   # [NT]: one element a thread
         SH: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
         pid = gl.program_id(0)
         grp = pid // gpb
@@ -772,33 +771,36 @@ if gluon is not None:
         valid = gl.expand_dims(vec < Nv, 1) & (offe >= 0)     # [R, VE]
         stages = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [3, R, VE], SH)
         si = gl.arange(0, GP2, layout=LS)
-        # thread ids (inline asm: opaque, so the per-warp masks below are not folded away)
+        # warp 0 polls: thread ids by inline asm (the slots' layout gives every warp all of them)
         poller = _tid_gl(si) < 32
-        tw = _tid_gl(gl.arange(0, NT, layout=LW))
         for s in range(-2, nsteps + 1):
             pq = (s - 1) * NG + grp   # the layer quantized this iteration (step s - 1)
             qa = (s >= 1) & (pq < nL)
-            # its slots' first poll, early: the load overlaps the publish (masked off if none)
+            # its slots' first poll, early: the load overlaps the step's amax (masked off if none)
             sp = slots_ptr + pq * gpb + si
             pm = (si < gpb) & poller & qa
             v = gl.load(sp, mask=pm, other=FULL, volatile=True)
+            p = s * NG + grp          # the layer published this iteration (step s)
+            pa = (s >= 0) & (s < nsteps) & (p < nL)
             if s >= 0:
                 # step s has landed (this thread's copies; a thread reads only its own vectors)
                 async_copy.wait_group(1)
-                p = s * NG + grp
-                if (s < nsteps) & (p < nL):
-                    a = stages.index(s % 3).load(L2).to(gl.float32).to(gl.int32, bitcast=True) & 0x7FFFFFFF
-                    m = gl.reduce(gl.reduce(gl.where(valid, a, 0), 1, _imax_gl), 0, _imax_gl)
-                    gl.atomic_xchg(slots_ptr + p * gpb + bl, m | FULL, sem="relaxed", scope="gpu")
-            if qa:
-                # step s - 1: warp 0 waits for the group's slots (its reduction is warp-local; the
-                # other warps' loads are masked off, so they pass), then a block-wide max hands
-                # the layer's amax to every warp (the one barrier of the wait)
+            rmax = gl.zeros([R], gl.int32, gl.SliceLayout(1, L2))
+            if pa:  # |x| bits (ordered as |x|; NaN above inf), max of each thread's vectors
+                a = stages.index(s % 3).load(L2).to(gl.float32).to(gl.int32, bitcast=True) & 0x7FFFFFFF
+                rmax = gl.reduce(gl.where(valid, a, 0), 1, _imax_gl)
+            if qa:  # warp 0 waits for the group's slots of step s - 1 (a warp-local reduction;
+                # the other warps' loads are masked off, so they pass)
                 while gl.reduce(v, 0, _imax_gl) >= 0:
                     v = gl.load(sp, mask=pm, other=FULL, volatile=True)
-                am = gl.reduce(v & 0x7FFFFFFF, 0, _imax_gl)
-                amax = gl.reduce(gl.where(tw < 32, am, 0), 0, _imax_gl).to(gl.float32, bitcast=True)
-                sc = gl.div_rn(amax, 448.0)
+            am = gl.reduce(v & 0x7FFFFFFF, 0, _imax_gl)  # warp 0: the layer's amax bits; others 0
+            # one block-wide reduction for both: this program's amax of step s, and warp 0's
+            # amax of step s - 1 handed to every warp (its rows are the first 32 of each K)
+            m, mb = gl.reduce((rmax, gl.where((r % NT) < 32, am, 0)), 0, _imax2_gl)
+            if pa:
+                gl.atomic_xchg(slots_ptr + p * gpb + bl, m | FULL, sem="relaxed", scope="gpu")
+            if qa:  # step s - 1: scale, quantize from shared memory
+                sc = gl.div_rn(mb.to(gl.float32, bitcast=True), 448.0)
                 sc = gl.where(sc > 0, sc, 1.0)
                 inv = gl.minimum(gl.div_rn(1.0, sc), 3.4028234663852886e38)
                 if bl == 0:
@@ -823,6 +825,10 @@ if gluon is not None:
     @gluon.jit
     def _imax_gl(a, b):  # (gl.max is a tl.jit function: under TRITON_INTERPRET=1 Gluon cannot compile it)
         return gl.maximum(a, b)
+
+    @gluon.jit
+    def _imax2_gl(a, b, c, d):
+        return gl.maximum(a, c), gl.maximum(b, d)
 
     @gluon.jit
     def _code_to_float_gl(q):
