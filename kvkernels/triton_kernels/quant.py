@@ -738,7 +738,7 @@ if gluon is not None:
     @gluon.jit
     def _q_fp8_resident_gl(x_ptr, codes_ptr, scale_ptr, slots_ptr, s_lv, Nlv, Nv, nL, nsteps, NG, gpb,
                            VE: gl.constexpr, K: gl.constexpr, HS: gl.constexpr, D: gl.constexpr,
-                           NW: gl.constexpr, GP2: gl.constexpr):
+                           NW: gl.constexpr, GP2: gl.constexpr, COMBINE: gl.constexpr):
         # fp8 tensor scope with computed scales over nL (pseudo-)layers of Nv 16-byte vectors, in
         # one pass over x: the Gluon form of the CUDA quant_fp8_resident_kernel's block groups
         # (csrc/quant.cu). The grid (co-resident: a cooperative launch, one program of NW warps
@@ -785,20 +785,32 @@ if gluon is not None:
             if s >= 0:
                 # step s has landed (this thread's copies; a thread reads only its own vectors)
                 async_copy.wait_group(1)
-            rmax = gl.zeros([R], gl.int32, gl.SliceLayout(1, L2))
-            if pa:  # |x| bits (ordered as |x|; NaN above inf), max of each thread's vectors
-                a = stages.index(s % 3).load(L2).to(gl.float32).to(gl.int32, bitcast=True) & 0x7FFFFFFF
-                rmax = gl.reduce(gl.where(valid, a, 0), 1, _imax_gl)
-            if qa:  # warp 0 waits for the group's slots of step s - 1 (a warp-local reduction;
-                # the other warps' loads are masked off, so they pass)
-                while gl.reduce(v, 0, _imax_gl) >= 0:
-                    v = gl.load(sp, mask=pm, other=FULL, volatile=True)
-            am = gl.reduce(v & 0x7FFFFFFF, 0, _imax_gl)  # warp 0: the layer's amax bits; others 0
-            # one block-wide reduction for both: this program's amax of step s, and warp 0's
-            # amax of step s - 1 handed to every warp (its rows are the first 32 of each K)
-            m, mb = gl.reduce((rmax, gl.where((r % NT) < 32, am, 0)), 0, _imax2_gl)
-            if pa:
-                gl.atomic_xchg(slots_ptr + p * gpb + bl, m | FULL, sem="relaxed", scope="gpu")
+            if COMBINE:
+                rmax = gl.zeros([R], gl.int32, gl.SliceLayout(1, L2))
+                if pa:  # |x| bits (ordered as |x|; NaN above inf), max of each thread's vectors
+                    a = stages.index(s % 3).load(L2).to(gl.float32).to(gl.int32, bitcast=True) & 0x7FFFFFFF
+                    rmax = gl.reduce(gl.where(valid, a, 0), 1, _imax_gl)
+                if qa:  # warp 0 waits for the group's slots of step s - 1 (a warp-local reduction;
+                    # the other warps' loads are masked off, so they pass)
+                    while gl.reduce(v, 0, _imax_gl) >= 0:
+                        v = gl.load(sp, mask=pm, other=FULL, volatile=True)
+                am = gl.reduce(v & 0x7FFFFFFF, 0, _imax_gl)  # warp 0: the layer's amax bits; others 0
+                # one block-wide reduction for both: this program's amax of step s, and warp 0's
+                # amax of step s - 1 handed to every warp (its rows are the first 32 of each K)
+                m, mb = gl.reduce((rmax, gl.where((r % NT) < 32, am, 0)), 0, _imax2_gl)
+                if pa:
+                    gl.atomic_xchg(slots_ptr + p * gpb + bl, m | FULL, sem="relaxed", scope="gpu")
+            else:
+                if pa:
+                    a = stages.index(s % 3).load(L2).to(gl.float32).to(gl.int32, bitcast=True) & 0x7FFFFFFF
+                    m = gl.reduce(gl.reduce(gl.where(valid, a, 0), 1, _imax_gl), 0, _imax_gl)
+                    gl.atomic_xchg(slots_ptr + p * gpb + bl, m | FULL, sem="relaxed", scope="gpu")
+                mb = 0
+                if qa:
+                    while gl.reduce(v, 0, _imax_gl) >= 0:
+                        v = gl.load(sp, mask=pm, other=FULL, volatile=True)
+                    am = gl.reduce(v & 0x7FFFFFFF, 0, _imax_gl)
+                    mb = gl.reduce(gl.where((r % NT) < 32, am, 0), 0, _imax_gl)
             if qa:  # step s - 1: scale, quantize from shared memory
                 sc = gl.div_rn(mb.to(gl.float32, bitcast=True), 448.0)
                 sc = gl.where(sc > 0, sc, 1.0)
@@ -1074,7 +1086,8 @@ def _dq_token_gluon_launch(codes, scale, zero, fmt: QuantFormat, out) -> None:
 
 # fp8 tensor / head scopes with computed scales in one pass (_q_fp8_resident_gl), on GPUs with
 # cooperative launch; KVK_GLUON=0 turns it off (the amax + quantize kernels then run).
-_RES_WARPS = 32                 # one program of 1024 threads an SM
+_RES_WARPS = int(os.environ.get("KVK_GL_RES_WARPS", "32"))   # 32 // _RES_WARPS programs an SM
+_RES_COMBINE = os.environ.get("KVK_GL_RES_COMBINE", "1") != "0"
 _RES_STEP_BYTES = 8 << 20       # input bytes a step (as the CUDA kernel)
 _RES_MIN_VECTORS = 4 * 1024     # (pseudo-)layers of fewer vectors leave a group's threads idle
 
@@ -1102,8 +1115,9 @@ def _fp8_resident_plan(x, codes, fmt: QuantFormat):
         return None
     HS = H if fmt.scope == "head" and H > 1 else 1
     nL, Nv = L * HS, T * H * D // VE // HS
-    sms = _sm_count(x.device.index)
-    gpb = lambda k: -(-Nv // (1024 * k))  # noqa: E731
+    nt = _RES_WARPS * 32
+    sms = _sm_count(x.device.index) * (1024 // nt)   # programs that fit at once
+    gpb = lambda k: -(-Nv // (nt * k))  # noqa: E731
     if Nv < _RES_MIN_VECTORS or gpb(4) > sms or nL >= 2**31 // sms:
         return None
     want = min(max(1, _RES_STEP_BYTES // (Nv * 16)), nL)
@@ -1120,8 +1134,8 @@ def _q_fp8_resident_launch(x, codes, scale, plan) -> None:
     slots = torch.zeros(plan["nL"] * gpb, dtype=torch.int32, device=x.device)
     _q_fp8_resident_gl[(ng * gpb,)](
         x, codes, scale, slots, plan["s_lv"], plan["Nlv"], plan["Nv"], plan["nL"], plan["nsteps"], ng, gpb,
-        VE=plan["VE"], K=plan["K"], HS=plan["HS"], D=plan["D"], NW=_RES_WARPS, GP2=_p2(gpb),
-        num_warps=_RES_WARPS, launch_cooperative_grid=True, **_LAUNCH)
+        VE=plan["VE"], K=plan["K"], HS=plan["HS"], D=plan["D"], NW=_RES_WARPS, GP2=_p2(gpb), COMBINE=_RES_COMBINE,
+        num_warps=_RES_WARPS, maxnreg=64, launch_cooperative_grid=True, **_LAUNCH)
 
 
 # ---------------------------------------------------------------------------------------------
