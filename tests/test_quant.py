@@ -631,8 +631,8 @@ def test_gluon_fp8_resident_compiles_sm90(esize, K, HS, D):
     from triton.experimental.gluon._runtime import GluonASTSource
 
     fn = tq._q_fp8_resident_gl
-    consts = dict(VE=16 // esize, K=K, HS=HS, D=D, NW=tq._RES_WARPS, GP2=256, COMBINE=tq._RES_COMBINE)
-    types = dict(x_ptr={2: "*bf16", 4: "*fp32"}[esize], codes_ptr="*u8", scale_ptr="*fp32", slots_ptr="*i32",
+    consts = dict(VE=16 // esize, K=K, HS=HS, D=D, NW=tq._RES_WARPS)
+    types = dict(x_ptr={2: "*bf16", 4: "*fp32"}[esize], codes_ptr="*u8", scale_ptr="*fp32", ws_ptr="*i32",
                  s_lv="i64", Nlv="i64")
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
     # pointers 16-byte aligned, as the launcher requires (Triton specializes on it at run time)
