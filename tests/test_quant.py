@@ -618,10 +618,11 @@ def test_gluon_kernels_compile_sm90(spec, H, D, esize):
 
 
 @pytest.mark.skipif(ON_GPU, reason="the GPU runs this kernel (test_fp8_computed_scale_special_values)")
-@pytest.mark.parametrize("esize,K,HS,D", [(2, 4, 1, 128), (2, 1, 8, 128), (4, 2, 3, 64)])
-def test_gluon_fp8_resident_compiles_sm90(esize, K, HS, D):
+@pytest.mark.parametrize("esize,K,HS,D,NW", [(2, 4, 1, 128, 32), (2, 1, 8, 128, 16), (4, 2, 3, 64, 8)])
+def test_gluon_fp8_resident_compiles_sm90(esize, K, HS, D, NW):
     """Without a GPU, the Gluon one-pass fp8 kernel compiles for sm_90 with its three stages of
-    K x 1024 16-byte vectors in shared memory, within the 227 KiB an SM gives one program."""
+    K x 32 NW 16-byte vectors in shared memory, within the share of an SM's 227 KiB that each
+    of its 32 / NW programs gets."""
     from kvkernels.triton_kernels import quant as tq
 
     if tq.gluon is None:
@@ -631,12 +632,12 @@ def test_gluon_fp8_resident_compiles_sm90(esize, K, HS, D):
     from triton.experimental.gluon._runtime import GluonASTSource
 
     fn = tq._q_fp8_resident_gl
-    consts = dict(VE=16 // esize, K=K, HS=HS, D=D, NW=tq._RES_WARPS)
-    types = dict(x_ptr={2: "*bf16", 4: "*fp32"}[esize], codes_ptr="*u8", scale_ptr="*fp32", ws_ptr="*i32",
+    consts = dict(VE=16 // esize, K=K, HS=HS, D=D, NW=NW, GP2=256)
+    types = dict(x_ptr={2: "*bf16", 4: "*fp32"}[esize], codes_ptr="*u8", scale_ptr="*fp32", slots_ptr="*i32",
                  s_lv="i64", Nlv="i64")
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
     # pointers 16-byte aligned, as the launcher requires (Triton specializes on it at run time)
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n].startswith("*")}
     k = triton.compile(GluonASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=tq._RES_WARPS, enable_fp_fusion=False))
-    assert k.asm["cubin"] and 3 * K * 1024 * 16 <= k.metadata.shared <= 227 * 1024
+                       options=dict(num_warps=NW, maxnreg=64, enable_fp_fusion=False))
+    assert k.asm["cubin"] and 3 * K * NW * 32 * 16 <= k.metadata.shared <= 227 * 1024 * NW // 32

@@ -736,26 +736,29 @@ if gluon is not None:
             return p.to(gl.int64) * s_lv * VE, p.to(gl.int64) * Nlv * VE
 
     @gluon.jit
-    def _q_fp8_resident_gl(x_ptr, codes_ptr, scale_ptr, ws_ptr, s_lv, Nlv, Nv, nL, nsteps, NG, gpb,
+    def _q_fp8_resident_gl(x_ptr, codes_ptr, scale_ptr, slots_ptr, s_lv, Nlv, Nv, nL, nsteps, NG, gpb,
                            VE: gl.constexpr, K: gl.constexpr, HS: gl.constexpr, D: gl.constexpr,
-                           NW: gl.constexpr):
+                           NW: gl.constexpr, GP2: gl.constexpr):
         # fp8 tensor scope with computed scales over nL (pseudo-)layers of Nv 16-byte vectors, in
         # one pass over x: the Gluon form of the CUDA quant_fp8_resident_kernel's block groups
-        # (csrc/quant.cu). The grid (co-resident: a cooperative launch, 1024 / (32 NW) programs
-        # of NW warps an SM) is NG groups of gpb programs; at step s group grp holds
-        # (pseudo-)layer s * NG + grp, each program K vectors a thread. A step's vectors are
-        # copied into shared memory (cp.async, 3 stages: steps s+1 and s+2 load while step s - 1
-        # is quantized); each program's amax joins the layer's (ws[2p + 1], atomic max of the
-        # |x| bits), then it counts itself in (ws[2p], release), and the group's programs wait
-        # for gpb arrivals (one polling thread a program) before quantizing the layer from shared
-        # memory. With HS > 1, a pseudo-layer is one head [T, D] of a layer (rows of C = D / VE
-        # vectors, HS * C apart): the head scope. ws: [nL, 2] int32, zeroed by the caller.
+        # (csrc/quant.cu). The grid (co-resident: a cooperative launch, 32 / NW programs of NW
+        # warps an SM) is NG groups of gpb programs; at step s group grp holds (pseudo-)layer
+        # s * NG + grp, each program K vectors a thread. A step's vectors are copied into shared
+        # memory (cp.async, 3 stages: steps s+1 and s+2 load while step s - 1 is quantized), its
+        # amax goes to the program's slot (bit 31 set: full; one relaxed store, the value is the
+        # message), and the group's programs wait for all gpb slots of the layer (polled by warp
+        # 0) before quantizing it from shared memory. A thread reads only the vectors it copied,
+        # so no barrier guards the stages (Triton adds its own). With HS > 1, a pseudo-layer is
+        # one head [T, D] of a layer (rows of C = D / VE vectors, HS * C apart): the head scope.
+        # slots: [nL, gpb] int32, zeroed by the caller. GP2: gpb padded to a power of two.
         NT: gl.constexpr = NW * 32
         R: gl.constexpr = K * NT
         C: gl.constexpr = D // VE
+        FULL: gl.constexpr = -2147483648
         L2: gl.constexpr = gl.BlockedLayout([1, VE], [32, 1], [NW, 1], [1, 0])
+        # the slots of a layer: all in each warp (the warps hold copies)
+        LS: gl.constexpr = gl.BlockedLayout([max(1, GP2 // 32)], [32], [NW], [0])
         SH: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-        LP: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])   # [32]: a copy in every warp
         pid = gl.program_id(0)
         grp = pid // gpb
         bl = pid - grp * gpb
@@ -769,36 +772,34 @@ if gluon is not None:
         offe = gl.expand_dims(off * VE, 1) + gl.expand_dims(gl.arange(0, VE, layout=gl.SliceLayout(0, L2)), 0)
         valid = gl.expand_dims(vec < Nv, 1) & (offe >= 0)     # [R, VE]
         stages = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [3, R, VE], SH)
-        # thread 0 polls (its id by inline asm: every warp holds a copy of zi)
-        zi = gl.arange(0, 32, layout=LP)
-        poller = _tid_gl(zi) == 0
-        zi = zi * 0
+        si = gl.arange(0, GP2, layout=LS)
+        # warp 0 polls: thread ids by inline asm (the slots' layout gives every warp all of them)
+        poller = _tid_gl(si) < 32
         for s in range(-2, nsteps + 1):
             pq = (s - 1) * NG + grp   # the layer quantized this iteration (step s - 1)
             qa = (s >= 1) & (pq < nL)
-            # its arrival count's first poll, early: the load overlaps the publish (one lane of
-            # warp 0 loads; the others' loads are masked off and read as complete)
-            cq = ws_ptr + 2 * pq + zi
-            pm = poller & qa
-            c = gl.load(cq, mask=pm, other=gpb, volatile=True)
+            # its slots' first poll, early: the load overlaps the step's amax (masked off if none)
+            sp = slots_ptr + pq * gpb + si
+            pm = (si < gpb) & poller & qa
+            v = gl.load(sp, mask=pm, other=FULL, volatile=True)
             p = s * NG + grp          # the layer published this iteration (step s)
+            pa = (s >= 0) & (s < nsteps) & (p < nL)
             if s >= 0:
                 # step s has landed (this thread's copies; a thread reads only its own vectors)
                 async_copy.wait_group(1)
-                if (s < nsteps) & (p < nL):
-                    # |x| bits (ordered as |x|; NaN above inf): the program's max joins the
-                    # layer's, then the arrival count (release: after the max)
-                    a = stages.index(s % 3).load(L2).to(gl.float32).to(gl.int32, bitcast=True) & 0x7FFFFFFF
-                    m = gl.reduce(gl.reduce(gl.where(valid, a, 0), 1, _imax_gl), 0, _imax_gl)
-                    gl.atomic_max(ws_ptr + 2 * p + 1, m, sem="relaxed", scope="gpu")
-                    gl.atomic_add(ws_ptr + 2 * p, 1, sem="release", scope="gpu")
-            if qa:  # step s - 1: wait until the group's gpb programs have arrived (warp 0, one
-                # lane), read the layer's amax (acquire), hand it to every warp (a block-wide max)
-                while gl.reduce(c, 0, _imin_gl) < gpb:
-                    c = gl.load(cq, mask=pm, other=gpb, volatile=True)
-                gl.atomic_add(cq, zi, mask=pm, sem="acquire", scope="gpu")
-                am = gl.reduce(gl.load(cq + 1, mask=pm, other=0, volatile=True), 0, _imax_gl)
+            if pa:  # |x| bits (ordered as |x|; NaN above inf): this program's max of step s
+                a = stages.index(s % 3).load(L2).to(gl.float32).to(gl.int32, bitcast=True) & 0x7FFFFFFF
+                m = gl.reduce(gl.reduce(gl.where(valid, a, 0), 1, _imax_gl), 0, _imax_gl)
+                gl.atomic_xchg(slots_ptr + p * gpb + bl, m | FULL, sem="relaxed", scope="gpu")
+            mb = 0
+            if qa:  # warp 0 waits for the group's slots of step s - 1 (a warp-local reduction;
+                # the other warps' loads are masked off, so they pass), then a block-wide max
+                # hands the layer's amax to every warp (warp 0's rows: the first 32 of each K)
+                while gl.reduce(v, 0, _imax_gl) >= 0:
+                    v = gl.load(sp, mask=pm, other=FULL, volatile=True)
+                am = gl.reduce(v & 0x7FFFFFFF, 0, _imax_gl)
                 mb = gl.reduce(gl.where((r % NT) < 32, am, 0), 0, _imax_gl)
+            if qa:  # step s - 1: scale, quantize from shared memory
                 sc = gl.div_rn(mb.to(gl.float32, bitcast=True), 448.0)
                 sc = gl.where(sc > 0, sc, 1.0)
                 inv = gl.minimum(gl.div_rn(1.0, sc), 3.4028234663852886e38)
@@ -806,8 +807,8 @@ if gluon is not None:
                     gl.store(scale_ptr + pq, sc)
                 xb, cb = _res_bases(pq, s_lv, Nlv, VE, HS, D)
                 y = stages.index((s - 1) % 3).load(L2).to(gl.float32) * inv
-                c8 = y.to(gl.float8e4nv).to(gl.uint8, bitcast=True)
-                gl.store(codes_ptr + cb + offe, c8, mask=valid)
+                c = y.to(gl.float8e4nv).to(gl.uint8, bitcast=True)
+                gl.store(codes_ptr + cb + offe, c, mask=valid)
             # step s + 2: its loads start, into the stage that step s - 1 held
             pn = (s + 2) * NG + grp
             if (s + 2 < nsteps) & (pn < nL):
@@ -824,10 +825,6 @@ if gluon is not None:
     @gluon.jit
     def _imax_gl(a, b):  # (gl.max is a tl.jit function: under TRITON_INTERPRET=1 Gluon cannot compile it)
         return gl.maximum(a, b)
-
-    @gluon.jit
-    def _imin_gl(a, b):
-        return gl.minimum(a, b)
 
     @gluon.jit
     def _code_to_float_gl(q):
@@ -1073,7 +1070,6 @@ def _dq_token_gluon_launch(codes, scale, zero, fmt: QuantFormat, out) -> None:
 
 # fp8 tensor / head scopes with computed scales in one pass (_q_fp8_resident_gl), on GPUs with
 # cooperative launch; KVK_GLUON=0 turns it off (the amax + quantize kernels then run).
-_RES_WARPS = int(os.environ.get("KVK_GL_RES_WARPS", "32"))   # 32 // _RES_WARPS programs an SM
 _RES_STEP_BYTES = 8 << 20       # input bytes a step (as the CUDA kernel)
 _RES_MIN_VECTORS = 4 * 1024     # (pseudo-)layers of fewer vectors leave a group's threads idle
 
@@ -1083,13 +1079,34 @@ def _sm_count(index) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _fp8_resident_groups(nL: int, Nv: int, sms: int, warps: int):
+    """Block groups with programs of ``warps`` warps (1024 / (32 warps) an SM): as many
+    (pseudo-)layers a step as 8 MiB of input holds, evened over the steps, with the fewest
+    vectors a thread (K) that lets that many groups of gpb = ceil(Nv / (32 warps K)) programs
+    fit. (NG, gpb, K, steps), or None if a layer does not fit with K = 4."""
+    nt = warps * 32
+    slots = sms * (1024 // nt)
+    gpb = lambda k: -(-Nv // (nt * k))  # noqa: E731
+    if gpb(4) > slots:
+        return None
+    want = min(max(1, _RES_STEP_BYTES // (Nv * 16)), nL)
+    ng = -(-nL // -(-nL // want))
+    K = next((k for k in (1, 2, 4) if slots // gpb(k) >= ng), 4)
+    ng = min(ng, slots // gpb(K))
+    return ng, gpb(K), K, -(-nL // ng)
+
+
 def _fp8_resident_plan(x, codes, fmt: QuantFormat):
     """Launch parameters of _q_fp8_resident_gl for x, or None where it does not apply: the
     layout is not dense per layer, a (pseudo-)layer has fewer than _RES_MIN_VECTORS 16-byte
-    vectors or more than the chip holds (132 SMs x 1024 threads x 4), or Gluon is off. The head
-    scope runs as the tensor scope over L * H heads [T, D]. Groups: as many (pseudo-)layers a
-    step as 8 MiB of input holds, evened over the steps, with the fewest vectors a thread (K)
-    that lets that many groups of ceil(Nv / (1024 K)) programs fit the SMs."""
+    vectors or more than the chip holds (SMs x 1024 threads x 4 vectors), or Gluon is off. The
+    head scope runs as the tensor scope over L * H heads [T, D].
+    Warps a program (H200, bench/results/gluon-fp8-onepass-h200-2026-11-27.txt): fewer warps
+    (more programs an SM) overlap one program's barriers with another's work, but warp 0 of
+    every program polls its group's gpb slots, which costs more than that gains from about
+    128 slots on (Llama-3-8B fp8:tensor T=4096, gpb = 512 / 256 / 128 at 8 / 16 / 32 warps:
+    10 / 54 / 83% of copy). So: 8 warps if gpb <= 64 (Llama-3-8B fp8:head T=4096: 97%, 94%
+    at 16 warps), else 16 if gpb <= 128 (SmolLM2 fp8:head T=32768: 90%, 85% at 32), else 32."""
     if gluon is None or _INTERPRET or x.device.type != "cuda" or os.environ.get("KVK_GLUON", "") == "0":
         return None
     if _capability(x.device.index) < (9, 0):
@@ -1101,27 +1118,28 @@ def _fp8_resident_plan(x, codes, fmt: QuantFormat):
         return None
     HS = H if fmt.scope == "head" and H > 1 else 1
     nL, Nv = L * HS, T * H * D // VE // HS
-    nt = _RES_WARPS * 32
-    sms = _sm_count(x.device.index) * (1024 // nt)   # programs that fit at once
-    gpb = lambda k: -(-Nv // (nt * k))  # noqa: E731
-    if Nv < _RES_MIN_VECTORS or gpb(4) > sms or nL >= 2**31 // sms:
+    sms = _sm_count(x.device.index)
+    if Nv < _RES_MIN_VECTORS or nL >= 2**31 // (4 * sms):
         return None
-    want = min(max(1, _RES_STEP_BYTES // (Nv * 16)), nL)
-    nsteps = -(-nL // want)
-    ng = -(-nL // nsteps)
-    K = next((k for k in (1, 2, 4) if sms // gpb(k) >= ng), 4)
-    ng = min(ng, sms // gpb(K))
-    return dict(nL=nL, Nv=Nv, nsteps=-(-nL // ng), NG=ng, gpb=gpb(K), K=K, HS=HS, VE=VE, D=D, s_lv=s_l // VE,
-                Nlv=T * H * D // VE)
+    g = None
+    for warps, most in ((8, 64), (16, 128), (32, None)):
+        g = _fp8_resident_groups(nL, Nv, sms, warps)
+        if g is not None and (most is None or g[1] <= most):
+            break
+    if g is None:
+        return None
+    ng, gpb, K, nsteps = g
+    return dict(nL=nL, Nv=Nv, nsteps=nsteps, NG=ng, gpb=gpb, K=K, HS=HS, VE=VE, D=D, s_lv=s_l // VE,
+                Nlv=T * H * D // VE, warps=warps)
 
 
 def _q_fp8_resident_launch(x, codes, scale, plan) -> None:
-    gpb, ng = plan["gpb"], plan["NG"]
-    ws = torch.zeros(plan["nL"] * 2, dtype=torch.int32, device=x.device)  # per layer: arrivals, amax bits
+    gpb, ng, nw = plan["gpb"], plan["NG"], plan["warps"]
+    slots = torch.zeros(plan["nL"] * gpb, dtype=torch.int32, device=x.device)
     _q_fp8_resident_gl[(ng * gpb,)](
-        x, codes, scale, ws, plan["s_lv"], plan["Nlv"], plan["Nv"], plan["nL"], plan["nsteps"], ng, gpb,
-        VE=plan["VE"], K=plan["K"], HS=plan["HS"], D=plan["D"], NW=_RES_WARPS,
-        num_warps=_RES_WARPS, maxnreg=64, launch_cooperative_grid=True, **_LAUNCH)
+        x, codes, scale, slots, plan["s_lv"], plan["Nlv"], plan["Nv"], plan["nL"], plan["nsteps"], ng, gpb,
+        VE=plan["VE"], K=plan["K"], HS=plan["HS"], D=plan["D"], NW=nw, GP2=_p2(gpb),
+        num_warps=nw, maxnreg=64, launch_cooperative_grid=True, **_LAUNCH)
 
 
 # ---------------------------------------------------------------------------------------------
