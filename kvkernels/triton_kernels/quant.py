@@ -664,8 +664,8 @@ if gluon is not None:
         S3d: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(0, S3))
         DW: gl.constexpr = D // V
         NCH: gl.constexpr = (G + TB - 1) // TB
-        NGT = gl.cdiv(T, G)
-        NHB = gl.cdiv(H, HB)
+        NGT = (T + G - 1) // G
+        NHB = (H + HB - 1) // HB
         pid = gl.program_id(0)
         tg = pid // NHB
         h0 = (pid - tg * NHB) * HB
