@@ -41,12 +41,21 @@ enough bytes per thread:
   (immediate load/store offsets); bf16/fp16 full groups read x as int32 words of two channels
   and take the min/max with packed ``min.NaN.bf16x2``-style instructions (_q_token_group_x2).
   Groups longer than one block take two passes (min/max, then quantize; the re-read hits
-  L1/L2). int ``token`` dequantize: ``[TB, HB, DP]`` chunks of a group with the group's
+  L1/L2). int ``token`` dequantize (tl kernel: the interpreter, ``KVK_GLUON=0``, codes not
+  aligned to their words): ``[TB, HB, DP]`` chunks of a group with the group's
   scale/zero loaded once (one joined load) and kept in registers. Both token kernels launch
   the full groups and a partial last group separately, so the fast path's register count is
   its own (a kernel is allocated the registers of its hungriest branch).
 * fp8 ``tensor``/``head`` scopes with computed scales: an amax kernel (``atomic_max`` on the
-  float bits as int32 into a zeroed buffer; |x| >= 0 so int order is float order) runs first.
+  float bits as int32 into a zeroed buffer; |x| >= 0 so int order is float order) runs first,
+  except where the Gluon one-pass kernel applies (below).
+* Gluon kernels (``triton.experimental.gluon``: explicit layouts and shared memory; GPUs only,
+  no interpreter; ``KVK_GLUON=0`` turns them off): int ``token`` dequantize
+  (``_dq_int_token_gl``: a thread owns one 16-byte output vector, the group's scale / zero are
+  loaded in that layout, no shared memory) and fp8 ``tensor``/``head`` quantize with computed
+  scales in one pass over x (``_q_fp8_resident_gl``, sm_90+, cooperative launch: the CUDA
+  one-pass design, layers or heads of up to 8 MiB held in shared memory while their programs
+  exchange amax slots). CI compiles them for sm_90 (``tests/gluon_sm90.py``).
 
 Quantize math is float32 as in docs/quant-spec.md: IEEE divisions (``div_rn``) once per group /
 scale for ``scale`` and the clamped reciprocal ``inv``, then sub/mul/add per element; kernels are
