@@ -1108,8 +1108,9 @@ def _fp8_resident_groups(nL: int, Nv: int, sms: int, warps: int):
 def _fp8_resident_plan(x, codes, fmt: QuantFormat):
     """Launch parameters of _q_fp8_resident_gl for x, or None where it does not apply: the
     layout is not dense per layer, a (pseudo-)layer has fewer than _RES_MIN_VECTORS 16-byte
-    vectors or more than the chip holds (SMs x 1024 threads x 4 vectors), or Gluon is off. The
-    head scope runs as the tensor scope over L * H heads [T, D].
+    vectors or more than the chip holds (SMs x 1024 threads x 4 vectors), the GPU is not a
+    Hopper (sm_90), or Gluon is off. The head scope runs as the tensor scope over L * H heads
+    [T, D].
     Warps a program (H200, bench/results/gluon-fp8-onepass-h200-2026-11-27.txt): fewer warps
     (more programs an SM) overlap one program's barriers with another's work, but warp 0 of
     every program polls its group's gpb slots, which costs more than that gains from about
@@ -1118,13 +1119,13 @@ def _fp8_resident_plan(x, codes, fmt: QuantFormat):
     at 16 warps), else 16 if gpb <= 128 (SmolLM2 fp8:head T=32768: 90%, 85% at 32), else 32."""
     if gluon is None or _INTERPRET or x.device.type != "cuda" or os.environ.get("KVK_GLUON", "") == "0":
         return None
-    if _capability(x.device.index) < (9, 0):
-        return None
+    if _capability(x.device.index)[0] != 9:  # Hopper (measured there; the programs' shared memory
+        return None                          # assumes 227 KiB an SM)
     L, T, H, D, s_l, s_t, s_h, es, _ = _geometry(x)
     VE = 16 // es
     dense = (T == 1 or s_t == H * D) and (H == 1 or s_h == D)
-    if not dense or D % VE or x.data_ptr() % 16 or s_l % VE or codes.data_ptr() % 16:
-        return None
+    if not dense or D % VE or x.data_ptr() % 16 or s_l % VE or codes.data_ptr() % 16 or T * H * D >= 2**31:
+        return None  # (offsets within a layer are int32)
     HS = H if fmt.scope == "head" and H > 1 else 1
     nL, Nv = L * HS, T * H * D // VE // HS
     sms = _sm_count(x.device.index)
