@@ -655,8 +655,8 @@ if gluon is not None:
                          CS: gl.constexpr, MASKED: gl.constexpr, HDMASK: gl.constexpr, L4: gl.constexpr):
         # int token dequantize, Gluon (see _dq_token_gluon_params): program pid0 = heads
         # [hb*HB, +HB) of token group tg (+ tg0), hb fastest (the programs running together write
-        # whole token rows: heads slowest made 2 KiB-strided 256-byte pieces, 84% of copy at
-        # Llama-3-8B T=32768 against 90%), layer pid1; chunks [TB tokens, HB heads, DV vectors, V
+        # whole token rows: heads slowest made 2 KiB-strided 256-byte pieces, int2 84.5% of copy
+        # at Llama-3-8B T=32768 against 93.3%), layer pid1; chunks [TB tokens, HB heads, DV vectors, V
         # channels] in layout L4, where a thread owns whole V-channel output vectors (16 bytes).
         # codes_ptr points to words of V codes (V * BITS bits: [L, T, H, D / V]), so a thread's
         # codes are one load; the group's scale / zero [HB, DV, V] are loaded once straight in
@@ -800,15 +800,14 @@ if gluon is not None:
                 a = stages.index(s % 3).load(L2).to(gl.float32).to(gl.int32, bitcast=True) & 0x7FFFFFFF
                 m = gl.reduce(gl.reduce(gl.where(valid, a, 0), 1, _imax_gl), 0, _imax_gl)
                 gl.atomic_xchg(slots_ptr + p * gpb + bl, m | FULL, sem="relaxed", scope="gpu")
-            mb = 0
-            if qa:  # warp 0 waits for the group's slots of step s - 1 (a warp-local reduction;
+            if qa:  # step s - 1: warp 0 waits for the group's slots (a warp-local reduction;
                 # the other warps' loads are masked off, so they pass), then a block-wide max
-                # hands the layer's amax to every warp (warp 0's rows: the first 32 of each K)
+                # hands the layer's amax to every warp (warp 0's rows: the first 32 of each K);
+                # scale, quantize from shared memory
                 while gl.reduce(v, 0, _imax_gl) >= 0:
                     v = gl.load(sp, mask=pm, other=FULL, volatile=True)
                 am = gl.reduce(v & 0x7FFFFFFF, 0, _imax_gl)
                 mb = gl.reduce(gl.where((r % NT) < 32, am, 0), 0, _imax_gl)
-            if qa:  # step s - 1: scale, quantize from shared memory
                 sc = gl.div_rn(mb.to(gl.float32, bitcast=True), 448.0)
                 sc = gl.where(sc > 0, sc, 1.0)
                 inv = gl.minimum(gl.div_rn(1.0, sc), 3.4028234663852886e38)
@@ -1024,8 +1023,13 @@ def _token_strides(s_t: int, esize: int, G: int, H: int, D: int, K: int):
     return small(s_t, esize), small(H * D // K, 1)
 
 
-# int token dequantize in Gluon (_dq_int_token_gl), on GPUs; KVK_GLUON=0 turns it off (the tl
-# kernel _dq_int_token then runs, as it does under the interpreter).
+def _gluon_on(t: torch.Tensor) -> bool:
+    """Whether the Gluon kernels may run for tensors like t: Gluon importable, a CUDA tensor (no
+    interpreter) and not turned off by KVK_GLUON=0 (then the tl kernels run)."""
+    return gluon is not None and not _INTERPRET and t.device.type == "cuda" and os.environ.get("KVK_GLUON") != "0"
+
+
+# int token dequantize in Gluon (_dq_int_token_gl); the tl kernel _dq_int_token elsewhere.
 _CODE_WORD = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -1033,7 +1037,7 @@ def _dq_token_gluon_ok(codes, out, fmt: QuantFormat) -> bool:
     """Whether dequantize_into runs the Gluon token kernel: a GPU, Gluon importable, whole
     16-byte output vectors per thread (head_dim a multiple of them) and codes that can be read as
     words of one vector's codes (the word size divides the codes' byte offset)."""
-    if gluon is None or _INTERPRET or out.device.type != "cuda" or os.environ.get("KVK_GLUON", "") == "0":
+    if not _gluon_on(out):
         return False
     V = 16 // out.element_size()
     D = int(out.shape[-1])
@@ -1046,10 +1050,10 @@ def _dq_token_gluon_params(H: int, D: int, esize: int, G: int, bits: int):
     TB = min(G, 32) tokens a chunk; a thread owns V = 16 / element size channels (one 16-byte
     output vector; V codes: one load). Lanes go to the vectors of a row first, then heads, then
     tokens; warps to heads, then tokens. HB (H200, bench/results/gluon-dq-token-h200-2026-11-27.txt):
-    1 for a power-of-two head count (Llama-3-8B int2 g32: 92-93% of copy, 2 heads: 91-92%, 4:
-    90%); otherwise all heads padded to a power of two up to 4 (SmolLM2's 3: 91-96% at HB = 4,
-    86-91% at HB = 1, 82-94% at HB = 2); more heads when TB x (D / V) vectors would leave lanes
-    of 4 warps idle."""
+    1 for a power-of-two head count (Llama-3-8B int2 g32: 91.6-93.3% of copy; 2 heads:
+    90.6-92.0%, 4: 89.5-90.2%); otherwise all heads padded to a power of two up to 4 (SmolLM2's
+    3, int8/4/2: 91-96% at HB = 4, 86-92% at HB = 1, 82-94% at HB = 2); more heads when
+    TB x (D / V) vectors would leave lanes of 4 warps idle."""
     V = 16 // esize
     DV = _p2(D // V)
     TB = min(_p2(G), 32)
@@ -1077,8 +1081,8 @@ def _dq_token_gluon_launch(codes, scale, zero, fmt: QuantFormat, out) -> None:
             MASKED=part or G % consts["TB"] != 0, **consts, num_warps=W, **_LAUNCH)
 
 
-# fp8 tensor / head scopes with computed scales in one pass (_q_fp8_resident_gl), on GPUs with
-# cooperative launch; KVK_GLUON=0 turns it off (the amax + quantize kernels then run).
+# fp8 tensor / head scopes with computed scales in one pass (_q_fp8_resident_gl); the amax +
+# quantize kernels elsewhere.
 _RES_STEP_BYTES = 8 << 20       # input bytes a step (as the CUDA kernel)
 _RES_MIN_VECTORS = 4 * 1024     # (pseudo-)layers of fewer vectors leave a group's threads idle
 
@@ -1117,10 +1121,8 @@ def _fp8_resident_plan(x, codes, fmt: QuantFormat):
     128 slots on (Llama-3-8B fp8:tensor T=4096, gpb = 512 / 256 / 128 at 8 / 16 / 32 warps:
     10 / 54 / 83% of copy). So: 8 warps if gpb <= 64 (Llama-3-8B fp8:head T=4096: 97%, 94%
     at 16 warps), else 16 if gpb <= 128 (SmolLM2 fp8:head T=32768: 90%, 85% at 32), else 32."""
-    if gluon is None or _INTERPRET or x.device.type != "cuda" or os.environ.get("KVK_GLUON", "") == "0":
-        return None
-    if _capability(x.device.index)[0] != 9:  # Hopper (measured there; the programs' shared memory
-        return None                          # assumes 227 KiB an SM)
+    if not _gluon_on(x) or _capability(x.device.index)[0] != 9:  # Hopper: measured there; the
+        return None                          # programs' shared memory assumes 227 KiB an SM
     L, T, H, D, s_l, s_t, s_h, es, _ = _geometry(x)
     VE = 16 // es
     dense = (T == 1 or s_t == H * D) and (H == 1 or s_h == D)
