@@ -43,10 +43,10 @@ int main() {
     CK(cudaMalloc(&x, n * 2)); CK(cudaMalloc(&codes, n)); CK(cudaMalloc(&scale, sh.L * sh.H * 4));
     const int64_t wsw = sh.L * sh.H * 4 * sms;
     CK(cudaMalloc(&ws, wsw * 4));
-    const int64_t ntr = int64_t(2 * sms + 1) * 64 * 4;  // grid <= 2 blocks/SM (+1: a zero row ends it)
+    const int64_t ntr = int64_t(4 * sms + 1) * 64 * 4;  // grid <= 4 blocks/SM (+1: a zero row ends it)
     CK(cudaMalloc(&trace, ntr * 8));
     uint64_t* starts;  // when each block started (KVK_FP8_TRACE_START)
-    CK(cudaMalloc(&starts, (2 * sms + 1) * 16));
+    CK(cudaMalloc(&starts, (4 * sms + 1) * 16));
     fill_kernel<<<1024, 256, 0, st>>>(x, n);
     for (int scope : {0, 1}) {
       auto run = [&] {
@@ -63,20 +63,20 @@ int main() {
         float ms; CK(cudaEventElapsedTime(&ms, e0, e1)); ts.push_back(ms * 1e3);
       }
       CK(cudaMemsetAsync(trace, 0, ntr * 8, st));
-      CK(cudaMemsetAsync(starts, 0, (2 * sms + 1) * 16, st));
+      CK(cudaMemsetAsync(starts, 0, (4 * sms + 1) * 16, st));
       CK(cudaMemcpyToSymbol(g_kvk_fp8_trace, &trace, sizeof(trace)));
       CK(cudaMemcpyToSymbol(g_kvk_fp8_start, &starts, sizeof(starts)));
       run();
       CK(cudaStreamSynchronize(st));
       CK(cudaMemcpyToSymbol(g_kvk_fp8_trace, &none, sizeof(none)));
       CK(cudaMemcpyToSymbol(g_kvk_fp8_start, &none, sizeof(none)));
-      std::vector<uint64_t> h(ntr), hs(2 * (2 * sms + 1));
+      std::vector<uint64_t> h(ntr), hs(2 * (4 * sms + 1));
       CK(cudaMemcpy(h.data(), trace, ntr * 8, cudaMemcpyDeviceToHost));
       CK(cudaMemcpy(hs.data(), starts, hs.size() * 8, cudaMemcpyDeviceToHost));
       // [block][64 steps][4]: grid = blocks with stamps, nsteps = block 0's stamped steps
       auto at = [&](int b, int s, int p) { return h[(uint64_t(b) * 64 + s) * 4 + p]; };
       int grid = 0, nsteps = 0;
-      while (grid < 2 * sms && at(grid, 0, 0) != 0) ++grid;
+      while (grid < 4 * sms && at(grid, 0, 0) != 0) ++grid;
       while (nsteps < 64 && at(0, nsteps, 0) != 0) ++nsteps;
       uint64_t t0 = ~0ull;
       for (int b = 0; b < grid; ++b) t0 = std::min(t0, at(b, 0, 0));
