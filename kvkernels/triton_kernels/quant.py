@@ -768,6 +768,16 @@ if gluon is not None:
         # the slots of a layer: all in each warp (the warps hold copies)
         LS: gl.constexpr = gl.BlockedLayout([max(1, GP2 // 32)], [32], [NW], [0])
         SH: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        # the amax of a step: a stage viewed as [K, NW, 32, VE] (row r = k NT + 32 w + lane), so
+        # that a warp reduces its own rows without the other warps; one value a warp [NW] (LW)
+        # then goes through shared memory (one barrier), read by every warp whole, a value a lane
+        # (LR), and reduced in the warp
+        L4: gl.constexpr = gl.BlockedLayout([1, 1, 1, VE], [1, 1, 32, 1], [1, NW, 1, 1], [3, 2, 1, 0])
+        L3: gl.constexpr = gl.SliceLayout(3, L4)
+        LKW: gl.constexpr = gl.SliceLayout(2, L3)
+        LW: gl.constexpr = gl.SliceLayout(0, LKW)
+        LR: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
+        SH1: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
         pid = gl.program_id(0)
         grp = pid // gpb
         bl = pid - grp * gpb
@@ -780,7 +790,13 @@ if gluon is not None:
             off = vec
         offe = gl.expand_dims(off * VE, 1) + gl.expand_dims(gl.arange(0, VE, layout=gl.SliceLayout(0, L2)), 0)
         valid = gl.expand_dims(vec < Nv, 1) & (offe >= 0)     # [R, VE]
+        k3 = gl.expand_dims(gl.expand_dims(gl.arange(0, K, layout=gl.SliceLayout(1, LKW)), 1), 2)
+        w3 = gl.expand_dims(gl.expand_dims(gl.arange(0, NW, layout=LW), 0), 2)
+        l3 = gl.expand_dims(gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3))), 0), 1)
+        valid3 = (k3 * (gpb * NT) + bl * NT + w3 * 32 + l3) < Nv   # [K, NW, 32]: rows of the layer
         stages = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [3, R, VE], SH)
+        red = gl.allocate_shared_memory(gl.int32, [2, NW], SH1)    # per-warp maxima, by step parity
+        hand = gl.allocate_shared_memory(gl.int32, [2, NW], SH1)   # warp 0's polled amax, by parity
         si = gl.arange(0, GP2, layout=LS)
         # warp 0 polls: thread ids by inline asm (the slots' layout gives every warp all of them)
         poller = _tid_gl(si) < 32
@@ -795,10 +811,13 @@ if gluon is not None:
             pa = (s >= 0) & (s < nsteps) & (p < nL)
             if s >= 0:
                 # step s has landed (this thread's copies; a thread reads only its own vectors)
-                async_copy.wait_group(1)
+                _cp_async_wait1_gl(pid)
             if pa:  # |x| bits (ordered as |x|; NaN above inf): this program's max of step s
-                a = stages.index(s % 3).load(L2).to(gl.float32).to(gl.int32, bitcast=True) & 0x7FFFFFFF
-                m = gl.reduce(gl.reduce(gl.where(valid, a, 0), 1, _imax_gl), 0, _imax_gl)
+                a = stages.index(s % 3).reshape([K, NW, 32, VE]).load(L4)
+                a = a.to(gl.float32).to(gl.int32, bitcast=True) & 0x7FFFFFFF
+                mw = gl.reduce(gl.reduce(gl.where(valid3, gl.reduce(a, 3, _imax_gl), 0), 2, _imax_gl), 0, _imax_gl)
+                red.index(s % 2).store(mw)
+                m = gl.reduce(red.index(s % 2).load(LR), 0, _imax_gl)
                 gl.atomic_xchg(slots_ptr + p * gpb + bl, m | FULL, sem="relaxed", scope="gpu")
             if qa:  # step s - 1: warp 0 waits for the group's slots (a warp-local reduction;
                 # the other warps' loads are masked off, so they pass), then a block-wide max
@@ -806,8 +825,9 @@ if gluon is not None:
                 # scale, quantize from shared memory
                 while gl.reduce(v, 0, _imax_gl) >= 0:
                     v = gl.load(sp, mask=pm, other=FULL, volatile=True)
-                am = gl.reduce(v & 0x7FFFFFFF, 0, _imax_gl)
-                mb = gl.reduce(gl.where((r % NT) < 32, am, 0), 0, _imax_gl)
+                am = gl.reduce(v & 0x7FFFFFFF, 0, _imax_gl)   # warp 0: the layer's amax; others 0
+                hand.index(s % 2).store(gl.full([NW], 0, gl.int32, LW) + am)
+                mb = gl.reduce(hand.index(s % 2).load(LR), 0, _imax_gl)
                 sc = gl.div_rn(mb.to(gl.float32, bitcast=True), 448.0)
                 sc = gl.where(sc > 0, sc, 1.0)
                 inv = gl.minimum(gl.div_rn(1.0, sc), 3.4028234663852886e38)
@@ -823,6 +843,14 @@ if gluon is not None:
                 xb, cb = _res_bases(pn, s_lv, Nlv, VE, HS, D)
                 _gl_async_load(stages.index((s + 2) % 3), x_ptr + xb + offe, mask=valid)
             async_copy.commit_group()
+
+    @gluon.jit
+    def _cp_async_wait1_gl(like):
+        """cp.async.wait_group 1: this thread's copies but the newest group have landed. Unlike
+        async_copy.wait_group it adds no block barrier; Triton puts one before the first read
+        of the stage, which makes the copies visible to the block."""
+        return gl.inline_asm_elementwise("cp.async.wait_group 1;\n\tmov.u32 $0, 0;", "=r,r", [like], dtype=gl.int32,
+                                         is_pure=False, pack=1)
 
     @gluon.jit
     def _tid_gl(like):
