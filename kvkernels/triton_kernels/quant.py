@@ -837,7 +837,10 @@ if gluon is not None:
                 y = stages.index((s - 1) % 3).load(L2).to(gl.float32) * inv
                 c = y.to(gl.float8e4nv).to(gl.uint8, bitcast=True)
                 gl.store(codes_ptr + cb + offe, c, mask=valid)
-            # step s + 2: its loads start, into the stage that step s - 1 held
+            # step s + 2: its loads start, into the stage that step s - 1 held. The barrier (a
+            # thread reads only the vectors it copied, but Triton cannot know) is on every path
+            # through the loop, so that Triton adds none before the next step's hand-on store
+            gl.thread_barrier()
             pn = (s + 2) * NG + grp
             if (s + 2 < nsteps) & (pn < nL):
                 xb, cb = _res_bases(pn, s_lv, Nlv, VE, HS, D)
