@@ -756,9 +756,13 @@ if gluon is not None:
         # memory (cp.async, 3 stages: steps s+1 and s+2 load while step s - 1 is quantized), its
         # amax goes to the program's slot (bit 31 set: full; one relaxed store, the value is the
         # message), and the group's programs wait for all gpb slots of the layer (polled by warp
-        # 0) before quantizing it from shared memory. A thread reads only the vectors it copied,
-        # so no barrier guards the stages (Triton adds its own). With HS > 1, a pseudo-layer is
-        # one head [T, D] of a layer (rows of C = D / VE vectors, HS * C apart): the head scope.
+        # 0) before quantizing it from shared memory. With HS > 1, a pseudo-layer is one head
+        # [T, D] of a layer (rows of C = D / VE vectors, HS * C apart): the head scope.
+        # Four block barriers a step (twelfth session, bench/results/fp8-onepass-12th-h200-
+        # 2026-11-27.txt; eight before: 83 -> 87% of copy on Llama-3-8B fp8:tensor T=4096):
+        # Triton's before the stage is read (a thread reads only the vectors it copied, but
+        # Triton cannot know), the per-warp maxima's, the hand-on's, and one before the next
+        # step's loads into the stage just quantized.
         # slots: [nL, gpb] int32, zeroed by the caller. GP2: gpb padded to a power of two.
         NT: gl.constexpr = NW * 32
         R: gl.constexpr = K * NT
@@ -820,9 +824,8 @@ if gluon is not None:
                 m = gl.reduce(red.index(s % 2).load(LR), 0, _imax_gl)
                 gl.atomic_xchg(slots_ptr + p * gpb + bl, m | FULL, sem="relaxed", scope="gpu")
             if qa:  # step s - 1: warp 0 waits for the group's slots (a warp-local reduction;
-                # the other warps' loads are masked off, so they pass), then a block-wide max
-                # hands the layer's amax to every warp (warp 0's rows: the first 32 of each K);
-                # scale, quantize from shared memory
+                # the other warps' loads are masked off, so they pass) and hands the layer's amax
+                # to every warp through shared memory; scale, quantize from shared memory
                 while gl.reduce(v, 0, _imax_gl) >= 0:
                     v = gl.load(sp, mask=pm, other=FULL, volatile=True)
                 am = gl.reduce(v & 0x7FFFFFFF, 0, _imax_gl)   # warp 0: the layer's amax; others 0
@@ -1146,7 +1149,8 @@ def _fp8_resident_plan(x, codes, fmt: QuantFormat):
     vectors or more than the chip holds (SMs x 1024 threads x 4 vectors), the GPU is not a
     Hopper (sm_90), or Gluon is off. The head scope runs as the tensor scope over L * H heads
     [T, D].
-    Warps a program (H200, bench/results/gluon-fp8-onepass-h200-2026-11-27.txt): fewer warps
+    Warps a program (H200, bench/results/gluon-fp8-onepass-h200-2026-11-27.txt, measured with
+    the eleventh session's kernel, eight block barriers a step): fewer warps
     (more programs an SM) overlap one program's barriers with another's work, but warp 0 of
     every program polls its group's gpb slots, which costs more than that gains from about
     128 slots on (Llama-3-8B fp8:tensor T=4096, gpb = 512 / 256 / 128 at 8 / 16 / 32 warps:
