@@ -87,6 +87,8 @@ try:  # Gluon: Triton's explicit-layout dialect (triton >= 3.5); GPU only, no in
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
     # cp.async into shared memory: async_load since Triton 3.7, async_copy_global_to_shared before
     _gl_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+    # the block barrier: thread_barrier in Triton 3.6, barrier in 3.9
+    _gl_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 except ImportError:  # pragma: no cover - older Triton: the tl kernel runs instead
     gluon = gl = None
 
@@ -843,7 +845,7 @@ if gluon is not None:
             # step s + 2: its loads start, into the stage that step s - 1 held. The barrier (a
             # thread reads only the vectors it copied, but Triton cannot know) is on every path
             # through the loop, so that Triton adds none before the next step's hand-on store
-            gl.thread_barrier()
+            _gl_barrier()
             pn = (s + 2) * NG + grp
             if (s + 2 < nsteps) & (pn < nL):
                 xb, cb = _res_bases(pn, s_lv, Nlv, VE, HS, D)
