@@ -9,9 +9,12 @@ import torch
 from kvkernels.formats import QuantFormat
 from kvkernels.quant import dequantize_op, quantize_op
 
+import os
+
 T = int(sys.argv[1]) if len(sys.argv) > 1 else 4096
 L, H, D = 32, 8, 128
-import os
+if os.environ.get("NCU_SHAPE"):  # "L,H,D", e.g. SmolLM2's "30,3,64"
+    L, H, D = (int(v) for v in os.environ["NCU_SHAPE"].split(","))
 
 CASES = [("quantize", "int4:g32:channel"), ("quantize", "int8:g64:channel"), ("quantize", "fp8:token_head"),
          ("quantize", "int4:g32:token"), ("quantize", "fp8:tensor"), ("dequantize", "int2:g32:channel"),
