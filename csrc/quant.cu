@@ -1994,7 +1994,7 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
       cfg.numAttrs = 1;
       // The UNI variant (tensor scope): block groups, or without them one layer a step.
       static const bool uni_off = kvk_env_off("KVK_FP8_UNI");  // developer A/B switch
-      const bool uni = !HEAD && (grouped || (!uni_off && B == 1));
+      [[maybe_unused]] const bool uni = !HEAD && (grouped || (!uni_off && B == 1));
       return with_int<1, 2, 4>(K, cudaErrorNotSupported, [&](auto kc) -> cudaError_t {
         constexpr int KC = decltype(kc)::value;
         // same shared memory; the occupancy is checked, as the grid must be co-resident
