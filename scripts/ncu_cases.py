@@ -2,14 +2,13 @@
 
 python scripts/ncu_cases.py [T] -- used by scripts/ncu_quant.sh; not part of the package.
 """
+import os
 import sys
 
 import torch
 
 from kvkernels.formats import QuantFormat
 from kvkernels.quant import dequantize_op, quantize_op
-
-import os
 
 T = int(sys.argv[1]) if len(sys.argv) > 1 else 4096
 L, H, D = 32, 8, 128
