@@ -749,7 +749,7 @@ if gluon is not None:
     @gluon.jit
     def _q_fp8_resident_gl(x_ptr, codes_ptr, scale_ptr, slots_ptr, s_lv, Nlv, Nv, nL, nsteps, NG, gpb,
                            VE: gl.constexpr, K: gl.constexpr, HS: gl.constexpr, D: gl.constexpr,
-                           NW: gl.constexpr, GP2: gl.constexpr, MERGE: gl.constexpr):
+                           NW: gl.constexpr, GP2: gl.constexpr):
         # fp8 tensor scope with computed scales over nL (pseudo-)layers of Nv 16-byte vectors, in
         # one pass over x: the Gluon form of the CUDA quant_fp8_resident_kernel's block groups
         # (csrc/quant.cu). The grid (co-resident: a cooperative launch, 32 / NW programs of NW
@@ -773,6 +773,7 @@ if gluon is not None:
         R: gl.constexpr = K * NT
         C: gl.constexpr = D // VE
         FULL: gl.constexpr = -2147483648
+        MERGE: gl.constexpr = HS == 1
         L2: gl.constexpr = gl.BlockedLayout([1, VE], [32, 1], [NW, 1], [1, 0])
         # the slots of a layer: all in each warp (the warps hold copies)
         LS: gl.constexpr = gl.BlockedLayout([max(1, GP2 // 32)], [32], [NW], [0])
@@ -1189,7 +1190,7 @@ def _fp8_resident_plan(x, codes, fmt: QuantFormat):
         return None
     ng, gpb, K, nsteps = g
     return dict(nL=nL, Nv=Nv, nsteps=nsteps, NG=ng, gpb=gpb, K=K, HS=HS, VE=VE, D=D, s_lv=s_l // VE,
-                Nlv=T * H * D // VE, warps=warps, merge=HS == 1)
+                Nlv=T * H * D // VE, warps=warps)
 
 
 def _q_fp8_resident_launch(x, codes, scale, plan) -> None:
@@ -1197,7 +1198,7 @@ def _q_fp8_resident_launch(x, codes, scale, plan) -> None:
     slots = torch.zeros(plan["nL"] * gpb, dtype=torch.int32, device=x.device)
     _q_fp8_resident_gl[(ng * gpb,)](
         x, codes, scale, slots, plan["s_lv"], plan["Nlv"], plan["Nv"], plan["nL"], plan["nsteps"], ng, gpb,
-        VE=plan["VE"], K=plan["K"], HS=plan["HS"], D=plan["D"], NW=nw, GP2=_p2(gpb), MERGE=plan["merge"],
+        VE=plan["VE"], K=plan["K"], HS=plan["HS"], D=plan["D"], NW=nw, GP2=_p2(gpb),
         num_warps=nw, maxnreg=64, launch_cooperative_grid=True, **_LAUNCH)
 
 
