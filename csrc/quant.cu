@@ -968,14 +968,10 @@ __global__ void fp8_finalize_kernel(float* __restrict__ scale, uint32_t n) {
 // (Llama tensor and head), SmolLM2 79 / 74 -> 83-84 / 80%.
 constexpr int kResBlock = 1024;   // 32 warps per SM
 constexpr int kResStages = 3;     // steps held in shared memory
-// The workspace (kvkernels/workspace.py): kResCounters uint32 epoch counters, then uint64 slots
-// (from uint64 word kResHeader on), each (tag << 32) | amax bits. Every launch leaves all counters
-// equal: block b reads counter b at its start, tags its slots with T = counter + 1 (0 skipped),
-// and at its end stores T into counters b, b + grid, b + 2 grid, ... (no other block touches
-// them), so a slot is full for this launch when its tag is T and slots of earlier launches read
-// as empty without being cleared.
-constexpr uint32_t kResCounters = 2048;      // the largest grid
-constexpr int kResHeader = kResCounters / 2;  // in uint64 words
+// The workspace (uint64 words): [0] = epoch E (low 32 bits) and done counter (high 32 bits, as
+// the second uint32), [kResHeader...] = slots. A slot holds (tag << 32) | amax bits; it is full
+// for this launch when its tag is this launch's T = E + 1 (0 skipped).
+constexpr int kResHeader = 8;  // 64 bytes: the slots start on their own line
 constexpr int kResMaxKeys = 256;  // amax entries per step (B * Hs)
 constexpr int64_t kGroupMinVectors = 4 * kResBlock;  // block groups: layers of at least 4 blocks' vectors (K = 1)
 
@@ -989,10 +985,11 @@ struct ResidentArgs {
   uint8_t* codes;      // [L, N] e4m3
   float* scale;        // [L * Hs]
   uint64_t* slots;     // workspace + kResHeader, [L * Hs, gpb]: block bl's (of the key's group) amax of a key
-  uint32_t* ctr;       // workspace [kResCounters]: epoch counters
+  uint32_t* hdr;       // workspace header: [0] epoch E, [1] done counter
   uint32_t L, B, Hs, nsteps, Nv;  // Nv: 16-byte vectors per layer
   uint32_t Hsub;                  // pseudo-layers (above); 1 for whole layers
   uint32_t NG;                    // UNI variant: block groups (below); 1 otherwise
+  uint32_t sync_first;            // EXPERIMENT KVK_FP8_EPOCH=0: a grid barrier before the first loads
   FastDiv divNv, divC, divH, divHsub;  // C = D / VE vectors per (token, head) row
 };
 
@@ -1132,10 +1129,11 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   auto layer_of = [&](uint32_t s) { return s * a.NG + grp; };  // UNI: this block's layer of step s
   const uint64_t N = uint64_t(a.Nv) * VE;
   for (uint32_t i = threadIdx.x; i < kResMaxKeys; i += kResBlock) s_amax[i] = s_red[i] = 0;
-  // This launch's slot tag (above ResidentArgs). The load's L2 round trip overlaps the first
-  // steps' loads: its value is first used in the first publish.
+  // This launch's slot tag. Slots are never cleared: those of earlier launches carry older tags.
+  // The load's L2 round trip overlaps the first steps' loads (its value is first used in the
+  // first publish).
   const uint32_t tag = [&] {
-    const uint32_t t = ld_relaxed_gpu(a.ctr + blockIdx.x) + 1u;
+    const uint32_t t = ld_relaxed_gpu(a.hdr) + 1u;
     return t ? t : 1u;  // (0 is the tag of a fresh, zeroed workspace)
   }();
   const uint64_t tagged = uint64_t(tag) << 32;  // a full slot with value 0
@@ -1382,7 +1380,9 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
 
   // No clearing and no grid barrier before the first loads (thirteenth session; before, each block
   // cleared its slot column behind one grid barrier, 2.3-3 us at the start of every launch, or a
-  // memset node as long): the slots are tagged by launch (above ResidentArgs).
+  // memset node as long): the slots are tagged by launch (above), and the last block to finish
+  // advances the epoch (below).
+  if (a.sync_first) cooperative_groups::this_grid().sync();
   KVK_FP8_TRACE_START(1);
   // Pipeline, kResStages = 3 steps on chip: at iteration s, step s lands and is published, step
   // s-1 (published one iteration ago) is quantized, and step s+2's loads start into its stage.
@@ -1402,9 +1402,13 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   }
   poll_first(a.nsteps - 1, e);
   quantize_step(a.nsteps - 1, e);
-  // this block's counters for the next launch (stream-ordered after this one): no round trip
-  for (uint32_t i = blockIdx.x + threadIdx.x * gridDim.x; i < kResCounters; i += kResBlock * gridDim.x)
-    a.ctr[i] = tag;
+  // Every block read the epoch before its first publish, and the last to arrive here knows that
+  // all have: it resets the counter and advances the epoch for the next launch (stream-ordered
+  // after this one).
+  if (threadIdx.x == 0 && atomicAdd(a.hdr + 1, 1u) == gridDim.x - 1) {
+    a.hdr[1] = 0;
+    a.hdr[0] = tag;
+  }
 }
 
 // ================================================================================================
@@ -2001,14 +2005,14 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
       }
       const int K = kK[ki];
       // workspace words: the header, then slots: UNI, key = layer, gpb per key; otherwise grid per key
-      if (kResHeader + nL * Hs * (grid / NG) > ws_words || grid > kResCounters) return cudaErrorNotSupported;
+      if (kResHeader + nL * Hs * (grid / NG) > ws_words) return cudaErrorNotSupported;
       ResidentArgs a{};
       a.x = x;
       a.sL = sL;
       a.codes = codes;
       a.scale = scale;
       a.slots = ws + kResHeader;
-      a.ctr = reinterpret_cast<uint32_t*>(ws);
+      a.hdr = reinterpret_cast<uint32_t*>(ws);
       a.L = uint32_t(nL); a.B = uint32_t(B); a.Hs = uint32_t(Hs); a.nsteps = uint32_t(nsteps); a.Nv = uint32_t(Nv);
       a.Hsub = uint32_t(Hsub);
       a.divNv = FastDiv(uint32_t(Nv));
@@ -2016,6 +2020,8 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
       a.divH = FastDiv(uint32_t(H));
       a.divHsub = FastDiv(uint32_t(Hsub));
       a.NG = NG;
+      static const bool epoch_off = kvk_env_off("KVK_FP8_EPOCH");
+      a.sync_first = epoch_off;
       cudaLaunchConfig_t cfg{};
       cfg.gridDim = dim3(grid);
       cfg.blockDim = dim3(kResBlock);

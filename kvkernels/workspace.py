@@ -4,18 +4,15 @@
 scopes with computed scales: ``quant_fp8_resident_kernel`` in csrc/quant.cu and
 ``_q_fp8_resident_gl`` in kvkernels/triton_kernels/quant.py). Layout, shared by both kernels:
 
-* int64 words ``0 .. HEADER_WORDS - 1``: ``COUNTERS`` uint32 epoch counters, all equal between
-  launches;
-* int64 words from ``HEADER_WORDS`` on: slots, each ``(tag << 32) | amax bits``.
+* word 0: the epoch ``E`` (low 32 bits) and a done counter (high 32 bits);
+* words 1-7: unused (the slots start on their own 64-byte line);
+* words 8 on: slots, each ``(tag << 32) | amax bits``.
 
-Program ``b`` of a launch (``grid <= COUNTERS`` programs) reads counter ``b`` when it starts,
-tags its slots ``T = counter + 1`` (0 skipped: a fresh workspace's), and when it ends stores
-``T`` into counters ``b, b + grid, b + 2 grid, ...``, which no other program touches. So every
-counter advances by one a launch, slots written by earlier launches read as empty, and nothing
-is cleared between launches (clearing cost 2-3 us a launch: a grid barrier in the CUDA kernel, a
-memset kernel before the Gluon one), with no round trip at either end of the kernel. The state
-is valid only between launches that run one after another, so there is one workspace per
-(device, stream); it is zeroed when created or grown.
+A launch tags its slots ``T = E + 1`` (0 skipped), so slots written by earlier launches read as
+empty and nothing is cleared between launches (clearing cost 2-3 us a launch: a grid barrier in
+the CUDA kernel, a memset kernel before the Gluon one). The last program to finish advances
+``E``. The state is valid only between launches that run one after another, so there is one
+workspace per (device, stream); it is zeroed when created or grown.
 
 During CUDA-graph capture each call gets a fresh zeroed workspace from the graph's pool (a
 memset node in the graph), so graphs replayed on different streams never share one.
@@ -26,8 +23,7 @@ from typing import Dict, Tuple
 
 import torch
 
-COUNTERS = 2048                 # the largest grid (csrc/quant.cu: kResCounters)
-HEADER_WORDS = COUNTERS // 2    # int64 words of counters (csrc/quant.cu: kResHeader)
+HEADER_WORDS = 8
 
 _FP8: Dict[Tuple[int, int], torch.Tensor] = {}
 
