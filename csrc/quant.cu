@@ -968,10 +968,7 @@ __global__ void fp8_finalize_kernel(float* __restrict__ scale, uint32_t n) {
 // (Llama tensor and head), SmolLM2 79 / 74 -> 83-84 / 80%.
 constexpr int kResBlock = 1024;   // 32 warps per SM
 constexpr int kResStages = 3;     // steps held in shared memory
-// The workspace (uint64 words): [0] = epoch E (low 32 bits) and done counter (high 32 bits, as
-// the second uint32), [kResHeader...] = slots. A slot holds (tag << 32) | amax bits; it is full
-// for this launch when its tag is this launch's T = E + 1 (0 skipped).
-constexpr int kResHeader = 8;  // 64 bytes: the slots start on their own line
+constexpr uint32_t kSlotFull = 0x80000000u;
 constexpr int kResMaxKeys = 256;  // amax entries per step (B * Hs)
 constexpr int64_t kGroupMinVectors = 4 * kResBlock;  // block groups: layers of at least 4 blocks' vectors (K = 1)
 
@@ -984,12 +981,10 @@ struct ResidentArgs {
   int64_t sL;
   uint8_t* codes;      // [L, N] e4m3
   float* scale;        // [L * Hs]
-  uint64_t* slots;     // workspace + kResHeader, [L * Hs, gpb]: block bl's (of the key's group) amax of a key
-  uint32_t* hdr;       // workspace header: [0] epoch E, [1] done counter
+  uint32_t* slots;     // workspace [L * Hs, gpb]: block bl's (of the key's group) amax of a key, kSlotFull | float bits
   uint32_t L, B, Hs, nsteps, Nv;  // Nv: 16-byte vectors per layer
   uint32_t Hsub;                  // pseudo-layers (above); 1 for whole layers
   uint32_t NG;                    // UNI variant: block groups (below); 1 otherwise
-  uint32_t sync_first;            // EXPERIMENT KVK_FP8_EPOCH=0: a grid barrier before the first loads
   FastDiv divNv, divC, divH, divHsub;  // C = D / VE vectors per (token, head) row
 };
 
@@ -1052,13 +1047,8 @@ __device__ __forceinline__ uint32_t ld_relaxed_gpu(const uint32_t* p) {  // from
   asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
   return v;
 }
-__device__ __forceinline__ uint64_t ld_relaxed_gpu64(const uint64_t* p) {
-  uint64_t v;
-  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ void st_relaxed_gpu64(uint64_t* p, uint64_t v) {  // single-copy atomic
-  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+__device__ __forceinline__ void st_relaxed_gpu(uint32_t* p, uint32_t v) {
+  asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
@@ -1129,14 +1119,6 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   auto layer_of = [&](uint32_t s) { return s * a.NG + grp; };  // UNI: this block's layer of step s
   const uint64_t N = uint64_t(a.Nv) * VE;
   for (uint32_t i = threadIdx.x; i < kResMaxKeys; i += kResBlock) s_amax[i] = s_red[i] = 0;
-  // This launch's slot tag. Slots are never cleared: those of earlier launches carry older tags.
-  // The load's L2 round trip overlaps the first steps' loads (its value is first used in the
-  // first publish).
-  const uint32_t tag = [&] {
-    const uint32_t t = ld_relaxed_gpu(a.hdr) + 1u;
-    return t ? t : 1u;  // (0 is the tag of a fresh, zeroed workspace)
-  }();
-  const uint64_t tagged = uint64_t(tag) << 32;  // a full slot with value 0
 
   // Slot k of this thread in a step: vector v = k * P + g of the step's B layers, i.e. layer lb of
   // the step, vector off in it, amax key. The same in every step (decomposed once; only the last
@@ -1243,8 +1225,8 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
         const uint32_t m = s_amax[s & 1];
         s_amax[s & 1] = 0;  // reused at step s + 2, behind the barrier of step s + 1
         if (layer_of(s) < a.L)
-          st_relaxed_gpu64(a.slots + (uint64_t(layer_of(s)) * gpb + bl),
-                           tagged | __float_as_uint(abs_bits_to_float<Tr>(m)));
+          st_relaxed_gpu(a.slots + (uint64_t(layer_of(s)) * gpb + bl),
+                         kSlotFull | __float_as_uint(abs_bits_to_float<Tr>(m)));
       }
       return;
     }
@@ -1253,62 +1235,61 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
       const uint32_t m = s_amax[i];
       s_amax[i] = 0;  // the next publish is behind at least one more barrier
       // |x| as float: non-negative (or a positive NaN), at most 0x7fffffff: bit 31 is free
-      st_relaxed_gpu64(a.slots + (uint64_t(l0 * a.Hs + i) * gridDim.x + blockIdx.x),
-                       tagged | __float_as_uint(abs_bits_to_float<Tr>(m)));
+      st_relaxed_gpu(a.slots + (uint64_t(l0 * a.Hs + i) * gridDim.x + blockIdx.x),
+                     kSlotFull | __float_as_uint(abs_bits_to_float<Tr>(m)));
     }
   };
   // Slot *p's value once its full bit is set; v: a first load of it.
-  auto full = [&](uint64_t v) { return uint32_t(v >> 32) == tag; };
-  auto wait_full = [&](const uint64_t* p, uint64_t v) -> uint32_t {
-    while (!full(v)) {  // back-off 0, 32 or 200 ns: the same time (measured)
+  auto wait_full = [](const uint32_t* p, uint32_t v) -> uint32_t {
+    while (!(v & kSlotFull)) {  // back-off 0, 32 or 200 ns: the same time (measured)
       __nanosleep(32);
-      v = ld_relaxed_gpu64(p);
+      v = ld_relaxed_gpu(p);
     }
-    return uint32_t(v);
+    return v & ~kSlotFull;
   };
   // The first slots a thread reads for step s, loaded early (their latency then overlaps a
   // publish): slot threadIdx.x, or with UNI slots lane + 32 j of the step.
-  auto poll_first = [&](uint32_t s, uint64_t (&e)[kPollEarly]) {
+  auto poll_first = [&](uint32_t s, uint32_t (&e)[kPollEarly]) {
     if constexpr (UNI) {
       if (warp != 0 || layer_of(s) >= a.L) return;
-      const uint64_t* slots = a.slots + uint64_t(layer_of(s)) * gpb;
+      const uint32_t* slots = a.slots + uint64_t(layer_of(s)) * gpb;
 #pragma unroll
       for (int j = 0; j < kPollEarly; ++j) {
         const uint32_t i = lane + 32u * j;
-        e[j] = i < gpb ? ld_relaxed_gpu64(slots + i) : tagged;  // past the group: full, 0
+        e[j] = i < gpb ? ld_relaxed_gpu(slots + i) : kSlotFull;
       }
     } else {
       const uint32_t l0 = s * a.B, nslots = min(a.B, a.L - l0) * a.Hs * gridDim.x;
-      e[0] = threadIdx.x < nslots ? ld_relaxed_gpu64(a.slots + uint64_t(l0 * a.Hs) * gridDim.x + threadIdx.x) : 0u;
+      e[0] = threadIdx.x < nslots ? ld_relaxed_gpu(a.slots + uint64_t(l0 * a.Hs) * gridDim.x + threadIdx.x) : 0u;
     }
   };
   // UNI, warp 0: wait for the group's slots of the step's layer, reduce them, scale ->
   // s_inv[s & 1] (and a.scale).
-  auto warp_scale_inv = [&](uint32_t s, const uint64_t (&e)[kPollEarly]) {
+  auto warp_scale_inv = [&](uint32_t s, const uint32_t (&e)[kPollEarly]) {
     const uint32_t p = layer_of(s);
     if (p >= a.L) return;  // no layer for this group in the last step
-    const uint64_t* slots = a.slots + uint64_t(p) * gpb;
+    const uint32_t* slots = a.slots + uint64_t(p) * gpb;
     // Each round reloads every slot of the lane not yet full, without a sleep, until all of
     // the warp's are (twelfth session: +0.5-1.5% of copy on every fp8 tensor/head row against
     // waiting on each slot in turn with a 32 ns back-off; bench/results/fp8-onepass-12th-h200-
     // 2026-11-27.txt)
-    uint64_t v[kPollEarly];
+    uint32_t v[kPollEarly];
 #pragma unroll
     for (int j = 0; j < kPollEarly; ++j) v[j] = e[j];  // past the group: preset full, value 0
     while (true) {
       bool mine = true;
 #pragma unroll
-      for (int j = 0; j < kPollEarly; ++j) mine = mine && full(v[j]);
+      for (int j = 0; j < kPollEarly; ++j) mine = mine && (v[j] & kSlotFull);
       if (__all_sync(0xffffffffu, mine)) break;
 #pragma unroll
       for (int j = 0; j < kPollEarly; ++j)
-        if (!full(v[j])) v[j] = ld_relaxed_gpu64(slots + lane + 32u * j);
+        if (!(v[j] & kSlotFull)) v[j] = ld_relaxed_gpu(slots + lane + 32u * j);
     }
     uint32_t m = 0;
 #pragma unroll
-    for (int j = 0; j < kPollEarly; ++j) m = max(m, uint32_t(v[j]));
+    for (int j = 0; j < kPollEarly; ++j) m = max(m, v[j] & ~kSlotFull);
     for (uint32_t i = lane + 32u * kPollEarly; i < gpb; i += 32)
-      m = max(m, wait_full(slots + i, ld_relaxed_gpu64(slots + i)));
+      m = max(m, wait_full(slots + i, ld_relaxed_gpu(slots + i)));
     const float sc = fp8_scale_from_amax(__uint_as_float(__reduce_max_sync(0xffffffffu, m)));
     if (lane == 0) {
       s_inv[s & 1] = fp8_inv(sc);  // rewritten at step s + 2, behind the barrier of step s + 1
@@ -1331,7 +1312,7 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   };
   // Wait for every block's slots of step s (grid barrier), reduce them, quantize + store.
   // e: poll_first(s) of this thread.
-  auto quantize_step = [&](uint32_t s, const uint64_t (&e)[kPollEarly]) {
+  auto quantize_step = [&](uint32_t s, const uint32_t (&e)[kPollEarly]) {
     const uint4* st = stages + (s % kResStages) * kStage;
     if constexpr (UNI) {
       if (warp == 0) warp_scale_inv(s, e);
@@ -1341,15 +1322,15 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
       KVK_FP8_TRACE_AT(s, 3);
       return;
     }
-    const uint64_t first = e[0];
+    const uint32_t first = e[0];
     const uint32_t l0 = s * a.B, nkeys = min(a.B, a.L - l0) * a.Hs;
     const uint32_t nslots = nkeys * gridDim.x;
-    const uint64_t* slots = a.slots + uint64_t(l0 * a.Hs) * gridDim.x;
+    const uint32_t* slots = a.slots + uint64_t(l0 * a.Hs) * gridDim.x;
     for (uint32_t i0 = 0; i0 < nslots; i0 += kResBlock) {  // uniform: warp_max_into needs every lane
       const uint32_t i = i0 + threadIdx.x;
       uint32_t v = 0, key = 0xffffffffu;
       if (i < nslots) {
-        v = wait_full(slots + i, i0 == 0 ? first : ld_relaxed_gpu64(slots + i));
+        v = wait_full(slots + i, i0 == 0 ? first : ld_relaxed_gpu(slots + i));
         key = i / gridDim.x;  // (UNI has its own poll)
       }
       warp_max_into(s_red, key, v);
@@ -1378,18 +1359,21 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
     KVK_FP8_TRACE_AT(s, 3);
   };
 
-  // No clearing and no grid barrier before the first loads (thirteenth session; before, each block
-  // cleared its slot column behind one grid barrier, 2.3-3 us at the start of every launch, or a
-  // memset node as long): the slots are tagged by launch (above), and the last block to finish
-  // advances the epoch (below).
-  if (a.sync_first) cooperative_groups::this_grid().sync();
+  // The workspace holds garbage (it is not zeroed by the launcher: a memset node cost 2-3 us):
+  // each block clears its own slot column (UNI: key = layer, the group's layers only), then one
+  // grid barrier, 2.3-3 us. It comes before the first loads: behind 16 MiB of them (two steps on
+  // every SM) its L2 round trips queue and it took ~7 us (trace, tenth session; splitting it
+  // into arrive / loads / wait did not help, the wait queues the same way).
+  for (uint32_t key = threadIdx.x * a.NG + grp; key < a.L * a.Hs; key += kResBlock * a.NG)
+    a.slots[uint64_t(key) * gpb + bl] = 0u;
+  cooperative_groups::this_grid().sync();
   KVK_FP8_TRACE_START(1);
   // Pipeline, kResStages = 3 steps on chip: at iteration s, step s lands and is published, step
   // s-1 (published one iteration ago) is quantized, and step s+2's loads start into its stage.
   // Loads get two iterations to land; a barrier gets the publish of the next step.
   issue(0);
   issue(1);
-  uint64_t e[kPollEarly];
+  uint32_t e[kPollEarly];
   for (uint32_t s = 0; s < a.nsteps; ++s) {
     cp_async_wait<1>();  // all but the newest group: step s has landed
     if (!UNI) __syncthreads();
@@ -1402,13 +1386,6 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   }
   poll_first(a.nsteps - 1, e);
   quantize_step(a.nsteps - 1, e);
-  // Every block read the epoch before its first publish, and the last to arrive here knows that
-  // all have: it resets the counter and advances the epoch for the next launch (stream-ordered
-  // after this one).
-  if (threadIdx.x == 0 && atomicAdd(a.hdr + 1, 1u) == gridDim.x - 1) {
-    a.hdr[1] = 0;
-    a.hdr[0] = tag;
-  }
 }
 
 // ================================================================================================
@@ -1938,7 +1915,7 @@ int64_t resident_step_bytes() {
 // Returns cudaErrorNotSupported (nothing launched) when the layers don't fit the resident grid or
 // the layout isn't dense; the caller then takes the two-kernel path.
 cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int64_t H, int64_t D, int64_t sL,
-                                int64_t sT, int64_t sH, uint8_t* codes, float* scale, int scope, uint64_t* ws,
+                                int64_t sT, int64_t sH, uint8_t* codes, float* scale, int scope, uint32_t* ws,
                                 int64_t ws_words, cudaStream_t stream) {
   static const bool off = kvk_env_off("KVK_FP8_RESIDENT");
   if (off || !ws || scope > 1 || ws_words <= 0) return cudaErrorNotSupported;
@@ -2004,15 +1981,15 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
         grid = uint32_t(ng * gpb_of(ki));
       }
       const int K = kK[ki];
-      // workspace words: the header, then slots: UNI, key = layer, gpb per key; otherwise grid per key
-      if (kResHeader + nL * Hs * (grid / NG) > ws_words) return cudaErrorNotSupported;
+      // workspace words: UNI, key = layer, gpb per key; otherwise grid per key (the kernel clears
+      // what it uses)
+      if (nL * Hs * (grid / NG) > ws_words) return cudaErrorNotSupported;
       ResidentArgs a{};
       a.x = x;
       a.sL = sL;
       a.codes = codes;
       a.scale = scale;
-      a.slots = ws + kResHeader;
-      a.hdr = reinterpret_cast<uint32_t*>(ws);
+      a.slots = ws;
       a.L = uint32_t(nL); a.B = uint32_t(B); a.Hs = uint32_t(Hs); a.nsteps = uint32_t(nsteps); a.Nv = uint32_t(Nv);
       a.Hsub = uint32_t(Hsub);
       a.divNv = FastDiv(uint32_t(Nv));
@@ -2020,8 +1997,6 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
       a.divH = FastDiv(uint32_t(H));
       a.divHsub = FastDiv(uint32_t(Hsub));
       a.NG = NG;
-      static const bool epoch_off = kvk_env_off("KVK_FP8_EPOCH");
-      a.sync_first = epoch_off;
       cudaLaunchConfig_t cfg{};
       cfg.gridDim = dim3(grid);
       cfg.blockDim = dim3(kResBlock);
@@ -2090,7 +2065,7 @@ extern "C" cudaError_t kvk_dequantize_int(const uint8_t* codes, const float* sca
 
 extern "C" cudaError_t kvk_quantize_fp8(const void* x, int x_dtype, int64_t L, int64_t T, int64_t H, int64_t D,
                                         int64_t sL, int64_t sT, int64_t sH, uint8_t* codes, float* scale, int scope,
-                                        bool compute_scale, uint64_t* workspace, int64_t workspace_words,
+                                        bool compute_scale, uint32_t* workspace, int64_t workspace_words,
                                         cudaStream_t stream) {
   if (!x || !codes || !scale) return cudaErrorInvalidValue;
   if (x_dtype < 0 || x_dtype > 2 || !dims_ok(L, T, H, D) || scope < 0 || scope > 2) return cudaErrorInvalidValue;

@@ -48,15 +48,13 @@ cudaError_t kvk_dequantize_int(const uint8_t* codes, const float* scale, const f
 
 // fp8 e4m3. scope 0 tensor, 1 head, 2 token_head. compute_scale: scale = amax/448 (0 -> 1) is
 // computed and written; otherwise it is read (must be > 0).
-// workspace: nullable, workspace_words uint64, zeroed when first used and then kept for this
-// stream's launches (it carries an epoch from one launch to the next: never clear or share it
-// between streams). With compute_scale, scope 0/1 and 8 + L*(scope ? H : 1)*4*SMs words, dense
-// layers small enough to stay on chip (up to 8 MiB of bf16 per layer on a 132-SM GPU) are
-// quantized in one pass over x (one cooperative launch); otherwise an amax pass and a quantize
-// pass.
+// workspace: nullable scratch of workspace_words uint32 (any content). With compute_scale and
+// scope 0/1 and L*(scope ? H : 1)*4*SMs words, dense layers small enough to stay on chip (up to
+// 8 MiB of bf16 per layer on a 132-SM GPU) are quantized in one pass over x (one cooperative
+// launch); otherwise an amax pass and a quantize pass.
 cudaError_t kvk_quantize_fp8(const void* x, int x_dtype, int64_t L, int64_t T, int64_t H, int64_t D,
                              int64_t sL, int64_t sT, int64_t sH, uint8_t* codes, float* scale, int scope,
-                             bool compute_scale, uint64_t* workspace, int64_t workspace_words,
+                             bool compute_scale, uint32_t* workspace, int64_t workspace_words,
                              cudaStream_t stream);
 
 // Inverse: out = float(e4m3) * scale, rounded to out_dtype.

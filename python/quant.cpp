@@ -67,7 +67,7 @@ void quantize_fp8(std::uintptr_t x, int x_dtype, int64_t L, int64_t T, int64_t H
   {
     py::gil_scoped_release nogil;
     err = kvk_quantize_fp8(ptr<const void>(x), x_dtype, L, T, H, D, sL, sT, sH, ptr<uint8_t>(codes),
-                           ptr<float>(scale), scope, compute_scale, ptr<uint64_t>(workspace),
+                           ptr<float>(scale), scope, compute_scale, ptr<uint32_t>(workspace),
                            workspace_words, reinterpret_cast<cudaStream_t>(stream));
   }
   check(err, "quantize_fp8");

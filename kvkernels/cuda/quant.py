@@ -23,7 +23,6 @@ from typing import Optional
 import torch
 
 from ..formats import QuantFormat
-from ..workspace import fp8_slots
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _SCOPE_CODE = {"tensor": 0, "head": 1, "token_head": 2}
@@ -125,10 +124,12 @@ def quantize_into(x: torch.Tensor, fmt: QuantFormat, codes: torch.Tensor, scale:
         scope = _SCOPE_CODE[fmt.scope]
         ws = None
         if compute_scale and scope != 2:
-            # the one-pass kernel's workspace (kvkernels/workspace.py): an amax slot per
-            # (layer[, head], block); its grid has at most 2 blocks per SM, 4 leaves room
+            # scratch for the one-pass kernel: an amax slot per (layer[, head], block); its grid
+            # has at most 2 blocks per SM, 4 leaves room. Any content: the kernel clears what it
+            # uses. Held until the launch is enqueued; the stream orders its reuse after the kernel.
             L, _, H, _ = x.shape
-            ws = fp8_slots(x.device, L * (H if scope == 1 else 1) * 4 * _sm_count(x.device))
+            ws = torch.empty(L * (H if scope == 1 else 1) * 4 * _sm_count(x.device), dtype=torch.int32,
+                             device=x.device)
         _C.quantize_fp8(x.data_ptr(), *geo, codes.data_ptr(), scale.data_ptr(), scope, bool(compute_scale),
                         0 if ws is None else ws.data_ptr(), 0 if ws is None else ws.numel(), *tail)
     else:

@@ -93,7 +93,6 @@ except ImportError:  # pragma: no cover - older Triton: the tl kernel runs inste
     gluon = gl = None
 
 from ..formats import QuantFormat
-from ..workspace import HEADER_WORDS, fp8_slots
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # floor of the code by a round-down add (GPU); the interpreter has no directed rounding
@@ -748,7 +747,7 @@ if gluon is not None:
             return p.to(gl.int64) * s_lv * VE, p.to(gl.int64) * Nlv * VE
 
     @gluon.jit
-    def _q_fp8_resident_gl(x_ptr, codes_ptr, scale_ptr, slots_ptr, hdr_ptr, s_lv, Nlv, Nv, nL, nsteps, NG, gpb,
+    def _q_fp8_resident_gl(x_ptr, codes_ptr, scale_ptr, slots_ptr, s_lv, Nlv, Nv, nL, nsteps, NG, gpb,
                            VE: gl.constexpr, K: gl.constexpr, HS: gl.constexpr, D: gl.constexpr,
                            NW: gl.constexpr, GP2: gl.constexpr):
         # fp8 tensor scope with computed scales over nL (pseudo-)layers of Nv 16-byte vectors, in
@@ -769,13 +768,11 @@ if gluon is not None:
         # maxima and the hand-on share one, so the program's publish of step s waits for warp
         # 0's poll of step s - 1: three a step, +2 points on the tensor rows (Llama-3-8B 86-87
         # -> 89%, SmolLM2 88-90 -> 90-93%) but -3 to -8 on the heads' (so not for HS > 1).
-        # slots: [nL, gpb] int64, (tag << 32) | amax bits, never cleared: this launch's tag is
-        # the epoch hdr[0] + 1, and the last program to finish advances the epoch (the layout and
-        # protocol of kvkernels/workspace.py, shared with the CUDA kernel; the memset before each
-        # launch it replaces cost ~2 us). GP2: gpb padded to a power of two.
+        # slots: [nL, gpb] int32, zeroed by the caller. GP2: gpb padded to a power of two.
         NT: gl.constexpr = NW * 32
         R: gl.constexpr = K * NT
         C: gl.constexpr = D // VE
+        FULL: gl.constexpr = -2147483648
         MERGE: gl.constexpr = HS == 1
         L2: gl.constexpr = gl.BlockedLayout([1, VE], [32, 1], [NW, 1], [1, 0])
         # the slots of a layer: all in each warp (the warps hold copies)
@@ -813,16 +810,13 @@ if gluon is not None:
         si = gl.arange(0, GP2, layout=LS)
         # warp 0 polls: thread ids by inline asm (the slots' layout gives every warp all of them)
         poller = _tid_gl(si) < 32
-        tag = gl.load(hdr_ptr, volatile=True) + 1   # this launch's slot tag (0 is a fresh workspace's)
-        tag = gl.where(tag == 0, 1, tag)
-        tagged = tag.to(gl.int64) << 32             # a full slot of value 0
         for s in range(-2, nsteps + 1):
             pq = (s - 1) * NG + grp   # the layer quantized this iteration (step s - 1)
             qa = (s >= 1) & (pq < nL)
             # its slots' first poll, early: the load overlaps the step's amax (masked off if none)
             sp = slots_ptr + pq * gpb + si
             pm = (si < gpb) & poller & qa
-            v = gl.load(sp, mask=pm, other=tagged, volatile=True)
+            v = gl.load(sp, mask=pm, other=FULL, volatile=True)
             p = s * NG + grp          # the layer published this iteration (step s)
             pa = (s >= 0) & (s < nsteps) & (p < nL)
             if s >= 0:
@@ -835,19 +829,19 @@ if gluon is not None:
                 red.index(s % 2).store(mw)
                 if not MERGE:
                     m = gl.reduce(red.index(s % 2).load(LR), 0, _imax_gl)
-                    gl.atomic_xchg(slots_ptr + p * gpb + bl, tagged | m.to(gl.int64), sem="relaxed", scope="gpu")
+                    gl.atomic_xchg(slots_ptr + p * gpb + bl, m | FULL, sem="relaxed", scope="gpu")
             if qa:  # step s - 1: warp 0 waits for the group's slots (a warp-local reduction;
                 # the other warps' loads are masked off, so they pass) and hands the layer's amax
                 # to every warp through shared memory
-                while gl.reduce(((v >> 32).to(gl.int32) != tag).to(gl.int32), 0, _imax_gl) > 0:
-                    v = gl.load(sp, mask=pm, other=tagged, volatile=True)
-                am = gl.reduce((v & 0x7FFFFFFF).to(gl.int32), 0, _imax_gl)   # warp 0: the layer's amax; others 0
+                while gl.reduce(v, 0, _imax_gl) >= 0:
+                    v = gl.load(sp, mask=pm, other=FULL, volatile=True)
+                am = gl.reduce(v & 0x7FFFFFFF, 0, _imax_gl)   # warp 0: the layer's amax; others 0
                 hand.index(s % 2).store(gl.full([NW], 0, gl.int32, LW) + am)
             if MERGE:  # one barrier for the step's amax and the hand-on; the publish waits for it
                 _gl_barrier()
                 if pa:
                     m = gl.reduce(red.index(s % 2).load(LR), 0, _imax_gl)
-                    gl.atomic_xchg(slots_ptr + p * gpb + bl, tagged | m.to(gl.int64), sem="relaxed", scope="gpu")
+                    gl.atomic_xchg(slots_ptr + p * gpb + bl, m | FULL, sem="relaxed", scope="gpu")
             if qa:  # scale, quantize from shared memory
                 mb = gl.reduce(hand.index(s % 2).load(LR), 0, _imax_gl)
                 sc = gl.div_rn(mb.to(gl.float32, bitcast=True), 448.0)
@@ -868,14 +862,6 @@ if gluon is not None:
                 xb, cb = _res_bases(pn, s_lv, Nlv, VE, HS, D)
                 _gl_async_load(stages.index((s + 2) % 3), x_ptr + xb + offe, mask=valid)
             async_copy.commit_group()
-        # Every program read the epoch before its first publish; the last to get here (thread 0
-        # of each adds to the done counter hdr[1]) resets the counter and advances the epoch
-        t0 = gl.arange(0, NT, layout=LR) == 0       # thread 0 (element i of LR: thread i)
-        zi = gl.full([NT], 0, gl.int32, LR)
-        old = gl.atomic_add(hdr_ptr + 1 + zi, zi + 1, mask=t0, sem="relaxed", scope="gpu")
-        last = t0 & (old == NG * gpb - 1)
-        gl.store(hdr_ptr + 1 + zi, zi, mask=last)
-        gl.store(hdr_ptr + zi, zi + tag, mask=last)
 
     @gluon.jit
     def _cp_async_wait1_gl(like):
@@ -1209,11 +1195,9 @@ def _fp8_resident_plan(x, codes, fmt: QuantFormat):
 
 def _q_fp8_resident_launch(x, codes, scale, plan) -> None:
     gpb, ng, nw = plan["gpb"], plan["NG"], plan["warps"]
-    ws = fp8_slots(x.device, plan["nL"] * gpb)   # kvkernels/workspace.py
-    if os.environ.get("KVK_FP8_EPOCH") == "0":  # EXPERIMENT: a fresh zeroed workspace (memset)
-        ws = torch.zeros(HEADER_WORDS + plan["nL"] * gpb, dtype=torch.int64, device=x.device)
+    slots = torch.zeros(plan["nL"] * gpb, dtype=torch.int32, device=x.device)
     _q_fp8_resident_gl[(ng * gpb,)](
-        x, codes, scale, ws[HEADER_WORDS:], ws.view(torch.int32), plan["s_lv"], plan["Nlv"], plan["Nv"], plan["nL"], plan["nsteps"], ng, gpb,
+        x, codes, scale, slots, plan["s_lv"], plan["Nlv"], plan["Nv"], plan["nL"], plan["nsteps"], ng, gpb,
         VE=plan["VE"], K=plan["K"], HS=plan["HS"], D=plan["D"], NW=nw, GP2=_p2(gpb),
         num_warps=nw, maxnreg=64, launch_cooperative_grid=True, **_LAUNCH)
 
