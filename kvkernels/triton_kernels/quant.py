@@ -749,7 +749,7 @@ if gluon is not None:
     @gluon.jit
     def _q_fp8_resident_gl(x_ptr, codes_ptr, scale_ptr, slots_ptr, s_lv, Nlv, Nv, nL, nsteps, NG, gpb,
                            VE: gl.constexpr, K: gl.constexpr, HS: gl.constexpr, D: gl.constexpr,
-                           NW: gl.constexpr, GP2: gl.constexpr):
+                           NW: gl.constexpr, GP2: gl.constexpr, SIL: gl.constexpr):
         # fp8 tensor scope with computed scales over nL (pseudo-)layers of Nv 16-byte vectors, in
         # one pass over x: the Gluon form of the CUDA quant_fp8_resident_kernel's block groups
         # (csrc/quant.cu). The grid (co-resident: a cooperative launch, 32 / NW programs of NW
@@ -775,8 +775,15 @@ if gluon is not None:
         FULL: gl.constexpr = -2147483648
         MERGE: gl.constexpr = HS == 1
         L2: gl.constexpr = gl.BlockedLayout([1, VE], [32, 1], [NW, 1], [1, 0])
-        # the slots of a layer: all in each warp (the warps hold copies)
-        LS: gl.constexpr = gl.BlockedLayout([max(1, GP2 // 32)], [32], [NW], [0])
+        # the slots of a layer: all in each warp (the warps hold copies), as [SA, SB], slot
+        # SB a + b. SIL: [RS, 32], slot 32 r + lane in register r, so that each poll load of a
+        # warp reads 32 consecutive slots; else [32, RS], RS consecutive slots a lane
+        RS: gl.constexpr = max(1, GP2 // 32)
+        SA: gl.constexpr = RS * SIL + 32 * (1 - SIL)
+        SB: gl.constexpr = 32 * SIL + RS * (1 - SIL)
+        LS: gl.constexpr = gl.BlockedLayout([1 + (RS - 1) * SIL, 1 + (RS - 1) * (1 - SIL)],
+                                            [1 + 31 * (1 - SIL), 1 + 31 * SIL],
+                                            [1 + (NW - 1) * (1 - SIL), 1 + (NW - 1) * SIL], [1, 0])
         SH: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
         # the amax of a step: a stage viewed as [K, NW, 32, VE] (row r = k NT + 32 w + lane), so
         # that a warp reduces its own rows without the other warps; one value a warp [NW] (LW)
@@ -807,7 +814,8 @@ if gluon is not None:
         stages = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [3, R, VE], SH)
         red = gl.allocate_shared_memory(gl.int32, [2, NW], SH1)    # per-warp maxima, by step parity
         hand = gl.allocate_shared_memory(gl.int32, [2, NW], SH1)   # warp 0's polled amax, by parity
-        si = gl.arange(0, GP2, layout=LS)
+        si = (gl.expand_dims(gl.arange(0, SA, layout=gl.SliceLayout(1, LS)), 1) * SB
+              + gl.expand_dims(gl.arange(0, SB, layout=gl.SliceLayout(0, LS)), 0))
         # warp 0 polls: thread ids by inline asm (the slots' layout gives every warp all of them)
         poller = _tid_gl(si) < 32
         for s in range(-2, nsteps + 1):
@@ -833,9 +841,9 @@ if gluon is not None:
             if qa:  # step s - 1: warp 0 waits for the group's slots (a warp-local reduction;
                 # the other warps' loads are masked off, so they pass) and hands the layer's amax
                 # to every warp through shared memory
-                while gl.reduce(v, 0, _imax_gl) >= 0:
+                while gl.reduce(gl.reduce(v, 1, _imax_gl), 0, _imax_gl) >= 0:
                     v = gl.load(sp, mask=pm, other=FULL, volatile=True)
-                am = gl.reduce(v & 0x7FFFFFFF, 0, _imax_gl)   # warp 0: the layer's amax; others 0
+                am = gl.reduce(gl.reduce(v & 0x7FFFFFFF, 1, _imax_gl), 0, _imax_gl)   # warp 0: the layer's amax; others 0
                 hand.index(s % 2).store(gl.full([NW], 0, gl.int32, LW) + am)
             if MERGE:  # one barrier for the step's amax and the hand-on; the publish waits for it
                 _gl_barrier()
@@ -1199,6 +1207,7 @@ def _q_fp8_resident_launch(x, codes, scale, plan) -> None:
     _q_fp8_resident_gl[(ng * gpb,)](
         x, codes, scale, slots, plan["s_lv"], plan["Nlv"], plan["Nv"], plan["nL"], plan["nsteps"], ng, gpb,
         VE=plan["VE"], K=plan["K"], HS=plan["HS"], D=plan["D"], NW=nw, GP2=_p2(gpb),
+        SIL=int(os.environ.get("KVK_GL_POLL_IL", "1") != "0"),  # EXPERIMENT A/B knob
         num_warps=nw, maxnreg=64, launch_cooperative_grid=True, **_LAUNCH)
 
 
