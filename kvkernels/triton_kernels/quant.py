@@ -749,7 +749,7 @@ if gluon is not None:
     @gluon.jit
     def _q_fp8_resident_gl(x_ptr, codes_ptr, scale_ptr, slots_ptr, s_lv, Nlv, Nv, nL, nsteps, NG, gpb,
                            VE: gl.constexpr, K: gl.constexpr, HS: gl.constexpr, D: gl.constexpr,
-                           NW: gl.constexpr, GP2: gl.constexpr, SIL: gl.constexpr):
+                           NW: gl.constexpr, GP2: gl.constexpr):
         # fp8 tensor scope with computed scales over nL (pseudo-)layers of Nv 16-byte vectors, in
         # one pass over x: the Gluon form of the CUDA quant_fp8_resident_kernel's block groups
         # (csrc/quant.cu). The grid (co-resident: a cooperative launch, 32 / NW programs of NW
@@ -775,15 +775,12 @@ if gluon is not None:
         FULL: gl.constexpr = -2147483648
         MERGE: gl.constexpr = HS == 1
         L2: gl.constexpr = gl.BlockedLayout([1, VE], [32, 1], [NW, 1], [1, 0])
-        # the slots of a layer: all in each warp (the warps hold copies), as [SA, SB], slot
-        # SB a + b. SIL: [RS, 32], slot 32 r + lane in register r, so that each poll load of a
-        # warp reads 32 consecutive slots; else [32, RS], RS consecutive slots a lane
+        # the slots of a layer, [RS, 32]: all in each warp (the warps hold copies), slot
+        # 32 r + lane in register r, so that each poll load of a warp reads 32 consecutive slots
+        # (thirteenth session: RS consecutive slots a lane, 4 lines a load at 128 programs, was
+        # up to 2 points slower on SmolLM2 fp8:tensor, equal elsewhere)
         RS: gl.constexpr = max(1, GP2 // 32)
-        SA: gl.constexpr = RS * SIL + 32 * (1 - SIL)
-        SB: gl.constexpr = 32 * SIL + RS * (1 - SIL)
-        LS: gl.constexpr = gl.BlockedLayout([1 + (RS - 1) * SIL, 1 + (RS - 1) * (1 - SIL)],
-                                            [1 + 31 * (1 - SIL), 1 + 31 * SIL],
-                                            [1 + (NW - 1) * (1 - SIL), 1 + (NW - 1) * SIL], [1, 0])
+        LS: gl.constexpr = gl.BlockedLayout([RS, 1], [1, 32], [1, NW], [1, 0])
         SH: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
         # the amax of a step: a stage viewed as [K, NW, 32, VE] (row r = k NT + 32 w + lane), so
         # that a warp reduces its own rows without the other warps; one value a warp [NW] (LW)
@@ -814,8 +811,8 @@ if gluon is not None:
         stages = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [3, R, VE], SH)
         red = gl.allocate_shared_memory(gl.int32, [2, NW], SH1)    # per-warp maxima, by step parity
         hand = gl.allocate_shared_memory(gl.int32, [2, NW], SH1)   # warp 0's polled amax, by parity
-        si = (gl.expand_dims(gl.arange(0, SA, layout=gl.SliceLayout(1, LS)), 1) * SB
-              + gl.expand_dims(gl.arange(0, SB, layout=gl.SliceLayout(0, LS)), 0))
+        si = (gl.expand_dims(gl.arange(0, RS, layout=gl.SliceLayout(1, LS)), 1) * 32
+              + gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, LS)), 0))
         # warp 0 polls: thread ids by inline asm (the slots' layout gives every warp all of them)
         poller = _tid_gl(si) < 32
         for s in range(-2, nsteps + 1):
@@ -1207,7 +1204,6 @@ def _q_fp8_resident_launch(x, codes, scale, plan) -> None:
     _q_fp8_resident_gl[(ng * gpb,)](
         x, codes, scale, slots, plan["s_lv"], plan["Nlv"], plan["Nv"], plan["nL"], plan["nsteps"], ng, gpb,
         VE=plan["VE"], K=plan["K"], HS=plan["HS"], D=plan["D"], NW=nw, GP2=_p2(gpb),
-        SIL=int(os.environ.get("KVK_GL_POLL_IL", "1") != "0"),  # EXPERIMENT A/B knob
         num_warps=nw, maxnreg=64, launch_cooperative_grid=True, **_LAUNCH)
 
 
