@@ -1050,14 +1050,6 @@ __device__ __forceinline__ uint32_t ld_relaxed_gpu(const uint32_t* p) {  // from
 __device__ __forceinline__ void st_relaxed_gpu(uint32_t* p, uint32_t v) {
   asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
-__device__ __forceinline__ uint32_t ld_relaxed_gpu(const uint16_t* p) {
-  unsigned short v;
-  asm volatile("ld.relaxed.gpu.global.u16 %0, [%1];" : "=h"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ void st_relaxed_gpu(uint16_t* p, uint32_t v) {
-  asm volatile("st.relaxed.gpu.global.u16 [%0], %1;" ::"l"(p), "h"(static_cast<unsigned short>(v)) : "memory");
-}
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
@@ -1110,12 +1102,6 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   // stages; s_amax and s_inv alternate by step parity.
   KVK_FP8_TRACE_START(0);
   constexpr int kPollEarly = UNI ? 5 : 1;  // UNI: slots lane + 32 j loaded early (grids <= 160)
-  // UNI with 16-bit inputs: 16-bit slots, 0x8000 | the |x| bits (15 significant), so that a
-  // group's poll reads half the lines (thirteenth session: 64-bit slots cost up to 6 points)
-  constexpr bool S16 = UNI && Tr::kSize == 2;
-  using Slot = std::conditional_t<S16, uint16_t, uint32_t>;
-  constexpr uint32_t kFull = S16 ? 0x8000u : kSlotFull;
-  Slot* const uslots = reinterpret_cast<Slot*>(a.slots);  // UNI: [L, gpb]
   const uint32_t warp = threadIdx.x >> 5;
   using S = typename Tr::storage;
   constexpr int VE = 16 / Tr::kSize;
@@ -1239,8 +1225,8 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
         const uint32_t m = s_amax[s & 1];
         s_amax[s & 1] = 0;  // reused at step s + 2, behind the barrier of step s + 1
         if (layer_of(s) < a.L)
-          st_relaxed_gpu(uslots + (uint64_t(layer_of(s)) * gpb + bl),
-                         S16 ? kFull | m : kSlotFull | __float_as_uint(abs_bits_to_float<Tr>(m)));
+          st_relaxed_gpu(a.slots + (uint64_t(layer_of(s)) * gpb + bl),
+                         kSlotFull | __float_as_uint(abs_bits_to_float<Tr>(m)));
       }
       return;
     }
@@ -1254,24 +1240,23 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
     }
   };
   // Slot *p's value once its full bit is set; v: a first load of it.
-  auto wait_full = [](const auto* p, uint32_t v) -> uint32_t {  // (uint32 slots, or S16's)
-    constexpr uint32_t F = sizeof(*p) == 2 ? 0x8000u : kSlotFull;
-    while (!(v & F)) {  // back-off 0, 32 or 200 ns: the same time (measured)
+  auto wait_full = [](const uint32_t* p, uint32_t v) -> uint32_t {
+    while (!(v & kSlotFull)) {  // back-off 0, 32 or 200 ns: the same time (measured)
       __nanosleep(32);
       v = ld_relaxed_gpu(p);
     }
-    return v & ~F;
+    return v & ~kSlotFull;
   };
   // The first slots a thread reads for step s, loaded early (their latency then overlaps a
   // publish): slot threadIdx.x, or with UNI slots lane + 32 j of the step.
   auto poll_first = [&](uint32_t s, uint32_t (&e)[kPollEarly]) {
     if constexpr (UNI) {
       if (warp != 0 || layer_of(s) >= a.L) return;
-      const Slot* slots = uslots + uint64_t(layer_of(s)) * gpb;
+      const uint32_t* slots = a.slots + uint64_t(layer_of(s)) * gpb;
 #pragma unroll
       for (int j = 0; j < kPollEarly; ++j) {
         const uint32_t i = lane + 32u * j;
-        e[j] = i < gpb ? ld_relaxed_gpu(slots + i) : kFull;
+        e[j] = i < gpb ? ld_relaxed_gpu(slots + i) : kSlotFull;
       }
     } else {
       const uint32_t l0 = s * a.B, nslots = min(a.B, a.L - l0) * a.Hs * gridDim.x;
@@ -1283,7 +1268,7 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   auto warp_scale_inv = [&](uint32_t s, const uint32_t (&e)[kPollEarly]) {
     const uint32_t p = layer_of(s);
     if (p >= a.L) return;  // no layer for this group in the last step
-    const Slot* slots = uslots + uint64_t(p) * gpb;
+    const uint32_t* slots = a.slots + uint64_t(p) * gpb;
     // Each round reloads every slot of the lane not yet full, without a sleep, until all of
     // the warp's are (twelfth session: +0.5-1.5% of copy on every fp8 tensor/head row against
     // waiting on each slot in turn with a 32 ns back-off; bench/results/fp8-onepass-12th-h200-
@@ -1294,19 +1279,18 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
     while (true) {
       bool mine = true;
 #pragma unroll
-      for (int j = 0; j < kPollEarly; ++j) mine = mine && (v[j] & kFull);
+      for (int j = 0; j < kPollEarly; ++j) mine = mine && (v[j] & kSlotFull);
       if (__all_sync(0xffffffffu, mine)) break;
 #pragma unroll
       for (int j = 0; j < kPollEarly; ++j)
-        if (!(v[j] & kFull)) v[j] = ld_relaxed_gpu(slots + lane + 32u * j);
+        if (!(v[j] & kSlotFull)) v[j] = ld_relaxed_gpu(slots + lane + 32u * j);
     }
     uint32_t m = 0;
 #pragma unroll
-    for (int j = 0; j < kPollEarly; ++j) m = max(m, v[j] & ~kFull);
+    for (int j = 0; j < kPollEarly; ++j) m = max(m, v[j] & ~kSlotFull);
     for (uint32_t i = lane + 32u * kPollEarly; i < gpb; i += 32)
       m = max(m, wait_full(slots + i, ld_relaxed_gpu(slots + i)));
-    m = __reduce_max_sync(0xffffffffu, m);
-    const float sc = fp8_scale_from_amax(S16 ? abs_bits_to_float<Tr>(m) : __uint_as_float(m));
+    const float sc = fp8_scale_from_amax(__uint_as_float(__reduce_max_sync(0xffffffffu, m)));
     if (lane == 0) {
       s_inv[s & 1] = fp8_inv(sc);  // rewritten at step s + 2, behind the barrier of step s + 1
       if (bl == 0) a.scale[p] = sc;
@@ -1381,7 +1365,7 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   // every SM) its L2 round trips queue and it took ~7 us (trace, tenth session; splitting it
   // into arrive / loads / wait did not help, the wait queues the same way).
   for (uint32_t key = threadIdx.x * a.NG + grp; key < a.L * a.Hs; key += kResBlock * a.NG)
-    uslots[uint64_t(key) * gpb + bl] = 0u;  // (UNI or not: gpb = grid, bl = block without groups)
+    a.slots[uint64_t(key) * gpb + bl] = 0u;
   cooperative_groups::this_grid().sync();
   KVK_FP8_TRACE_START(1);
   // Pipeline, kResStages = 3 steps on chip: at iteration s, step s lands and is published, step
