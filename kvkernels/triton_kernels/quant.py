@@ -749,7 +749,7 @@ if gluon is not None:
     @gluon.jit
     def _q_fp8_resident_gl(x_ptr, codes_ptr, scale_ptr, slots_ptr, s_lv, Nlv, Nv, nL, nsteps, NG, gpb,
                            VE: gl.constexpr, K: gl.constexpr, HS: gl.constexpr, D: gl.constexpr,
-                           NW: gl.constexpr, GP2: gl.constexpr, PMASK: gl.constexpr):
+                           NW: gl.constexpr, GP2: gl.constexpr):
         # fp8 tensor scope with computed scales over nL (pseudo-)layers of Nv 16-byte vectors, in
         # one pass over x: the Gluon form of the CUDA quant_fp8_resident_kernel's block groups
         # (csrc/quant.cu). The grid (co-resident: a cooperative launch, 32 / NW programs of NW
@@ -839,10 +839,7 @@ if gluon is not None:
                 # the other warps' loads are masked off, so they pass) and hands the layer's amax
                 # to every warp through shared memory
                 while gl.reduce(gl.reduce(v, 1, _imax_gl), 0, _imax_gl) >= 0:
-                    if PMASK:  # reload only the slots not yet full
-                        v = gl.where(v < 0, v, gl.load(sp, mask=pm & (v >= 0), other=FULL, volatile=True))
-                    else:
-                        v = gl.load(sp, mask=pm, other=FULL, volatile=True)
+                    v = gl.load(sp, mask=pm, other=FULL, volatile=True)
                 am = gl.reduce(gl.reduce(v & 0x7FFFFFFF, 1, _imax_gl), 0, _imax_gl)   # warp 0: the layer's amax; others 0
                 hand.index(s % 2).store(gl.full([NW], 0, gl.int32, LW) + am)
             if MERGE:  # one barrier for the step's amax and the hand-on; the publish waits for it
@@ -1207,7 +1204,6 @@ def _q_fp8_resident_launch(x, codes, scale, plan) -> None:
     _q_fp8_resident_gl[(ng * gpb,)](
         x, codes, scale, slots, plan["s_lv"], plan["Nlv"], plan["Nv"], plan["nL"], plan["nsteps"], ng, gpb,
         VE=plan["VE"], K=plan["K"], HS=plan["HS"], D=plan["D"], NW=nw, GP2=_p2(gpb),
-        PMASK=int(os.environ.get("KVK_GL_POLL_MASK", "1") != "0"),  # EXPERIMENT A/B knob
         num_warps=nw, maxnreg=64, launch_cooperative_grid=True, **_LAUNCH)
 
 
