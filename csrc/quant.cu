@@ -1094,10 +1094,9 @@ __device__ __forceinline__ void fp8_trace_start(int i) {
 // per-slot key bookkeeping: fewer instructions in the publish and quantize phases, which all warps
 // of an SM go through together. (A head-scope UNI variant, keys uniform over lane groups of a head
 // row, was replaced by block groups over pseudo-layers: 80% against 88-90% of copy.)
-template <typename Tr, int K, bool HEAD, bool UNI, bool HOLD = false>
+template <typename Tr, int K, bool HEAD, bool UNI>
 __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const ResidentArgs a) {
   static_assert(!(HEAD && UNI), "the UNI variant is tensor-scope only");
-  static_assert(!HOLD || UNI, "HOLD is a UNI variant");
   // UNI: two block barriers per step instead of five. Warp 0 alone polls the step's slots and
   // computes the scale; a thread touches only its own slots of a stage, so no barrier guards the
   // stages; s_amax and s_inv alternate by step parity.
@@ -1372,51 +1371,9 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   // Pipeline, kResStages = 3 steps on chip: at iteration s, step s lands and is published, step
   // s-1 (published one iteration ago) is quantized, and step s+2's loads start into its stage.
   // Loads get two iterations to land; a barrier gets the publish of the next step.
-  uint32_t e[kPollEarly];
-  if constexpr (HOLD) {
-    // HOLD: a thread moves its vectors of step s into registers once the step is published, so
-    // that its stage takes step s + 3's loads at once (three steps in flight, not two); step s
-    // is quantized from the registers at the next iteration, behind its grid barrier.
-    uint4 held[K];
-    auto quantize_held = [&](uint32_t s) {
-      if (warp == 0) warp_scale_inv(s, e);
-      __syncthreads();
-      KVK_FP8_TRACE_AT(s, 2);
-      if (layer_of(s) >= a.L) return;
-      const float inv = s_inv[s & 1];
-      uint8_t* __restrict__ cb = a.codes + codes_base(layer_of(s));
-#pragma unroll
-      for (int k = 0; k < K; ++k) {
-        if (slk[k] == 0xffffffffu) continue;
-        float f[VE];
-        vec16_to_float<Tr, VE>(held[k], f);
-#pragma unroll
-        for (int j = 0; j < VE; ++j) f[j] = __fmul_rn(f[j], inv);
-        store_bytes<VE>(cb + uint64_t(soff[k]) * VE, fp8_pack<VE>(f), true);
-      }
-      KVK_FP8_TRACE_AT(s, 3);
-    };
-    issue(0);
-    issue(1);
-    issue(2);
-    for (uint32_t s = 0; s < a.nsteps; ++s) {
-      cp_async_wait<2>();  // all but the two newest groups: step s has landed
-      KVK_FP8_TRACE_AT(s, 0);
-      if (s > 0) poll_first(s - 1, e);
-      publish(s);
-      KVK_FP8_TRACE_AT(s, 1);
-      if (s > 0) quantize_held(s - 1);
-      const uint4* st = stages + (s % kResStages) * kStage;
-#pragma unroll
-      for (int k = 0; k < K; ++k) held[k] = st[k * kResBlock + threadIdx.x];
-      issue(s + 3);  // into the stage just read (a thread's own vectors only)
-    }
-    poll_first(a.nsteps - 1, e);
-    quantize_held(a.nsteps - 1);
-    return;
-  }
   issue(0);
   issue(1);
+  uint32_t e[kPollEarly];
   for (uint32_t s = 0; s < a.nsteps; ++s) {
     cp_async_wait<1>();  // all but the newest group: step s has landed
     if (!UNI) __syncthreads();
@@ -1922,13 +1879,7 @@ DeviceInfo device_info() {
 constexpr int resident_smem_bytes(int K) { return kResStages * kResBlock * K * 16; }
 
 // Resident blocks per SM of quant_fp8_resident_kernel<Tr, K, HEAD, UNI> (0 if unknown or it does not fit).
-// HOLD variant of the UNI kernel (developer A/B switch KVK_FP8_HOLD=1; experiment)
-bool hold_on() {
-  const char* v = std::getenv("KVK_FP8_HOLD");
-  return v && v[0] == '1';
-}
-
-template <typename Tr, int K, bool HEAD, bool UNI, bool HOLD = false>
+template <typename Tr, int K, bool HEAD, bool UNI>
 int resident_blocks_per_sm() {
   static int cache[64] = {};
   int dev = 0;
@@ -1936,9 +1887,9 @@ int resident_blocks_per_sm() {
   if (!cache[dev]) {
     int n = 0;
     const int smem = resident_smem_bytes(K);
-    if (cudaFuncSetAttribute(quant_fp8_resident_kernel<Tr, K, HEAD, UNI, HOLD>,
+    if (cudaFuncSetAttribute(quant_fp8_resident_kernel<Tr, K, HEAD, UNI>,
                              cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, quant_fp8_resident_kernel<Tr, K, HEAD, UNI, HOLD>, kResBlock,
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, quant_fp8_resident_kernel<Tr, K, HEAD, UNI>, kResBlock,
                                                       smem) !=
             cudaSuccess) {
       cudaGetLastError();  // clear: the caller falls back to the two-kernel path
@@ -2063,12 +2014,8 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
         constexpr int KC = decltype(kc)::value;
         // same shared memory; the occupancy is checked, as the grid must be co-resident
         if constexpr (!HEAD) {
-          if (uni && resident_blocks_per_sm<Tr, KC, false, true>() >= bps[ki]) {
-            static const bool hold = hold_on();
-            if (hold && resident_blocks_per_sm<Tr, KC, false, true, true>() >= bps[ki])
-              return cudaLaunchKernelEx(&cfg, quant_fp8_resident_kernel<Tr, KC, false, true, true>, a);
+          if (uni && resident_blocks_per_sm<Tr, KC, false, true>() >= bps[ki])
             return cudaLaunchKernelEx(&cfg, quant_fp8_resident_kernel<Tr, KC, false, true>, a);
-          }
         }
         if (NG > 1) return cudaErrorNotSupported;  // groups need the UNI variant: two kernels
         return cudaLaunchKernelEx(&cfg, quant_fp8_resident_kernel<Tr, KC, HEAD, false>, a);

@@ -749,7 +749,7 @@ if gluon is not None:
     @gluon.jit
     def _q_fp8_resident_gl(x_ptr, codes_ptr, scale_ptr, slots_ptr, s_lv, Nlv, Nv, nL, nsteps, NG, gpb,
                            VE: gl.constexpr, K: gl.constexpr, HS: gl.constexpr, D: gl.constexpr,
-                           NW: gl.constexpr, GP2: gl.constexpr, HOLD: gl.constexpr = False):
+                           NW: gl.constexpr, GP2: gl.constexpr):
         # fp8 tensor scope with computed scales over nL (pseudo-)layers of Nv 16-byte vectors, in
         # one pass over x: the Gluon form of the CUDA quant_fp8_resident_kernel's block groups
         # (csrc/quant.cu). The grid (co-resident: a cooperative launch, 32 / NW programs of NW
@@ -815,11 +815,7 @@ if gluon is not None:
               + gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, LS)), 0))
         # warp 0 polls: thread ids by inline asm (the slots' layout gives every warp all of them)
         poller = _tid_gl(si) < 32
-        # HOLD (experiment, KVK_FP8_HOLD=1): a thread moves its vectors of step s into registers
-        # once the step is published, and step s + 3's loads go into its stage at once (three
-        # steps in flight, not two); step s is quantized from the registers at the next iteration
-        held = gl.zeros([R, VE], x_ptr.dtype.element_ty, L2)
-        for s in range(-3 if HOLD else -2, nsteps + 1):
+        for s in range(-2, nsteps + 1):
             pq = (s - 1) * NG + grp   # the layer quantized this iteration (step s - 1)
             qa = (s >= 1) & (pq < nL)
             # its slots' first poll, early: the load overlaps the step's amax (masked off if none)
@@ -830,10 +826,7 @@ if gluon is not None:
             pa = (s >= 0) & (s < nsteps) & (p < nL)
             if s >= 0:
                 # step s has landed (this thread's copies; a thread reads only its own vectors)
-                if HOLD:
-                    _cp_async_wait2_gl(pid)
-                else:
-                    _cp_async_wait1_gl(pid)
+                _cp_async_wait1_gl(pid)
             if pa:  # |x| bits (ordered as |x|; NaN above inf): this program's max of step s
                 a = stages.index(s % 3).reshape([K, NW, 32, VE]).load(L4)
                 a = a.to(gl.float32).to(gl.int32, bitcast=True) & 0x7FFFFFFF
@@ -862,31 +855,17 @@ if gluon is not None:
                 if bl == 0:
                     gl.store(scale_ptr + pq, sc)
                 xb, cb = _res_bases(pq, s_lv, Nlv, VE, HS, D)
-                if HOLD:
-                    y = held.to(gl.float32) * inv
-                else:
-                    y = stages.index((s - 1) % 3).load(L2).to(gl.float32) * inv
+                y = stages.index((s - 1) % 3).load(L2).to(gl.float32) * inv
                 c = y.to(gl.float8e4nv).to(gl.uint8, bitcast=True)
                 gl.store(codes_ptr + cb + offe, c, mask=valid)
-            if HOLD:
-                if pa:
-                    held = stages.index(s % 3).load(L2)
-                # step s + 3: its loads start, into the stage that step s held
-                _gl_barrier()
-                pn = (s + 3) * NG + grp
-                if (s + 3 < nsteps) & (pn < nL):
-                    xb, cb = _res_bases(pn, s_lv, Nlv, VE, HS, D)
-                    _gl_async_load(stages.index((s + 3) % 3), x_ptr + xb + offe, mask=valid)
-            else:
-                # step s + 2: its loads start, into the stage that step s - 1 held. The barrier
-                # (a thread reads only the vectors it copied, but Triton cannot know) is on every
-                # path through the loop, so that Triton adds none before the next step's hand-on
-                # store
-                _gl_barrier()
-                pn = (s + 2) * NG + grp
-                if (s + 2 < nsteps) & (pn < nL):
-                    xb, cb = _res_bases(pn, s_lv, Nlv, VE, HS, D)
-                    _gl_async_load(stages.index((s + 2) % 3), x_ptr + xb + offe, mask=valid)
+            # step s + 2: its loads start, into the stage that step s - 1 held. The barrier (a
+            # thread reads only the vectors it copied, but Triton cannot know) is on every path
+            # through the loop, so that Triton adds none before the next step's hand-on store
+            _gl_barrier()
+            pn = (s + 2) * NG + grp
+            if (s + 2 < nsteps) & (pn < nL):
+                xb, cb = _res_bases(pn, s_lv, Nlv, VE, HS, D)
+                _gl_async_load(stages.index((s + 2) % 3), x_ptr + xb + offe, mask=valid)
             async_copy.commit_group()
 
     @gluon.jit
@@ -895,12 +874,6 @@ if gluon is not None:
         async_copy.wait_group it adds no block barrier; Triton puts one before the first read
         of the stage, which makes the copies visible to the block."""
         return gl.inline_asm_elementwise("cp.async.wait_group 1;\n\tmov.u32 $0, 0;", "=r,r", [like], dtype=gl.int32,
-                                         is_pure=False, pack=1)
-
-    @gluon.jit
-    def _cp_async_wait2_gl(like):
-        """cp.async.wait_group 2 (as _cp_async_wait1_gl, with two groups left in flight)."""
-        return gl.inline_asm_elementwise("cp.async.wait_group 2;\n\tmov.u32 $0, 0;", "=r,r", [like], dtype=gl.int32,
                                          is_pure=False, pack=1)
 
     @gluon.jit
@@ -1231,7 +1204,6 @@ def _q_fp8_resident_launch(x, codes, scale, plan) -> None:
     _q_fp8_resident_gl[(ng * gpb,)](
         x, codes, scale, slots, plan["s_lv"], plan["Nlv"], plan["Nv"], plan["nL"], plan["nsteps"], ng, gpb,
         VE=plan["VE"], K=plan["K"], HS=plan["HS"], D=plan["D"], NW=nw, GP2=_p2(gpb),
-        HOLD=os.environ.get("KVK_FP8_HOLD") == "1",
         num_warps=nw, maxnreg=64, launch_cooperative_grid=True, **_LAUNCH)
 
 
