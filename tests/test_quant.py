@@ -425,12 +425,12 @@ def test_fp8_computed_scale_special_values(backend, spec, dtype, shape):
 
 
 def _template_flags(name):
-    """The HEAD and UNI template flags (last two of <Tr, K, HEAD, UNI>) of a one-pass kernel's
-    name, demangled or not."""
+    """The HEAD and UNI template flags (third and fourth of <Tr, K, HEAD, UNI, ...>) of a
+    one-pass kernel's name, demangled or not."""
     m = re.search(r"quant_fp8_resident_kernel<([^<>]*)>", name)
     if m:
-        return tuple(f.strip() == "true" for f in m.group(1).split(",")[-2:])
-    m = re.search(r"quant_fp8_resident_kernel.*Lb([01])ELb([01])E", name)
+        return tuple(f.strip() == "true" for f in m.group(1).split(",")[2:4])
+    m = re.search(r"quant_fp8_resident_kernel.*?Li\d+ELb([01])ELb([01])E", name)
     assert m, f"cannot read the template flags of {name}"
     return m.group(1) == "1", m.group(2) == "1"
 
