@@ -1060,32 +1060,6 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
-// Hopper bulk copies (TMA, 1-D) into shared memory, completion counted in bytes by an mbarrier.
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void mbar_init(uint64_t* b, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(b)), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* b, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(b)), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint64_t* b, uint32_t parity) {
-  uint32_t done = 0;
-  do {
-    asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-                 : "=r"(done)
-                 : "r"(smem_addr(b)), "r"(parity)
-                 : "memory");
-  } while (!done);
-}
-__device__ __forceinline__ void bulk_g2s(void* dst, const void* src, uint32_t bytes, uint64_t* b) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                   smem_addr(dst)),
-               "l"(src), "r"(bytes), "r"(smem_addr(b))
-               : "memory");
-}
-
 // Developer trace (scripts/exp/fp8_trace_exp.cu compiles this file with KVK_FP8_TRACE): thread 0
 // of each block stores %globaltimer at four points of each of the first 64 steps into
 // g_kvk_fp8_trace[grid][64][4]: 0 landed, 1 published, 2 scale known (grid barrier passed),
@@ -1120,10 +1094,9 @@ __device__ __forceinline__ void fp8_trace_start(int i) {
 // per-slot key bookkeeping: fewer instructions in the publish and quantize phases, which all warps
 // of an SM go through together. (A head-scope UNI variant, keys uniform over lane groups of a head
 // row, was replaced by block groups over pseudo-layers: 80% against 88-90% of copy.)
-template <typename Tr, int K, bool HEAD, bool UNI, bool TMA = false>
+template <typename Tr, int K, bool HEAD, bool UNI>
 __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const ResidentArgs a) {
   static_assert(!(HEAD && UNI), "the UNI variant is tensor-scope only");
-  static_assert(!TMA || UNI, "TMA is a UNI variant");
   // UNI: two block barriers per step instead of five. Warp 0 alone polls the step's slots and
   // computes the scale; a thread touches only its own slots of a stage, so no barrier guards the
   // stages; s_amax and s_inv alternate by step parity.
@@ -1393,80 +1366,14 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   // into arrive / loads / wait did not help, the wait queues the same way).
   for (uint32_t key = threadIdx.x * a.NG + grp; key < a.L * a.Hs; key += kResBlock * a.NG)
     a.slots[uint64_t(key) * gpb + bl] = 0u;
-  __shared__ alignas(8) uint64_t s_full[kResStages];  // TMA: a stage's bytes have landed
-  if (TMA && threadIdx.x == 0) {
-    for (int i = 0; i < kResStages; ++i) mbar_init(&s_full[i], 1);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
   cooperative_groups::this_grid().sync();
   KVK_FP8_TRACE_START(1);
-  uint32_t e[kPollEarly];
-  if constexpr (TMA) {
-    // TMA: warp 1 copies a step into its stage with bulk copies (one per contiguous run of x: a
-    // chunk k of 1024 vectors, or with Hsub > 1 the pieces of the head rows it spans), counted
-    // by the stage's mbarrier. A block's cp.async traffic delays its own slot polls (an L2 hit
-    // took ~3600 cycles with 64 KiB of cp.async in flight, ~1400 with the same bytes by bulk
-    // copies, 600 idle: scripts/exp/poll_latency_exp.cu, fourteenth session).
-    constexpr uint32_t kIssueWarp = 1;
-    auto issue_tma = [&](uint32_t s) {  // every lane of warp kIssueWarp
-      if (s >= a.nsteps) return;
-      uint64_t* bar = &s_full[s % kResStages];
-      uint4* st = stages + (s % kResStages) * kStage;
-      const uint32_t p = layer_of(s);
-      const bool has = p < a.L;
-      const uint32_t C = a.divC.d;
-      uint32_t bytes = 0;
-      if (has) {
-#pragma unroll
-        for (int k = 0; k < K; ++k) {
-          const uint32_t c0 = uint32_t(k) * P + bl * kResBlock;
-          if (c0 < a.Nv) bytes += (min(c0 + kResBlock, a.Nv) - c0) * 16u;
-        }
-      }
-      if (lane == 0) mbar_arrive_expect_tx(bar, bytes);
-      __syncwarp();
-      if (!has) return;
-      const S* xb = static_cast<const S*>(a.x) + x_base(p);
-#pragma unroll
-      for (int k = 0; k < K; ++k) {
-        const uint32_t c0 = uint32_t(k) * P + bl * kResBlock;
-        if (c0 >= a.Nv) break;
-        const uint32_t c1 = min(c0 + kResBlock, a.Nv);
-        if (a.Hsub == 1) {
-          if (lane == 0) bulk_g2s(st + k * kResBlock, xb + uint64_t(c0) * VE, (c1 - c0) * 16u, bar);
-        } else {  // rows of C vectors, Hsub * C apart in x
-          const uint32_t r0 = a.divC.div(c0), r1 = a.divC.div(c1 - 1);
-          for (uint32_t r = r0 + lane; r <= r1; r += 32) {
-            const uint32_t v0 = max(c0, r * C), v1 = min(c1, r * C + C);
-            bulk_g2s(st + k * kResBlock + (v0 - c0), xb + (uint64_t(r) * a.Hsub * C + (v0 - r * C)) * VE,
-                     (v1 - v0) * 16u, bar);
-          }
-        }
-      }
-    };
-    if (warp == kIssueWarp) {
-      issue_tma(0);
-      issue_tma(1);
-    }
-    for (uint32_t s = 0; s < a.nsteps; ++s) {
-      mbar_wait(&s_full[s % kResStages], (s / kResStages) & 1u);  // step s has landed
-      KVK_FP8_TRACE_AT(s, 0);
-      if (s > 0) poll_first(s - 1, e);
-      publish(s);
-      KVK_FP8_TRACE_AT(s, 1);
-      if (s > 0) quantize_step(s - 1, e);
-      __syncthreads();  // every thread is done with stage (s + 2) % 3 (step s - 1)
-      if (warp == kIssueWarp) issue_tma(s + 2);
-    }
-    poll_first(a.nsteps - 1, e);
-    quantize_step(a.nsteps - 1, e);
-    return;
-  }
   // Pipeline, kResStages = 3 steps on chip: at iteration s, step s lands and is published, step
   // s-1 (published one iteration ago) is quantized, and step s+2's loads start into its stage.
   // Loads get two iterations to land; a barrier gets the publish of the next step.
   issue(0);
   issue(1);
+  uint32_t e[kPollEarly];
   for (uint32_t s = 0; s < a.nsteps; ++s) {
     cp_async_wait<1>();  // all but the newest group: step s has landed
     if (!UNI) __syncthreads();
@@ -1972,13 +1879,7 @@ DeviceInfo device_info() {
 constexpr int resident_smem_bytes(int K) { return kResStages * kResBlock * K * 16; }
 
 // Resident blocks per SM of quant_fp8_resident_kernel<Tr, K, HEAD, UNI> (0 if unknown or it does not fit).
-// TMA variant of the UNI kernel (developer A/B switch KVK_FP8_TMA=1; experiment)
-bool tma_on() {
-  const char* v = std::getenv("KVK_FP8_TMA");
-  return v && v[0] == '1';
-}
-
-template <typename Tr, int K, bool HEAD, bool UNI, bool TMA = false>
+template <typename Tr, int K, bool HEAD, bool UNI>
 int resident_blocks_per_sm() {
   static int cache[64] = {};
   int dev = 0;
@@ -1986,9 +1887,9 @@ int resident_blocks_per_sm() {
   if (!cache[dev]) {
     int n = 0;
     const int smem = resident_smem_bytes(K);
-    if (cudaFuncSetAttribute(quant_fp8_resident_kernel<Tr, K, HEAD, UNI, TMA>,
+    if (cudaFuncSetAttribute(quant_fp8_resident_kernel<Tr, K, HEAD, UNI>,
                              cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, quant_fp8_resident_kernel<Tr, K, HEAD, UNI, TMA>, kResBlock,
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, quant_fp8_resident_kernel<Tr, K, HEAD, UNI>, kResBlock,
                                                       smem) !=
             cudaSuccess) {
       cudaGetLastError();  // clear: the caller falls back to the two-kernel path
@@ -2113,12 +2014,8 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
         constexpr int KC = decltype(kc)::value;
         // same shared memory; the occupancy is checked, as the grid must be co-resident
         if constexpr (!HEAD) {
-          if (uni && resident_blocks_per_sm<Tr, KC, false, true>() >= bps[ki]) {
-            static const bool tma = tma_on();
-            if (tma && resident_blocks_per_sm<Tr, KC, false, true, true>() >= bps[ki])
-              return cudaLaunchKernelEx(&cfg, quant_fp8_resident_kernel<Tr, KC, false, true, true>, a);
+          if (uni && resident_blocks_per_sm<Tr, KC, false, true>() >= bps[ki])
             return cudaLaunchKernelEx(&cfg, quant_fp8_resident_kernel<Tr, KC, false, true>, a);
-          }
         }
         if (NG > 1) return cudaErrorNotSupported;  // groups need the UNI variant: two kernels
         return cudaLaunchKernelEx(&cfg, quant_fp8_resident_kernel<Tr, KC, HEAD, false>, a);

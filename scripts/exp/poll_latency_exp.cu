@@ -4,7 +4,9 @@
 // block of a full grid (one 1024-thread block an SM) starts K * 16 KiB of loads into shared
 // memory, then thread 0 times one relaxed load of an L2-resident word (clock64 before the load and
 // after a use of its value). Loads by cp.async (1024 threads, 16 B each) or by TMA bulk copies
-// (thread 0, one 16 KiB copy per k, an mbarrier counting the bytes). K = 0: no traffic.
+// (thread 0, one 16 KiB copy per k, an mbarrier counting the bytes). K = 0: no traffic. Modes
+// cp.async-w0idle (warp 0, the prober, copies nothing; the other warps as in cp.async) and
+// tma-bulk-w1 (the bulk copies issued by warp 1) tell whether the wait is the prober's own.
 //
 //   nvcc -arch=sm_90 -std=c++17 -O3 -Icsrc scripts/exp/poll_latency_exp.cu -o /tmp/pl && /tmp/pl
 #include <algorithm>
@@ -40,13 +42,13 @@ __global__ void __launch_bounds__(1024, 1) probe_kernel(const uint4* src, const 
   }
   __syncthreads();
   long long t0 = clock64();
-  if (mode == 0) {
+  if (mode == 0 || (mode == 2 && threadIdx.x >= 32)) {
     for (int k = 0; k < K; ++k) {
       const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(sm + k * 1024 + threadIdx.x));
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(base + k * 1024 + threadIdx.x) : "memory");
     }
     asm volatile("cp.async.commit_group;" ::: "memory");
-  } else if (threadIdx.x == 0 && K > 0) {
+  } else if ((mode == 1 ? threadIdx.x == 0 : threadIdx.x == 32) && K > 0) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(sbar), "r"(K * 16384) : "memory");
     for (int k = 0; k < K; ++k) {
       const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(sm + k * 1024));
@@ -62,7 +64,7 @@ __global__ void __launch_bounds__(1024, 1) probe_kernel(const uint4* src, const 
     const uint32_t v = ld_relaxed(slot);
     probe = clock_after(v) - a;
   }
-  if (mode == 0) {
+  if (mode == 0 || mode == 2) {
     asm volatile("cp.async.wait_group 0;" ::: "memory");
   } else if (K > 0) {
     uint32_t done = 0;
@@ -93,7 +95,8 @@ int main() {
   std::vector<long long> h(sms * 2);
   printf("grid %d x 1024 threads; an L2-hit relaxed load timed by thread 0 while the block's loads are in flight\n", sms);
   printf("  mode      K  KiB/SM   probe cycles (p10 / median / p90)   landed cycles (median)\n");
-  for (int mode : {0, 1}) {
+  const char* names[4] = {"cp.async", "tma-bulk", "cp.async-w0idle", "tma-bulk-w1"};
+  for (int mode : {0, 2, 1, 3}) {
     for (int K : {0, 1, 2, 4, 8, 12}) {
       std::vector<long long> pr, ld;
       for (int rep = 0; rep < 10; ++rep) {
@@ -107,7 +110,7 @@ int main() {
       std::sort(pr.begin(), pr.end());
       std::sort(ld.begin(), ld.end());
       const size_t n = pr.size();
-      printf("  %-8s %2d %7d   %8lld / %8lld / %8lld          %8lld\n", mode ? "tma-bulk" : "cp.async", K, K * 16,
+      printf("  %-15s %2d %7d   %8lld / %8lld / %8lld          %8lld\n", names[mode], K, K * 16,
              pr[n / 10], pr[n / 2], pr[n * 9 / 10], ld[n / 2]);
     }
   }
