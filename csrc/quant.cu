@@ -985,7 +985,6 @@ struct ResidentArgs {
   uint32_t L, B, Hs, nsteps, Nv;  // Nv: 16-byte vectors per layer
   uint32_t Hsub;                  // pseudo-layers (above); 1 for whole layers
   uint32_t NG;                    // UNI variant: block groups (below); 1 otherwise
-  uint32_t early;                 // experiment: warps 1-31 load before the first grid barrier
   FastDiv divNv, divC, divH, divHsub;  // C = D / VE vectors per (token, head) row
 };
 
@@ -1365,27 +1364,15 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   // grid barrier, 2.3-3 us. It comes before the first loads: behind 16 MiB of them (two steps on
   // every SM) its L2 round trips queue and it took ~7 us (trace, tenth session; splitting it
   // into arrive / loads / wait did not help, the wait queues the same way).
-  // EARLY (experiment, KVK_FP8_EARLY=1): warps 1-31 start their loads of steps 0 and 1 before
-  // the barrier; warp 0, whose thread 0 runs the barrier's atomic and polls, after it. A warp's
-  // loads wait behind its own cp.async copies in flight, not behind other warps' (an L2 hit:
-  // ~3400 cycles with 16 KiB of the warp's own in flight, ~530 with none while the other warps
-  // had 64 KiB: scripts/exp/poll_latency_exp.cu, fourteenth session).
-  const bool early = a.early && warp != 0;
-  if (early) {
-    issue(0);
-    issue(1);
-  }
   for (uint32_t key = threadIdx.x * a.NG + grp; key < a.L * a.Hs; key += kResBlock * a.NG)
     a.slots[uint64_t(key) * gpb + bl] = 0u;
   cooperative_groups::this_grid().sync();
   KVK_FP8_TRACE_START(1);
-  if (!early) {
-    issue(0);
-    issue(1);
-  }
   // Pipeline, kResStages = 3 steps on chip: at iteration s, step s lands and is published, step
   // s-1 (published one iteration ago) is quantized, and step s+2's loads start into its stage.
   // Loads get two iterations to land; a barrier gets the publish of the next step.
+  issue(0);
+  issue(1);
   uint32_t e[kPollEarly];
   for (uint32_t s = 0; s < a.nsteps; ++s) {
     cp_async_wait<1>();  // all but the newest group: step s has landed
@@ -2010,11 +1997,6 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
       a.divH = FastDiv(uint32_t(H));
       a.divHsub = FastDiv(uint32_t(Hsub));
       a.NG = NG;
-      static const bool early_on = [] {
-        const char* v = std::getenv("KVK_FP8_EARLY");
-        return v && v[0] == '1';
-      }();
-      a.early = early_on ? 1u : 0u;
       cudaLaunchConfig_t cfg{};
       cfg.gridDim = dim3(grid);
       cfg.blockDim = dim3(kResBlock);
