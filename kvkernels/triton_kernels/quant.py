@@ -749,7 +749,7 @@ if gluon is not None:
     @gluon.jit
     def _q_fp8_resident_gl(x_ptr, codes_ptr, scale_ptr, slots_ptr, s_lv, Nlv, Nv, nL, nsteps, NG, gpb,
                            VE: gl.constexpr, K: gl.constexpr, HS: gl.constexpr, D: gl.constexpr,
-                           NW: gl.constexpr, GP2: gl.constexpr, PRO: gl.constexpr = False):
+                           NW: gl.constexpr, GP2: gl.constexpr):
         # fp8 tensor scope with computed scales over nL (pseudo-)layers of Nv 16-byte vectors, in
         # one pass over x: the Gluon form of the CUDA quant_fp8_resident_kernel's block groups
         # (csrc/quant.cu). The grid (co-resident: a cooperative launch, 32 / NW programs of NW
@@ -827,12 +827,6 @@ if gluon is not None:
             if s >= 0:
                 # step s has landed (this thread's copies; a thread reads only its own vectors)
                 _cp_async_wait1_gl(pid)
-                if PRO:  # (experiment, KVK_FP8_PRO=1) step 1's loads start once step 0 has landed
-                    if s == 0:
-                        if (1 < nsteps) & (NG + grp < nL):
-                            xb, cb = _res_bases(NG + grp, s_lv, Nlv, VE, HS, D)
-                            _gl_async_load(stages.index(1), x_ptr + xb + offe, mask=valid)
-                        async_copy.commit_group()
             if pa:  # |x| bits (ordered as |x|; NaN above inf): this program's max of step s
                 a = stages.index(s % 3).reshape([K, NW, 32, VE]).load(L4)
                 a = a.to(gl.float32).to(gl.int32, bitcast=True) & 0x7FFFFFFF
@@ -869,10 +863,7 @@ if gluon is not None:
             # through the loop, so that Triton adds none before the next step's hand-on store
             _gl_barrier()
             pn = (s + 2) * NG + grp
-            go = (s + 2 < nsteps) & (pn < nL)
-            if PRO:
-                go = go & (s != -1)
-            if go:
+            if (s + 2 < nsteps) & (pn < nL):
                 xb, cb = _res_bases(pn, s_lv, Nlv, VE, HS, D)
                 _gl_async_load(stages.index((s + 2) % 3), x_ptr + xb + offe, mask=valid)
             async_copy.commit_group()
@@ -1213,7 +1204,6 @@ def _q_fp8_resident_launch(x, codes, scale, plan) -> None:
     _q_fp8_resident_gl[(ng * gpb,)](
         x, codes, scale, slots, plan["s_lv"], plan["Nlv"], plan["Nv"], plan["nL"], plan["nsteps"], ng, gpb,
         VE=plan["VE"], K=plan["K"], HS=plan["HS"], D=plan["D"], NW=nw, GP2=_p2(gpb),
-        PRO=os.environ.get("KVK_FP8_PRO") == "1",
         num_warps=nw, maxnreg=64, launch_cooperative_grid=True, **_LAUNCH)
 
 
