@@ -985,7 +985,6 @@ struct ResidentArgs {
   uint32_t L, B, Hs, nsteps, Nv;  // Nv: 16-byte vectors per layer
   uint32_t Hsub;                  // pseudo-layers (above); 1 for whole layers
   uint32_t NG;                    // UNI variant: block groups (below); 1 otherwise
-  uint32_t pro;                   // experiment: step 1's loads after step 0 has landed
   FastDiv divNv, divC, divH, divHsub;  // C = D / VE vectors per (token, head) row
 };
 
@@ -1372,19 +1371,11 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   // Pipeline, kResStages = 3 steps on chip: at iteration s, step s lands and is published, step
   // s-1 (published one iteration ago) is quantized, and step s+2's loads start into its stage.
   // Loads get two iterations to land; a barrier gets the publish of the next step.
-  // PRO (experiment, KVK_FP8_PRO=1): step 1's loads start once step 0 has landed, not with
-  // it, so that step 0 lands after its own bytes rather than after both steps' (the HBM serves
-  // the two steps' requests interleaved)
   issue(0);
-  if (!a.pro) issue(1);
+  issue(1);
   uint32_t e[kPollEarly];
   for (uint32_t s = 0; s < a.nsteps; ++s) {
-    if (a.pro && s == 0) {
-      cp_async_wait<0>();
-      issue(1);
-    } else {
-      cp_async_wait<1>();  // all but the newest group: step s has landed
-    }
+    cp_async_wait<1>();  // all but the newest group: step s has landed
     if (!UNI) __syncthreads();
     KVK_FP8_TRACE_AT(s, 0);
     if (s > 0) poll_first(s - 1, e);
@@ -2006,11 +1997,6 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
       a.divH = FastDiv(uint32_t(H));
       a.divHsub = FastDiv(uint32_t(Hsub));
       a.NG = NG;
-      static const bool pro_on = [] {
-        const char* v = std::getenv("KVK_FP8_PRO");
-        return v && v[0] == '1';
-      }();
-      a.pro = pro_on ? 1u : 0u;
       cudaLaunchConfig_t cfg{};
       cfg.gridDim = dim3(grid);
       cfg.blockDim = dim3(kResBlock);
