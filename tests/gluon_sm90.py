@@ -35,7 +35,7 @@ def dq_token(spec, H, D, esize):
 
 
 def fp8_resident(esize, K, HS, D, NW):
-    consts = dict(VE=16 // esize, K=K, HS=HS, D=D, NW=NW, GP2=128)
+    consts = dict(VE=16 // esize, K=K, HS=HS, D=D, NW=NW, GP2=128, tr_ptr=None, TRACE=False)
     types = dict(x_ptr=OUT[esize], codes_ptr="*u8", scale_ptr="*fp32", slots_ptr="*i32", s_lv="i64", Nlv="i64")
     cubin, shared = compile_fn(tq._q_fp8_resident_gl, consts, types, NW, maxnreg=64)
     return dict(kernel="fp8_resident", esize=esize, K=K, HS=HS, D=D, NW=NW, cubin=cubin, shared=shared)

@@ -749,7 +749,7 @@ if gluon is not None:
     @gluon.jit
     def _q_fp8_resident_gl(x_ptr, codes_ptr, scale_ptr, slots_ptr, s_lv, Nlv, Nv, nL, nsteps, NG, gpb,
                            VE: gl.constexpr, K: gl.constexpr, HS: gl.constexpr, D: gl.constexpr,
-                           NW: gl.constexpr, GP2: gl.constexpr):
+                           NW: gl.constexpr, GP2: gl.constexpr, tr_ptr=None, TRACE: gl.constexpr = False):
         # fp8 tensor scope with computed scales over nL (pseudo-)layers of Nv 16-byte vectors, in
         # one pass over x: the Gluon form of the CUDA quant_fp8_resident_kernel's block groups
         # (csrc/quant.cu). The grid (co-resident: a cooperative launch, 32 / NW programs of NW
@@ -815,6 +815,10 @@ if gluon is not None:
               + gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, LS)), 0))
         # warp 0 polls: thread ids by inline asm (the slots' layout gives every warp all of them)
         poller = _tid_gl(si) < 32
+        # TRACE (developer, scripts/exp/gluon_trace_exp.py): %globaltimer of each program at its
+        # start and at four points of each of the first 64 steps, as the CUDA kernel's trace
+        if TRACE:
+            _trace_gl(tr_ptr, pid, 64, 0, NW, True)
         for s in range(-2, nsteps + 1):
             pq = (s - 1) * NG + grp   # the layer quantized this iteration (step s - 1)
             qa = (s >= 1) & (pq < nL)
@@ -827,6 +831,8 @@ if gluon is not None:
             if s >= 0:
                 # step s has landed (this thread's copies; a thread reads only its own vectors)
                 _cp_async_wait1_gl(pid)
+                if TRACE:
+                    _trace_gl(tr_ptr, pid, s, 0, NW)
             if pa:  # |x| bits (ordered as |x|; NaN above inf): this program's max of step s
                 a = stages.index(s % 3).reshape([K, NW, 32, VE]).load(L4)
                 a = a.to(gl.float32).to(gl.int32, bitcast=True) & 0x7FFFFFFF
@@ -847,8 +853,13 @@ if gluon is not None:
                 if pa:
                     m = gl.reduce(red.index(s % 2).load(LR), 0, _imax_gl)
                     gl.atomic_xchg(slots_ptr + p * gpb + bl, m | FULL, sem="relaxed", scope="gpu")
+            if TRACE:
+                if pa:
+                    _trace_gl(tr_ptr, pid, s, 1, NW)
             if qa:  # scale, quantize from shared memory
                 mb = gl.reduce(hand.index(s % 2).load(LR), 0, _imax_gl)
+                if TRACE:
+                    _trace_gl(tr_ptr, pid, s - 1, 2, NW)
                 sc = gl.div_rn(mb.to(gl.float32, bitcast=True), 448.0)
                 sc = gl.where(sc > 0, sc, 1.0)
                 inv = gl.minimum(gl.div_rn(1.0, sc), 3.4028234663852886e38)
@@ -858,6 +869,8 @@ if gluon is not None:
                 y = stages.index((s - 1) % 3).load(L2).to(gl.float32) * inv
                 c = y.to(gl.float8e4nv).to(gl.uint8, bitcast=True)
                 gl.store(codes_ptr + cb + offe, c, mask=valid)
+                if TRACE:
+                    _trace_gl(tr_ptr, pid, s - 1, 3, NW)
             # step s + 2: its loads start, into the stage that step s - 1 held. The barrier (a
             # thread reads only the vectors it copied, but Triton cannot know) is on every path
             # through the loop, so that Triton adds none before the next step's hand-on store
@@ -875,6 +888,17 @@ if gluon is not None:
         of the stage, which makes the copies visible to the block."""
         return gl.inline_asm_elementwise("cp.async.wait_group 1;\n\tmov.u32 $0, 0;", "=r,r", [like], dtype=gl.int32,
                                          is_pure=False, pack=1)
+
+    @gluon.jit
+    def _trace_gl(tr_ptr, pid, s, phase: gl.constexpr, NW: gl.constexpr, START: gl.constexpr = False):
+        """%globaltimer -> tr_ptr[(pid * 65 + s) * 4 + phase] (int64) for steps s < 64; with
+        START the program's start, at row 64."""
+        LT: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
+        if START or s < 64:
+            z = gl.full([1], 0, gl.int32, LT)
+            t = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [z], dtype=gl.int64, is_pure=False,
+                                          pack=1)
+            gl.store(tr_ptr + ((pid * 65 + s) * 4 + phase) + gl.arange(0, 1, layout=LT), t)
 
     @gluon.jit
     def _tid_gl(like):
