@@ -985,7 +985,6 @@ struct ResidentArgs {
   uint32_t L, B, Hs, nsteps, Nv;  // Nv: 16-byte vectors per layer
   uint32_t Hsub;                  // pseudo-layers (above); 1 for whole layers
   uint32_t NG;                    // UNI variant: block groups (below); 1 otherwise
-  uint32_t zeroed;                // experiment: the launcher zeroed the slots (memset node)
   FastDiv divNv, divC, divH, divHsub;  // C = D / VE vectors per (token, head) row
 };
 
@@ -1365,11 +1364,9 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   // grid barrier, 2.3-3 us. It comes before the first loads: behind 16 MiB of them (two steps on
   // every SM) its L2 round trips queue and it took ~7 us (trace, tenth session; splitting it
   // into arrive / loads / wait did not help, the wait queues the same way).
-  if (!a.zeroed) {  // (experiment KVK_FP8_MEMSET=1: the launcher zeroed the slots, no barrier here)
-    for (uint32_t key = threadIdx.x * a.NG + grp; key < a.L * a.Hs; key += kResBlock * a.NG)
-      a.slots[uint64_t(key) * gpb + bl] = 0u;
-    cooperative_groups::this_grid().sync();
-  }
+  for (uint32_t key = threadIdx.x * a.NG + grp; key < a.L * a.Hs; key += kResBlock * a.NG)
+    a.slots[uint64_t(key) * gpb + bl] = 0u;
+  cooperative_groups::this_grid().sync();
   KVK_FP8_TRACE_START(1);
   // Pipeline, kResStages = 3 steps on chip: at iteration s, step s lands and is published, step
   // s-1 (published one iteration ago) is quantized, and step s+2's loads start into its stage.
@@ -2000,15 +1997,6 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
       a.divH = FastDiv(uint32_t(H));
       a.divHsub = FastDiv(uint32_t(Hsub));
       a.NG = NG;
-      static const bool memset_on = [] {
-        const char* v = std::getenv("KVK_FP8_MEMSET");
-        return v && v[0] == '1';
-      }();
-      if (memset_on) {
-        const cudaError_t me = cudaMemsetAsync(ws, 0, size_t(nL * Hs * (grid / NG)) * 4, stream);
-        if (me != cudaSuccess) return me;
-        a.zeroed = 1;
-      }
       cudaLaunchConfig_t cfg{};
       cfg.gridDim = dim3(grid);
       cfg.blockDim = dim3(kResBlock);
