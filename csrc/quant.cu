@@ -985,7 +985,6 @@ struct ResidentArgs {
   uint32_t L, B, Hs, nsteps, Nv;  // Nv: 16-byte vectors per layer
   uint32_t Hsub;                  // pseudo-layers (above); 1 for whole layers
   uint32_t NG;                    // UNI variant: block groups (below); 1 otherwise
-  uint32_t w0late;                // experiment (UNI): warp 0's copies after its poll
   FastDiv divNv, divC, divH, divHsub;  // C = D / VE vectors per (token, head) row
 };
 
@@ -1316,10 +1315,7 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   auto quantize_step = [&](uint32_t s, const uint32_t (&e)[kPollEarly]) {
     const uint4* st = stages + (s % kResStages) * kStage;
     if constexpr (UNI) {
-      if (warp == 0) {
-        warp_scale_inv(s, e);
-        if (a.w0late) issue(s + 2);  // (W0LATE) warp 0's copies of step s + 2, after its poll
-      }
+      if (warp == 0) warp_scale_inv(s, e);
       __syncthreads();
       KVK_FP8_TRACE_AT(s, 2);
       quantize_own(st, s, s_inv[s & 1]);
@@ -1375,15 +1371,8 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   // Pipeline, kResStages = 3 steps on chip: at iteration s, step s lands and is published, step
   // s-1 (published one iteration ago) is quantized, and step s+2's loads start into its stage.
   // Loads get two iterations to land; a barrier gets the publish of the next step.
-  // W0LATE (experiment, KVK_FP8_W0LATE=1, UNI): warp 0 polls the slots, and a warp's loads wait
-  // behind its own cp.async copies in flight (scripts/exp/poll_latency_exp.cu): so warp 0 starts
-  // its copies of step s + 1 right after its poll of step s - 1 (iteration s), not at the end of
-  // iteration s - 1 with the others; its polls then find none of its own copies in flight. Its
-  // group count stays the others' (an empty group at the end of each iteration).
-  const bool w0late = UNI && a.w0late && warp == 0;
   issue(0);
-  if (w0late) cp_async_commit();
-  else issue(1);
+  issue(1);
   uint32_t e[kPollEarly];
   for (uint32_t s = 0; s < a.nsteps; ++s) {
     cp_async_wait<1>();  // all but the newest group: step s has landed
@@ -1393,9 +1382,7 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
     publish(s);
     KVK_FP8_TRACE_AT(s, 1);
     if (s > 0) quantize_step(s - 1, e);
-    else if (w0late) issue(1);
-    if (w0late) cp_async_commit();
-    else issue(s + 2);
+    issue(s + 2);
   }
   poll_first(a.nsteps - 1, e);
   quantize_step(a.nsteps - 1, e);
@@ -2010,11 +1997,6 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
       a.divH = FastDiv(uint32_t(H));
       a.divHsub = FastDiv(uint32_t(Hsub));
       a.NG = NG;
-      static const bool w0late_on = [] {
-        const char* v = std::getenv("KVK_FP8_W0LATE");
-        return v && v[0] == '1';
-      }();
-      a.w0late = w0late_on ? 1u : 0u;
       cudaLaunchConfig_t cfg{};
       cfg.gridDim = dim3(grid);
       cfg.blockDim = dim3(kResBlock);
