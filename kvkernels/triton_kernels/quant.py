@@ -841,6 +841,8 @@ if gluon is not None:
                 if not MERGE:
                     m = gl.reduce(red.index(s % 2).load(LR), 0, _imax_gl)
                     gl.atomic_xchg(slots_ptr + p * gpb + bl, m | FULL, sem="relaxed", scope="gpu")
+                    if TRACE:
+                        _trace_gl(tr_ptr, pid, s, 1, NW)
             if qa:  # step s - 1: warp 0 waits for the group's slots (a warp-local reduction;
                 # the other warps' loads are masked off, so they pass) and hands the layer's amax
                 # to every warp through shared memory
@@ -853,9 +855,8 @@ if gluon is not None:
                 if pa:
                     m = gl.reduce(red.index(s % 2).load(LR), 0, _imax_gl)
                     gl.atomic_xchg(slots_ptr + p * gpb + bl, m | FULL, sem="relaxed", scope="gpu")
-            if TRACE:
-                if pa:
-                    _trace_gl(tr_ptr, pid, s, 1, NW)
+                    if TRACE:
+                        _trace_gl(tr_ptr, pid, s, 1, NW)
             if qa:  # scale, quantize from shared memory
                 mb = gl.reduce(hand.index(s % 2).load(LR), 0, _imax_gl)
                 if TRACE:
