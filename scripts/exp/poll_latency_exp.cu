@@ -9,6 +9,8 @@
 // tma-bulk-w1 (the bulk copies issued by warp 1) tell whether the wait is the prober's own.
 //
 //   nvcc -arch=sm_90 -std=c++17 -O3 -Icsrc scripts/exp/poll_latency_exp.cu -o /tmp/pl && /tmp/pl
+#include "../../csrc/quant.cu"  // (the harnesses' convention, exp_common.cuh: ld_relaxed_gpu)
+
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -16,11 +18,7 @@
 
 #include "exp_common.cuh"
 
-__device__ __forceinline__ uint32_t ld_relaxed(const uint32_t* p) {
-  uint32_t v;
-  asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
+using kvk::ld_relaxed_gpu;
 __device__ __forceinline__ long long clock_after(uint32_t dep) {  // clock64 once dep is available
   long long t = 0;
   asm volatile("{ .reg .pred p; setp.ne.u32 p, %1, 0x12345678; @p mov.u64 %0, %%clock64; }" : "+l"(t) : "r"(dep)
@@ -38,7 +36,7 @@ __global__ void __launch_bounds__(1024, 1) probe_kernel(const uint4* src, const 
   if (threadIdx.x == 0) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(sbar) : "memory");
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    (void)ld_relaxed(slot);  // the line in L2 (and nowhere closer: .relaxed.gpu loads skip L1)
+    (void)ld_relaxed_gpu(slot);  // the line in L2 (and nowhere closer: .relaxed.gpu loads skip L1)
   }
   __syncthreads();
   long long t0 = clock64();
@@ -61,7 +59,7 @@ __global__ void __launch_bounds__(1024, 1) probe_kernel(const uint4* src, const 
   long long probe = 0, landed = 0;
   if (threadIdx.x == 0) {
     const long long a = clock64();
-    const uint32_t v = ld_relaxed(slot);
+    const uint32_t v = ld_relaxed_gpu(slot);
     probe = clock_after(v) - a;
   }
   if (mode == 0 || mode == 2) {
