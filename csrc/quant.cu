@@ -1060,6 +1060,28 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
+// Thread-block clusters (sm_90): the hardware cluster barrier, split into arrive (release) and
+// wait (acquire), and a max into a peer block's shared memory. Empty below sm_90, where the
+// launcher never picks the cluster variant.
+__device__ __forceinline__ void cluster_arrive() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void red_max_cluster(const uint32_t* local, uint32_t rank, uint32_t v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(local));
+  uint32_t ra;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(ra) : "r"(a), "r"(rank));
+  asm volatile("red.relaxed.cluster.shared::cluster.max.u32 [%0], %1;\n" ::"r"(ra), "r"(v) : "memory");
+#endif
+}
+
 // Developer trace (scripts/exp/fp8_trace_exp.cu compiles this file with KVK_FP8_TRACE): thread 0
 // of each block stores %globaltimer at four points of each of the first 64 steps into
 // g_kvk_fp8_trace[grid][64][4]: 0 landed, 1 published, 2 scale known (grid barrier passed),
@@ -1094,9 +1116,17 @@ __device__ __forceinline__ void fp8_trace_start(int i) {
 // per-slot key bookkeeping: fewer instructions in the publish and quantize phases, which all warps
 // of an SM go through together. (A head-scope UNI variant, keys uniform over lane groups of a head
 // row, was replaced by block groups over pseudo-layers: 80% against 88-90% of copy.)
-template <typename Tr, int K, bool HEAD, bool UNI>
+//
+// CL (UNI with block groups of <= 16 blocks, sm_90): a group is a thread-block cluster and the
+// amax exchange stays on chip. Every warp max-reduces its step into each peer block's
+// s_cl[s % 3] (a shared-memory red across the cluster), and one split cluster barrier a step
+// (arrive after the reds, wait one iteration later) replaces the L2 slots, their polling, the
+// block barriers, the slot clearing and its grid barrier; groups never wait for each other, so
+// the launch is not cooperative.
+template <typename Tr, int K, bool HEAD, bool UNI, bool CL = false>
 __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const ResidentArgs a) {
   static_assert(!(HEAD && UNI), "the UNI variant is tensor-scope only");
+  static_assert(UNI || !CL, "the cluster variant is a UNI variant");
   // UNI: two block barriers per step instead of five. Warp 0 alone polls the step's slots and
   // computes the scale; a thread touches only its own slots of a stage, so no barrier guards the
   // stages; s_amax and s_inv alternate by step parity.
@@ -1110,6 +1140,7 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   __shared__ uint32_t s_amax[kResMaxKeys];
   __shared__ uint32_t s_red[kResMaxKeys];
   __shared__ float s_inv[kResMaxKeys];
+  __shared__ uint32_t s_cl[3];  // CL: the group's amax of step s in s_cl[s % 3] (|x| bits of Tr)
   const uint32_t lane = threadIdx.x & 31;
   // UNI: the grid is NG groups of gpb blocks; group grp takes (pseudo-)layer s * NG + grp at step
   // s, so a step holds NG layers, each with a grid barrier of its own group's gpb blocks. The
@@ -1190,6 +1221,25 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
     } else if (key != 0xffffffffu && m) {
       atomicMax(&red[key], m);
     }
+  };
+  // CL: this thread's warp's amax of step s -> every peer's s_cl[s % 3], behind the wait for
+  // step s - 1 (or the start). Returns the group's amax of step s - 1, read before this
+  // iteration's arrive: thread 0 clears s_cl[(s + 1) % 3] (step s - 2's, read by every thread
+  // before its arrive of step s - 1) after the wait, and the peers' reds of step s + 1 come after
+  // their wait for step s, which follows thread 0's arrive.
+  auto publish_cl = [&](uint32_t s) -> uint32_t {
+    const uint4* st = stages + (s % kResStages) * kStage;
+    uint32_t acc = 0;
+#pragma unroll
+    for (int k = 0; k < K; ++k)
+      if (slk[k] != 0xffffffffu) acc = abs_acc<Tr>(acc, st[k * kResBlock + threadIdx.x]);
+    const uint32_t r = __reduce_max_sync(0xffffffffu, abs_acc_finish<Tr>(acc));
+    cluster_wait();
+    const uint32_t prev = s_cl[(s + 2) % 3];
+    if (threadIdx.x == 0) s_cl[(s + 1) % 3] = 0u;
+    if (lane < gpb && r && layer_of(s) < a.L) red_max_cluster(&s_cl[s % 3], lane, r);
+    cluster_arrive();
+    return prev;
   };
   auto publish = [&](uint32_t s) {
     const uint4* st = stages + (s % kResStages) * kStage;
@@ -1359,33 +1409,61 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
     KVK_FP8_TRACE_AT(s, 3);
   };
 
-  // The workspace holds garbage (it is not zeroed by the launcher: a memset node cost 2-3 us):
-  // each block clears its own slot column (UNI: key = layer, the group's layers only), then one
-  // grid barrier, 2.3-3 us. It comes before the first loads: behind 16 MiB of them (two steps on
-  // every SM) its L2 round trips queue and it took ~7 us (trace, tenth session; splitting it
-  // into arrive / loads / wait did not help, the wait queues the same way).
-  for (uint32_t key = threadIdx.x * a.NG + grp; key < a.L * a.Hs; key += kResBlock * a.NG)
-    a.slots[uint64_t(key) * gpb + bl] = 0u;
-  cooperative_groups::this_grid().sync();
-  KVK_FP8_TRACE_START(1);
-  // Pipeline, kResStages = 3 steps on chip: at iteration s, step s lands and is published, step
-  // s-1 (published one iteration ago) is quantized, and step s+2's loads start into its stage.
-  // Loads get two iterations to land; a barrier gets the publish of the next step.
-  issue(0);
-  issue(1);
-  uint32_t e[kPollEarly];
-  for (uint32_t s = 0; s < a.nsteps; ++s) {
-    cp_async_wait<1>();  // all but the newest group: step s has landed
-    if (!UNI) __syncthreads();
-    KVK_FP8_TRACE_AT(s, 0);
-    if (s > 0) poll_first(s - 1, e);
-    publish(s);
-    KVK_FP8_TRACE_AT(s, 1);
-    if (s > 0) quantize_step(s - 1, e);
-    issue(s + 2);
+  if constexpr (CL) {
+    if (threadIdx.x == 0) s_cl[0] = s_cl[1] = s_cl[2] = 0u;
+    cluster_arrive();  // the start: peers' reds into s_cl come after their first wait
+    KVK_FP8_TRACE_START(1);
+    issue(0);
+    issue(1);
+    // the group's amax (|x| bits) of step s -> scale, quantize + store this thread's slots
+    auto quantize_cl = [&](uint32_t s, uint32_t m) {
+      const uint32_t p = layer_of(s);
+      if (p >= a.L) return;
+      const float sc = fp8_scale_from_amax(abs_bits_to_float<Tr>(m));
+      if (bl == 0 && threadIdx.x == 0) a.scale[p] = sc;
+      KVK_FP8_TRACE_AT(s, 2);
+      quantize_own(stages + (s % kResStages) * kStage, s, fp8_inv(sc));
+      KVK_FP8_TRACE_AT(s, 3);
+    };
+    for (uint32_t s = 0; s < a.nsteps; ++s) {
+      cp_async_wait<1>();  // this thread's vectors of step s have landed (it reads only its own)
+      KVK_FP8_TRACE_AT(s, 0);
+      const uint32_t prev = publish_cl(s);
+      KVK_FP8_TRACE_AT(s, 1);
+      if (s > 0) quantize_cl(s - 1, prev);
+      issue(s + 2);  // into the stage of step s - 1, quantized above by this thread
+    }
+    cluster_wait();  // after it no peer touches this block's shared memory
+    quantize_cl(a.nsteps - 1, s_cl[(a.nsteps - 1) % 3]);
+  } else {
+    // The workspace holds garbage (it is not zeroed by the launcher: a memset node cost 2-3 us):
+    // each block clears its own slot column (UNI: key = layer, the group's layers only), then one
+    // grid barrier, 2.3-3 us. It comes before the first loads: behind 16 MiB of them (two steps on
+    // every SM) its L2 round trips queue and it took ~7 us (trace, tenth session; splitting it
+    // into arrive / loads / wait did not help, the wait queues the same way).
+    for (uint32_t key = threadIdx.x * a.NG + grp; key < a.L * a.Hs; key += kResBlock * a.NG)
+      a.slots[uint64_t(key) * gpb + bl] = 0u;
+    cooperative_groups::this_grid().sync();
+    KVK_FP8_TRACE_START(1);
+    // Pipeline, kResStages = 3 steps on chip: at iteration s, step s lands and is published, step
+    // s-1 (published one iteration ago) is quantized, and step s+2's loads start into its stage.
+    // Loads get two iterations to land; a barrier gets the publish of the next step.
+    issue(0);
+    issue(1);
+    uint32_t e[kPollEarly];
+    for (uint32_t s = 0; s < a.nsteps; ++s) {
+      cp_async_wait<1>();  // all but the newest group: step s has landed
+      if (!UNI) __syncthreads();
+      KVK_FP8_TRACE_AT(s, 0);
+      if (s > 0) poll_first(s - 1, e);
+      publish(s);
+      KVK_FP8_TRACE_AT(s, 1);
+      if (s > 0) quantize_step(s - 1, e);
+      issue(s + 2);
+    }
+    poll_first(a.nsteps - 1, e);
+    quantize_step(a.nsteps - 1, e);
   }
-  poll_first(a.nsteps - 1, e);
-  quantize_step(a.nsteps - 1, e);
 }
 
 // ================================================================================================
@@ -1860,6 +1938,7 @@ cudaError_t launch_fp8_scale(const void* x, int dt, int64_t L, int64_t T, int64_
 struct DeviceInfo {
   int sms = 0;
   bool coop = false;
+  int major = 0;  // compute capability
 };
 DeviceInfo device_info() {
   static DeviceInfo cache[64];
@@ -1867,10 +1946,11 @@ DeviceInfo device_info() {
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return {};
   if (!known[dev]) {
-    int sms = 0, coop = 0;
+    int sms = 0, coop = 0, major = 0;
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
     cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev);
-    cache[dev] = DeviceInfo{sms, coop != 0};
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cache[dev] = DeviceInfo{sms, coop != 0, major};
     known[dev] = true;
   }
   return cache[dev];
@@ -1898,6 +1978,39 @@ int resident_blocks_per_sm() {
     cache[dev] = n > 0 ? n : -1;
   }
   return std::max(cache[dev], 0);
+}
+
+// Clusters of gpb (<= 16) blocks of the cluster variant quant_fp8_resident_kernel<Tr, K, false,
+// true, true> that the GPU runs at once (0 if none, or the query fails).
+template <typename Tr, int K>
+int resident_clusters(int gpb) {
+  static int cache[64][17] = {};
+  int dev = 0;
+  if (gpb < 1 || gpb > 16 || cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
+  if (!cache[dev][gpb]) {
+    auto kern = quant_fp8_resident_kernel<Tr, K, false, true, true>;
+    int n = 0;
+    const int smem = resident_smem_bytes(K);
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(gpb);
+    cfg.blockDim = dim3(kResBlock);
+    cfg.dynamicSmemBytes = smem;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = gpb;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess ||
+        (gpb > 8 && cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) ||
+        cudaOccupancyMaxActiveClusters(&n, kern, &cfg) != cudaSuccess) {
+      cudaGetLastError();  // clear: the caller takes the cooperative variant
+      n = 0;
+    }
+    cache[dev][gpb] = n > 0 ? n : -1;
+  }
+  return std::max(cache[dev][gpb], 0);
 }
 
 // Bytes of input per step (B layers): big enough that a step's loads cover the barrier's latency,
@@ -2014,6 +2127,16 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
         constexpr int KC = decltype(kc)::value;
         // same shared memory; the occupancy is checked, as the grid must be co-resident
         if constexpr (!HEAD) {
+          // block groups of <= 16 blocks on sm_90: clusters, when all NG of them run at once
+          static const bool cl_off = kvk_env_off("KVK_FP8_CLUSTER");  // developer A/B switch
+          const uint32_t gpb = grid / NG;
+          if (grouped && !cl_off && dev.major >= 9 && gpb <= 16 && resident_clusters<Tr, KC>(int(gpb)) >= int(NG)) {
+            attr[0].id = cudaLaunchAttributeClusterDimension;
+            attr[0].val.clusterDim.x = gpb;
+            attr[0].val.clusterDim.y = 1;
+            attr[0].val.clusterDim.z = 1;
+            return cudaLaunchKernelEx(&cfg, quant_fp8_resident_kernel<Tr, KC, false, true, true>, a);
+          }
           if (uni && resident_blocks_per_sm<Tr, KC, false, true>() >= bps[ki])
             return cudaLaunchKernelEx(&cfg, quant_fp8_resident_kernel<Tr, KC, false, true>, a);
         }
