@@ -1222,11 +1222,12 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
       atomicMax(&red[key], m);
     }
   };
-  // CL: this thread's warp's amax of step s -> every peer's s_cl[s % 3], behind the wait for
-  // step s - 1 (or the start). Returns the group's amax of step s - 1, read before this
-  // iteration's arrive: thread 0 clears s_cl[(s + 1) % 3] (step s - 2's, read by every thread
-  // before its arrive of step s - 1) after the wait, and the peers' reds of step s + 1 come after
-  // their wait for step s, which follows thread 0's arrive.
+  // CL: this block's amax of step s (warps -> s_amax[s & 1], one block barrier) -> every peer's
+  // s_cl[s % 3] (one red each from lanes of warp 0: a red from every warp, 32 x gpb a block, made
+  // the publish ~2 us), behind the wait for step s - 1 (or the start). Returns the group's amax
+  // of step s - 1, read before this iteration's arrive: thread 0 clears s_cl[(s + 1) % 3] (step
+  // s - 2's, read by every thread before its arrive of step s - 1) after the wait, and the peers'
+  // reds of step s + 1 come after their wait for step s, which follows thread 0's arrive.
   auto publish_cl = [&](uint32_t s) -> uint32_t {
     const uint4* st = stages + (s % kResStages) * kStage;
     uint32_t acc = 0;
@@ -1234,10 +1235,18 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
     for (int k = 0; k < K; ++k)
       if (slk[k] != 0xffffffffu) acc = abs_acc<Tr>(acc, st[k * kResBlock + threadIdx.x]);
     const uint32_t r = __reduce_max_sync(0xffffffffu, abs_acc_finish<Tr>(acc));
+    if (lane == 0 && r) atomicMax(&s_amax[s & 1], r);
+    __syncthreads();
+    uint32_t m = 0;
+    if (warp == 0) {
+      m = s_amax[s & 1];
+      __syncwarp();
+      if (lane == 0) s_amax[s & 1] = 0u;  // reused at step s + 2, behind the barrier of step s + 1
+    }
     cluster_wait();
     const uint32_t prev = s_cl[(s + 2) % 3];
     if (threadIdx.x == 0) s_cl[(s + 1) % 3] = 0u;
-    if (lane < gpb && r && layer_of(s) < a.L) red_max_cluster(&s_cl[s % 3], lane, r);
+    if (warp == 0 && lane < gpb && m && layer_of(s) < a.L) red_max_cluster(&s_cl[s % 3], lane, m);
     cluster_arrive();
     return prev;
   };
