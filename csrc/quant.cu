@@ -1073,12 +1073,42 @@ __device__ __forceinline__ void cluster_wait() {
   asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 #endif
 }
-__device__ __forceinline__ void red_max_cluster(const uint32_t* local, uint32_t rank, uint32_t v) {
+// Shared-memory mbarriers (sm_90), with transaction counts: st_async_cluster stores 4 bytes into
+// a peer block's shared memory and completes 4 bytes of its mbarrier's transaction count, with no
+// fence on the sender (a release -- a fence, or barrier.cluster.arrive -- waits for the thread's
+// copies and stores in flight: ~2 us a step, fifteenth session).
+__device__ __forceinline__ uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(local));
-  uint32_t ra;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(ra) : "r"(a), "r"(rank));
-  asm volatile("red.relaxed.cluster.shared::cluster.max.u32 [%0], %1;\n" ::"r"(ra), "r"(v) : "memory");
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_init_fence() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.expect_tx.relaxed.cta.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
+               : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_wait_parity(uint64_t* bar, uint32_t parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "{\n .reg .pred p;\n"
+      "W: mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%0], %1;\n"
+      " @!p bra W;\n}\n" ::"r"(smem_u32(bar)), "r"(parity) : "memory");
+#endif
+}
+__device__ __forceinline__ void st_async_cluster(uint32_t* local_dst, uint64_t* local_bar, uint32_t rank, uint32_t v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  uint32_t rd, rb;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(rd) : "r"(smem_u32(local_dst)), "r"(rank));
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(rb) : "r"(smem_u32(local_bar)), "r"(rank));
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.u32 [%0], %1, [%2];\n" ::"r"(rd), "r"(v), "r"(rb)
+               : "memory");
 #endif
 }
 
@@ -1140,7 +1170,10 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   __shared__ uint32_t s_amax[kResMaxKeys];
   __shared__ uint32_t s_red[kResMaxKeys];
   __shared__ float s_inv[kResMaxKeys];
-  __shared__ uint32_t s_cl[3];  // CL: the group's amax of step s in s_cl[s % 3] (|x| bits of Tr)
+  // CL: block r's amax of step s (|x| bits of Tr) in s_cl[s % 4][r], complete when s_bar[s % 4]
+  // has passed phase s / 4
+  __shared__ uint32_t s_cl[4][16];
+  __shared__ __align__(8) uint64_t s_bar[4];
   const uint32_t lane = threadIdx.x & 31;
   // UNI: the grid is NG groups of gpb blocks; group grp takes (pseudo-)layer s * NG + grp at step
   // s, so a step holds NG layers, each with a grid barrier of its own group's gpb blocks. The
@@ -1222,13 +1255,11 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
       atomicMax(&red[key], m);
     }
   };
-  // CL: this block's amax of step s (warps -> s_amax[s & 1], one block barrier) -> every peer's
-  // s_cl[s % 3] (one red each from lanes of warp 0: a red from every warp, 32 x gpb a block, made
-  // the publish ~2 us), behind the wait for step s - 1 (or the start). Returns the group's amax
-  // of step s - 1, read before this iteration's arrive: thread 0 clears s_cl[(s + 1) % 3] (step
-  // s - 2's, read by every thread before its arrive of step s - 1) after the wait, and the peers'
-  // reds of step s + 1 come after their wait for step s, which follows thread 0's arrive.
-  auto publish_cl = [&](uint32_t s) -> uint32_t {
+  // CL: this block's amax of step s (warps -> s_amax[s & 1], one block barrier) -> slot bl of
+  // every peer's s_cl[s % 4], by lanes of warp 0 (st.async, completing the peer's s_bar[s % 4]).
+  // s_cl[s % 4] is next written at step s + 4, by peers that have received step s + 2 from this
+  // block, which it sends after the block barrier of step s + 2, when its threads have read step s.
+  auto publish_cl = [&](uint32_t s) {
     const uint4* st = stages + (s % kResStages) * kStage;
     uint32_t acc = 0;
 #pragma unroll
@@ -1237,18 +1268,12 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
     const uint32_t r = __reduce_max_sync(0xffffffffu, abs_acc_finish<Tr>(acc));
     if (lane == 0 && r) atomicMax(&s_amax[s & 1], r);
     __syncthreads();
-    uint32_t m = 0;
     if (warp == 0) {
-      m = s_amax[s & 1];
+      const uint32_t m = s_amax[s & 1];
       __syncwarp();
       if (lane == 0) s_amax[s & 1] = 0u;  // reused at step s + 2, behind the barrier of step s + 1
+      if (lane < gpb) st_async_cluster(&s_cl[s % 4][bl], &s_bar[s % 4], lane, m);
     }
-    cluster_wait();
-    const uint32_t prev = s_cl[(s + 2) % 3];
-    if (threadIdx.x == 0) s_cl[(s + 1) % 3] = 0u;
-    if (warp == 0 && lane < gpb && m && layer_of(s) < a.L) red_max_cluster(&s_cl[s % 3], lane, m);
-    cluster_arrive();
-    return prev;
   };
   auto publish = [&](uint32_t s) {
     const uint4* st = stages + (s % kResStages) * kStage;
@@ -1419,13 +1444,24 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   };
 
   if constexpr (CL) {
-    if (threadIdx.x == 0) s_cl[0] = s_cl[1] = s_cl[2] = 0u;
-    cluster_arrive();  // the start: peers' reds into s_cl come after their first wait
+    // mbarrier i takes steps i, i + 4, ...: one arrival (thread 0's, with the expected bytes)
+    // and gpb 4-byte st.async a phase. The cluster barrier makes every block's mbarriers ready
+    // before any peer stores into them (its arrive comes before this block's first loads).
+    if (threadIdx.x == 0) {
+      for (int i = 0; i < 4; ++i) mbar_init(&s_bar[i], 1);
+      mbar_init_fence();
+      for (uint32_t i = 0; i < 4 && i < a.nsteps; ++i) mbar_arrive_expect_tx(&s_bar[i], 4 * gpb);
+    }
+    cluster_arrive();
     KVK_FP8_TRACE_START(1);
     issue(0);
     issue(1);
-    // the group's amax (|x| bits) of step s -> scale, quantize + store this thread's slots
-    auto quantize_cl = [&](uint32_t s, uint32_t m) {
+    // wait for the group's slots of step s, scale, quantize + store this thread's slots
+    auto quantize_cl = [&](uint32_t s) {
+      mbar_wait_parity(&s_bar[s % 4], (s / 4) & 1);
+      uint32_t m = 0;
+      for (uint32_t i = 0; i < gpb; ++i) m = max(m, s_cl[s % 4][i]);
+      if (threadIdx.x == 0 && s + 4 < a.nsteps) mbar_arrive_expect_tx(&s_bar[s % 4], 4 * gpb);  // step s + 4
       const uint32_t p = layer_of(s);
       if (p >= a.L) return;
       const float sc = fp8_scale_from_amax(abs_bits_to_float<Tr>(m));
@@ -1437,13 +1473,13 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
     for (uint32_t s = 0; s < a.nsteps; ++s) {
       cp_async_wait<1>();  // this thread's vectors of step s have landed (it reads only its own)
       KVK_FP8_TRACE_AT(s, 0);
-      const uint32_t prev = publish_cl(s);
+      if (s == 0) cluster_wait();  // the peers' mbarriers are ready
+      publish_cl(s);
       KVK_FP8_TRACE_AT(s, 1);
-      if (s > 0) quantize_cl(s - 1, prev);
+      if (s > 0) quantize_cl(s - 1);
       issue(s + 2);  // into the stage of step s - 1, quantized above by this thread
     }
-    cluster_wait();  // after it no peer touches this block's shared memory
-    quantize_cl(a.nsteps - 1, s_cl[(a.nsteps - 1) % 3]);
+    quantize_cl(a.nsteps - 1);  // (every peer's stores into this block have landed after it)
   } else {
     // The workspace holds garbage (it is not zeroed by the launcher: a memset node cost 2-3 us):
     // each block clears its own slot column (UNI: key = layer, the group's layers only), then one
