@@ -1077,7 +1077,9 @@ __device__ __forceinline__ void cluster_wait() {
 // a peer block's shared memory and completes 4 bytes of its mbarrier's transaction count, with no
 // fence on the sender (a release -- a fence, or barrier.cluster.arrive -- waits for the thread's
 // copies and stores in flight: ~2 us a step, fifteenth session).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
 __device__ __forceinline__ uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+#endif
 __device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
@@ -2139,6 +2141,22 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
         grid = uint32_t(ng * gpb_of(ki));
       }
       const int K = kK[ki];
+      // Groups of <= 16 blocks on sm_90 run as thread-block clusters (the CL variant) when the GPU
+      // runs at least 7/8 of the NG clusters at once (NG is then capped at that); clusters never
+      // wait for each other, so more would still be correct, only slower.
+      static const bool cl_off = kvk_env_off("KVK_FP8_CLUSTER");  // developer A/B switch
+      bool cl = false;
+      if (grouped && !cl_off && dev.major >= 9 && grid / NG <= 16) {
+        const int g = int(grid / NG);
+        const int ncl = K == 1 ? resident_clusters<Tr, 1>(g) : K == 2 ? resident_clusters<Tr, 2>(g)
+                                                                       : resident_clusters<Tr, 4>(g);
+        if (ncl >= 1 && int64_t(ncl) >= int64_t(NG) - NG / 8) {
+          NG = std::min<uint32_t>(NG, uint32_t(ncl));
+          nsteps = (nL + NG - 1) / NG;
+          grid = NG * uint32_t(g);
+          cl = true;
+        }
+      }
       // workspace words: UNI, key = layer, gpb per key; otherwise grid per key (the kernel clears
       // what it uses)
       if (nL * Hs * (grid / NG) > ws_words) return cudaErrorNotSupported;
@@ -2172,12 +2190,9 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
         constexpr int KC = decltype(kc)::value;
         // same shared memory; the occupancy is checked, as the grid must be co-resident
         if constexpr (!HEAD) {
-          // block groups of <= 16 blocks on sm_90: clusters, when all NG of them run at once
-          static const bool cl_off = kvk_env_off("KVK_FP8_CLUSTER");  // developer A/B switch
-          const uint32_t gpb = grid / NG;
-          if (grouped && !cl_off && dev.major >= 9 && gpb <= 16 && resident_clusters<Tr, KC>(int(gpb)) >= int(NG)) {
+          if (cl) {
             attr[0].id = cudaLaunchAttributeClusterDimension;
-            attr[0].val.clusterDim.x = gpb;
+            attr[0].val.clusterDim.x = grid / NG;
             attr[0].val.clusterDim.y = 1;
             attr[0].val.clusterDim.z = 1;
             return cudaLaunchKernelEx(&cfg, quant_fp8_resident_kernel<Tr, KC, false, true, true>, a);

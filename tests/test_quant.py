@@ -407,10 +407,21 @@ def test_fp8_computed_scale_special_values(backend, spec, dtype, shape):
             fits = size <= (8 << 20)
             assert bool(res) == fits, f"one-pass kernel ran: {bool(res)}, expected {fits}; kernels: {sorted(names)}"
             if res:
-                head, uni = _template_flags(res[0])
+                head, uni, cl = _template_flags(res[0])
                 assert head == (spec == "fp8:head" and not split), f"HEAD flag {head}, split {split}: {res[0]}"
                 if sms == 132:  # which variant: the launcher's rule, restated for 132 SMs
                     assert uni == _expect_uni(x, head, split, groups), f"UNI variant: {uni}; kernel: {res[0]}"
+                # the cluster variant: block groups of <= 16 blocks (<= 65536 16-byte vectors a
+                # (pseudo-)layer) on sm_90, where the GPU runs 7/8 of the groups' clusters at once
+                nv = T * D // ve if split else T * H * D // ve
+                assert not cl or (uni and groups and nv <= 16 * 4096), f"cluster variant for {nv} vectors: {res[0]}"
+                hopper = torch.cuda.get_device_capability()[0] == 9
+                cl_on = not os.environ.get("KVK_FP8_CLUSTER", "").startswith("0")
+                if sms == 132 and hopper and cl_on and groups and x.element_size() == 2 and split:
+                    # heads of 2 / 3 blocks (K = 4 / 2) in 66 / 40 groups: clusters on any 132-SM
+                    # Hopper (>= 62 pairs, >= 38 triples of SMs in one GPC)
+                    if shape in ((37, 257, 8, 128), (5, 300, 8, 128)):
+                        assert cl, f"expected the cluster variant: {res[0]}"
     if backend == "triton" and ON_GPU:  # the Gluon one-pass kernel: where the launcher's rule says
         from kvkernels.triton_kernels import quant as tq
 
@@ -425,14 +436,16 @@ def test_fp8_computed_scale_special_values(backend, spec, dtype, shape):
 
 
 def _template_flags(name):
-    """The HEAD and UNI template flags (third and fourth of <Tr, K, HEAD, UNI, ...>) of a
+    """The HEAD, UNI and CL template flags (third to fifth of <Tr, K, HEAD, UNI, CL>) of a
     one-pass kernel's name, demangled or not."""
     m = re.search(r"quant_fp8_resident_kernel<([^<>]*)>", name)
     if m:
-        return tuple(f.strip() == "true" for f in m.group(1).split(",")[2:4])
-    m = re.search(r"quant_fp8_resident_kernel.*?Li\d+ELb([01])ELb([01])E", name)
+        flags = [f.strip() == "true" for f in m.group(1).split(",")[2:5]]
+        assert len(flags) == 3, f"cannot read the template flags of {name}"
+        return tuple(flags)
+    m = re.search(r"quant_fp8_resident_kernel.*?Li\d+ELb([01])ELb([01])ELb([01])E", name)
     assert m, f"cannot read the template flags of {name}"
-    return m.group(1) == "1", m.group(2) == "1"
+    return m.group(1) == "1", m.group(2) == "1", m.group(3) == "1"
 
 
 def _expect_uni(x, head, split, groups):
