@@ -30,7 +30,8 @@
 //    two passes over them, the second from cache).
 //  * quant_fp8_resident_kernel -- fp8 tensor/head scopes with computed scales in one pass over x
 //    (a cooperative grid keeps up to 8 MiB of layers in shared memory across a grid barrier; the
-//    head scope of larger layers runs as the tensor scope over one pseudo-layer per head).
+//    head scope of larger layers runs as the tensor scope over one pseudo-layer per head; block
+//    groups of <= 16 blocks run as thread-block clusters that exchange their amax on chip).
 //  * amax_kernel + fp8_finalize_kernel -- the same for larger layers (or without a workspace):
 //    block reduction, atomicMax on the bits of non-negative floats, then s = amax / 448 (0 -> 1),
 //    then the rows kernels quantize.
@@ -966,6 +967,16 @@ __global__ void fp8_finalize_kernel(float* __restrict__ scale, uint32_t n) {
 // SmolLM2 tensor / head T=4096 70 / 58 -> 79-81 / 74-76%, SmolLM2 head T=32768 70 -> 89-90%.
 // The first grid barrier moved before the first loads (same session, same record): 88-89 -> 90%
 // (Llama tensor and head), SmolLM2 79 / 74 -> 83-84 / 80%.
+// Clusters (fifteenth session, bench/results/fp8-onepass-15th-h100-2026-12-06.txt;
+// KVK_FP8_CLUSTER=0: off): groups of <= 16 blocks on sm_90 are thread-block clusters (CL
+// variant). Each block sends its amax of a step to every peer with st.async, which completes the
+// peer's mbarrier; no L2 slots, no polling, no clearing, no grid barrier, no cooperative launch.
+// H100, two calls of two alternating A/B runs: SmolLM2 fp8:head T=4096 (15 clusters of 8)
+// 84.7-86.2 -> 93.8-95.5% of copy; Llama-3-8B fp8:head T=4096 (7 clusters of 16 instead of 8
+// cooperative groups) 96.2-96.5 -> 96.0-96.1. Two first versions (a red from every warp, or one a
+// block, into each peer, and one cluster barrier a step) ran at 78-82%: the trace's publish phase,
+// which holds the barrier's wait, took ~2 us a step (presumably the arrive's release waiting for
+// the thread's copies and stores in flight, as the grid barrier did in the fourteenth session).
 constexpr int kResBlock = 1024;   // 32 warps per SM
 constexpr int kResStages = 3;     // steps held in shared memory
 constexpr uint32_t kSlotFull = 0x80000000u;
