@@ -1071,44 +1071,61 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
-// Thread-block clusters (sm_90): the hardware cluster barrier, split into arrive (release) and
-// wait (acquire), and a max into a peer block's shared memory. Empty below sm_90, where the
-// launcher never picks the cluster variant.
+// Thread-block clusters (sm_90) for the one-pass kernel's CL variant: the cluster barrier, split
+// into arrive (release) and wait (acquire), and shared-memory mbarriers with transaction counts:
+// st_async_cluster stores 4 bytes into a peer block's shared memory and completes 4 bytes of its
+// mbarrier's transaction count, with no fence on the sender (a release -- a fence, or a
+// barrier.cluster.arrive -- waits for the thread's copies and stores in flight: ~2 us a step,
+// fifteenth session). The PTX needs CUDA 12.1 (st.async); with an older toolkit the helpers are
+// empty and the launcher never picks the variant. Thread 0's arrival on its own mbarrier is
+// relaxed from CUDA 12.8 on (PTX ISA 8.6) and a release before it.
+#if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 1))
+#define KVK_CLUSTER_PTX 1
+#else
+#define KVK_CLUSTER_PTX 0
+#endif
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && KVK_CLUSTER_PTX
+#define KVK_CLUSTER_DEVICE 1
+#else
+#define KVK_CLUSTER_DEVICE 0
+#endif
 __device__ __forceinline__ void cluster_arrive() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if KVK_CLUSTER_DEVICE
   asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
 #endif
 }
 __device__ __forceinline__ void cluster_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if KVK_CLUSTER_DEVICE
   asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 #endif
 }
-// Shared-memory mbarriers (sm_90), with transaction counts: st_async_cluster stores 4 bytes into
-// a peer block's shared memory and completes 4 bytes of its mbarrier's transaction count, with no
-// fence on the sender (a release -- a fence, or barrier.cluster.arrive -- waits for the thread's
-// copies and stores in flight: ~2 us a step, fifteenth session).
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+#if !defined(__CUDA_ARCH__) || KVK_CLUSTER_DEVICE
 __device__ __forceinline__ uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
 #endif
 __device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if KVK_CLUSTER_DEVICE
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
 #endif
 }
 __device__ __forceinline__ void mbar_init_fence() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if KVK_CLUSTER_DEVICE
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
 #endif
 }
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if KVK_CLUSTER_DEVICE
+#if __CUDACC_VER_MAJOR__ > 12 || __CUDACC_VER_MINOR__ >= 8
   asm volatile("mbarrier.arrive.expect_tx.relaxed.cta.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
                : "memory");
+#else
+  uint64_t state;
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 %0, [%1], %2;\n"
+               : "=l"(state) : "r"(smem_u32(bar)), "r"(bytes) : "memory");
+#endif
 #endif
 }
 __device__ __forceinline__ void mbar_wait_parity(uint64_t* bar, uint32_t parity) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if KVK_CLUSTER_DEVICE
   asm volatile(
       "{\n .reg .pred p;\n"
       "W: mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%0], %1;\n"
@@ -1116,7 +1133,7 @@ __device__ __forceinline__ void mbar_wait_parity(uint64_t* bar, uint32_t parity)
 #endif
 }
 __device__ __forceinline__ void st_async_cluster(uint32_t* local_dst, uint64_t* local_bar, uint32_t rank, uint32_t v) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if KVK_CLUSTER_DEVICE
   uint32_t rd, rb;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(rd) : "r"(smem_u32(local_dst)), "r"(rank));
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(rb) : "r"(smem_u32(local_bar)), "r"(rank));
@@ -1161,11 +1178,11 @@ __device__ __forceinline__ void fp8_trace_start(int i) {
 // row, was replaced by block groups over pseudo-layers: 80% against 88-90% of copy.)
 //
 // CL (UNI with block groups of <= 16 blocks, sm_90): a group is a thread-block cluster and the
-// amax exchange stays on chip. Every warp max-reduces its step into each peer block's
-// s_cl[s % 3] (a shared-memory red across the cluster), and one split cluster barrier a step
-// (arrive after the reds, wait one iteration later) replaces the L2 slots, their polling, the
-// block barriers, the slot clearing and its grid barrier; groups never wait for each other, so
-// the launch is not cooperative.
+// amax exchange stays on chip: each block sends its amax of a step into every peer's shared
+// memory (st.async, completing the peer's mbarrier for that step) and waits on its own
+// mbarrier. That replaces the L2 slots, their polling, one of the two block barriers a step, the
+// slot clearing and its grid barrier; groups never wait for each other, so the launch is not
+// cooperative.
 template <typename Tr, int K, bool HEAD, bool UNI, bool CL = false>
 __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const ResidentArgs a) {
   static_assert(!(HEAD && UNI), "the UNI variant is tensor-scope only");
@@ -2157,7 +2174,7 @@ cudaError_t launch_fp8_resident(const void* x, int dt, int64_t L, int64_t T, int
       // wait for each other, so more would still be correct, only slower.
       static const bool cl_off = kvk_env_off("KVK_FP8_CLUSTER");  // developer A/B switch
       bool cl = false;
-      if (grouped && !cl_off && dev.major >= 9 && grid / NG <= 16) {
+      if (KVK_CLUSTER_PTX && grouped && !cl_off && dev.major >= 9 && grid / NG <= 16) {
         const int g = int(grid / NG);
         const int ncl = K == 1 ? resident_clusters<Tr, 1>(g) : K == 2 ? resident_clusters<Tr, 2>(g)
                                                                        : resident_clusters<Tr, 4>(g);
