@@ -1283,11 +1283,9 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
       atomicMax(&red[key], m);
     }
   };
-  // CL: this block's amax of step s (warps -> s_amax[s & 1], one block barrier) -> slot bl of
-  // every peer's s_cl[s % 4], by lanes of warp 0 (st.async, completing the peer's s_bar[s % 4]).
-  // s_cl[s % 4] is next written at step s + 4, by peers that have received step s + 2 from this
-  // block, which it sends after the block barrier of step s + 2, when its threads have read step s.
-  auto publish_cl = [&](uint32_t s) {
+  // UNI: the amax of this warp's slots of step s (packed for 16-bit types) -> s_amax[s & 1]
+  // (slots past the layer: 0)
+  auto uni_amax_into = [&](uint32_t s) {
     const uint4* st = stages + (s % kResStages) * kStage;
     uint32_t acc = 0;
 #pragma unroll
@@ -1295,6 +1293,13 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
       if (slk[k] != 0xffffffffu) acc = abs_acc<Tr>(acc, st[k * kResBlock + threadIdx.x]);
     const uint32_t r = __reduce_max_sync(0xffffffffu, abs_acc_finish<Tr>(acc));
     if (lane == 0 && r) atomicMax(&s_amax[s & 1], r);
+  };
+  // CL: this block's amax of step s (warps -> s_amax[s & 1], one block barrier) -> slot bl of
+  // every peer's s_cl[s % 4], by lanes of warp 0 (st.async, completing the peer's s_bar[s % 4]).
+  // s_cl[s % 4] is next written at step s + 4, by peers that have received step s + 2 from this
+  // block, which it sends after the block barrier of step s + 2, when its threads have read step s.
+  auto publish_cl = [&](uint32_t s) {
+    uni_amax_into(s);
     __syncthreads();
     if (warp == 0) {
       const uint32_t m = s_amax[s & 1];
@@ -1306,12 +1311,7 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
   auto publish = [&](uint32_t s) {
     const uint4* st = stages + (s % kResStages) * kStage;
     if constexpr (UNI) {
-      uint32_t acc = 0;
-#pragma unroll
-      for (int k = 0; k < K; ++k)
-        if (slk[k] != 0xffffffffu) acc = abs_acc<Tr>(acc, st[k * kResBlock + threadIdx.x]);
-      const uint32_t r = __reduce_max_sync(0xffffffffu, abs_acc_finish<Tr>(acc));
-      if (lane == 0 && r) atomicMax(&s_amax[s & 1], r);  // (slots past the layer: r = 0)
+      uni_amax_into(s);
     } else {
     // A thread's slots of one key are reduced before the warp's; the warp flushes when any lane's
     // key changes (the decision is warp-uniform: warp_max_into needs every lane).
