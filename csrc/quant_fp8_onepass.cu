@@ -219,7 +219,7 @@ __device__ __forceinline__ void st_async_cluster(uint32_t* local_dst, uint64_t* 
 #endif
 }
 
-// Developer trace (scripts/exp/fp8_trace_exp.cu compiles this file with KVK_FP8_TRACE): thread 0
+// Developer trace (experiments/fp8_trace_exp.cu compiles this file with KVK_FP8_TRACE): thread 0
 // of each block stores %globaltimer at four points of each of the first 64 steps into
 // g_kvk_fp8_trace[grid][64][4]: 0 landed, 1 published, 2 scale known (grid barrier passed),
 // 3 quantized (and per block its start and the time past the first grid barrier -- in the CL

@@ -301,7 +301,7 @@ __global__ void __launch_bounds__(kBlock) dequant_tok_kernel(const TokArgs a) {
 // The same 16-byte layout inside dequant_tok_kernel (run-time strides, partial groups) measured
 // 61-69%: there NVVM splits each 16-byte store into four 4-byte ones (SASS: STG.E).
 // NP: threads per group, each with TPT = 32 / NP of its tokens (the launcher's a.n counts them).
-// The launcher takes NP = 4 (scripts/exp/tok_dq_exp.cu runs NP = 1/2/4): shorter-lived blocks (a
+// The launcher takes NP = 4 (experiments/tok_dq_exp.cu runs NP = 1/2/4): shorter-lived blocks (a
 // shorter tail at the end of the grid) and 48 registers instead of 72. H200 bench A/B (ninth
 // session, then a knob; bench/results/tok-dq-tpt-h200-2026-11-27.txt): Llama-3-8B T=4096 int4
 // 89.6 -> 92.3-92.5% of copy, int2 88.1 -> 91.6-91.8%; T=32768 91.1 -> 93.0%, 90.3 -> 93.0-93.1%;

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Private experiment (GPU machine): bench a subset under several values of a developer knob,
 # alternating, twice, after the build (and tests) that precede it. Prints the bench rows only.
-#   bash scripts/exp/ab_values.sh OUT VAR "v1 v2 ..." "formats" [tokens] [backends]
-# e.g. bash scripts/exp/ab_values.sh OUT KVK_FP8_HEAD_SPLIT "0 1" "fp8:head" 32768
+#   bash experiments/ab_values.sh OUT VAR "v1 v2 ..." "formats" [tokens] [backends]
+# e.g. bash experiments/ab_values.sh OUT KVK_FP8_HEAD_SPLIT "0 1" "fp8:head" 32768
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/.."
 OUT=${1:?OUT}; VAR=${2:?VAR}; VALS=${3:?values}; FMTS=${4:?formats}; TOK=${5:-4096}; BK=${6:-cuda}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD

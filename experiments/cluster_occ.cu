@@ -1,8 +1,8 @@
 // Private experiment (fifteenth session): how many thread-block clusters of g = 1..16 one-pass
 // fp8 blocks (1024 threads, 3 stages of K vectors a thread in shared memory) the GPU runs at once,
 // as the launcher's cluster rule queries it (resident_clusters, cudaOccupancyMaxActiveClusters).
-//   nvcc -arch=sm_90 -std=c++17 -O3 -Icsrc scripts/exp/cluster_occ.cu -o /tmp/occ && /tmp/occ
-#include "../../csrc/quant.cu"
+//   nvcc -arch=sm_90 -std=c++17 -O3 -Icsrc experiments/cluster_occ.cu -o /tmp/occ && /tmp/occ
+#include "quant_all.cuh"
 
 #include "exp_common.cuh"
 

@@ -1,6 +1,6 @@
 """Why do write-heavy kernels run below the copy? (diagnostic; not part of the package)
 
-python scripts/diag_writes.py [writes] [widen] [placement] [bench] [temps] -> % of the copy
+python experiments/diag_writes.py [writes] [widen] [placement] [bench] [temps] -> % of the copy
 measured in the same run (bytes read + written) of
   * writes: pure writes of ~3 GiB and 400 MiB: torch zero_/fill_ (also on uint8), and a Triton
     store kernel with each store cache hint, at six output placements;
@@ -10,7 +10,7 @@ measured in the same run (bytes read + written) of
     after a reference check that made ~18 GiB of float temporaries (the bench's old check).
 No arguments: writes, widen and all three dequantize orders. Importing ``bench`` turns on
 torch's expandable segments unless PYTORCH_CUDA_ALLOC_CONF is set; the 84-86% "temps" effect
-shows with the default allocator: run ``PYTORCH_CUDA_ALLOC_CONF= python scripts/diag_writes.py``.
+shows with the default allocator: run ``PYTORCH_CUDA_ALLOC_CONF= python experiments/diag_writes.py``.
 """
 import sys
 

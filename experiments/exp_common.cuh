@@ -1,5 +1,5 @@
-// Helpers shared by the private experiment harnesses in scripts/exp (each is one translation unit
-// that #includes csrc/quant.cu, then this file): the error check, a pseudo-random bf16 fill, and a
+// Helpers shared by the private experiment harnesses in experiments/ (each is one translation unit
+// that #includes quant_all.cuh (the csrc/quant*.cu files), then this file): the error check, a pseudo-random bf16 fill, and a
 // timer (events after warm-up, L2 flushed by a 128 MiB read before each run, median).
 #pragma once
 

@@ -1,6 +1,6 @@
 """Two-pass fp8 tensor quantize run over chunks of k layers (amax + quantize per chunk), timed as
 graph replays with the bench's Timer: does the second read hit L2? Private experiment behind
-bench/results/fp8-resident-h200-2026-11-27.txt; on a GPU: PYTHONPATH=. python3 scripts/fp8_chunks.py
+bench/results/fp8-resident-h200-2026-11-27.txt; on a GPU: PYTHONPATH=. python3 experiments/fp8_chunks.py
 """
 import torch
 from bench.harness import Timer, CopyBaseline

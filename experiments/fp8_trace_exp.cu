@@ -3,7 +3,7 @@
 // %globaltimer trace of the library's one-pass fp8 kernel (quant_fp8_resident_kernel, the variant
 // the launcher picks), per tensor and per head, Llama-3-8B and SmolLM2 at T=4096.
 //
-// csrc/quant.cu is compiled here with KVK_FP8_TRACE: thread 0 of each block stores the time at
+// csrc/quant*.cu (quant_all.cuh) are compiled here with KVK_FP8_TRACE: thread 0 of each block stores the time at
 // four points of each step (landed, published, scale known, quantized), and at block start and
 // past the first grid barrier. Prints, per step, the median over blocks of each point (ns from the
 // first landing), the kernel's ends (block start -> first landing, via the grid barrier; last
@@ -14,9 +14,9 @@
 // no L2 flush between runs; each launch alone, so the time includes the launch), for reference.
 // Developer knobs (KVK_FP8_GROUPS=0, ...) apply as in the library.
 //
-//   nvcc -arch=sm_90 -std=c++17 -O3 -Icsrc scripts/exp/fp8_trace_exp.cu -o /tmp/fp8t && /tmp/fp8t
+//   nvcc -arch=sm_90 -std=c++17 -O3 -Icsrc experiments/fp8_trace_exp.cu -o /tmp/fp8t && /tmp/fp8t
 #define KVK_FP8_TRACE 1
-#include "../../csrc/quant.cu"
+#include "quant_all.cuh"
 
 #include <algorithm>
 #include <cstdio>

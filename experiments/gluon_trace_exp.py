@@ -1,5 +1,5 @@
 """Private experiment (fourteenth session): per-program %globaltimer trace of the Gluon one-pass
-fp8 kernel (_q_fp8_resident_gl with TRACE=True), the counterpart of scripts/exp/fp8_trace_exp.cu
+fp8 kernel (_q_fp8_resident_gl with TRACE=True), the counterpart of experiments/fp8_trace_exp.cu
 for the CUDA kernel, with the same statistics: per step the median over programs of four points
 (landed, published, scale known, quantized; ns from the first landing), the kernel's ends, and
 the mean per program-iteration of each phase. Also the launch as the library makes it (slots
@@ -7,7 +7,7 @@ zeroed by torch.zeros, then the kernel) timed with the trace off (median of 20, 
 eager launches from Python, so that time is dominated by the launch overhead; compare the
 traced spans, not it.
 
-    PYTHONPATH=$PWD python3 scripts/exp/gluon_trace_exp.py
+    PYTHONPATH=$PWD python3 experiments/gluon_trace_exp.py
 """
 import statistics
 

@@ -13,7 +13,7 @@
 //              evict_first
 //   persist-keepK  keepK with the device's L2 set-aside for persisting lines at its maximum
 //
-//   nvcc -arch=sm_90 -std=c++17 -O3 scripts/exp/l2_reread_exp.cu -o /tmp/l2r && /tmp/l2r
+//   nvcc -arch=sm_90 -std=c++17 -O3 experiments/l2_reread_exp.cu -o /tmp/l2r && /tmp/l2r
 #include <cuda_fp8.h>
 
 #include "exp_common.cuh"

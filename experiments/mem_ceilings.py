@@ -1,6 +1,6 @@
 """Memory ceilings of this GPU for read/write mixes (diagnostic; not part of the package).
 
-python scripts/mem_ceilings.py -> rates in GB/s (bytes read + written) for a copy (1:1), a pure
+python experiments/mem_ceilings.py -> rates in GB/s (bytes read + written) for a copy (1:1), a pure
 write (fill), a pure read (sum), and widening casts uint8->bf16 (1:2) and uint8->fp32 (1:4), at
 ~400 MiB and ~3 GiB moved, timed like the bench (graph replay where possible, L2 flushed).
 """

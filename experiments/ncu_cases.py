@@ -1,6 +1,6 @@
 """Run a few quantize/dequantize cases once each (after one warm-up) for Nsight Compute.
 
-python scripts/ncu_cases.py [T] -- used by scripts/ncu_quant.sh; not part of the package.
+python experiments/ncu_cases.py [T] -- used by experiments/ncu_quant.sh; not part of the package.
 """
 import os
 import sys

@@ -12,7 +12,7 @@ so=$(ls kvkernels/_C*.so | head -1)
 ncu --clock-control none --target-processes all -k 'regex:quant|_q_|_dq_|amax' \
   --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
   --section SchedulerStats --section MemoryWorkloadAnalysis --metrics smsp__warp_issue_stalled_long_scoreboard_per_warp_active.pct,smsp__warp_issue_stalled_lg_throttle_per_warp_active.pct,smsp__warp_issue_stalled_math_pipe_throttle_per_warp_active.pct,smsp__warp_issue_stalled_wait_per_warp_active.pct,smsp__warp_issue_stalled_drain_per_warp_active.pct,smsp__warp_issue_stalled_mio_throttle_per_warp_active.pct,smsp__warp_issue_stalled_short_scoreboard_per_warp_active.pct,smsp__warp_issue_stalled_not_selected_per_warp_active.pct,smsp__warp_issue_stalled_selected_per_warp_active.pct,smsp__warp_issue_stalled_barrier_per_warp_active.pct,smsp__warp_issue_stalled_membar_per_warp_active.pct,smsp__warp_issue_stalled_no_instruction_per_warp_active.pct,smsp__warp_issue_stalled_tex_throttle_per_warp_active.pct,smsp__warp_issue_stalled_imc_miss_per_warp_active.pct,smsp__warp_issue_stalled_branch_resolving_per_warp_active.pct,smsp__warp_issue_stalled_dispatch_stall_per_warp_active.pct,smsp__warp_issue_stalled_sleeping_per_warp_active.pct,smsp__inst_executed.sum,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_bytes.sum \
-  --csv --page details $PY scripts/ncu_cases.py "${T:-4096}" > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
+  --csv --page details $PY experiments/ncu_cases.py "${T:-4096}" > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
 echo "ncu rc=$?"; tail -3 "$OUT/ncu.err"
 $PY - "$OUT/ncu.csv" <<'PY'
 import csv, sys, collections

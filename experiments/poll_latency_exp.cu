@@ -8,8 +8,8 @@
 // cp.async-w0idle (warp 0, the prober, copies nothing; the other warps as in cp.async) and
 // tma-bulk-w1 (the bulk copies issued by warp 1) tell whether the wait is the prober's own.
 //
-//   nvcc -arch=sm_90 -std=c++17 -O3 -Icsrc scripts/exp/poll_latency_exp.cu -o /tmp/pl && /tmp/pl
-#include "../../csrc/quant.cu"  // (the harnesses' convention, exp_common.cuh: ld_relaxed_gpu)
+//   nvcc -arch=sm_90 -std=c++17 -O3 -Icsrc experiments/poll_latency_exp.cu -o /tmp/pl && /tmp/pl
+#include "quant_all.cuh"  // (the harnesses' convention, exp_common.cuh: ld_relaxed_gpu)
 
 #include <algorithm>
 #include <cstdint>

@@ -2,7 +2,7 @@
 different keys), on one-layer steps (the UNI variant) and on block groups (layers and heads of
 >= 4096 vectors: (6, 1024, 3, 64), (3, 600, 8, 128); KVK_FP8_LAG=0 for the lag-0 pipeline), for
 compute-sanitizer --tool synccheck / racecheck; compares with the reference.
-    compute-sanitizer --tool synccheck python3 scripts/exp/synccheck_fp8.py [backend]
+    compute-sanitizer --tool synccheck python3 experiments/synccheck_fp8.py [backend]
 backend: cuda (default) or triton (the Gluon one-pass kernel, _q_fp8_resident_gl; its shapes
 add (2, 4096, 8, 128): 32 warps a program for the tensor scope, 8 for the heads, and
 (4, 4096, 3, 64): 16 warps a program).

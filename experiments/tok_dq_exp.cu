@@ -3,15 +3,15 @@
 // library's two kernels, launched directly: dequant_tok_kernel (4 channels = 8-byte outputs per
 // thread, any strides and groups) and dequant_tok_dense_kernel (16-byte outputs, whole g32 groups,
 // contiguous output). The dense kernel began here as a harness kernel with U = 8/16/32 code words
-// in flight (U = 32 won: 90.6% vs 88.5% for int4 at T=4096); it now lives in csrc/quant.cu.
+// in flight (U = 32 won: 90.6% vs 88.5% for int4 at T=4096); it now lives in csrc/quant_token.cu.
 //
-// The harness #includes csrc/quant.cu, builds codes/scale/zero with the library's quantize, takes
+// The harness #includes quant_all.cuh (csrc/quant*.cu), builds codes/scale/zero with the library's quantize, takes
 // the general kernel's output as the reference (bit-exact comparison of the bf16 output) and times
 // both with events after warm-up, L2 flushed, median of 40, against a device copy of the same
 // byte count in the same run (bytes = codes + scale + zero read + output written, as the bench).
 //
-//   nvcc -arch=sm_90 -std=c++17 -O3 -Icsrc scripts/exp/tok_dq_exp.cu -o /tmp/tokdq && /tmp/tokdq
-#include "../../csrc/quant.cu"
+//   nvcc -arch=sm_90 -std=c++17 -O3 -Icsrc experiments/tok_dq_exp.cu -o /tmp/tokdq && /tmp/tokdq
+#include "quant_all.cuh"
 
 #include <cstdio>
 #include <cstring>

@@ -2,7 +2,7 @@
 a GPU (Triton's own ptxas; cuobjdump from Triton's nvidia backend must be on PATH).
 
     PATH=$(python -c "import triton,os;print(os.path.dirname(triton.__file__))")/backends/nvidia/bin:$PATH \\
-    PYTHONPATH=. python scripts/triton_regs.py [--module OLD_quant.py] [--dequantize]
+    PYTHONPATH=. python experiments/triton_regs.py [--module OLD_quant.py] [--dequantize]
 
 ``--dequantize``: the token-group dequantize kernel instead, at CONFIG's tile and two others:
 registers, shared memory and the shared-memory traffic and barriers of its layout changes.
@@ -29,7 +29,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from triton_tune import load_module  # noqa: E402  (scripts/ is on sys.path when run as a script)
+from triton_tune import load_module  # noqa: E402  (experiments/ is on sys.path when run as a script)
 
 TYPES = dict(x_ptr="*bf16", out_ptr="*bf16", codes_ptr="*u8", scale_ptr="*fp32", zero_ptr="*fp32",
              s_l="i64", s_t="i64", s_h="i64")

@@ -1,6 +1,6 @@
 """Sweep the launch configurations of the Triton quantize/dequantize kernels on a GPU.
 
-    PYTHONPATH=. python scripts/triton_tune.py [--tokens 4096 32768] [--budget 200] [--shape 32,8,128]
+    PYTHONPATH=. python experiments/triton_tune.py [--tokens 4096 32768] [--budget 200] [--shape 32,8,128]
         [--only q_channel,q_token] [--baseline OLD_quant.py] [--json rows.json]
         [--write-best best.json]
 
@@ -121,7 +121,10 @@ class Case:
 
 
 def load_module(path: str):
+    # a single-file module (quant.py before the split) runs alone; a split entry file imports the
+    # current quant_common / quant_int / ... kernels, so only its own code is the baseline's
     src = open(path).read().replace("from ..formats import", "from kvkernels.formats import")
+    src = src.replace("from .quant_", "from kvkernels.triton_kernels.quant_")
     spec = importlib.util.spec_from_loader("quant_baseline", loader=None)
     mod = importlib.util.module_from_spec(spec)
     exec(compile(src, path, "exec"), mod.__dict__)

@@ -419,7 +419,7 @@ def test_fp8_computed_scale_special_values(backend, spec, dtype, shape):
                 cl_on = not os.environ.get("KVK_FP8_CLUSTER", "").startswith("0")
                 if sms == 132 and hopper and cl_on and groups and x.element_size() == 2 and split:
                     # heads of 2 / 3 blocks (K = 4 / 2) in 66 / 40 groups; the rule needs 58 / 35
-                    # clusters at once, the H100s measured run 66 / 39 (scripts/exp/cluster_occ.cu)
+                    # clusters at once, the H100s measured run 66 / 39 (experiments/cluster_occ.cu)
                     if shape in ((37, 257, 8, 128), (5, 300, 8, 128)):
                         assert cl, f"expected the cluster variant: {res[0]}"
     if backend == "triton" and ON_GPU:  # the Gluon one-pass kernel: where the launcher's rule says

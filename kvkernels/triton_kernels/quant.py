@@ -101,7 +101,7 @@ from .quant_gluon import (
 
 # Launch configuration: ``elems`` = elements per program (a power of two; the tile is sized to
 # it), ``warps`` = num_warps (capped so that warps split rows only). Chosen with
-# scripts/triton_tune.py on an H200 (bf16 [32, T, 8, 128], T = 4096 and 32768, Triton 3.6).
+# experiments/triton_tune.py on an H200 (bf16 [32, T, 8, 128], T = 4096 and 32768, Triton 3.6).
 CONFIG = {
     # rows kernels: elements per program, warps, elements per thread of a row (the lanes
     # sharing a row = row length / row_elems; row_elems = 8 bf16: whole rows per warp-load)

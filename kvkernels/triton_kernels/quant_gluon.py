@@ -191,7 +191,7 @@ if gluon is not None:
               + gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, LS)), 0))
         # warp 0 polls: thread ids by inline asm (the slots' layout gives every warp all of them)
         poller = _tid_gl(si) < 32
-        # TRACE (developer, scripts/exp/gluon_trace_exp.py): %globaltimer of each program at its
+        # TRACE (developer, experiments/gluon_trace_exp.py): %globaltimer of each program at its
         # start and at four points of each of the first 64 steps, as the CUDA kernel's trace
         if TRACE:
             _trace_gl(tr_ptr, pid, 64, 0, NW, True)
