@@ -349,6 +349,7 @@ __global__ void __launch_bounds__(kBlock, 1) dequant_tok_dense_kernel(const TokA
 cudaError_t launch_tok(bool quant, const void* x, void* out, int dt, int64_t L, int64_t T, int64_t H, int64_t D,
                        int64_t sL, int64_t sT, int64_t sH, uint8_t* codes, float* scale, float* zero, int bits,
                        int64_t G, cudaStream_t stream) {
+  G = std::min(G, T);  // a group longer than T is the one group of all T (same codes and scales)
   const int sz = dtype_size(dt), emax = tok_vec(sz, bits), k = codes_per_byte(bits);
   const int E = D % emax == 0 ? emax : k;  // D % k == 0 is checked by the caller
   const int NB = E * bits / 8;

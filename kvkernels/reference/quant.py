@@ -102,6 +102,7 @@ def quantize_into(x, fmt: QuantFormat, codes, scale, zero, compute_scale: bool =
         scale.copy_(sc.squeeze(-1))
         zero.copy_(zp.squeeze(-1))
     else:
+        G = min(G, T)  # a group longer than T is the one group of all T (memory follows the input)
         ng = -(-T // G)
         pad = ng * G - T
         if pad:  # pad the last partial group with a copy of its first token (does not change min/max)
@@ -123,7 +124,7 @@ def _decode(codes, scale, zero, fmt: QuantFormat, shape, dtype) -> torch.Tensor:
         return codes.view(torch.float8_e4m3fn).to(dtype) * _fp8_broadcast(sc, fmt.scope)
     q = _unpack(codes, fmt.bits).to(dtype)
     zp = zero.to(dtype)
-    G = fmt.group_size
+    G = fmt.group_size if fmt.axis == "channel" else min(fmt.group_size, T)
     if fmt.axis == "channel":
         y = q.reshape(L, T, H, D // G, G) * sc.unsqueeze(-1) + zp.unsqueeze(-1)
     else:

@@ -147,6 +147,14 @@ def supports(t: torch.Tensor, fmt: QuantFormat) -> Optional[str]:
     return None
 
 
+def _group_size(fmt: QuantFormat, T: int) -> int:
+    """The group size the kernels run: a token group longer than the T tokens is the one group
+    of all T (same scales, same codes), so that tiles, unrolled chunk loops and grids follow the
+    input, not the format's group size (int4:g1000000:token on 5 tokens)."""
+    G = fmt.group_size
+    return min(G, max(int(T), 1)) if fmt.kind == "int" and fmt.axis == "token" else G
+
+
 def _merge_heads(t: torch.Tensor, fmt: QuantFormat, quantize: bool) -> bool:
     """Whether to run a rows kernel on ``[L, T*H, 1, D]`` views: when H is not a power of two
     (a ``[tokens, heads]`` tile padded to 2^k heads spends its padding lanes on clamped duplicate
@@ -208,7 +216,7 @@ def quantize_into(x, fmt: QuantFormat, codes, scale, zero, compute_scale: bool =
             CV=min(GC, 16 // es), SCOPE=scope, COMPUTE=bool(compute_scale), CLAMP=_INTERPRET,
             num_warps=nw, **_LAUNCH)
         return
-    G, K = fmt.group_size, fmt.per_byte
+    G, K = _group_size(fmt, T), fmt.per_byte
     if fmt.axis == "channel":
         grid, kw = _channel_launch(T, H, L, D, G, fmt.bits, es, CONFIG["q_channel"])
         _q_int_channel[grid](x, codes, scale, zero, T, H, s_l, s_t, s_h, **kw)
@@ -241,7 +249,7 @@ def dequantize_into(codes, scale, zero, fmt: QuantFormat, out) -> None:
             codes, scale, out, T, H, s_l, s_t, s_h, D=D, DP=DP, TB=TB, HB=HB, GC=GC,
             SCOPE=_SCOPE[fmt.scope], CV=min(GC, 16 // es), num_warps=nw, **_LAUNCH)
         return
-    G, K = fmt.group_size, fmt.per_byte
+    G, K = _group_size(fmt, T), fmt.per_byte
     if fmt.axis == "channel" and fmt.bits < 8:
         NG, GP, NGP = _channel_dims(D, G)
         width = GP * NGP   # rows of ~16 KiB of output per program, as in the previous version

@@ -340,7 +340,7 @@ def _dq_token_gluon_params(H: int, D: int, esize: int, G: int, bits: int):
 
 def _dq_token_gluon_launch(codes, scale, zero, fmt: QuantFormat, out) -> None:
     L, T, H, D, s_l, s_t, s_h, es, _ = _geometry(out)
-    G = fmt.group_size
+    G = min(fmt.group_size, T)  # a group longer than T is the one group of all T
     HB, consts, W = _dq_token_gluon_params(H, D, es, G, fmt.bits)
     words = codes.view(_CODE_WORD[consts["V"] * fmt.bits // 8])
     OS, CS = _token_strides(s_t, es, G, H, D, fmt.per_byte)

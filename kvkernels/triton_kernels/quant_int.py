@@ -431,7 +431,9 @@ def _channel_launch(T: int, H: int, L: int, D: int, G: int, bits: int, esize: in
 
 def _q_token_launch(T: int, H: int, D: int, L: int, G: int, K: int, esize: int, cfg):
     """int token quantize: (grid, DC, TA, TL, HB, VX, warps); see _q_int_token."""
-    VX = max(2 * K, 4 // esize)                   # channels per load: 2 code bytes, >= 4 bytes
+    # channels per load: 2 code bytes, >= 4 bytes; at most the (padded) head_dim, which is at least
+    # one code byte (K channels): head_dim of one code byte (int8 D=1, int4 D=2, int2 D=4) loads D
+    VX = min(max(2 * K, 4 // esize), _p2(D))
     GT = _p2(G)
     TA = min(GT, max(1, cfg["thread_elems"] // VX))
     TL = min(GT // TA, 4)                         # longer groups: two passes over TA*TL chunks
