@@ -45,10 +45,7 @@ __global__ void __launch_bounds__(kBlock) amax_kernel(const AmaxArgs a) {
     }
 #pragma unroll
     for (int i = 0; i < kItems; ++i)
-      if (act[i]) {
-#pragma unroll
-        for (int j = 0; j < E; ++j) m = max_nan(m, fabsf(v[i][j]));
-      }
+      if (act[i]) m = fmaxf(m, amax_finite<E>(v[i]));  // finite values only
   }
   __shared__ float red[kBlock / 32];
   m = group_max(m, 32);
@@ -58,7 +55,7 @@ __global__ void __launch_bounds__(kBlock) amax_kernel(const AmaxArgs a) {
   if (warp == 0) {
     m = lane < kBlock / 32 ? red[lane] : 0.f;
     m = group_max(m, 32);
-    // m >= 0 (or a positive NaN): its int bits order like the floats
+    // m >= 0 and finite: its int bits order like the floats
     if (lane == 0) atomicMax(reinterpret_cast<int*>(a.amax + sidx), __float_as_int(m));
   }
 }

@@ -108,6 +108,33 @@ __device__ __forceinline__ uint32_t abs_acc(uint32_t acc, const uint4& w) {
 }
 template <typename Tr>
 __device__ __forceinline__ uint32_t abs_max_bits(const uint4& w) { return abs_acc_finish<Tr>(abs_vec<Tr>(w)); }
+// The spec's amax is over finite values. The packed maxima above include Inf / NaN (their |x|
+// bits are the largest); a thread whose maximum is not finite (rare) reduces its vectors again
+// with the non-finite elements left out (abs_max_bits_finite): the common path gains one compare.
+template <typename Tr>
+constexpr uint32_t kAbsInf = Tr::kSize == 4 ? 0x7f800000u : std::is_same<Tr, BF16>::value ? 0x7f80u : 0x7c00u;
+template <typename Tr>
+__device__ __noinline__ uint32_t abs_max_bits_finite(const uint4& w) {
+  const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
+  uint32_t m = 0;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    if constexpr (Tr::kSize == 4) {
+      const uint32_t b = ws[k] & 0x7fffffffu;
+      if (b < kAbsInf<Tr>) m = max(m, b);
+    } else {
+      const uint32_t lo = ws[k] & 0x7fffu, hi = (ws[k] >> 16) & 0x7fffu;
+      if (lo < kAbsInf<Tr>) m = max(m, lo);
+      if (hi < kAbsInf<Tr>) m = max(m, hi);
+    }
+  }
+  return m;
+}
+template <typename Tr>
+__device__ __forceinline__ uint32_t abs_max_bits_checked(const uint4& w) {
+  const uint32_t m = abs_max_bits<Tr>(w);
+  return m < kAbsInf<Tr> ? m : abs_max_bits_finite<Tr>(w);
+}
 template <typename Tr>
 __device__ __forceinline__ float abs_bits_to_float(uint32_t b) {
   if constexpr (Tr::kSize == 4) return __uint_as_float(b);
@@ -371,7 +398,14 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
 #pragma unroll
     for (int k = 0; k < K; ++k)
       if (slk[k] != 0xffffffffu) acc = abs_acc<Tr>(acc, st[k * kResBlock + threadIdx.x]);
-    const uint32_t r = __reduce_max_sync(0xffffffffu, abs_acc_finish<Tr>(acc));
+    uint32_t t = abs_acc_finish<Tr>(acc);
+    if (t >= kAbsInf<Tr>) {  // an Inf or NaN among this thread's vectors: the finite values only
+      t = 0;
+#pragma unroll
+      for (int k = 0; k < K; ++k)
+        if (slk[k] != 0xffffffffu) t = max(t, abs_max_bits_finite<Tr>(st[k * kResBlock + threadIdx.x]));
+    }
+    const uint32_t r = __reduce_max_sync(0xffffffffu, t);
     if (lane == 0 && r) atomicMax(&s_amax[s & 1], r);
   };
   // CL: this block's amax of step s (warps -> s_amax[s & 1], one block barrier) -> slot bl of
@@ -399,7 +433,7 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       uint32_t lb, off, key = 0xffffffffu;
-      const uint32_t m = locate(s, k, lb, off, key) ? abs_max_bits<Tr>(st[k * kResBlock + threadIdx.x]) : 0u;
+      const uint32_t m = locate(s, k, lb, off, key) ? abs_max_bits_checked<Tr>(st[k * kResBlock + threadIdx.x]) : 0u;
       if (__all_sync(0xffffffffu, k == 0 || key == akey)) {
         akey = key;
         am = max(am, m);
@@ -426,7 +460,7 @@ __global__ void __launch_bounds__(kResBlock, 1) quant_fp8_resident_kernel(const 
     for (uint32_t i = threadIdx.x; i < nkeys; i += kResBlock) {
       const uint32_t m = s_amax[i];
       s_amax[i] = 0;  // the next publish is behind at least one more barrier
-      // |x| as float: non-negative (or a positive NaN), at most 0x7fffffff: bit 31 is free
+      // |x| as float: non-negative and finite, below 0x7f800000: bit 31 is free
       st_relaxed_gpu(a.slots + (uint64_t(l0 * a.Hs + i) * gridDim.x + blockIdx.x),
                      kSlotFull | __float_as_uint(abs_bits_to_float<Tr>(m)));
     }

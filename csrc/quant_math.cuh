@@ -375,10 +375,33 @@ __device__ __forceinline__ void pack_code_bytes(const uint32_t (&q)[N], uint32_t
 // ---- fp8 e4m3 --------------------------------------------------------------------------------
 constexpr float kFp8Max = 448.f;
 
-// scale from amax over the scope: amax / 448 (IEEE); a non-positive (0) or NaN scale becomes 1.
+constexpr float kFltMin = 1.17549435e-38f;  // 2^-126, the smallest normal float
+
+// scale from amax over the scope's finite values: amax / 448 (IEEE), at least FLT_MIN (so that
+// 1 / scale is finite and tiny normal inputs keep e4m3's relative precision); an amax of 0 (or
+// NaN: not produced by the amax helpers) gives 1.
 __device__ __forceinline__ float fp8_scale_from_amax(float amax) {
   float s = __fdiv_rn(amax, kFp8Max);
-  return s > 0.f ? s : 1.f;
+  return s > 0.f ? fmaxf(s, kFltMin) : 1.f;
+}
+
+// max |v| over the finite values of v (the spec's amax: +-Inf and NaN do not set a scale). The
+// common case is the NaN-propagating max as before (one FMNMX per element); only where that is
+// not finite (an Inf or NaN among them: rare) the finite values are reduced again.
+template <int E>
+__device__ __forceinline__ float amax_finite(const float (&v)[E]) {
+  float m = 0.f;
+#pragma unroll
+  for (int j = 0; j < E; ++j) m = max_nan(m, fabsf(v[j]));
+  if (!(m <= 3.402823466e38f)) {
+    m = 0.f;
+#pragma unroll
+    for (int j = 0; j < E; ++j) {
+      const float a = fabsf(v[j]);
+      if (a <= 3.402823466e38f) m = fmaxf(m, a);
+    }
+  }
+  return m;
 }
 
 // clamp(x * inv, -448, 448) with inv = fp8_inv(scale) = min(1 / scale, FLT_MAX) (IEEE); NaN stays

@@ -81,10 +81,7 @@ __global__ void __launch_bounds__(kBlock, KVK_ROW_MINB) quant_rows_kernel(const 
 #pragma unroll
       for (int i = 0; i < ITEMS; ++i) {
         if constexpr (MODE == 0) {  // amax of |x|; neutral 0
-          float m = 0.f;
-#pragma unroll
-          for (int j = 0; j < E; ++j) m = max_nan(m, fabsf(v[i][j]));
-          smx[i] = m;
+          smx[i] = amax_finite<E>(v[i]);  // finite values only
           smn[i] = 0.f;
         } else {  // min / max; neutral +-inf for masked slots
           float mn = __int_as_float(0x7f800000), mx = -__int_as_float(0x7f800000);
@@ -348,9 +345,7 @@ __global__ void __launch_bounds__(kBlock) quant_chunk_kernel(const FastArgs a) {
   if constexpr (MODE == 0) {
     float sc;
     if (a.fp8_reduce) {  // token_head: amax over the row (P lanes)
-      float m = 0.f;
-#pragma unroll
-      for (int j = 0; j < kCh; ++j) m = max_nan(m, fabsf(f[j]));
+      float m = amax_finite<kCh>(f);  // finite values only
       m = group_max(m, P);
       sc = fp8_scale_from_amax(m);
       if (act && (s & (P - 1)) == 0) a.scale[row] = sc;

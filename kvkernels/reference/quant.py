@@ -40,6 +40,7 @@ def _unpack(c: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 FLT_MAX = torch.finfo(torch.float32).max
+FLT_MIN = torch.finfo(torch.float32).tiny  # 2^-126
 
 
 def _recip(num, den: torch.Tensor) -> torch.Tensor:
@@ -61,7 +62,9 @@ def _int_quantize_groups(xg: torch.Tensor, qmax: int, dim):
 
 
 def _fp8_scope_amax(x: torch.Tensor, scope: str) -> torch.Tensor:
+    """max |x| over the scope's finite values (0 if none): +-Inf and NaN do not set the scale."""
     a = x.abs()
+    a = torch.where(a <= FLT_MAX, a, torch.zeros_like(a))
     if scope == "tensor":
         return a.amax(dim=(1, 2, 3))
     if scope == "head":
@@ -79,10 +82,11 @@ def _fp8_broadcast(scale: torch.Tensor, scope: str) -> torch.Tensor:
 
 
 def fp8_compute_scale(x: torch.Tensor, scope: str) -> torch.Tensor:
-    """amax / 448 per scope (float32); a zero scale becomes 1."""
+    """amax / 448 per scope (float32; amax over finite values), at least FLT_MIN (so that 1 / scale
+    is finite); a zero amax gives 1."""
     a = _fp8_scope_amax(x.float(), scope)
     s = a / torch.full_like(a, FP8_MAX)  # IEEE division on every device (see _int_quantize_groups)
-    return torch.where(s > 0, s, torch.ones_like(s))
+    return torch.where(s > 0, s.clamp(min=FLT_MIN), torch.ones_like(s))
 
 
 def quantize_into(x, fmt: QuantFormat, codes, scale, zero, compute_scale: bool = True) -> None:
@@ -92,7 +96,7 @@ def quantize_into(x, fmt: QuantFormat, codes, scale, zero, compute_scale: bool =
         if compute_scale:
             scale.copy_(fp8_compute_scale(xf, fmt.scope))
         inv = _fp8_broadcast(_recip(1.0, scale), fmt.scope)
-        y = (xf * inv).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        y = (xf * inv).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)  # +-Inf saturates, NaN stays
         codes.copy_(y.view(torch.uint8))
         return
     G = fmt.group_size

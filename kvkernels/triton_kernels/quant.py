@@ -65,7 +65,8 @@ is then bit-identical to the reference too). Codes are floored by a round-down a
 the FP32 rate). Where ``scale == 0`` the kernels zero ``inv`` per
 group, which yields code 0 (``(x - mn) * 0 + 0.5``) without a per-element select, and no clamp
 to qmax is needed (see ``_int_codes``). fp8: the GPU's float-to-e4m3 conversion saturates
-(``satfinite``), so the explicit clamp to +-448 is kept for the interpreter only. Dequantize
+(``satfinite``); the tl kernel clamps to +-448 explicitly anyway (NaN kept), so that the interpreter
+runs the same code (the Gluon one-pass kernel, GPU only, relies on the conversion). Dequantize
 turns a code ``q`` into float32 exactly as ``bits(0x4B000000 | q) - 2^23`` (two full-rate
 instructions instead of a slow int-to-float conversion). Codes: first channel in the low bits.
 Tile sizes and warps are in ``CONFIG`` (tuned with ``experiments/triton_tune.py``).
@@ -85,7 +86,7 @@ import triton
 
 from ..formats import QuantFormat
 from .quant_common import (
-    _DTYPES, _INTERPRET, _LAUNCH, _MAX_D, _MAX_GRID_Z, _SCOPE, _capability, _channel_dims, _geometry, _p2,
+    _DTYPES, _LAUNCH, _MAX_D, _MAX_GRID_Z, _SCOPE, _capability, _channel_dims, _geometry, _p2,
     _pow2_floor, _row_tile, _rows_launch,
 )
 from .quant_int import (
@@ -213,7 +214,7 @@ def quantize_into(x, fmt: QuantFormat, codes, scale, zero, compute_scale: bool =
         grid, TB, HB, GC, nw = _rows_launch(T, H, L, 1, DP, es, CONFIG["q_fp8"])
         _q_fp8[grid](
             x, codes, scale, amax, T, H, s_l, s_t, s_h, D=D, DP=DP, TB=TB, HB=HB, GC=GC,
-            CV=min(GC, 16 // es), SCOPE=scope, COMPUTE=bool(compute_scale), CLAMP=_INTERPRET,
+            CV=min(GC, 16 // es), SCOPE=scope, COMPUTE=bool(compute_scale),
             num_warps=nw, **_LAUNCH)
         return
     G, K = _group_size(fmt, T), fmt.per_byte

@@ -19,6 +19,7 @@ _SCOPE = {"tensor": 0, "head": 1, "token_head": 2}
 _MAX_D = 4096
 _MAX_GRID_Z = 65535   # CUDA's limit on grid dims 1 and 2 (the layer is dim 2)
 FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
+FLT_MIN: tl.constexpr = tl.constexpr(1.1754943508222875e-38)   # 2^-126
 TWO23: tl.constexpr = tl.constexpr(8388608.0)          # 2^23
 TWO23_BITS: tl.constexpr = tl.constexpr(0x4B000000)    # float bits of 2^23
 

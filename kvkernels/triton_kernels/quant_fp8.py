@@ -4,7 +4,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .quant_common import FLT_MAX, _load_d, _rmax, _row_chunks, _rows_program
+from .quant_common import FLT_MAX, FLT_MIN, _load_d, _rmax, _row_chunks, _rows_program
 
 
 @triton.jit
@@ -25,13 +25,27 @@ def _fp8_amax(x_ptr, amax_ptr, T, H, s_l, s_t, s_h,
         x = tl.load(x_ptr + off)
     else:
         x = tl.load(x_ptr + off, mask=(d < D)[None, None, :], other=0.0)
-    a = tl.abs(x.to(tl.float32))
+    a = _finite_abs(x.to(tl.float32))
     a = _rmax(_rmax(a, 2), 0)                                              # [HB]
     if SCOPE == 0:
         v = _rmax(a, 0)
         tl.atomic_max(amax_ptr + l, v.to(tl.int32, bitcast=True))
     else:
         tl.atomic_max(amax_ptr + (l * H + h), a.to(tl.int32, bitcast=True), mask=hmask)
+
+
+@triton.jit
+def _finite_abs(x):
+    """|x| where x is finite, else 0 (the scale's amax is over finite values; NaN < FLT_MAX is false)."""
+    a = tl.abs(x)
+    return tl.where(a <= FLT_MAX, a, 0.0)
+
+
+@triton.jit
+def _fp8_scale(amax):
+    """amax / 448 (IEEE), at least FLT_MIN (1 / scale finite); 0 -> 1."""
+    s = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
+    return tl.where(s > 0, tl.maximum(s, FLT_MIN), 1.0)
 
 
 @triton.jit
@@ -48,8 +62,7 @@ def _fp8_scale_index(l, t, h, T, H, SCOPE: tl.constexpr):
 @triton.jit
 def _q_fp8(x_ptr, codes_ptr, scale_ptr, amax_ptr, T, H, s_l, s_t, s_h,
            D: tl.constexpr, DP: tl.constexpr, TB: tl.constexpr, HB: tl.constexpr,
-           GC: tl.constexpr, CV: tl.constexpr, SCOPE: tl.constexpr, COMPUTE: tl.constexpr,
-           CLAMP: tl.constexpr):
+           GC: tl.constexpr, CV: tl.constexpr, SCOPE: tl.constexpr, COMPUTE: tl.constexpr):
     # Rows (token, head) as a [NC chunks, RB rows, GC] block, as in _q_int_channel.
     FMAX: tl.constexpr = 448.0
     NC: tl.constexpr = DP // GC
@@ -59,11 +72,10 @@ def _q_fp8(x_ptr, codes_ptr, scale_ptr, amax_ptr, T, H, s_l, s_t, s_h,
     sidx = _fp8_scale_index(l, t, h, T, H, SCOPE)
     if COMPUTE:
         if SCOPE == 2:
-            amax = _rmax(_rmax(tl.abs(x), 2), 1)
+            amax = _rmax(_rmax(_finite_abs(x), 2), 1)
         else:
             amax = tl.load(amax_ptr + sidx).to(tl.float32, bitcast=True)
-        s = tl.math.div_rn(amax, tl.full(amax.shape, FMAX, tl.float32))
-        s = tl.where(s > 0, s, 1.0)
+        s = _fp8_scale(amax)
         if SCOPE == 2:
             tl.store(scale_ptr + sidx, s, mask=rmask)
         elif SCOPE == 1:
@@ -74,8 +86,9 @@ def _q_fp8(x_ptr, codes_ptr, scale_ptr, amax_ptr, T, H, s_l, s_t, s_h,
         s = tl.load(scale_ptr + sidx)
     inv = tl.minimum(tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s), FLT_MAX)
     y = x * inv[:, None, None]
-    if CLAMP:  # the GPU conversion saturates to +-448 itself (cvt.rn.satfinite); the interpreter doesn't
-        y = tl.minimum(tl.maximum(y, -FMAX), FMAX)
+    # the spec's saturation, explicit on every device (the GPU's cvt.rn.satfinite would do it
+    # alone; the interpreter's cast would not): +-Inf and overflow -> +-448, NaN stays NaN
+    y = tl.minimum(tl.maximum(y, -FMAX, propagate_nan=tl.PropagateNan.ALL), FMAX, propagate_nan=tl.PropagateNan.ALL)
     c = y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
     cp = codes_ptr + tl.max_contiguous(row[:, None, None] * D + d, [1, 1, CV])
     if D == DP:

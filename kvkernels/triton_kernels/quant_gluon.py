@@ -209,9 +209,10 @@ if gluon is not None:
                 _cp_async_wait1_gl(pid)
                 if TRACE:
                     _trace_gl(tr_ptr, pid, s, 0, NW)
-            if pa:  # |x| bits (ordered as |x|; NaN above inf): this program's max of step s
+            if pa:  # |x| bits (ordered as |x|; non-finite ones count 0): this program's max of step s
                 a = stages.index(s % 3).reshape([K, NW, 32, VE]).load(L4)
                 a = a.to(gl.float32).to(gl.int32, bitcast=True) & 0x7FFFFFFF
+                a = gl.where(a < 0x7F800000, a, 0)   # finite values only (the spec's amax)
                 mw = gl.reduce(gl.reduce(gl.where(valid3, gl.reduce(a, 3, _imax_gl), 0), 2, _imax_gl), 0, _imax_gl)
                 red.index(s % 2).store(mw)
                 if not MERGE:
@@ -238,7 +239,7 @@ if gluon is not None:
                 if TRACE:
                     _trace_gl(tr_ptr, pid, s - 1, 2, NW)
                 sc = gl.div_rn(mb.to(gl.float32, bitcast=True), 448.0)
-                sc = gl.where(sc > 0, sc, 1.0)
+                sc = gl.where(sc > 0, gl.maximum(sc, 1.1754943508222875e-38), 1.0)   # >= FLT_MIN
                 inv = gl.minimum(gl.div_rn(1.0, sc), 3.4028234663852886e38)
                 if bl == 0:
                     gl.store(scale_ptr + pq, sc)
