@@ -23,6 +23,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from .formats import INPUT_DTYPES
+
 DTypes = Union[torch.dtype, Tuple[torch.dtype, ...]]
 
 
@@ -41,6 +43,8 @@ def has_internal_overlap(t: torch.Tensor) -> bool:
     (``stride >= sum((size - 1) * stride) + 1``): true of every contiguous tensor, permutation,
     slice and step of one. Layouts that interleave dims in a way this cannot prove disjoint are
     reported as overlapping (conservative: a caller can pass a dense buffer instead)."""
+    if t.is_contiguous():  # fast path (row-major dense, size-1 dims aside)
+        return False
     dims = sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1)
     extent = 0  # largest offset reachable with the dims seen so far
     for st, sz in dims:
@@ -84,22 +88,22 @@ def check_tensor(name: str, t, *, shape: Optional[Sequence[int]] = None, dtype: 
             raise TypeError(f"{name}: expected dtype {_dtype_names(dtype)}, got {t.dtype}")
     if device is not None and t.device != device:
         raise ValueError(f"{name}: expected a tensor on {device}, got one on {t.device}")
+    ts = t.shape
     if dim is not None:
-        ok = t.dim() == dim if isinstance(dim, int) else t.dim() in dim
+        ok = len(ts) == dim if isinstance(dim, int) else len(ts) in dim
         if not ok:
-            raise ValueError(f"{name}: expected {dim} dims, got shape {tuple(t.shape)}")
-    if shape is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+            raise ValueError(f"{name}: expected {dim} dims, got shape {tuple(ts)}")
+    if shape is not None and ts != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(ts)}")
     if nonempty and t.numel() == 0:
-        raise ValueError(f"{name}: expected a non-empty tensor, got shape {tuple(t.shape)}")
+        raise ValueError(f"{name}: expected a non-empty tensor, got shape {tuple(ts)}")
     if contiguous and not t.is_contiguous():
-        raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()} for shape "
-                         f"{tuple(t.shape)}")
-    if dense_last and t.dim() and not is_dense_last(t):
+        raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()} for shape {tuple(ts)}")
+    if dense_last and ts and ts[-1] != 1 and t.stride(-1) != 1:
         raise ValueError(f"{name}: the last dim must be dense (stride 1), got strides {t.stride()}")
     if no_overlap and has_internal_overlap(t):
         raise ValueError(f"{name}: elements overlap in memory (strides {t.stride()} for shape "
-                         f"{tuple(t.shape)}, e.g. an expanded view); pass a buffer whose elements are distinct")
+                         f"{tuple(ts)}, e.g. an expanded view); pass a buffer whose elements are distinct")
 
 
 def check_none(name: str, t, why: str) -> None:
@@ -109,21 +113,18 @@ def check_none(name: str, t, why: str) -> None:
 
 
 # ---- quantize / dequantize -------------------------------------------------------------------
-def _input_dtypes():
-    from .formats import INPUT_DTYPES
-
-    return INPUT_DTYPES
-
-
 def check_kv(name: str, t, *, dims=(4,), output: bool = False) -> None:
     """A KV tensor ``x`` / ``out``: bf16/fp16/fp32, ``dims`` dims, non-empty, last dim dense;
     an output also must not overlap itself."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dim() not in dims:
+    if t.dtype not in INPUT_DTYPES:
+        raise TypeError(f"{name}: expected dtype {_dtype_names(INPUT_DTYPES)}, got {t.dtype}")
+    ts = t.shape
+    if len(ts) not in dims:
         want = " or ".join("[L, T, H, D]" if d == 4 else "[T, H, D]" for d in sorted(dims))
-        raise ValueError(f"{name}: expected shape {want}, got {tuple(t.shape)}")
-    check_tensor(name, t, dtype=_input_dtypes(), nonempty=True, dense_last=True, no_overlap=output)
+        raise ValueError(f"{name}: expected shape {want}, got {tuple(ts)}")
+    check_tensor(name, t, nonempty=True, dense_last=True, no_overlap=output)
 
 
 def _check_codes_scale_zero(fmt, L: int, T: int, H: int, D: int, codes, scale, zero, device, prefix: str = "") -> None:

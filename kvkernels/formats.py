@@ -274,6 +274,14 @@ class QuantizedKV:
         else:
             check_none(prefix + "zero", self.zero, f"{fmt} has no zero point")
 
+    @classmethod
+    def _unchecked(cls, codes, scale, zero, format, dtype, head_dim) -> "QuantizedKV":
+        """Build without :meth:`validate`: only for buffers that ``quantize`` allocated itself
+        from a validated input (their shapes follow from the format by construction)."""
+        q = cls.__new__(cls)
+        q.__dict__.update(codes=codes, scale=scale, zero=zero, format=format, dtype=dtype, head_dim=head_dim)
+        return q
+
     @property
     def has_layers(self) -> bool:
         return self.codes.dim() == 4

@@ -14,10 +14,13 @@ from . import dispatch
 from ._validate import check_dequantize, check_kv, check_quantize, check_tensor
 from .formats import INPUT_DTYPES, QuantFormat, QuantizedKV
 
-for _b, _mod in (("cuda", "kvkernels.cuda.quant"), ("triton", "kvkernels.triton_kernels.quant"),
-                 ("torch", "kvkernels.reference.quant")):
-    dispatch.register("quantize", _b, _mod, "quantize_into", None if _b == "torch" else "supports")
-    dispatch.register("dequantize", _b, _mod, "dequantize_into", None if _b == "torch" else "supports")
+# The ops check every buffer before dispatch (kvkernels/_validate.py); the CUDA launchers'
+# ``quantize_into`` / ``dequantize_into`` check again for direct callers, so the ops call their
+# ``*_checked`` halves (one check per call).
+for _b, _mod, _sfx in (("cuda", "kvkernels.cuda.quant", "_checked"), ("triton", "kvkernels.triton_kernels.quant", ""),
+                       ("torch", "kvkernels.reference.quant", "")):
+    dispatch.register("quantize", _b, _mod, "quantize_into" + _sfx, None if _b == "torch" else "supports")
+    dispatch.register("dequantize", _b, _mod, "dequantize_into" + _sfx, None if _b == "torch" else "supports")
 
 
 @functools.lru_cache(maxsize=256)
@@ -119,7 +122,7 @@ def quantize(x: torch.Tensor, format: Union[str, QuantFormat], *, scale: Optiona
     if drop:
         codes, sc = codes[0], sc.reshape(pub_shape)
         zp = zp[0] if zp is not None else None
-    return QuantizedKV(codes=codes, scale=sc, zero=zp, format=fmt, dtype=x.dtype, head_dim=D)
+    return QuantizedKV._unchecked(codes, sc, zp, fmt, x.dtype, D)  # our buffers: shapes by construction
 
 
 def _check_quantized(q) -> None:

@@ -120,9 +120,23 @@ def _prepare(codes: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tens
 
 def quantize_into(x: torch.Tensor, fmt: QuantFormat, codes: torch.Tensor, scale: torch.Tensor,
                   zero: Optional[torch.Tensor], compute_scale: bool = True) -> None:
-    # These launchers hand raw pointers to C++, which trusts them: every buffer is checked here
-    # too (the registered op checks them before dispatch; this covers direct callers).
+    """Check every buffer (``_validate.check_quantize``: the C++ side trusts its pointers and
+    extents), then launch. The registered op checks before dispatch and calls
+    :func:`quantize_into_checked` (no second check)."""
     check_quantize(x, fmt, codes, scale, zero, compute_scale)
+    quantize_into_checked(x, fmt, codes, scale, zero, compute_scale)
+
+
+def dequantize_into(codes: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], fmt: QuantFormat,
+                    out: torch.Tensor) -> None:
+    """Check every buffer (``_validate.check_dequantize``), then launch; see :func:`quantize_into`."""
+    check_dequantize(codes, scale, zero, fmt, out)
+    dequantize_into_checked(codes, scale, zero, fmt, out)
+
+
+def quantize_into_checked(x: torch.Tensor, fmt: QuantFormat, codes: torch.Tensor, scale: torch.Tensor,
+                          zero: Optional[torch.Tensor], compute_scale: bool = True) -> None:
+    """The launch alone: only for arguments that ``_validate.check_quantize`` accepted."""
     _C, codes, geo, tail = _prepare(codes, scale, zero, x)
     if fmt.kind == "fp8":
         scope = _SCOPE_CODE[fmt.scope]
@@ -141,9 +155,9 @@ def quantize_into(x: torch.Tensor, fmt: QuantFormat, codes: torch.Tensor, scale:
                         fmt.group_size, _AXIS_CODE[fmt.axis], *tail)
 
 
-def dequantize_into(codes: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], fmt: QuantFormat,
-                    out: torch.Tensor) -> None:
-    check_dequantize(codes, scale, zero, fmt, out)
+def dequantize_into_checked(codes: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
+                            fmt: QuantFormat, out: torch.Tensor) -> None:
+    """The launch alone: only for arguments that ``_validate.check_dequantize`` accepted."""
     _C, codes, geo, tail = _prepare(codes, scale, zero, out)
     if fmt.kind == "fp8":
         _C.dequantize_fp8(codes.data_ptr(), scale.data_ptr(), out.data_ptr(), *geo, _SCOPE_CODE[fmt.scope], *tail)
