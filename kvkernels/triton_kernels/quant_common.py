@@ -20,6 +20,7 @@ _MAX_D = 4096
 _MAX_GRID_Z = 65535   # CUDA's limit on grid dims 1 and 2 (the layer is dim 2)
 FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
 FLT_MIN: tl.constexpr = tl.constexpr(1.1754943508222875e-38)   # 2^-126
+INV_MAX: tl.constexpr = tl.constexpr(8.507059173023462e37)      # 2^126 = 1 / FLT_MIN
 TWO23: tl.constexpr = tl.constexpr(8388608.0)          # 2^23
 TWO23_BITS: tl.constexpr = tl.constexpr(0x4B000000)    # float bits of 2^23
 
@@ -57,26 +58,63 @@ def _rmin(x, axis: tl.constexpr):
 
 
 @triton.jit
-def _int_params(mn, mx, QMAX: tl.constexpr):
-    """Per group: scale = (mx - mn) / qmax and inv = min(qmax / (mx - mn), FLT_MAX), both IEEE;
-    inv is zeroed where scale == 0 (every code of such a group is then 0)."""
-    rng = mx - mn
-    scale = tl.math.div_rn(rng, tl.full(rng.shape, QMAX, tl.float32))
-    inv = tl.minimum(tl.math.div_rn(tl.full(rng.shape, QMAX, tl.float32), rng), FLT_MAX)
-    return scale, tl.where(scale > 0, inv, 0.0)
+def _min_num_fn(a, b):
+    return tl.minimum(a, b)   # NaN-ignoring (IEEE minNum; the interpreter: np.fmin)
 
 
 @triton.jit
-def _int_codes(x, mn, inv):
-    """floor((x - mn) * inv + 0.5) in the low bits of an int32 (sub, mul, add: three roundings,
-    no FMA); only the low 8 bits may be used (packed codes are cut to uint8). x >= mn, so the
-    value v is >= 0.5 and < 2^23 and the floor is taken by one round-down add of 2^23 (the low
-    23 bits of fl_rd(v + 2^23) are floor(v); full rate, unlike a float-to-int conversion), or by
-    truncation under the interpreter. inv == 0 gives 0. No clamp to qmax is needed for finite x:
-    fl(x - mn) <= fl(mx - mn) = rng and inv <= fl(qmax / rng) (or inv = FLT_MAX < qmax / rng),
-    so the product is at most qmax * (1 + 2^-24)^2 and, after the rounded + 0.5, below qmax + 1.
+def _max_num_fn(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _rmin_num(x, axis: tl.constexpr):
+    """min along axis ignoring NaN (applied to _finite_or_nan values: the finite values' min)."""
+    return tl.reduce(x, axis, _min_num_fn)
+
+
+@triton.jit
+def _rmax_num(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _max_num_fn)
+
+
+@triton.jit
+def _finite_or_nan(x):
+    """x where finite, else NaN: the NaN-ignoring min / max then see the finite values only."""
+    return tl.where(tl.abs(x) <= FLT_MAX, x, float("nan"))
+
+
+@triton.jit
+def _int_params(mn, mx, QMAX: tl.constexpr):
+    """Per group (docs/quant-spec.md, "Integer formats"), from the finite values' min / max (NaN
+    or mn > mx: no finite value): (zero, p, mn * p, scale, inv). p = 0.5 where mx - mn overflows
+    (else 1); scale = (mx p - mn p) / qmax / p (IEEE), raised to FLT_MIN if below it; inv = min(qmax /
+    (mx p - mn p), 2^126), zeroed where scale == 0 (every code of such a group is then 0)."""
+    none = ~(mn <= mx)
+    mn = tl.where(none, 0.0, mn)
+    mx = tl.where(none, 0.0, mx)
+    p = tl.where(tl.abs(mx - mn) <= FLT_MAX, 1.0, 0.5)
+    mnp = mn * p
+    rng = mx * p - mnp
+    scale = tl.math.div_rn(tl.math.div_rn(rng, tl.full(rng.shape, QMAX, tl.float32)), p)
+    scale = tl.where((scale > 0) & (scale < FLT_MIN), FLT_MIN, scale)
+    inv = tl.minimum(tl.math.div_rn(tl.full(rng.shape, QMAX, tl.float32), rng), INV_MAX)
+    return mn, p, mnp, scale, tl.where(scale > 0, inv, 0.0)
+
+
+@triton.jit
+def _int_codes(x, p, mnp, inv, QMAX: tl.constexpr):
+    """floor(sat((x p - mn p) * inv + 0.5)) in the low bits of an int32, where sat clamps to
+    [0, qmax] and takes NaN to 0 (+Inf -> qmax, -Inf and NaN -> 0); x p - mn p is one FMA (one
+    rounding; equal to the reference's two, see the spec), then mul and add (no FMA). Only the
+    low 8 bits may be used (packed codes are cut to uint8). The saturated value v is in [0,
+    qmax + 1) and the floor is taken by one round-down add of 2^23 (the low 23 bits of fl_rd(v +
+    2^23) are floor(v); full rate, unlike a float-to-int conversion), or by truncation under the
+    interpreter. inv == 0 gives 0 (or a non-finite x: NaN -> 0). For finite x the clamp changes
+    nothing: fl(x - mn) <= rng and inv <= qmax / rng (rounded), so v < qmax + 1.
     (Lanes masked off a group may give any code; never stored.)"""
-    v = (x - mn) * inv + 0.5
+    v = tl.fma(x, p, -mnp) * inv + 0.5
+    v = tl.minimum(tl.maximum(v, 0.0), QMAX)   # NaN-ignoring max: NaN -> 0
     if _RD_FLOOR:
         return libdevice.add_rd(v, TWO23).to(tl.int32, bitcast=True)
     else:

@@ -100,7 +100,7 @@ if gluon is not None:
                 q = ((gl.expand_dims(w, 3) >> shift.to(gl.int64)) & 255).to(gl.int32)
             else:
                 q = (gl.expand_dims(w.to(gl.int32), 3) >> shift) & ((1 << BITS) - 1)
-            y = (_code_to_float_gl(q) * scale + zero).to(out_ptr.dtype.element_ty)
+            y = gl.fma(_code_to_float_gl(q), scale, zero).to(out_ptr.dtype.element_ty)
             to = gl.expand_dims(gl.expand_dims(gl.expand_dims(tc.to(gl.int64) * os, 1), 2), 3)
             if MASKED:
                 tm = gl.expand_dims(gl.expand_dims(gl.expand_dims(ti < n, 1), 2), 3)

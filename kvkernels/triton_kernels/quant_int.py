@@ -10,8 +10,8 @@ import triton
 import triton.language as tl
 
 from .quant_common import (
-    _INTERPRET, _LAUNCH, _capability, _channel_dims, _code_to_float, _int_codes, _int_params, _load_d,
-    _max_nan_fn, _min_nan_fn, _p2, _rmax, _rmin, _row_chunks, _rows_launch, _rows_program, _unpack,
+    _INTERPRET, _LAUNCH, _capability, _channel_dims, _code_to_float, _finite_or_nan, _int_codes, _int_params,
+    _load_d, _p2, _rmax_num, _rmin_num, _row_chunks, _rows_launch, _rows_program, _unpack,
 )
 
 
@@ -36,17 +36,19 @@ def _q_int_channel(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h,
     xp = x_ptr + (xrow[:, None, None] + j)
     if G == GP:
         x = tl.load(xp).to(tl.float32)
-        mn = _rmin(_rmin(x, 2), 1)                                          # [RB]
-        mx = _rmax(_rmax(x, 2), 1)
+        xf = _finite_or_nan(x)
+        mn = _rmin_num(_rmin_num(xf, 2), 1)                                 # [RB]
+        mx = _rmax_num(_rmax_num(xf, 2), 1)
     else:
         jm = j < G
         x = tl.load(xp, mask=jm, other=0.0).to(tl.float32)
-        mn = _rmin(_rmin(tl.where(jm, x, float("inf")), 2), 1)
-        mx = _rmax(_rmax(tl.where(jm, x, float("-inf")), 2), 1)
-    scale, inv = _int_params(mn, mx, QMAX)
+        xf = _finite_or_nan(x)
+        mn = _rmin_num(_rmin_num(tl.where(jm, xf, float("inf")), 2), 1)
+        mx = _rmax_num(_rmax_num(tl.where(jm, xf, float("-inf")), 2), 1)
+    mn, p, mnp, scale, inv = _int_params(mn, mx, QMAX)
     tl.store(scale_ptr + grp, scale, mask=rmask)
     tl.store(zero_ptr + grp, mn, mask=rmask)
-    q = _int_codes(x, mn[:, None, None], inv[:, None, None])
+    q = _int_codes(x, p[:, None, None], mnp[:, None, None], inv[:, None, None], QMAX)
     if K > 1:
         q = tl.reshape(q, (RB, NC, GCB, K))
         q = tl.sum(q << (tl.arange(0, K) * BITS)[None, None, None, :], axis=3)   # [RB, NC, GCB]
@@ -81,7 +83,7 @@ def _dq_int_channel(codes_ptr, scale_ptr, zero_ptr, out_ptr, T, H, s_l, s_t, s_h
     else:
         c = tl.load(cp, mask=jb < GB, other=0).to(tl.int32)
     q = _unpack(c, BITS, (RB, NC, GC))
-    y = (_code_to_float(q) * scale + zero).to(out_ptr.dtype.element_ty)
+    y = tl.fma(_code_to_float(q), scale, zero).to(out_ptr.dtype.element_ty)
     j = _row_chunks(NC, GC)
     if G == GP:
         tl.store(out_ptr + (orow[:, None, None] + j), y, mask=rmask[:, None, None])
@@ -123,7 +125,7 @@ def _dq_int_channel_flat(codes_ptr, scale_ptr, zero_ptr, out_ptr, R, T, H, s_l, 
     c = tl.load(codes_ptr + (r64[:, None, None] * DB + bcol[None, :, :]), mask=bmask, other=0).to(tl.int32)
     q = (c[:, :, :, None] >> (tl.arange(0, K) * BITS)[None, None, None, :]) & ((1 << BITS) - 1)
     q = tl.reshape(q, (ROWS, NGP, GP))
-    y = q.to(tl.float32) * scale[:, :, None] + zero[:, :, None]
+    y = tl.fma(q.to(tl.float32), scale[:, :, None], zero[:, :, None])
     tl.store(out_ptr + (ooff[:, None, None] + col[None, :, :]), y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -271,16 +273,32 @@ def _q_token_group_x2(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h
         mn2, mx2 = tl.reduce(tl.reduce((xw, xw), 2, _bf16x2_minmax), 0, _bf16x2_minmax)  # [HB, DC2]
     else:
         mn2, mx2 = tl.reduce(tl.reduce((xw, xw), 2, _f16x2_minmax), 0, _f16x2_minmax)
-    mn_lo = _half_lo(mn2, BF16)
-    mn_hi = _half_hi(mn2, BF16)
-    sc_lo, inv_lo = _int_params(mn_lo, _half_lo(mx2, BF16), QMAX)
-    sc_hi, inv_hi = _int_params(mn_hi, _half_hi(mx2, BF16), QMAX)
+    # the packed min / max include Inf / NaN; where any of the block's is not finite (rare), the
+    # finite values' min / max again, widened (a branch on the whole program, not per element)
+    EXPM: tl.constexpr = 0x7F80 if BF16 else 0x7C00
+    bad = (((mn2 & EXPM) == EXPM) | (((mn2 >> 16) & EXPM) == EXPM)
+           | ((mx2 & EXPM) == EXPM) | (((mx2 >> 16) & EXPM) == EXPM))
+    if tl.max(tl.max(bad.to(tl.int32), 1), 0) > 0:
+        xl = _finite_or_nan(_half_lo(xw, BF16))
+        xh = _finite_or_nan(_half_hi(xw, BF16))
+        mn_lo = _rmin_num(_rmin_num(xl, 2), 0)
+        mx_lo = _rmax_num(_rmax_num(xl, 2), 0)
+        mn_hi = _rmin_num(_rmin_num(xh, 2), 0)
+        mx_hi = _rmax_num(_rmax_num(xh, 2), 0)
+    else:
+        mn_lo = _half_lo(mn2, BF16)
+        mx_lo = _half_lo(mx2, BF16)
+        mn_hi = _half_hi(mn2, BF16)
+        mx_hi = _half_hi(mx2, BF16)
+    mn_lo, p_lo, mnp_lo, sc_lo, inv_lo = _int_params(mn_lo, mx_lo, QMAX)
+    mn_hi, p_hi, mnp_hi, sc_hi, inv_hi = _int_params(mn_hi, mx_hi, QMAX)
     d = dc * DC + tl.arange(0, DC)
     sz = tl.max_contiguous(((l * NGT + tg) * H + h)[:, None] * D + d[None, :], [1, VX])   # [HB, DC]
     tl.store(scale_ptr + sz, tl.reshape(tl.join(sc_lo, sc_hi), (HB, DC)), mask=hmask[:, None])
     tl.store(zero_ptr + sz, tl.reshape(tl.join(mn_lo, mn_hi), (HB, DC)), mask=hmask[:, None])
-    q = _int_codes(_half_lo(xw, BF16), mn_lo[None, :, None, :], inv_lo[None, :, None, :])
-    q = q + (_int_codes(_half_hi(xw, BF16), mn_hi[None, :, None, :], inv_hi[None, :, None, :]) << BITS)
+    q = _int_codes(_half_lo(xw, BF16), p_lo[None, :, None, :], mnp_lo[None, :, None, :], inv_lo[None, :, None, :], QMAX)
+    q = q + (_int_codes(_half_hi(xw, BF16), p_hi[None, :, None, :], mnp_hi[None, :, None, :], inv_hi[None, :, None, :],
+                        QMAX) << BITS)
     if K == 4:
         q = tl.sum(tl.reshape(q, (TL, HB, TA, DCB, 2)) << (tl.arange(0, 2) * (2 * BITS))[None, None, None, None, :], axis=4)
     cpt = cp + (ti.to(tl.int64) * cs)[:, None, :, None]
@@ -327,24 +345,26 @@ def _q_token_group(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h, t
     if NCH == 1:
         ti, tmask = _token_rows(i, 0, CH, G, n, FULL)
         x = _load_d(xp + (ti.to(tl.int64) * xs)[:, None, :, None], d, D, DC * NDC).to(tl.float32)
-        mn = _rmin(_rmin(x, 2), 0)                                          # [HB, DC]
-        mx = _rmax(_rmax(x, 2), 0)
+        xf = _finite_or_nan(x)
+        mn = _rmin_num(_rmin_num(xf, 2), 0)                                 # [HB, DC]
+        mx = _rmax_num(_rmax_num(xf, 2), 0)
     else:
         mn = tl.full((HB, DC), float("inf"), tl.float32)
         mx = tl.full((HB, DC), float("-inf"), tl.float32)
         for c in range(NCH):
             ti, tmask = _token_rows(i, c, CH, G, n, FULL)
             x = _load_d(xp + (ti.to(tl.int64) * xs)[:, None, :, None], d, D, DC * NDC).to(tl.float32)
-            mn = _min_nan_fn(mn, _rmin(_rmin(x, 2), 0))
-            mx = _max_nan_fn(mx, _rmax(_rmax(x, 2), 0))
-    scale, inv = _int_params(mn, mx, QMAX)
+            xf = _finite_or_nan(x)
+            mn = tl.minimum(mn, _rmin_num(_rmin_num(xf, 2), 0))
+            mx = tl.maximum(mx, _rmax_num(_rmax_num(xf, 2), 0))
+    mn, p, mnp, scale, inv = _int_params(mn, mx, QMAX)
     tl.store(scale_ptr + sz, scale, mask=hd_mask)
     tl.store(zero_ptr + sz, mn, mask=hd_mask)
     for c in range(NCH):
         ti, tmask = _token_rows(i, c, CH, G, n, FULL)
         if NCH > 1:
             x = _load_d(xp + (ti.to(tl.int64) * xs)[:, None, :, None], d, D, DC * NDC).to(tl.float32)
-        q = _int_codes(x, mn[None, :, None, :], inv[None, :, None, :])
+        q = _int_codes(x, p[None, :, None, :], mnp[None, :, None, :], inv[None, :, None, :], QMAX)
         if K > 1:
             q = tl.sum(tl.reshape(q, (TL, HB, TA, DCB, K)) << shifts, axis=4)   # [TL, HB, TA, DCB]
         cpt = cp + (ti.to(tl.int64) * cs)[:, None, :, None]
@@ -413,7 +433,7 @@ def _dq_token_group(codes_ptr, scale_ptr, zero_ptr, out_ptr, T, H, s_l, s_t, s_h
             scale, zero = tl.split(sc)
             scale = scale[None]
             zero = zero[None]
-        y = (_code_to_float(_unpack(cb, BITS, (TB, HB, DP))) * scale + zero).to(out_ptr.dtype.element_ty)
+        y = tl.fma(_code_to_float(_unpack(cb, BITS, (TB, HB, DP))), scale, zero).to(out_ptr.dtype.element_ty)
         opt = op + (ti.to(tl.int64) * os)[:, None, None]
         if _token_rows_exact(TB, G, FULL):
             tl.store(opt, y, mask=hd_mask[None])
