@@ -76,6 +76,7 @@ __global__ void __launch_bounds__(kBlock, KVK_ROW_MINB) quant_rows_kernel(const 
   if (whole) {
     // ---- groups of whole vectors: per-slot stats, then across the unit's slots and lanes ------
     float smn[ITEMS] = {}, smx[ITEMS] = {};
+    bool nonfinite = false;  // this thread saw an Inf / NaN in a group (int)
     const bool stats = MODE != 0 || a.fp8_reduce;  // uniform
     if (stats) {
 #pragma unroll
@@ -88,6 +89,12 @@ __global__ void __launch_bounds__(kBlock, KVK_ROW_MINB) quant_rows_kernel(const 
           if (act[i]) {
 #pragma unroll
             for (int j = 0; j < E; ++j) { mn = min_nan(mn, v[i][j]); mx = max_nan(mx, v[i][j]); }
+            if (!is_finite2(mn, mx)) {  // an Inf or NaN (rare): the finite values' min / max
+              nonfinite = true;
+              mn = __int_as_float(0x7f800000), mx = -__int_as_float(0x7f800000);
+#pragma unroll
+              for (int j = 0; j < E; ++j) { mn = fminf(mn, finite_or_nan(v[i][j])); mx = fmaxf(mx, finite_or_nan(v[i][j])); }
+            }
           }
           smn[i] = mn;
           smx[i] = mx;
@@ -113,6 +120,8 @@ __global__ void __launch_bounds__(kBlock, KVK_ROW_MINB) quant_rows_kernel(const 
       }
     }
     // ---- quantize + store --------------------------------------------------------------------
+    // groups span lanes: any non-finite value in the warp sends its groups down the saturating path
+    if constexpr (MODE != 0) nonfinite = __any_sync(__activemask(), nonfinite);
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       if (!act[i]) continue;
@@ -129,10 +138,10 @@ __global__ void __launch_bounds__(kBlock, KVK_ROW_MINB) quant_rows_kernel(const 
         for (int j = 0; j < E; ++j) pv[j] = fp8_prescale(v[i][j], inv);
         w = fp8_pack<E>(pv);
       } else {
-        const IntGroup g = make_int_group(smn[i], smx[i], (1 << MODE) - 1);
+        const IntGroup g = make_int_group(smn[i], smx[i], (1 << MODE) - 1, nonfinite);
         if (vin[i] == 0) {  // one writer per group; scale index = unit (U = G)
           a.scale[unit[i]] = g.scale;
-          a.zero[unit[i]] = smn[i];
+          a.zero[unit[i]] = g.mn;
         }
         uint32_t q[E];
         if (g.fast) {  // the common case: no clamps
@@ -155,14 +164,14 @@ __global__ void __launch_bounds__(kBlock, KVK_ROW_MINB) quant_rows_kernel(const 
         if (!act[i]) continue;
         float mn[E], mx[E];
 #pragma unroll
-        for (int j = 0; j < E; ++j) mn[j] = mx[j] = v[i][j];
+        for (int j = 0; j < E; ++j) mn[j] = mx[j] = finite_or_nan(v[i][j]);  // finite values only
         // butterfly over aligned blocks of G elements (G a power of two dividing E)
 #pragma unroll
         for (int st = 1; st < E; st <<= 1) {
           if (st < G) {
             float tmn[E], tmx[E];
 #pragma unroll
-            for (int j = 0; j < E; ++j) { tmn[j] = min_nan(mn[j], mn[j ^ st]); tmx[j] = max_nan(mx[j], mx[j ^ st]); }
+            for (int j = 0; j < E; ++j) { tmn[j] = fminf(mn[j], mn[j ^ st]); tmx[j] = fmaxf(mx[j], mx[j ^ st]); }
 #pragma unroll
             for (int j = 0; j < E; ++j) { mn[j] = tmn[j]; mx[j] = tmx[j]; }
           }
@@ -171,12 +180,12 @@ __global__ void __launch_bounds__(kBlock, KVK_ROW_MINB) quant_rows_kernel(const 
         const uint32_t gpv = uint32_t(E) >> a.logG;  // groups per vector
 #pragma unroll
         for (int j = 0; j < E; ++j) {
-          const float sc = int_group_scale(mn[j], mx[j], (1 << MODE) - 1);
-          q[j] = int_quantize_one(v[i][j], mn[j], mx[j], kQmax);
+          const IntGroup g = make_int_group(mn[j], mx[j], (1 << MODE) - 1, true);
+          q[j] = int_quantize(v[i][j], g, kQmax);
           if ((j & (G - 1)) == 0) {
             const uint64_t gi = uint64_t(unit[i]) * gpv + (uint32_t(j) >> a.logG);
-            a.scale[gi] = sc;
-            a.zero[gi] = mn[j];
+            a.scale[gi] = g.scale;
+            a.zero[gi] = g.mn;
           }
         }
         store_bytes<NB>(a.codes + uint64_t(row[i]) * a.Dp + uint64_t(vir[i]) * NB, pack_codes<MODE, E>(q),
@@ -366,6 +375,17 @@ __global__ void __launch_bounds__(kBlock) quant_chunk_kernel(const FastArgs a) {
 #pragma unroll
       for (int j = 1; j < GE; ++j) { mn[g] = min_nan(mn[g], f[g * GE + j]); mx[g] = max_nan(mx[g], f[g * GE + j]); }
     }
+    bool nonfinite = false;
+#pragma unroll
+    for (int g = 0; g < GPC; ++g) {
+      if (!is_finite2(mn[g], mx[g])) {  // an Inf or NaN (rare): the finite values' min / max
+        nonfinite = true;
+        mn[g] = __int_as_float(0x7f800000), mx[g] = -__int_as_float(0x7f800000);
+#pragma unroll
+        for (int j = 0; j < GE; ++j) { mn[g] = fminf(mn[g], finite_or_nan(f[g * GE + j])); mx[g] = fmaxf(mx[g], finite_or_nan(f[g * GE + j])); }
+      }
+    }
+    nonfinite = __any_sync(__activemask(), nonfinite);  // groups span lanes
     if (GPC == 1 && P > 1) {
       mn[0] = group_min(mn[0], P);
       mx[0] = group_max(mx[0], P);
@@ -374,7 +394,7 @@ __global__ void __launch_bounds__(kBlock) quant_chunk_kernel(const FastArgs a) {
     bool fast = true;
 #pragma unroll
     for (int g = 0; g < GPC; ++g) {
-      gr[g] = make_int_group(mn[g], mx[g], (1 << BITS) - 1);
+      gr[g] = make_int_group(mn[g], mx[g], (1 << BITS) - 1, nonfinite);
       fast = fast && gr[g].fast;
     }
     uint32_t q[kCh];
@@ -390,14 +410,14 @@ __global__ void __launch_bounds__(kBlock) quant_chunk_kernel(const FastArgs a) {
       if constexpr (GPC == 1) {
         if ((s & (P - 1)) == 0) {  // group index: s / P (groups are in row-major order)
           a.scale[s >> a.logP] = gr[0].scale;
-          a.zero[s >> a.logP] = mn[0];
+          a.zero[s >> a.logP] = gr[0].mn;
         }
       } else {
-        float sc[GPC];
+        float sc[GPC], zp[GPC];
 #pragma unroll
-        for (int g = 0; g < GPC; ++g) sc[g] = gr[g].scale;
+        for (int g = 0; g < GPC; ++g) { sc[g] = gr[g].scale; zp[g] = gr[g].mn; }
         store_floats<GPC>(a.scale + uint64_t(s) * GPC, true, sc);
-        store_floats<GPC>(a.zero + uint64_t(s) * GPC, true, mn);
+        store_floats<GPC>(a.zero + uint64_t(s) * GPC, true, zp);
       }
     }
   }

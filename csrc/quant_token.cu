@@ -38,21 +38,39 @@ __device__ __forceinline__ TokCoord tok_coord(const TokArgs& a, uint32_t s) {
 }
 
 // One channel vector's group constants from its min / max; writes scale and zero, returns
-// whether every channel can take the clamp-free path.
-template <int E, int BITS>
-__device__ __forceinline__ bool tok_groups(const float (&mn)[E], const float (&mx)[E], IntGroup (&g)[E],
-                                           float* scale, float* zero, bool s_aligned, bool write = true) {
-  float sc[E];
+// whether every channel can take the clamp-free path. mn / mx are the NaN-propagating min / max
+// of the group's nt tokens at xg (token stride sT); where one is not finite (an Inf or NaN: rare)
+// the finite values' min / max are taken again from memory and the group saturates.
+template <typename Tr, int E, int BITS>
+__device__ __forceinline__ bool tok_groups(float (&mn)[E], float (&mx)[E], IntGroup (&g)[E], float* scale, float* zero,
+                                           bool s_aligned, const typename Tr::storage* xg, int64_t sT, int nt,
+                                           bool x_aligned, bool write = true) {
+  bool finite = true;
+#pragma unroll
+  for (int j = 0; j < E; ++j) finite = finite && is_finite2(mn[j], mx[j]);
+  if (!finite) {
+#pragma unroll
+    for (int j = 0; j < E; ++j) { mn[j] = __int_as_float(0x7f800000); mx[j] = -__int_as_float(0x7f800000); }
+#pragma unroll 1
+    for (int t = 0; t < nt; ++t) {
+      float f[E];
+      load_vec<Tr, E>(xg + int64_t(t) * sT, x_aligned, f);
+#pragma unroll
+      for (int j = 0; j < E; ++j) { mn[j] = fminf(mn[j], finite_or_nan(f[j])); mx[j] = fmaxf(mx[j], finite_or_nan(f[j])); }
+    }
+  }
+  float sc[E], zp[E];
   bool all_fast = true;
 #pragma unroll
   for (int j = 0; j < E; ++j) {
-    g[j] = make_int_group(mn[j], mx[j], (1 << BITS) - 1);
+    g[j] = make_int_group(mn[j], mx[j], (1 << BITS) - 1, !finite);
     sc[j] = g[j].scale;
+    zp[j] = g[j].mn;
     all_fast = all_fast && g[j].fast;
   }
   if (write) {
     store_floats<E>(scale, s_aligned, sc);
-    store_floats<E>(zero, s_aligned, mn);
+    store_floats<E>(zero, s_aligned, zp);
   }
   return all_fast;
 }
@@ -115,7 +133,7 @@ __global__ void __launch_bounds__(REG ? kTokBlock : kBlock, KVK_TOK_MINB) quant_
       }
     }
     IntGroup g[E];
-    const bool all_fast = tok_groups<E, BITS>(mn, mx, g, a.scale + sidx, a.zero + sidx, AL);
+    const bool all_fast = tok_groups<Tr, E, BITS>(mn, mx, g, a.scale + sidx, a.zero + sidx, AL, xp, a.sT, nt, AL);
 #pragma unroll
     for (int t = 0; t < kTokReg; ++t)
       if (t < nt) tok_quantize_store<Tr, E, BITS>(raw[t], g, all_fast, cp + uint64_t(t) * crow, AL);
@@ -137,7 +155,7 @@ __global__ void __launch_bounds__(REG ? kTokBlock : kBlock, KVK_TOK_MINB) quant_
       }
     }
     IntGroup g[E];
-    const bool all_fast = tok_groups<E, BITS>(mn, mx, g, a.scale + sidx, a.zero + sidx, AL);
+    const bool all_fast = tok_groups<Tr, E, BITS>(mn, mx, g, a.scale + sidx, a.zero + sidx, AL, xp, a.sT, nt, AL);
     // pass 2: quantize (re-reads hit L1/L2)
     for (int t0 = 0; t0 < nt; t0 += 4) {
       Vec<Tr, E> raw[4];
@@ -234,7 +252,8 @@ __global__ void __launch_bounds__(kTokBlock, 6) quant_tok_split_kernel(const Tok
   if (!act) return;
   const uint64_t sidx = k.q1 * a.D + uint64_t(k.c) * E;
   IntGroup g[E];
-  const bool all_fast = tok_groups<E, BITS>(mn, mx, g, a.scale + sidx, a.zero + sidx, true, half == 0);
+  const bool all_fast = tok_groups<Tr, E, BITS>(mn, mx, g, a.scale + sidx, a.zero + sidx, true,
+                                                xp - int64_t(t0) * a.sT, a.sT, int(k.nt), true, half == 0);
   if (full) {
 #pragma unroll
     for (int t = 0; t < HT; ++t) tok_quantize_store<Tr, E, BITS>(raw[t], g, all_fast, cp + uint64_t(t) * crow, true);
