@@ -58,14 +58,17 @@ enough bytes per thread:
   exchange amax slots). CI compiles them for sm_90 (``tests/gluon_sm90.py``).
 
 Quantize math is float32 as in docs/quant-spec.md: IEEE divisions (``div_rn``) once per group /
-scale for ``scale`` and the clamped reciprocal ``inv``, then sub/mul/add per element; kernels are
-compiled with ``enable_fp_fusion=False`` so that nothing is contracted into an FMA (dequantize
-is then bit-identical to the reference too). Codes are floored by a round-down add of 2^23
-(``_int_codes``; a full-rate FADD.RM instead of a float-to-int conversion, which runs at 1/8 of
-the FP32 rate). Where ``scale == 0`` the kernels zero ``inv`` per
-group, which yields code 0 (``(x - mn) * 0 + 0.5``) without a per-element select, and no clamp
-to qmax is needed (see ``_int_codes``). fp8: the GPU's float-to-e4m3 conversion saturates
-(``satfinite``); the tl kernel clamps to +-448 explicitly anyway (NaN kept), so that the interpreter
+scale for ``scale`` and the clamped reciprocal ``inv``, then per element the explicit FMA
+``x * p - mn * p`` (p = 1/2 only for ranges beyond FLT_MAX), a mul and an add; kernels are compiled
+with ``enable_fp_fusion=False`` so that nothing else is contracted into an FMA; dequantize is one
+explicit FMA (``tl.fma``, as the reference's ``fma32``). Codes are floored by a round-down add of
+2^23 (``_int_codes``; a full-rate FADD.RM instead of a float-to-int conversion, which runs at 1/8
+of the FP32 rate) after the saturation to [0, qmax] (NaN -> 0) that the non-finite policy needs.
+Where ``scale == 0`` the kernels zero ``inv`` per group, which yields code 0. Group min / max and
+fp8 amax are over finite values only (``_finite_or_nan`` / ``_finite_abs``; the packed
+``_q_token_group_x2`` re-reduces only when its packed result is not finite). fp8: the GPU's
+float-to-e4m3 conversion saturates (``satfinite``); the tl kernel clamps to +-448 explicitly
+anyway (NaN kept), so that the interpreter
 runs the same code (the Gluon one-pass kernel, GPU only, relies on the conversion). Dequantize
 turns a code ``q`` into float32 exactly as ``bits(0x4B000000 | q) - 2^23`` (two full-rate
 instructions instead of a slow int-to-float conversion). Codes: first channel in the low bits.
