@@ -42,7 +42,7 @@ BACKENDS = _backends()
 
 
 # ---- the one exclusion -----------------------------------------------------------------------
-def interpreter_cast_defects(backend, stage, fmt, x=None, inv=None, codes=None):
+def interpreter_cast_defects(backend, stage, fmt, x=None, inv=None, codes=None, want=None):
     """Elements whose result the Triton *interpreter* gets wrong through its own casts (numpy
     emulation), not through the kernels: a boolean mask (over ``x`` for ``stage="quantize"``,
     over the decoded output for ``"dequantize"``); all False for every other backend.
@@ -52,9 +52,10 @@ def interpreter_cast_defects(backend, stage, fmt, x=None, inv=None, codes=None):
       and NaN inputs (their code);
     * bf16 inputs holding subnormals (its bf16 loads flush them): the whole case, since one
       element moves its group's / scope's min, max and scale;
-    * fp8 dequantize: subnormal and NaN codes (its e4m3 -> float cast).
-    The interpreter also truncates fp32 -> bf16 outputs; that is within OUT_ULP (one ulp) and
-    needs no exclusion. On a GPU, Triton compiles these casts to hardware conversions: exact."""
+    * fp8 dequantize: subnormal and NaN codes (its e4m3 -> float cast);
+    * dequantize into bf16 (``want``: the reference's output): values in bf16's subnormal range
+      (its fp32 -> bf16 cast of subnormals). Its truncation of normal fp32 -> bf16 outputs is
+      within OUT_ULP (one ulp) and needs no exclusion. On a GPU, Triton compiles these casts to hardware conversions: exact."""
     if not (backend == "triton" and INTERP):
         ref_t = x if stage == "quantize" else codes
         return torch.zeros(ref_t.shape if stage == "quantize" else _decoded_shape(codes, fmt), dtype=torch.bool)
@@ -75,12 +76,16 @@ def interpreter_cast_defects(backend, stage, fmt, x=None, inv=None, codes=None):
         carry = (r >= torch.exp2(e + 1)) & (a > 0)
         subn = (a < 2.0**-6) & (a > 0)
         return tie | carry | subn | v.isnan()
-    # dequantize: fp8 subnormal / NaN codes
-    if fmt.kind != "fp8":
-        return torch.zeros(_decoded_shape(codes, fmt), dtype=torch.bool)
-    b = codes.view(torch.uint8).cpu().to(torch.int32)
-    exp, man = (b >> 3) & 0xF, b & 0x7
-    return ((exp == 0) & (man != 0)) | ((b & 0x7F) == 0x7F)
+    # dequantize: bf16 subnormal outputs; fp8 subnormal / NaN codes
+    mask = torch.zeros(_decoded_shape(codes, fmt), dtype=torch.bool)
+    if want is not None and want.dtype == torch.bfloat16:
+        w = want.float()
+        mask |= (w != 0) & (w.abs() < torch.finfo(torch.float32).tiny)
+    if fmt.kind == "fp8":
+        b = codes.view(torch.uint8).cpu().to(torch.int32)
+        exp, man = (b >> 3) & 0xF, b & 0x7
+        mask |= ((exp == 0) & (man != 0)) | ((b & 0x7F) == 0x7F)
+    return mask
 
 
 def _decoded_shape(codes, fmt):
@@ -238,7 +243,7 @@ def test_ops_match_reference(c):
                       str(fmt), out, backend)
         want = torch.empty(x.shape, dtype=x.dtype)
         ref.dequantize_into(rcodes, rscale, rzero, fmt, want)
-        keep = ~interpreter_cast_defects(backend, "dequantize", fmt, codes=rcodes)
+        keep = ~interpreter_cast_defects(backend, "dequantize", fmt, codes=rcodes, want=want)
         _check_close(out.cpu().float()[keep], want.float()[keep], x.dtype, f"{backend} dequantize")
 
 
@@ -274,7 +279,7 @@ def test_public_api_matches_reference(c, three_d, out_dtype):
     want = torch.empty(rcodes.shape[:-1] + (x.shape[-1],), dtype=out_dtype)
     ref.dequantize_into(got, q.scale.reshape(rscale.shape).cpu(), None if q.zero is None else q.zero.reshape(rscale.shape).cpu(),
                         fmt, want)
-    keep = ~interpreter_cast_defects(name, "dequantize", fmt, codes=got)
+    keep = ~interpreter_cast_defects(name, "dequantize", fmt, codes=got, want=want)
     _check_close(out.reshape(want.shape).cpu().float()[keep], want.float()[keep], out_dtype, f"{name} dequantize(out=)")
 
 
