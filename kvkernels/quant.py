@@ -86,7 +86,8 @@ def quantize(x: torch.Tensor, format: Union[str, QuantFormat], *, scale: Optiona
 
     Args:
         x: ``[T, H, D]`` or ``[L, T, H, D]`` (tokens, KV heads, head_dim; optional layers),
-            bf16/fp16/fp32, on any device; head_dim dense, other strides arbitrary.
+            bf16/fp16/fp32, non-empty, on any device; head_dim dense (stride 1, or size 1),
+            other strides arbitrary.
         format: a :class:`QuantFormat` or its string (``"int4:g32:channel"``, ``"int2:g32:token"``,
             ``"fp8:token_head"``, ...; see docs/quant-spec.md).
         scale: fp8 only: given float32 scales of ``format.scale_shape`` (``L`` dropped for 3-D
@@ -138,7 +139,9 @@ def dequantize(q: QuantizedKV, dtype: Optional[torch.dtype] = None, *, out: Opti
     Args:
         q: from :func:`quantize`.
         dtype: bf16/fp16/fp32 (default ``q.dtype``, or ``out.dtype`` when ``out`` is given).
-        out: optional output ``[.., T, H, D]`` (head_dim dense, other strides arbitrary), written.
+        out: optional output ``[.., T, H, D]`` (head_dim dense or of size 1, other strides
+            arbitrary but its elements distinct in memory: an expanded / stride-0 view is
+            refused), written.
         backend: as in :func:`quantize`.
     """
     _check_quantized(q)
