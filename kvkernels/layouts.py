@@ -177,6 +177,8 @@ class PagedLayout:
             st = strides[i // num_layers]
             if any(s < 0 for s in st):
                 raise ValueError(f"strides: negative strides are not supported, got {st}")
+            if any(s == 0 and n > 1 for n, s in zip(sizes, st)):
+                raise ValueError(f"strides: a dim of size > 1 with stride 0 (elements aliasing) in {st} over {sizes}")
             hi = b.storage_offset() + sum((n - 1) * s for n, s in zip(sizes, st))
             if (hi + 1) * esize > b.untyped_storage().nbytes():
                 raise ValueError(f"caches: cache {i} (kv {i // num_layers}, layer {i % num_layers}) is smaller than "
@@ -303,7 +305,7 @@ class PagedLayout:
         kb, kh, kdx, kt, kdi = k.stride()
         vb, vh, vd, vt = v.stride()
         return PagedLayout.from_strided("vllm_legacy", ks + vs, len(ks), 2, NB, BS, H, D,
-                                        [(kb, kt, kh, kdx, kdi), (vb, vt, vh, 0, vd)], x=x, fp8=fp8)
+                                        [(kb, kt, kh, kdx, kdi), (vb, vt, vh, x * vd, vd)], x=x, fp8=fp8)
 
     @staticmethod
     def cross_layer(cache: torch.Tensor, order: str = "NHD", *, fp8: Optional[bool] = None) -> "PagedLayout":
