@@ -294,10 +294,24 @@ def _layout_args(layout: PagedLayout):
     return (layout.num_slots, layout.block_size, k[0], k[1], k[2], k[3], k[4], v[0], v[1], v[2], v[3], v[4], layout.x)
 
 
+_ALIGN_HINT = [not _INTERPRET and os.environ.get("KVK_PAGED_ALIGN_HINT", "1") != "0"]
+
+
 def _aligned(layout: PagedLayout) -> bool:
-    if _INTERPRET:
-        return False
-    return all(b.data_ptr() % 16 == 0 for b in layout.bases)
+    """Whether to tell Triton that every cache base is 16-byte aligned (``tl.multiple_of`` on
+    the pointer cast from ``ptrs``): lets it vectorize cache accesses. ``KVK_PAGED_ALIGN_HINT=0``
+    turns the hint off (also done automatically if a Triton version cannot compile it)."""
+    return _ALIGN_HINT[0] and all(b.data_ptr() % 16 == 0 for b in layout.bases)
+
+
+def _launch(kernel, grid, args, kw):
+    try:
+        kernel[grid](*args, **kw)
+    except triton.CompilationError:
+        if not kw.get("ALIGN"):
+            raise
+        _ALIGN_HINT[0] = False  # this Triton cannot take the hint on a pointer: run without it
+        kernel[grid](*args, **{**kw, "ALIGN": False})
 
 
 def _scale_args(layout: PagedLayout, cache_scale):
@@ -352,10 +366,11 @@ def scatter_into(layout: PagedLayout, kv, scale, zero, fmt: Optional[QuantFormat
         sargs = (scale, zero if zero is not None else scale, *a)
     cnt = oob_count if oob_count is not None else layout.ptrs
     grid = (triton.cdiv(T, TB), R)
-    _scatter_kernel[grid](src, s_kv, s_l, s_t, s_h, *sargs, layout.ptrs, slots, T, L, H, *_layout_args(layout),
-                          *_scale_args(layout, cache_scale), cnt, D=D, DP=DP, HP=HP, TB=TB, SRC=SRC, BITS=BITS,
-                          TG=TG, DG=DG, CDT=_cdt(layout), SPLIT=layout.x != D, COUNT=oob_count is not None,
-                          CLAMP=_INTERPRET, ALIGN=_aligned(layout), num_warps=4, **_LAUNCH)
+    _launch(_scatter_kernel, grid,
+            (src, s_kv, s_l, s_t, s_h, *sargs, layout.ptrs, slots, T, L, H, *_layout_args(layout),
+             *_scale_args(layout, cache_scale), cnt),
+            dict(D=D, DP=DP, HP=HP, TB=TB, SRC=SRC, BITS=BITS, TG=TG, DG=DG, CDT=_cdt(layout), SPLIT=layout.x != D,
+                 COUNT=oob_count is not None, CLAMP=_INTERPRET, ALIGN=_aligned(layout), num_warps=4, **_LAUNCH))
 
 
 def gather_into(layout: PagedLayout, slots, out, codes, scale, zero, fmt: Optional[QuantFormat], cache_scale,
@@ -377,7 +392,7 @@ def gather_into(layout: PagedLayout, slots, out, codes, scale, zero, fmt: Option
             DST, BITS, G = 2, 8, 1
     cnt = oob_count if oob_count is not None else layout.ptrs
     grid = (triton.cdiv(T, TB), R)
-    _gather_kernel[grid](*oargs, layout.ptrs, slots, T, L, H, *_layout_args(layout),
-                         *_scale_args(layout, cache_scale), cnt, D=D, DP=DP, HP=HP, TB=TB, DST=DST, BITS=BITS, G=G,
-                         CDT=_cdt(layout), SPLIT=layout.x != D, COUNT=oob_count is not None, CLAMP=_INTERPRET,
-                         ALIGN=_aligned(layout), num_warps=4, **_LAUNCH)
+    _launch(_gather_kernel, grid,
+            (*oargs, layout.ptrs, slots, T, L, H, *_layout_args(layout), *_scale_args(layout, cache_scale), cnt),
+            dict(D=D, DP=DP, HP=HP, TB=TB, DST=DST, BITS=BITS, G=G, CDT=_cdt(layout), SPLIT=layout.x != D,
+                 COUNT=oob_count is not None, CLAMP=_INTERPRET, ALIGN=_aligned(layout), num_warps=4, **_LAUNCH))
