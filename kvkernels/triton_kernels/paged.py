@@ -64,8 +64,10 @@ def _cache_ptr(ptrs_ptr, r, CDT: tl.constexpr, ALIGN: tl.constexpr):
 
 @triton.jit
 def _tile(pid_t, r, slots_ptr, T, L, NSLOTS, BS, kB, kT, kH, kDX, kDI, vB, vT, vH, vDX, vDI, X,
-          HP: tl.constexpr, DP: tl.constexpr, TB: tl.constexpr, SPLIT: tl.constexpr):
-    """Tokens, heads, channels of this program and their cache offsets (int64) and validity."""
+          HP: tl.constexpr, DP: tl.constexpr, TB: tl.constexpr, SPLIT: tl.constexpr, SAME_KV: tl.constexpr):
+    """Tokens, heads, channels of this program and their cache offsets (int64) and validity.
+    SAME_KV: K and V have the same strides (all layouts but vLLM's legacy one): the K strides are
+    used as they are, so that Triton sees their run-time specializations (a dense inner dim)."""
     kv = r // L
     t = pid_t * TB + tl.arange(0, TB)
     tin = t < T
@@ -74,20 +76,34 @@ def _tile(pid_t, r, slots_ptr, T, L, NSLOTS, BS, kB, kT, kH, kDX, kDI, vB, vT, v
     slot = tl.where(ok, slot, 0)
     blk = slot // BS
     off = slot - blk * BS
-    # K or V strides (kv is 0 or 1): select without a branch
-    sB = kB + (vB - kB) * kv
-    sT = kT + (vT - kT) * kv
-    sH = kH + (vH - kH) * kv
-    sDI = kDI + (vDI - kDI) * kv
+    if SAME_KV:
+        sB, sT, sH, sDI, sDX = kB, kT, kH, kDI, kDX
+    else:  # K or V strides (kv is 0 or 1): select without a branch
+        sB = kB + (vB - kB) * kv
+        sT = kT + (vT - kT) * kv
+        sH = kH + (vH - kH) * kv
+        sDI = kDI + (vDI - kDI) * kv
+        sDX = kDX + (vDX - kDX) * kv
     h = tl.arange(0, HP).to(tl.int64)
     d = tl.arange(0, DP)
     if SPLIT:
-        sDX = kDX + (vDX - kDX) * kv
         doff = (d // X).to(tl.int64) * sDX + (d % X).to(tl.int64) * sDI
     else:
         doff = d.to(tl.int64) * sDI
     coff = ((blk * sB + off * sT)[:, None, None] + (h * sH)[None, :, None] + doff[None, None, :])
     return kv, t, tin, slot, ok, h, d, coff
+
+
+@triton.jit
+def _mask(ok, h, d, H, D: tl.constexpr, DP: tl.constexpr, FULL_H: tl.constexpr):
+    """[TB, HP, DP] validity; the head / channel terms only where padded (constant masks along
+    the channel dim keep the accesses vectorized)."""
+    m = ok[:, None, None] & (d >= 0)[None, None, :]
+    if not FULL_H:
+        m = m & (h < H)[None, :, None]
+    if D != DP:
+        m = m & (d < D)[None, None, :]
+    return m
 
 
 @triton.jit
@@ -116,16 +132,16 @@ def _scatter_kernel(src_ptr, s_kv, s_l, s_t, s_h, scale_ptr, zero_ptr, a_row, a_
                     D: tl.constexpr, DP: tl.constexpr, HP: tl.constexpr, TB: tl.constexpr,
                     SRC: tl.constexpr, BITS: tl.constexpr, TG: tl.constexpr, DG: tl.constexpr,
                     CDT: tl.constexpr, SPLIT: tl.constexpr, COUNT: tl.constexpr, CLAMP: tl.constexpr,
-                    ALIGN: tl.constexpr):
+                    ALIGN: tl.constexpr, SAME_KV: tl.constexpr, FULL_H: tl.constexpr):
     # SRC: 0 flat values, 1 int codes (BITS), 2 fp8 codes. CDT: cache 0 fp32, 1 fp16, 2 bf16, 3 fp8.
     pid_t = tl.program_id(0)
     r = tl.program_id(1)
     kv, t, tin, slot, ok, h, d, coff = _tile(pid_t, r, slots_ptr, T, L, NSLOTS, BS, kB, kT, kH, kDX, kDI,
-                                            vB, vT, vH, vDX, vDI, X, HP, DP, TB, SPLIT)
+                                            vB, vT, vH, vDX, vDI, X, HP, DP, TB, SPLIT, SAME_KV)
     l = r - kv * L
     if COUNT:
         _count(cnt_ptr, slots_ptr, t, tin, NSLOTS, r)
-    m = ok[:, None, None] & (h < H)[None, :, None] & (d < D)[None, None, :]
+    m = _mask(ok, h, d, H, D, DP, FULL_H)
     t64 = t.to(tl.int64)
     rowoff = kv.to(tl.int64) * s_kv + l.to(tl.int64) * s_l
     if SRC == 0:
@@ -164,18 +180,18 @@ def _gather_kernel(out_ptr, o_kv, o_l, o_t, o_h, codes_ptr, scale_ptr, zero_ptr,
                    D: tl.constexpr, DP: tl.constexpr, HP: tl.constexpr, TB: tl.constexpr,
                    DST: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
                    CDT: tl.constexpr, SPLIT: tl.constexpr, COUNT: tl.constexpr, CLAMP: tl.constexpr,
-                   ALIGN: tl.constexpr):
+                   ALIGN: tl.constexpr, SAME_KV: tl.constexpr, FULL_H: tl.constexpr):
     # DST: 0 flat values, 1 int channel groups of G (BITS), 2 fp8 token_head.
     pid_t = tl.program_id(0)
     r = tl.program_id(1)
     kv, t, tin, slot, ok, h, d, coff = _tile(pid_t, r, slots_ptr, T, L, NSLOTS, BS, kB, kT, kH, kDX, kDI,
-                                            vB, vT, vH, vDX, vDI, X, HP, DP, TB, SPLIT)
+                                            vB, vT, vH, vDX, vDI, X, HP, DP, TB, SPLIT, SAME_KV)
     l = r - kv * L
     if COUNT:
         _count(cnt_ptr, slots_ptr, t, tin, NSLOTS, r)
     hm = (h < H)[None, :, None]
     dm = (d < D)[None, None, :]
-    m = ok[:, None, None] & hm & dm
+    m = _mask(ok, h, d, H, D, DP, FULL_H)
     base = _cache_ptr(ptrs_ptr, r, CDT, ALIGN)
     c = tl.load(base + coff, mask=m, other=0)
     if CDT == 3:
@@ -370,7 +386,8 @@ def scatter_into(layout: PagedLayout, kv, scale, zero, fmt: Optional[QuantFormat
             (src, s_kv, s_l, s_t, s_h, *sargs, layout.ptrs, slots, T, L, H, *_layout_args(layout),
              *_scale_args(layout, cache_scale), cnt),
             dict(D=D, DP=DP, HP=HP, TB=TB, SRC=SRC, BITS=BITS, TG=TG, DG=DG, CDT=_cdt(layout), SPLIT=layout.x != D,
-                 COUNT=oob_count is not None, CLAMP=_INTERPRET, ALIGN=_aligned(layout), num_warps=4, **_LAUNCH))
+                 COUNT=oob_count is not None, CLAMP=_INTERPRET, ALIGN=_aligned(layout), num_warps=4,
+                 SAME_KV=layout.strides[0] == layout.strides[-1], FULL_H=_p2(H) == H, **_LAUNCH))
 
 
 def gather_into(layout: PagedLayout, slots, out, codes, scale, zero, fmt: Optional[QuantFormat], cache_scale,
@@ -395,4 +412,5 @@ def gather_into(layout: PagedLayout, slots, out, codes, scale, zero, fmt: Option
     _launch(_gather_kernel, grid,
             (*oargs, layout.ptrs, slots, T, L, H, *_layout_args(layout), *_scale_args(layout, cache_scale), cnt),
             dict(D=D, DP=DP, HP=HP, TB=TB, DST=DST, BITS=BITS, G=G, CDT=_cdt(layout), SPLIT=layout.x != D,
-                 COUNT=oob_count is not None, CLAMP=_INTERPRET, ALIGN=_aligned(layout), num_warps=4, **_LAUNCH))
+                 COUNT=oob_count is not None, CLAMP=_INTERPRET, ALIGN=_aligned(layout), num_warps=4,
+                 SAME_KV=layout.strides[0] == layout.strides[-1], FULL_H=_p2(H) == H, **_LAUNCH))
