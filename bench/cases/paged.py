@@ -125,7 +125,7 @@ def run(args, timer, copy, info, op_names):
                     if not host:
                         backends += ["torch-loop"] + [f"{b}-per-layer" for b in args.backends if b in ("cuda", "triton")]
                     for backend in backends:
-                        row = dict(op=op, format=var, backend=backend, model=model, L=L, T=T, H=H, D=D,
+                        row = dict(op=op, format=var, backend=backend, model=f"{model} bs{BS}", L=L, T=T, H=H, D=D,
                                    block_size=BS, dtype="bfloat16", bytes=(n * 2 if host else nbytes), **info)
                         fn, why = _make_fn(op, backend, var, lay, caches, src, fmt, slots, sc, hkv, hout, L, NB, BS,
                                            H, D, n)
@@ -235,7 +235,7 @@ def _make_fn(op, backend, var, lay, caches, src, fmt, slots, sc, hkv, hout, L, N
 
 
 def _fmt_row(r):
-    return (f"{r['op']:8s} {r['format']:17s} {r['backend']:18s} {r['model']:12s} T={r['T']:<6d} BS={r['block_size']:<3d}"
+    return (f"{r['op']:8s} {r['format']:17s} {r['backend']:18s} {r['model']:17s} T={r['T']:<6d}"
             f"{r['bytes'] / 2**20:10.1f} MiB {r['median_us']:10.1f} us {r['GBps']:8.1f} GB/s "
             f"{r['pct_copy']:5.1f}% of {r['baseline']}  {r['check']}")
 
