@@ -111,20 +111,37 @@ __global__ void __launch_bounds__(1024) scatter_kernel(Args a) {
   for_each_row(a, [&](int64_t r, int kv, int64_t l, int64_t i, int64_t crow, const int64_t* st) {
     auto* base = reinterpret_cast<typename CTr::storage*>(a.c.ptrs[r]) + crow;
     const int64_t frow = kv * a.f.f_kv + l * a.f.f_l + i * a.f.f_t;
+    if constexpr (kCopy) {
+      // two groups per step, both loads issued before the stores (more bytes in flight)
+      const auto* src = static_cast<const typename STr::storage*>(a.f.data) + frow;
+      for (int g0 = threadIdx.x; g0 < a.groups; g0 += 2 * blockDim.x) {
+        const int g1 = g0 + blockDim.x;
+        const bool two = g1 < a.groups;
+        const int64_t h0 = g0 / a.groups_per_head, d0 = int64_t(g0 - h0 * a.groups_per_head) * E;
+        const int64_t h1 = two ? g1 / a.groups_per_head : h0;
+        const int64_t d1 = two ? int64_t(g1 - h1 * a.groups_per_head) * E : d0;
+        const auto v0 = load_raw<STr, E>(src + h0 * a.f.f_h + d0, a.flat_vec);
+        const auto v1 = load_raw<STr, E>(src + h1 * a.f.f_h + d1, a.flat_vec);
+        auto* p0 = base + h0 * st[2];
+        auto* p1 = base + h1 * st[2];
+        if (a.cache_vec) {
+          *reinterpret_cast<typename Vec<CTr, E>::Word*>(p0 + chan_off(st, d0, a.c.x)) = v0.w;
+          if (two) *reinterpret_cast<typename Vec<CTr, E>::Word*>(p1 + chan_off(st, d1, a.c.x)) = v1.w;
+        } else {
+#pragma unroll
+          for (int j = 0; j < E; ++j) p0[chan_off(st, d0 + j, a.c.x)] = v0.e[j];
+          if (two) {
+#pragma unroll
+            for (int j = 0; j < E; ++j) p1[chan_off(st, d1 + j, a.c.x)] = v1.e[j];
+          }
+        }
+      }
+    } else {
     for (int g = threadIdx.x; g < a.groups; g += blockDim.x) {
       const int64_t h = g / a.groups_per_head;
       const int64_t d = int64_t(g - h * a.groups_per_head) * E;
       auto* p = base + h * st[2];
-      if constexpr (kCopy) {
-        const auto v = load_raw<STr, E>(static_cast<const typename STr::storage*>(a.f.data) + frow + h * a.f.f_h + d,
-                                        a.flat_vec);
-        if (a.cache_vec) {
-          *reinterpret_cast<typename Vec<CTr, E>::Word*>(p + chan_off(st, d, a.c.x)) = v.w;
-        } else {
-#pragma unroll
-          for (int j = 0; j < E; ++j) p[chan_off(st, d + j, a.c.x)] = v.e[j];
-        }
-      } else {
+      {
         float f[E];
         load_source<STr, KIND, BITS, E>(a, r, frow, i, h, d, f);
         if constexpr (std::is_same<CTr, FP8>::value) {
@@ -146,6 +163,7 @@ __global__ void __launch_bounds__(1024) scatter_kernel(Args a) {
         }
       }
     }
+    }  // kCopy
   });
 }
 
@@ -155,26 +173,48 @@ __global__ void __launch_bounds__(1024) gather_kernel(Args a) {
   for_each_row(a, [&](int64_t r, int kv, int64_t l, int64_t i, int64_t crow, const int64_t* st) {
     const auto* base = reinterpret_cast<const typename CTr::storage*>(a.c.ptrs[r]) + crow;
     auto* out = static_cast<typename DTr::storage*>(a.f.data) + kv * a.f.f_kv + l * a.f.f_l + i * a.f.f_t;
+    if constexpr (kCopy) {
+      // two groups per step, both loads issued before the stores
+      for (int g0 = threadIdx.x; g0 < a.groups; g0 += 2 * blockDim.x) {
+        const int g1 = g0 + blockDim.x;
+        const bool two = g1 < a.groups;
+        const int64_t h0 = g0 / a.groups_per_head, d0 = int64_t(g0 - h0 * a.groups_per_head) * E;
+        const int64_t h1 = two ? g1 / a.groups_per_head : h0;
+        const int64_t d1 = two ? int64_t(g1 - h1 * a.groups_per_head) * E : d0;
+        const auto* p0 = base + h0 * st[2] + chan_off(st, d0, a.c.x);
+        const auto* p1 = base + h1 * st[2] + chan_off(st, d1, a.c.x);
+        Vec<CTr, E> v0, v1;
+        if (a.cache_vec) {
+          v0.w = *reinterpret_cast<const typename Vec<CTr, E>::Word*>(p0);
+          v1.w = *reinterpret_cast<const typename Vec<CTr, E>::Word*>(p1);
+        } else {
+#pragma unroll
+          for (int j = 0; j < E; ++j) {
+            v0.e[j] = base[h0 * st[2] + chan_off(st, d0 + j, a.c.x)];
+            v1.e[j] = base[h1 * st[2] + chan_off(st, d1 + j, a.c.x)];
+          }
+        }
+        auto* o0 = out + h0 * a.f.f_h + d0;
+        auto* o1 = out + h1 * a.f.f_h + d1;
+        if (a.flat_vec) {
+          *reinterpret_cast<typename Vec<CTr, E>::Word*>(o0) = v0.w;
+          if (two) *reinterpret_cast<typename Vec<CTr, E>::Word*>(o1) = v1.w;
+        } else {
+#pragma unroll
+          for (int j = 0; j < E; ++j) o0[j] = v0.e[j];
+          if (two) {
+#pragma unroll
+            for (int j = 0; j < E; ++j) o1[j] = v1.e[j];
+          }
+        }
+      }
+    } else {
     for (int g = threadIdx.x; g < a.groups; g += blockDim.x) {
       const int64_t h = g / a.groups_per_head;
       const int64_t d = int64_t(g - h * a.groups_per_head) * E;
       const auto* p = base + h * st[2];
       auto* o = out + h * a.f.f_h + d;
-      if constexpr (kCopy) {
-        Vec<CTr, E> v;
-        if (a.cache_vec) {
-          v.w = *reinterpret_cast<const typename Vec<CTr, E>::Word*>(p + chan_off(st, d, a.c.x));
-        } else {
-#pragma unroll
-          for (int j = 0; j < E; ++j) v.e[j] = p[chan_off(st, d + j, a.c.x)];
-        }
-        if (a.flat_vec) {
-          *reinterpret_cast<typename Vec<CTr, E>::Word*>(o) = v.w;
-        } else {
-#pragma unroll
-          for (int j = 0; j < E; ++j) o[j] = v.e[j];
-        }
-      } else {
+      {
         float f[E];
         if constexpr (std::is_same<CTr, FP8>::value) {
           uint64_t w = 0;
@@ -200,6 +240,7 @@ __global__ void __launch_bounds__(1024) gather_kernel(Args a) {
         store_vec<DTr, E>(o, a.flat_vec, f);
       }
     }
+    }  // kCopy
   });
 }
 
@@ -250,15 +291,31 @@ cudaError_t prepare(Args& a, const KvkPagedCaches* c, const KvkPagedFlat* f, con
   return cudaSuccess;
 }
 
-void launch_geometry(const Args& a, int max_blocks, dim3& grid, dim3& block) {
-  const int tpr = std::min(256, ((a.groups + 31) / 32) * 32);
+// Block shape: TPR threads per row (whole groups of a row), ROWS rows per block. Grid: persistent
+// (at most the blocks that fit on the GPU at once, from the occupancy API: each block then
+// grid-strides over the work with no block-scheduling overhead between rows), or max_blocks
+// 1024-thread blocks for the SM-bounded path.
+template <typename Kernel>
+cudaError_t launch_geometry(const Args& a, int max_blocks, Kernel kernel, dim3& grid, dim3& block) {
+  // threads per row: half the groups (the copy paths take two groups a step), whole warps
+  const int tpr = std::min(256, (((a.groups + 1) / 2 + 31) / 32) * 32);
   const int rows = std::max(1, (max_blocks > 0 ? 1024 : 256) / tpr);
   const int64_t work = a.R * a.T;
   int64_t nb = (work + rows - 1) / rows;
-  if (max_blocks > 0) nb = std::min<int64_t>(nb, max_blocks);
+  if (max_blocks > 0) {
+    nb = std::min<int64_t>(nb, max_blocks);
+  } else {
+    int dev = 0, sms = 0, per_sm = 0;
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    if (e == cudaSuccess) e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, tpr * rows, 0);
+    if (e != cudaSuccess) return e;
+    nb = std::min<int64_t>(nb, int64_t(sms) * std::max(per_sm, 1));
+  }
   nb = std::min<int64_t>(nb, 0x7fffffff);
   grid = dim3(unsigned(nb));
   block = dim3(tpr, rows);
+  return cudaSuccess;
 }
 
 template <typename STr, int KIND, int BITS, typename CTr, int E>
@@ -267,8 +324,10 @@ cudaError_t run_scatter(Args& a, int max_blocks, cudaStream_t stream) {
     return cudaErrorNotSupported;  // never picked (pick_e); keeps vectors <= 16 bytes
   } else {
     dim3 grid, block;
-    launch_geometry(a, max_blocks, grid, block);
-    scatter_kernel<STr, KIND, BITS, CTr, E><<<grid, block, 0, stream>>>(a);
+    auto kernel = scatter_kernel<STr, KIND, BITS, CTr, E>;
+    cudaError_t err = launch_geometry(a, max_blocks, kernel, grid, block);
+    if (err != cudaSuccess) return err;
+    kernel<<<grid, block, 0, stream>>>(a);
     return cudaGetLastError();
   }
 }
@@ -306,8 +365,10 @@ cudaError_t run_gather(Args& a, int max_blocks, cudaStream_t s) {
     return cudaErrorNotSupported;  // never picked (pick_e)
   } else {
     dim3 grid, block;
-    launch_geometry(a, max_blocks, grid, block);
-    gather_kernel<CTr, DTr, E><<<grid, block, 0, s>>>(a);
+    auto kernel = gather_kernel<CTr, DTr, E>;
+    cudaError_t err = launch_geometry(a, max_blocks, kernel, grid, block);
+    if (err != cudaSuccess) return err;
+    kernel<<<grid, block, 0, s>>>(a);
     return cudaGetLastError();
   }
 }

@@ -21,7 +21,8 @@
 // e4m3 * s, with s = k_scale[l*ks_l + h*ks_h] (K) / v_scale[l*vs_l + h*vs_h] (V). Other caches:
 // v rounded (RNE) to the destination dtype. The flat side may be pinned host memory (UVA).
 //
-// Grid: work items (cache r, token i), each a token row of one cache, ROWS per block; when
+// Grid: work items (cache r, token i), each a token row of one cache, ROWS per block, the grid
+// persistent (the blocks resident at once on the current device, grid-striding); when
 // max_blocks > 0 the grid is at most max_blocks blocks (a block sits on one SM: an SM bound
 // for the pinned-host path) of 1024 threads, grid-striding over the work.
 //
