@@ -295,8 +295,13 @@ cudaError_t prepare(Args& a, const KvkPagedCaches* c, const KvkPagedFlat* f, con
 // (at most the blocks that fit on the GPU at once, from the occupancy API: each block then
 // grid-strides over the work with no block-scheduling overhead between rows), or max_blocks
 // 1024-thread blocks for the SM-bounded path.
+constexpr int kMaxDevices = 64;
+
+// `per_sm_cache`: this kernel's resident blocks per SM by device (0: not yet asked), so that the
+// occupancy API runs once per kernel and device, not inside a CUDA-graph capture later.
 template <typename Kernel>
-cudaError_t launch_geometry(const Args& a, int max_blocks, Kernel kernel, dim3& grid, dim3& block) {
+cudaError_t launch_geometry(const Args& a, int max_blocks, Kernel kernel, int* per_sm_cache, dim3& grid,
+                            dim3& block) {
   // threads per row: half the groups (the copy paths take two groups a step), whole warps
   const int tpr = std::min(256, (((a.groups + 1) / 2 + 31) / 32) * 32);
   const int rows = std::max(1, (max_blocks > 0 ? 1024 : 256) / tpr);
@@ -308,8 +313,17 @@ cudaError_t launch_geometry(const Args& a, int max_blocks, Kernel kernel, dim3& 
     int dev = 0, sms = 0, per_sm = 0;
     cudaError_t e = cudaGetDevice(&dev);
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    if (e == cudaSuccess) e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, tpr * rows, 0);
     if (e != cudaSuccess) return e;
+    const int slot = (dev >= 0 && dev < kMaxDevices) ? dev : -1;
+    // the block shape depends on the case: cache per (device, threads per block / 32)
+    const int key = slot * 33 + (tpr * rows) / 32;
+    per_sm = slot >= 0 ? per_sm_cache[key] : 0;
+    if (per_sm == 0) {
+      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, tpr * rows, 0);
+      if (e != cudaSuccess) return e;
+      per_sm = std::max(per_sm, 1);
+      if (slot >= 0) per_sm_cache[key] = per_sm;
+    }
     nb = std::min<int64_t>(nb, int64_t(sms) * std::max(per_sm, 1));
   }
   nb = std::min<int64_t>(nb, 0x7fffffff);
@@ -325,7 +339,8 @@ cudaError_t run_scatter(Args& a, int max_blocks, cudaStream_t stream) {
   } else {
     dim3 grid, block;
     auto kernel = scatter_kernel<STr, KIND, BITS, CTr, E>;
-    cudaError_t err = launch_geometry(a, max_blocks, kernel, grid, block);
+    static int per_sm[kMaxDevices * 33] = {};
+    cudaError_t err = launch_geometry(a, max_blocks, kernel, per_sm, grid, block);
     if (err != cudaSuccess) return err;
     kernel<<<grid, block, 0, stream>>>(a);
     return cudaGetLastError();
@@ -366,7 +381,8 @@ cudaError_t run_gather(Args& a, int max_blocks, cudaStream_t s) {
   } else {
     dim3 grid, block;
     auto kernel = gather_kernel<CTr, DTr, E>;
-    cudaError_t err = launch_geometry(a, max_blocks, kernel, grid, block);
+    static int per_sm[kMaxDevices * 33] = {};
+    cudaError_t err = launch_geometry(a, max_blocks, kernel, per_sm, grid, block);
     if (err != cudaSuccess) return err;
     kernel<<<grid, block, 0, s>>>(a);
     return cudaGetLastError();
