@@ -576,7 +576,7 @@ def test_bad_scatter_input(mutate, exc, word):
     assert all(torch.equal(a, b) for a, b in zip(c.raws, poison))
 
 
-@pytest.mark.skipif(not ON_GPU, reason="needs a second device")
+@pytest.mark.skipif(not ON_GPU, reason="needs caches on a GPU and a flat side on the host")
 def test_caches_on_another_device():
     lay, c = build("flash_nhd", 1, 4, 4, 2, 64, torch.bfloat16)
     kv = make_flat(2, 1, 3, 2, 64, torch.bfloat16, device="cpu")  # not pinned
@@ -653,3 +653,48 @@ def test_triton_kernels_compile_sm90():
     assert len(rows) == 8
     plain = [r for r in rows if r.get("SRC", r.get("DST")) == 0]
     assert all(r["v4"] > 0 for r in plain), plain
+
+
+def test_flat_side_on_another_device():
+    lay, c = build("flash_nhd", 1, 4, 4, 2, 64, torch.float32)
+    kv = torch.empty(2, 1, 3, 2, 64, device="meta")
+    with pytest.raises(ValueError, match="kv: expected a tensor on"):
+        kvkernels.scatter(kv, lay, torch.tensor([0, 1, 2], device=DEVICE))
+
+
+@pytest.mark.parametrize("kw,exc,word", [
+    (dict(out=torch.empty(2, 2, 4, 2, 64)), ValueError, r"out: expected shape"),
+    (dict(out=torch.empty(2, 2, 5, 2, 64, dtype=torch.float16), dtype=torch.bfloat16), TypeError, "out: dtype"),
+    (dict(format="int4:g32:channel", out=torch.empty(2, 2, 5, 2, 64)), ValueError, "out: gather with a format"),
+    (dict(format="int3:g32:channel"), ValueError, "bits"),
+    (dict(dtype=torch.int8), TypeError, "dtype: expected"),
+    (dict(slot_mapping=None, page_table=PageTable(torch.zeros(2, dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
+                                                  torch.ones(1, dtype=torch.int32))), ValueError, "num_tokens"),
+    (dict(slot_mapping=None, page_table=PageTable(torch.zeros(3, dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
+                                                  torch.ones(1, dtype=torch.int32)), num_tokens=4), ValueError,
+     "page_table.kv_indptr: expected 2"),
+    (dict(slot_mapping=None, page_table=PageTable(torch.tensor([0, 1], dtype=torch.int32),
+                                                  torch.tensor([9], dtype=torch.int32),
+                                                  torch.ones(1, dtype=torch.int32)), num_tokens=1, validate=True),
+     ValueError, "page_table.kv_indices"),
+])
+def test_bad_gather_input(kw, exc, word):
+    lay, c, kv, slots = _ok()
+    kw = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    if "page_table" in kw:
+        pt = kw["page_table"]
+        kw["page_table"] = PageTable(pt.kv_indptr.to(DEVICE), pt.kv_indices.to(DEVICE), pt.kv_last_page_len.to(DEVICE))
+    args = {"slot_mapping": slots, **kw}
+    with pytest.raises(exc, match=word):
+        kvkernels.gather(lay, **args)
+
+
+def test_bad_quantized_input():
+    lay, c, kv, slots = _ok()
+    q = kvkernels.quantize(kv[0].contiguous(), "int4:g32:channel")  # K only: [L, T, H, D], not [2L, ...]
+    with pytest.raises(ValueError, match=r"kv: expected a QuantizedKV of \[num_kv \* L"):
+        kvkernels.scatter(q, lay, slots)
+    q = kvkernels.quantize(kv.flatten(0, 1).contiguous(), "int4:g32:channel")
+    q.scale = q.scale[..., :1].contiguous()
+    with pytest.raises(ValueError, match="kv.scale: expected a contiguous tensor of shape"):
+        kvkernels.scatter(q, lay, slots)
