@@ -385,6 +385,9 @@ def _cpu_ext():
     return _codec_cpu
 
 
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
 def _ptr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -495,6 +498,14 @@ def rans_decode_dequant_into(payload, offsets, freq, table_id, prob_bits, lut, s
     """out [S, N, C] bf16/fp16/fp32 with out.stride(-1) == 1 (other strides arbitrary), written.
     Blocks that fail to decode are written as zeros."""
     S, N, C = out.shape
+    ext = _cpu_ext()
+    if ext is not None:
+        st = ext.rans_decode_dequant(_ptr(payload), payload.numel(), _ptr(offsets), offsets.numel(), _ptr(freq),
+                                     freq.shape[0], freq.shape[1], _ptr(table_id), prob_bits, S, N, C, _ptr(lut),
+                                     _ptr(s_tok), _ptr(s_ch), _ptr(z_ch), _ptr(out), _DTYPE_CODE[out.dtype],
+                                     out.stride(0), out.stride(1))
+        status.fill_(st)
+        return
     sym = torch.empty((S, N, C), dtype=torch.uint8)
     rans_decode_into(payload, offsets, freq, table_id, prob_bits, sym, status)
     tid = table_id.long().clamp(0, lut.shape[0] - 1)
