@@ -12,6 +12,7 @@ reference). ``backend=`` or ``KVKERNELS_BACKEND`` overrides the automatic choice
 from .dispatch import BACKENDS, BackendError, backend_report
 from .formats import QuantFormat, QuantizedKV
 from .quant import dequantize, quantize
+from .codec import coders as _codec_coders  # noqa: F401  (registers the entropy-coder ops)
 
 __version__ = "0.1.0"
 

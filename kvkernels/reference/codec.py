@@ -375,14 +375,34 @@ def dequant_spec(sym: torch.Tensor, table_id: torch.Tensor, lut: torch.Tensor, s
 
 
 # ---- dispatch backend (torch): caller buffers + status ---------------------------------------
+_EXT = {}
+
+
 def _cpu_ext():
+    """The compiled CPU coder, or None (not built, or ``KVK_CODEC_PURE=1``). ``KVK_CODEC_CPU_PATH``
+    loads it from a given file instead (scripts/asan_codec.sh: a sanitizer build)."""
     if os.environ.get("KVK_CODEC_PURE", "") == "1":
         return None
-    try:
-        from .. import _codec_cpu
-    except ImportError:
-        return None
-    return _codec_cpu
+    path = os.environ.get("KVK_CODEC_CPU_PATH", "")
+    if path not in _EXT:
+        mod = None
+        try:
+            if path:
+                import importlib.util
+
+                spec = importlib.util.spec_from_file_location("_codec_cpu", path)
+                mod = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(mod)
+            else:
+                from .. import _codec_cpu as mod
+        except ImportError:
+            mod = None
+        _EXT[path] = mod
+    return _EXT[path]
+
+
+def cpu_coder_available() -> bool:
+    return _cpu_ext() is not None
 
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
