@@ -65,11 +65,22 @@ namespace {
 struct RansTables {
   std::vector<uint16_t> cum;
   std::vector<uint8_t> ok;
-  int64_t stride;
-  RansTables(const int32_t* freq, int64_t K, int bins, int pb) : cum(K * (bins + 1)), ok(K), stride(bins + 1) {
+  std::vector<uint32_t> slots;  // [K, 2^pb] slot tables, when built
+  int64_t stride, M;
+  RansTables(const int32_t* freq, int64_t K, int bins, int pb) : cum(K * (bins + 1)), ok(K), stride(bins + 1),
+                                                                 M(int64_t(1) << pb) {
     for (int64_t k = 0; k < K; ++k) ok[k] = rans_prep_row(freq + k * bins, bins, pb, cum.data() + k * stride);
   }
   const uint16_t* row(int64_t k) const { return cum.data() + k * stride; }
+  // Slot tables pay when each row decodes more symbols than it has slots (and fit 64 MiB).
+  void build_slots(int64_t n_symbols, int bins, int pb) {
+    const int64_t K = (int64_t)ok.size();
+    if (K * M > n_symbols || K * M > (int64_t(16) << 20)) return;
+    slots.assign((size_t)(K * M), 0);
+    for (int64_t k = 0; k < K; ++k)
+      if (ok[k]) rans_build_slot_table(row(k), bins, pb, slots.data() + k * M);
+  }
+  const uint32_t* slot_row(int64_t k) const { return slots.data() + k * M; }
 };
 
 // Row pointers of block (s, g); 0 or the status bits.
@@ -151,8 +162,20 @@ int32_t kvk_cpu_rans_decode(const uint8_t* payload, int64_t nbytes, const int64_
     return ERR_OFFSETS;
   }
   RansTables t(freq, K, bins, pb);
+  t.build_slots(S * N * C, bins, pb);
+  const bool use_slots = !t.slots.empty();
   int32_t status = 0;
   const uint16_t* rows[LANES];
+  const uint32_t* srows[LANES];
+  const RansCumLookup cum_lookup{rows, bins};
+  const RansSlotLookup slot_lookup{srows};
+  auto decode = [&](const uint8_t* in, int64_t len, int na, auto& sink) -> int32_t {
+    if (use_slots) {
+      for (int j = 0; j < na; ++j) srows[j] = t.slot_row((rows[j] - t.row(0)) / t.stride);
+      return rans_decode_block(in, len, N, na, slot_lookup, pb, sink);
+    }
+    return rans_decode_block(in, len, N, na, cum_lookup, pb, sink);
+  };
   for (int64_t s = 0; s < S; ++s) {
     for (int64_t g = 0; g < G; ++g) {
       const int64_t c0 = g * LANES, b = s * G + g;
@@ -163,7 +186,7 @@ int32_t kvk_cpu_rans_decode(const uint8_t* payload, int64_t nbytes, const int64_
       if (!st) st = block_rows(t, tid, K, s, C, c0, na, rows);
       if (!st && dq == nullptr) {
         SymSink sink{out + s * N * C + c0, C};
-        st = rans_decode_block(payload + lo, hi - lo, N, na, rows, bins, pb, sink);
+        st = decode(payload + lo, hi - lo, na, sink);
         if (st)
           for (int64_t n = 0; n < N; ++n) memset(out + (s * N + n) * C + c0, 0, (size_t)na);
       } else if (dq != nullptr) {
@@ -182,7 +205,7 @@ int32_t kvk_cpu_rans_decode(const uint8_t* payload, int64_t nbytes, const int64_
           sink.sch[j] = sink.has_sch ? dq->s_ch[s * C + c0 + j] : 1.f;
           sink.zch[j] = sink.has_z ? dq->z_ch[s * C + c0 + j] : 0.f;
         }
-        if (!st) st = rans_decode_block(payload + lo, hi - lo, N, na, rows, bins, pb, sink);
+        if (!st) st = decode(payload + lo, hi - lo, na, sink);
         if (st)
           for (int64_t n = 0; n < N; ++n)
             for (int j = 0; j < na; ++j) store_out(dq->out, sink.base + n * dq->os_n + j, dq->dtype, 0.f);

@@ -83,11 +83,45 @@ KVK_HD int32_t rans_encode_block(const uint8_t* sym, int64_t sym_stride, int64_t
   return 0;
 }
 
-// Decode one block in[0, len) into out[n * out_stride + j] via the callback-free symbol sink
-// `Sink` (sink(n, j, s)). Returns 0, ERR_TRUNCATED or ERR_TRAILING.
-template <class Sink>
-KVK_HD int32_t rans_decode_block(const uint8_t* in, int64_t len, int64_t N, int na, const uint16_t* const* cums,
-                                 int bins, int pb, Sink& sink) {
+// Symbol lookup policies of the decoder (the same function of the slot): binary search over the
+// row's cum (RansCumLookup: GPU and CPU) or a per-row slot table (RansSlotLookup: CPU, when the
+// tables are reused enough to pay for building them). lookup(j, slot, &s) -> (freq, cum[s]).
+struct RansCumLookup {
+  const uint16_t* const* cums;
+  int bins;
+  KVK_HD uint32_t operator()(int j, uint32_t slot, int* s, uint32_t* c) const {
+    const uint16_t* cum = cums[j];
+    *s = rans_find(cum, bins, slot);
+    *c = cum[*s];
+    return (uint32_t)cum[*s + 1] - *c;
+  }
+};
+
+// Slot table entry: sym | (freq - 1) << 8 | cum[sym] << 20 (freq <= 4096, cum < 4096).
+KVK_HD void rans_build_slot_table(const uint16_t* cum, int bins, int pb, uint32_t* tab) {
+  for (int s = 0; s < bins; ++s) {
+    const uint32_t c = cum[s], f = (uint32_t)cum[s + 1] - c;
+    for (uint32_t slot = c; slot < c + f && slot < (1u << pb); ++slot)
+      tab[slot] = (uint32_t)s | ((f - 1) << 8) | (c << 20);
+  }
+}
+
+struct RansSlotLookup {
+  const uint32_t* const* tabs;
+  KVK_HD uint32_t operator()(int j, uint32_t slot, int* s, uint32_t* c) const {
+    const uint32_t e = tabs[j][slot];
+    *s = (int)(e & 0xFF);
+    *c = e >> 20;
+    return ((e >> 8) & 0xFFF) + 1;
+  }
+};
+
+// Decode one block in[0, len), symbols to sink(n, j, s). Returns 0, ERR_TRUNCATED or
+// ERR_TRAILING. (Branch-free word reads: a lane that needs a word past the block's end marks the
+// block truncated; the caller then overwrites the block's output.)
+template <class Lookup, class Sink>
+KVK_HD int32_t rans_decode_block(const uint8_t* in, int64_t len, int64_t N, int na, const Lookup& lookup, int pb,
+                                 Sink& sink) {
   if (len < 4 * na || ((len - 4 * na) & 1)) return ERR_TRUNCATED;
   uint32_t x[LANES];
   for (int j = 0; j < na; ++j) {
@@ -97,22 +131,26 @@ KVK_HD int32_t rans_decode_block(const uint8_t* in, int64_t len, int64_t N, int 
   const uint8_t* w = in + 4 * na;
   const int64_t nw = (len - 4 * na) / 2;
   int64_t p = 0;
+  bool bad = false;
   const uint32_t mask = (1u << pb) - 1;
   for (int64_t n = 0; n < N; ++n) {
     for (int j = 0; j < na; ++j) {
-      const uint16_t* cum = cums[j];
-      const uint32_t slot = x[j] & mask;
-      const int s = rans_find(cum, bins, slot);
-      uint32_t v = rans_dec_advance(x[j], cum, s, pb);
+      const uint32_t xj = x[j], slot = xj & mask;
+      int s;
+      uint32_t c;
+      const uint32_t f = lookup(j, slot, &s, &c);
+      uint32_t v = f * (xj >> pb) + slot - c;
       sink(n, j, s);
-      if (v < RANS_L) {
-        if (p >= nw) return ERR_TRUNCATED;
-        v = (v << 16) | load_u16le(w + 2 * p);
-        ++p;
-      }
+      const bool need = v < RANS_L;
+      uint32_t word = 0;
+      if (p < nw) word = load_u16le(w + 2 * p);
+      bad |= need && p >= nw;
+      v = need ? (v << 16) | word : v;
+      p += need;
       x[j] = v;
     }
   }
+  if (bad) return ERR_TRUNCATED;
   if (p != nw) return ERR_TRAILING;
   for (int j = 0; j < na; ++j)
     if (x[j] != RANS_L) return ERR_TRAILING;
