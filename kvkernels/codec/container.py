@@ -78,6 +78,11 @@ def _n_streams(coder: str, C: int) -> int:
     return C if coder == "ac" else (C + LANES - 1) // LANES
 
 
+def _record_seed(c: int, l: int, N: int, C: int) -> int:
+    """CRC32 seed of a layer record: binds it to its chunk, layer, token and channel counts."""
+    return zlib.crc32(struct.pack("<IIII", c, l, N, C))
+
+
 def _coder_mod():
     from . import coders
 
@@ -211,7 +216,8 @@ def encode(kv: torch.Tensor, preset="default", *, chunk_tokens: int = 256, coder
         recs = []
         for l in range(L):
             r = parts[c][l][0] + parts[c][l][1]
-            recs.append(r + struct.pack("<I", zlib.crc32(r)))
+            t0, t1 = _chunk_bounds(T, ct, c)
+            recs.append(r + struct.pack("<I", zlib.crc32(r, _record_seed(c, l, t1 - t0, C))))
         dlen = 8 * (L + 1)
         offs = [dlen]
         for r in recs:
@@ -368,10 +374,10 @@ class _Reader:
 def _parse_record(mv, h: _Header, c: int, l: int, start: int, end: int):
     """[(side dict of float16 tensors, freq or None, lengths list, payload bytes)] for K and V."""
     info = h.info
-    if zlib.crc32(mv[start:end - 4]) != struct.unpack_from("<I", mv, end - 4)[0]:
-        raise CodecError(f"chunk {c} layer {l}: checksum mismatch")
     t0, t1 = _chunk_bounds(info.T, info.chunk_tokens, c)
     N, C = t1 - t0, info.H * info.D
+    if zlib.crc32(mv[start:end - 4], _record_seed(c, l, N, C)) != struct.unpack_from("<I", mv, end - 4)[0]:
+        raise CodecError(f"chunk {c} layer {l}: checksum mismatch")
     ns = _n_streams(info.coder, C)
     r = _Reader(mv, start, end - 4, f"chunk {c} layer {l}")
     out = []
