@@ -144,7 +144,7 @@ def encode(kv: torch.Tensor, preset="default", *, chunk_tokens: int = 256, coder
     mb = model.encode("utf-8")
     if len(mb) > MAX_MODEL:
         raise ValueError(f"model: at most {MAX_MODEL} UTF-8 bytes, got {len(mb)}")
-    P = _presets.get(preset, L)
+    P = _presets.get(preset, L, model)
     if P.bins_max() > 256:
         raise ValueError("preset: bins > 256")
     if not bool(torch.isfinite(kv).all()):

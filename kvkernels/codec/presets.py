@@ -233,26 +233,77 @@ def cachegen(L: int) -> Preset:
     return Preset("cachegen", KindSpec("token_sym", kb), KindSpec("token_sym", vb), "chunk")
 
 
-# The default's parameters (chosen by measurement on SmolLM2-135M, docs/codec-quality.md).
-DEFAULT_K_STEP = 0.5
-DEFAULT_V_STEP = 0.5
-DEFAULT_BINS = 32
+# The default's parameters (chosen by measurement on SmolLM2-135M, docs/codec-quality.md):
+# per-layer steps from a sensitivity profile (perplexity change of quantizing one (kind, layer)
+# alone at step 1.0), allocated so that every (kind, layer) adds the same expected distortion
+# (step^2 * sensitivity constant: the rate-optimal split for an entropy-coded uniform
+# quantizer); bins cover +-8 steps... of std (so outliers are not clamped).
+DEFAULT_TARGET = 0.6      # expected total perplexity change (%) the steps aim at
+DEFAULT_STEP = 0.35       # for models without a profile
+MIN_SENS = 0.15
+COVER_STD = 8.0
 
 
-def default(L: int, k_step: float = None, v_step: float = None, bins: int = None, tables: str = "shared") -> Preset:
-    """The default: channel_affine K and V (per-chunk per-channel mean/std), shared tables."""
-    ks = DEFAULT_K_STEP if k_step is None else k_step
-    vs = DEFAULT_V_STEP if v_step is None else v_step
-    b = DEFAULT_BINS if bins is None else bins
-    k = KindSpec("channel_affine", (b,) * L, (float(ks),) * L)
-    v = KindSpec("channel_affine", (b,) * L, (float(vs),) * L)
+def _profile(model: str):
+    from pathlib import Path
+
+    if not model:
+        return None
+    p = Path(__file__).resolve().parent.parent / "data" / "codec-profiles.json"
+    try:
+        d = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    return d.get(model)
+
+
+def steps_from_sensitivity(sens: Sequence[float], n_items: int, target: float = DEFAULT_TARGET) -> List[float]:
+    """Per-layer steps giving each of ``n_items`` (kind, layer) an equal share of ``target``."""
+    share = target / n_items
+    return [float(min(1.0, max(0.02, math.sqrt(share / max(s, MIN_SENS))))) for s in sens]
+
+
+def bins_for(step: float) -> int:
+    """Bins (even, 16..256) covering +-COVER_STD standard deviations at ``step``."""
+    b = 2 * math.ceil(COVER_STD / step)
+    return int(min(256, max(16, b)))
+
+
+def default(L: int, k_step: float = None, v_step: float = None, bins=None, tables: str = "shared", *,
+            steps=None, model: str = "", scale: float = 1.0, target: float = None) -> Preset:
+    """The default: channel_affine K and V (per-chunk, per-channel mean/std), shared tables.
+
+    Steps: ``steps=(k_list, v_list)``, else a uniform ``k_step``/``v_step``, else the model's
+    sensitivity profile (``kvkernels/data/codec-profiles.json``), else ``DEFAULT_STEP``; all
+    times ``scale``. ``bins``: an int, ``(k_list, v_list)``, or None (cover +-8 std).
+    """
+    prof = _profile(model) if steps is None and k_step is None and v_step is None else None
+    if steps is not None:
+        ks, vs = list(steps[0]), list(steps[1])
+    elif prof is not None and len(prof["k"]) == L:
+        t = DEFAULT_TARGET if target is None else target
+        ks = steps_from_sensitivity(prof["k"], 2 * L, t)
+        vs = steps_from_sensitivity(prof["v"], 2 * L, t)
+    else:
+        ks = [DEFAULT_STEP if k_step is None else k_step] * L
+        vs = [DEFAULT_STEP if v_step is None else v_step] * L
+    ks = [round(s * scale, 5) for s in ks]
+    vs = [round(s * scale, 5) for s in vs]
+    if bins is None:
+        kb, vb = [bins_for(s) for s in ks], [bins_for(s) for s in vs]
+    elif isinstance(bins, int):
+        kb, vb = [bins] * L, [bins] * L
+    else:
+        kb, vb = list(bins[0]), list(bins[1])
+    k = KindSpec("channel_affine", tuple(kb), tuple(float(s) for s in ks))
+    v = KindSpec("channel_affine", tuple(vb), tuple(float(s) for s in vs))
     return Preset("default", k, v, tables)
 
 
 NAMED = {"cachegen": cachegen, "default": default}
 
 
-def get(preset, L: int) -> Preset:
+def get(preset, L: int, model: str = "") -> Preset:
     """A :class:`Preset` for ``L`` layers from a name or a Preset (checked against ``L``)."""
     if isinstance(preset, Preset):
         if preset.n_layers != L:
@@ -263,4 +314,4 @@ def get(preset, L: int) -> Preset:
         raise TypeError(f"preset must be a name or a Preset, got {type(preset).__name__}")
     if preset not in NAMED:
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(NAMED)}")
-    return NAMED[preset](L)
+    return default(L, model=model) if preset == "default" else NAMED[preset](L)
