@@ -81,6 +81,17 @@ struct RansTables {
       if (ok[k]) rans_build_slot_table(row(k), bins, pb, slots.data() + k * M);
   }
   const uint32_t* slot_row(int64_t k) const { return slots.data() + k * M; }
+  // Otherwise coarse tables (2^qbits entries a row) when they pay.
+  std::vector<uint8_t> coarse;
+  int qbits = 0;
+  void build_coarse(int64_t n_symbols, int bins, int pb) {
+    const int64_t K = (int64_t)ok.size();
+    qbits = pb < 7 ? pb : 7;
+    if (!slots.empty() || K * (int64_t(1) << qbits) > n_symbols) return;
+    coarse.assign((size_t)(K << qbits), 0);
+    for (int64_t k = 0; k < K; ++k)
+      if (ok[k]) rans_build_coarse(row(k), bins, pb, qbits, coarse.data() + (k << qbits));
+  }
 };
 
 // Row pointers of block (s, g); 0 or the status bits.
@@ -163,16 +174,23 @@ int32_t kvk_cpu_rans_decode(const uint8_t* payload, int64_t nbytes, const int64_
   }
   RansTables t(freq, K, bins, pb);
   t.build_slots(S * N * C, bins, pb);
-  const bool use_slots = !t.slots.empty();
+  t.build_coarse(S * N * C, bins, pb);
+  const bool use_slots = !t.slots.empty(), use_coarse = !t.coarse.empty();
   int32_t status = 0;
   const uint16_t* rows[LANES];
   const uint32_t* srows[LANES];
   const RansCumLookup cum_lookup{rows, bins};
   const RansSlotLookup slot_lookup{srows};
+  const uint8_t* crows[LANES];
+  const RansCoarseLookup coarse_lookup{rows, crows, bins, pb - t.qbits};
   auto decode = [&](const uint8_t* in, int64_t len, int na, auto& sink) -> int32_t {
     if (use_slots) {
       for (int j = 0; j < na; ++j) srows[j] = t.slot_row((rows[j] - t.row(0)) / t.stride);
       return rans_decode_block(in, len, N, na, slot_lookup, pb, sink);
+    }
+    if (use_coarse) {
+      for (int j = 0; j < na; ++j) crows[j] = t.coarse.data() + (((rows[j] - t.row(0)) / t.stride) << t.qbits);
+      return rans_decode_block(in, len, N, na, coarse_lookup, pb, sink);
     }
     return rans_decode_block(in, len, N, na, cum_lookup, pb, sink);
   };

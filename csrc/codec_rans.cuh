@@ -97,6 +97,32 @@ struct RansCumLookup {
   }
 };
 
+// Coarse lookup (CPU): coarse[q] = the symbol holding slot q << shift (2^qbits entries a row),
+// then a short forward scan. Same symbol as rans_find for a valid row.
+KVK_HD void rans_build_coarse(const uint16_t* cum, int bins, int pb, int qbits, uint8_t* coarse) {
+  const int shift = pb - qbits;
+  int s = 0;
+  for (int q = 0; q < (1 << qbits); ++q) {
+    const uint32_t slot = (uint32_t)q << shift;
+    while (s < bins - 1 && (uint32_t)cum[s + 1] <= slot) ++s;
+    coarse[q] = (uint8_t)s;
+  }
+}
+
+struct RansCoarseLookup {
+  const uint16_t* const* cums;
+  const uint8_t* const* coarse;
+  int bins, shift;
+  KVK_HD uint32_t operator()(int j, uint32_t slot, int* s, uint32_t* c) const {
+    const uint16_t* cum = cums[j];
+    int v = coarse[j][slot >> shift];
+    while (v < bins - 1 && (uint32_t)cum[v + 1] <= slot) ++v;
+    *s = v;
+    *c = cum[v];
+    return (uint32_t)cum[v + 1] - *c;
+  }
+};
+
 // Slot table entry: sym | (freq - 1) << 8 | cum[sym] << 20 (freq <= 4096, cum < 4096).
 KVK_HD void rans_build_slot_table(const uint16_t* cum, int bins, int pb, uint32_t* tab) {
   for (int s = 0; s < bins; ++s) {
