@@ -101,8 +101,8 @@ def sensitivity(model, ids, chunk=256) -> dict:
     return out
 
 
-def profile(model, tok, n_tokens=2048, chunk=256) -> bytes:
-    """Bank bytes: histograms of the default preset's symbols on the profile text."""
+def profile(model, tok, n_tokens=2048, chunk=256, preset=None, name=MODEL_NAME) -> bytes:
+    """Bank bytes: histograms of the default (or ``preset``'s) symbols on the profile text."""
     from ..codec import presets as P
     from ..codec import tables as TB
 
@@ -111,7 +111,7 @@ def profile(model, tok, n_tokens=2048, chunk=256) -> bytes:
     _, kv = run(model, ids)
     _, L, T, H, D = kv.shape
     C = H * D
-    pr = P.default(L, model=MODEL_NAME)
+    pr = P.default(L, model=MODEL_NAME) if preset is None else preset
     W = pr.bins_max()
     counts = torch.zeros(2, L, C, W, dtype=torch.int64)
     nf = T // chunk
@@ -121,12 +121,15 @@ def profile(model, tok, n_tokens=2048, chunk=256) -> bytes:
             sym, _ = P.quantize(x[k, l, : nf * chunk].reshape(nf, chunk, C), pr.kind(k), l)
             s = sym.reshape(-1, C).t().long()
             counts[k, l].scatter_add_(1, s, torch.ones_like(s))
-    return TB.bank_to_bytes(MODEL_NAME, counts)
+    # one row per (kind, layer), shared by its channels (per-channel rows: 2*L*C*bins*4 bytes,
+    # 11.8 MB for SmolLM2, too big to bundle)
+    return TB.bank_to_bytes(name, counts.sum(2, keepdim=True))
 
 
 def study(model, tok, n_tokens=2048, chunks=(256, 1024), coder="rans", extra=True) -> List[dict]:
     from .. import codec
     from ..codec import presets as P
+    from ..codec import tables as TB
 
     L = model.config.num_hidden_layers
     rows = []
@@ -135,17 +138,20 @@ def study(model, tok, n_tokens=2048, chunks=(256, 1024), coder="rans", extra=Tru
         base, kv = run(model, ids)
         rows.append(dict(text=text, preset="full precision (fp32 KV)", chunk=None, bits=32.0, ppl=base, delta=0.0))
         print(rows[-1], flush=True)
-        cands = [("cachegen", P.cachegen(L)), ("default", P.default(L, model=MODEL_NAME))]
-        if extra:
+        cands = [("cachegen", P.cachegen(L), MODEL_NAME), ("default", P.default(L, model=MODEL_NAME), MODEL_NAME)]
+        if extra:  # the default with all steps scaled, each with its own bank profiled on the profile text
             for f in (0.5, 2.0):
                 pr = P.default(L, model=MODEL_NAME, scale=f)
-                cands.append((f"default, steps x{f:g}", P.Preset("default", pr.k, pr.v, pr.tables)))
-        for name, pr in cands:
+                bank_name = f"{MODEL_NAME} steps x{f:g}"
+                if TB.bank_for(bank_name, L, kv.shape[3] * kv.shape[4]) is None:
+                    TB.register_bank(profile(model, tok, preset=pr, name=bank_name))
+                cands.append((f"default, steps x{f:g}", pr, bank_name))
+        for name, pr, mname in cands:
             for ch in chunks:
                 if name.startswith("default,") and ch != 256:
                     continue
                 t0 = time.perf_counter()
-                data = codec.encode(kv, pr, chunk_tokens=ch, coder=coder, model=MODEL_NAME)
+                data = codec.encode(kv, pr, chunk_tokens=ch, coder=coder, model=mname)
                 info = codec.inspect(data)
                 p, _ = run(model, ids, fake_quant(pr, ch))
                 rows.append(dict(text=text, preset=name, chunk=ch, bits=8.0 * len(data) / kv.numel(), ppl=p,
