@@ -17,6 +17,7 @@ from .formats import QuantFormat, QuantizedKV
 from .quant import dequantize, quantize
 from .layouts import PagedLayout, PageTable
 from .paged import gather, scatter
+from .codec import coders as _codec_coders  # noqa: F401  (registers the entropy-coder ops)
 
 __version__ = "0.1.0"
 
