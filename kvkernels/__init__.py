@@ -12,8 +12,10 @@ reference). ``backend=`` or ``KVKERNELS_BACKEND`` overrides the automatic choice
 from .dispatch import BACKENDS, BackendError, backend_report
 from .formats import QuantFormat, QuantizedKV
 from .quant import dequantize, quantize
+from .blend import rerotate_keys, select_tokens
 
 __version__ = "0.1.0"
 
 __all__ = ["BACKENDS", "BackendError", "QuantFormat", "QuantizedKV", "backend_report", "dequantize",
            "quantize", "__version__"]
+__all__ += ["rerotate_keys", "select_tokens"]
