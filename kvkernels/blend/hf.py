@@ -60,7 +60,8 @@ class BlendResult:
     ``logits``: float32 ``[1, V]`` of the last position; ``input_ids``: ``[1, N]``;
     ``recomputed``: int64 indices (into the N tokens) of the recomputed context tokens;
     ``n_recomputed`` = their count (the query excluded), ``recomputed_fraction`` = that over the
-    chunks' tokens."""
+    chunks' tokens. ``extra``: ``query_logits`` float32 ``[Q, V]`` (every query position),
+    ``active_per_layer`` (tokens run per layer), ``prefix_len``, ``chunk_lens``."""
     cache: object
     kv: torch.Tensor
     logits: torch.Tensor
@@ -323,8 +324,9 @@ class Blender:
             o = attn.o_proj(o.transpose(1, 2).reshape(1, act.numel(), self.Hq * self.D))
             h = h + o
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-        last = self.inner.norm(h[:, -1:])
-        logits = self.model.lm_head(last)[:, -1].float()
+        # the query's tokens are the last Q active ones (always computed, positions ascending)
+        q_logits = self.model.lm_head(self.inner.norm(h[:, -Q:]))[0].float()  # [Q, V]
+        logits = q_logits[-1:]
 
         act_cpu = act.cpu()
         rec = act_cpu[cand[act_cpu]]
@@ -332,7 +334,7 @@ class Blender:
         cache = _to_dynamic_cache(self.config, K[:, :, :N - 1], V[:, :, :N - 1])
         return BlendResult(cache=cache, kv=kv, logits=logits, input_ids=ids[None], recomputed=rec,
                            n_recomputed=rec.numel(), recomputed_fraction=rec.numel() / max(n_ctx, 1), n_context=n_ctx,
-                           extra=dict(active_per_layer=nsel_hist, prefix_len=P, chunk_lens=lens))
+                           extra=dict(query_logits=q_logits, active_per_layer=nsel_hist, prefix_len=P, chunk_lens=lens))
 
     def _select(self, fk, fv, ck, cv, act, cand, forced, count, how, deviation_on, seed):
         """Indices into ``act`` of the tokens that keep running. fk/fv/ck/cv: [H, A, D]."""
