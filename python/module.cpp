@@ -9,6 +9,7 @@
 namespace py = pybind11;
 
 void register_quant(py::module_& m);
+void register_blend(py::module_& m);
 
 #ifndef KVK_VERSION
 #define KVK_VERSION "0.1.0"
@@ -30,4 +31,5 @@ PYBIND11_MODULE(_C, m) {
     return n;
   });
   register_quant(m);
+  register_blend(m);
 }
