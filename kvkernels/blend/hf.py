@@ -118,6 +118,7 @@ class Blender:
         self.Hq = cfg.num_attention_heads
         self.H = cfg.num_key_value_heads
         self.D = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.Hq
+        self.G = self.Hq // self.H
         self.max_pos = int(cfg.max_position_embeddings)
         inv = getattr(inner.rotary_emb, "original_inv_freq", None)
         if inv is None:
@@ -292,6 +293,7 @@ class Blender:
         h = self.inner.embed_tokens(ids[act][None])  # [1, A, hidden]
         layers = self.inner.layers
         nsel_hist = []
+        mask, mask_n = None, -1
         for li in range(self.L):
             layer = layers[li]
             attn = layer.self_attn
@@ -318,10 +320,15 @@ class Blender:
                 act = act[keep]
                 qs, h = qs[:, :, keep], h[:, keep]
             nsel_hist.append(act.numel())
-            mask = pos[None, :] <= pos[act][:, None]  # [A, N]: explicit positions, never later keys
-            o = F.scaled_dot_product_attention(qs, K[li][None], V[li][None], attn_mask=mask,
-                                               scale=attn.scaling, enable_gqa=self.Hq != self.H)
-            o = attn.o_proj(o.transpose(1, 2).reshape(1, act.numel(), self.Hq * self.D))
+            if mask is None or mask_n != act.numel():
+                # [G*A, N]: explicit positions, never later keys; GQA as G query rows per KV head
+                mask = (pos[None, :] <= pos[act][:, None]).repeat(self.G, 1)
+                mask_n = act.numel()
+            S = act.numel()
+            qg = qs.reshape(1, self.H, self.G * S, self.D)  # q head j -> KV head j // G
+            o = F.scaled_dot_product_attention(qg, K[li][None], V[li][None], attn_mask=mask, scale=attn.scaling)
+            o = o.reshape(1, self.Hq, S, self.D)
+            o = attn.o_proj(o.transpose(1, 2).reshape(1, S, self.Hq * self.D))
             h = h + o
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         # the query's tokens are the last Q active ones (always computed, positions ascending)
