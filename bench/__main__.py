@@ -14,11 +14,11 @@ import sys
 
 import torch
 
-from .cases import codec, paged, quant
+from .cases import blend, codec, paged, quant
 from .harness import CopyBaseline, Timer, env_info
 
 # family -> (runner, its ops), from each case module (its CASES name the ops)
-FAMILIES = {m.FAMILY: (m.run, sorted(m.CASES, reverse=True)) for m in (quant, paged, codec)}
+FAMILIES = {m.FAMILY: (m.run, sorted(m.CASES, reverse=True)) for m in (quant, paged, codec, blend)}
 
 
 def main(argv=None) -> int:

@@ -18,9 +18,10 @@ from .quant import dequantize, quantize
 from .layouts import PagedLayout, PageTable
 from .paged import gather, scatter
 from .codec import coders as _codec_coders  # noqa: F401  (registers the entropy-coder ops)
+from .blend import rerotate_keys, select_tokens
 
 __version__ = "0.1.0"
 
 __all__ = ["BACKENDS", "BackendError", "QuantFormat", "QuantizedKV", "backend_report", "dequantize",
            "quantize", "__version__",
-           "PagedLayout", "PageTable", "gather", "scatter"]
+           "PagedLayout", "PageTable", "gather", "scatter", "rerotate_keys", "select_tokens"]

@@ -11,6 +11,7 @@ namespace py = pybind11;
 void register_quant(py::module_& m);
 void register_paged(py::module_& m);
 void register_codec(py::module_& m);
+void register_blend(py::module_& m);
 
 #ifndef KVK_VERSION
 #define KVK_VERSION "0.1.0"
@@ -34,4 +35,5 @@ PYBIND11_MODULE(_C, m) {
   register_quant(m);
   register_paged(m);
   register_codec(m);
+  register_blend(m);
 }
