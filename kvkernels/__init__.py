@@ -5,6 +5,8 @@ Public API (shapes and layouts in each docstring):
 * :func:`quantize` / :func:`dequantize` -- fused KV quantization (int8/int4/int2 group-wise,
   fp8 e4m3 with scales), formats as values (:class:`QuantFormat`), results as
   :class:`QuantizedKV`.
+* :class:`LocalKVStore` (a :class:`KVStore`) and :func:`store_key` -- the on-disk,
+  content-addressed store of compressed KV caches (:mod:`kvkernels.store`).
 
 Backends: ``cuda`` (the compiled extension ``kvkernels._C``), ``triton``, ``torch`` (the
 reference). ``backend=`` or ``KVKERNELS_BACKEND`` overrides the automatic choice.
@@ -12,8 +14,10 @@ reference). ``backend=`` or ``KVKERNELS_BACKEND`` overrides the automatic choice
 from .dispatch import BACKENDS, BackendError, backend_report
 from .formats import QuantFormat, QuantizedKV
 from .quant import dequantize, quantize
+from .store import KVStore, LocalKVStore, StoreCorruptError, store_key
 
 __version__ = "0.1.0"
 
 __all__ = ["BACKENDS", "BackendError", "QuantFormat", "QuantizedKV", "backend_report", "dequantize",
            "quantize", "__version__"]
+__all__ += ["KVStore", "LocalKVStore", "StoreCorruptError", "store_key"]
