@@ -22,6 +22,7 @@ def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m kvkernels.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--kb", default=None, help="knowledge base JSON (default: kvkernels/data/kb/kb.json)")
     p.add_argument("--questions", type=int, default=None, help="first N questions (default: all 8)")
     p.add_argument("--preset", default="default", help="codec preset (stand-in: default=int8, int4-kivi, fp8)")
     p.add_argument("--compression", default="auto", choices=["auto", "codec", "standin"],
@@ -40,8 +41,17 @@ def _parse(argv):
     return p.parse_args(argv)
 
 
+_MODELS = {}
+
+
 def load_model(shape: str, device: str):
-    """(model, tokenizer, name, real_weights)."""
+    """(model, tokenizer, name, real_weights); loaded once per process (eval mode, read-only)."""
+    if (shape, device) not in _MODELS:
+        _MODELS[shape, device] = _load_model(shape, device)
+    return _MODELS[shape, device]
+
+
+def _load_model(shape: str, device: str):
     from ..eval.ppl import load_smollm2
 
     if shape == "smollm2":
@@ -73,7 +83,7 @@ def main(argv=None) -> int:
     from .run import METHODS, Ctx, answer_all, blend_available, store_passages, warm_up
 
     t_start = time.perf_counter()
-    kb = KnowledgeBase.load().subset(args.questions)
+    kb = KnowledgeBase.load(args.kb).subset(args.questions)
     print(f"[load] model {args.model_shape} on {args.device} ...", flush=True)
     model, tok, name, real = load_model(args.model_shape, args.device)
     comp = make_compressor(args.compression, args.preset, name)

@@ -60,7 +60,8 @@ def _cache_kw(model) -> str:
 
 
 def _out_cache(out):
-    return getattr(out, "cache", None) or out.past_key_values
+    c = getattr(out, "cache", None)
+    return c if c is not None else out.past_key_values
 
 
 def _sync(device):
@@ -174,12 +175,12 @@ def _assemble(ctx: Ctx, q: Question, kvs: List[torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _reuse(ctx: Ctx, q: Question, kvs, method, t0, nbytes) -> Answer:
+def _reuse(ctx: Ctx, q: Question, kvs, method, t0, nbytes, extra_prefilled=0) -> Answer:
     kv = _assemble(ctx, q, kvs)
     suffix = ctx.tokens.suffix(q)
     cache = flat_to_cache(kv.to(next(ctx.model.parameters()).dtype), ctx.model.config)
     out = ctx.model(torch.tensor([suffix], device=ctx.device), use_cache=True, **{_cache_kw(ctx.model): cache})
-    return _answer(ctx, q, method, _out_cache(out), out.logits[0, -1], t0, len(suffix), nbytes)
+    return _answer(ctx, q, method, _out_cache(out), out.logits[0, -1], t0, len(suffix) + extra_prefilled, nbytes)
 
 
 @torch.no_grad()
@@ -193,13 +194,23 @@ def answer_kv_reuse(ctx: Ctx, q: Question) -> Answer:
 # -- step 2 ----------------------------------------------------------------------------------------
 def load_passages(ctx: Ctx, q: Question):
     """The question's passages' KV from the store: read (checked), decoded on the device.
-    Returns (list of flat KV, bytes read); KeyError if one is missing (the caller prefills)."""
-    kvs, nbytes = [], 0
+    A missing or corrupt entry (quarantined by the store) is a miss: that passage is prefilled
+    again and put back. Returns (list of flat KV, bytes read, tokens prefilled for misses)."""
+    kvs, nbytes, prefilled = [], 0, 0
+    dtype = next(ctx.model.parameters()).dtype
     for p in q.passages:
-        blob = ctx.store.get(_key(ctx, ctx.tokens.prefix + ctx.tokens.passages[p]))
+        ids = ctx.tokens.passages[p]
+        key = _key(ctx, ctx.tokens.prefix + ids)
+        blob = ctx.store.get(key, None, on_corrupt="miss")
+        if blob is None:  # fall back to prefill
+            kv = prefill_kv(ctx.model, ids, ctx.tokens.prefix)
+            prefilled += len(ids)
+            ctx.store.put(key, ctx.comp.encode(kv))
+            kvs.append(kv.to(dtype))
+            continue
         nbytes += len(blob)
-        kvs.append(ctx.comp.decode(blob, device=ctx.device, dtype=next(ctx.model.parameters()).dtype))
-    return kvs, nbytes
+        kvs.append(ctx.comp.decode(blob, device=ctx.device, dtype=dtype))
+    return kvs, nbytes, prefilled
 
 
 @torch.no_grad()
@@ -208,9 +219,9 @@ def answer_from_store(ctx: Ctx, q: Question, blend: bool) -> Answer:
     ``ctx.ratio`` of the passages' tokens recomputed."""
     _sync(ctx.device)
     t0 = time.perf_counter()
-    kvs, nbytes = load_passages(ctx, q)
+    kvs, nbytes, missed = load_passages(ctx, q)
     if not blend:
-        return _reuse(ctx, q, kvs, "stored KV reuse", t0, nbytes)
+        return _reuse(ctx, q, kvs, "stored KV reuse", t0, nbytes, missed)
     # TODO(merge): confirm ChunkCache's constructor and blend()'s prefix handling against
     # kvkernels/blend/hf.py once it is merged (written against the HELPERS.md contract).
     from kvkernels.blend import Blender, ChunkCache
@@ -225,7 +236,8 @@ def answer_from_store(ctx: Ctx, q: Question, blend: bool) -> Answer:
     suffix = ctx.tokens.suffix(q)
     res = blender.blend(chunks, torch.tensor([suffix], device=ctx.device), ratio=ctx.ratio,
                         prefix_ids=torch.tensor([ctx.tokens.prefix], device=ctx.device))
-    return _answer(ctx, q, "stored KV + blend", res.cache, res.logits[0], t0, len(suffix) + int(res.n_recomputed),
+    return _answer(ctx, q, "stored KV + blend", res.cache, res.logits[0], t0,
+                   len(suffix) + int(res.n_recomputed) + missed,
                    nbytes, frac=float(res.recomputed_fraction))
 
 
