@@ -251,7 +251,7 @@ class LocalKVStore(KVStore):
             check = _default_check()
         elif check is not None and not callable(check):
             raise TypeError(f"check must be callable, None or 'auto', got {type(check).__name__}")
-        self.root = Path(path)
+        self.root = Path(path).expanduser()
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_bytes, self.check, self.on_corrupt, self.fsync = max_bytes, check, on_corrupt, fsync
         self._n = dict(hits=0, misses=0, corrupt=0, puts=0, evictions=0)

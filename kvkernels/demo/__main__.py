@@ -28,7 +28,7 @@ def _parse(argv):
     p.add_argument("--compression", default="auto", choices=["auto", "codec", "standin"],
                    help="auto: the codec when importable, else the stand-in (kvkernels.quantize)")
     p.add_argument("--ratio", type=float, default=0.15, help="blend: fraction of passage tokens recomputed")
-    p.add_argument("--model-shape", default="smollm2", choices=["smollm2", "llama3-8b"],
+    p.add_argument("--model-shape", default="smollm2", choices=["smollm2", "llama3-8b", "tiny-random"],
                    help="llama3-8b: Llama-3-8B's shape with random weights (GPU; timing only)")
     p.add_argument("--passage-tokens", type=int, default=None, help="tile each passage to N tokens (timing)")
     p.add_argument("--max-new-tokens", type=int, default=20)
@@ -42,6 +42,13 @@ def _parse(argv):
 
 
 _MODELS = {}
+# Llama shapes with random weights (timing; answers meaningless). tiny-random: a CPU check of the path.
+RANDOM_SHAPES = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256),
+    "tiny-random": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=49152),
+}
 
 
 def load_model(shape: str, device: str):
@@ -58,17 +65,26 @@ def _load_model(shape: str, device: str):
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
         model, tok = load_smollm2(device, dtype)
         return model, tok, "SmolLM2-135M-Instruct", True
-    if device == "cpu":
+    if shape == "llama3-8b" and device == "cpu":
         raise SystemExit("--model-shape llama3-8b needs --device cuda (16 GB of bf16 weights)")
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    _, tok = load_smollm2("cpu")  # tokenizer only (ids < Llama-3's vocabulary)
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+    from ..eval.ppl import gguf_path
+
+    g = gguf_path()
+    tok = AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name)  # SmolLM2's ids < Llama-3's vocabulary
+    dims = RANDOM_SHAPES[shape]
+    cfg = LlamaConfig(**dims, max_position_embeddings=32768, rope_theta=500000.0)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
     torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
-    return model, tok, "llama3-8b-shape-random-seed0", False
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build the weights in their dtype (no fp32 copy of 8B parameters)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(old)
+    return model, tok, f"{shape}-shape-random-seed0", False
 
 
 def main(argv=None) -> int:
