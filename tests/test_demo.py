@@ -154,3 +154,16 @@ def test_blend_at_ratio_one_equals_full_prefill(ctx):
     # every passage token recomputed from the decoded cache: the result is full prefill's
     assert kl_div(a.first_logits, b.first_logits) < 1e-4
     assert a.text == b.text
+
+
+def test_random_weight_shape_path_runs(tmp_path, capsys):
+    """The --model-shape path (random Llama weights, timing only) on a tiny shape on the CPU."""
+    _model_or_skip()
+    from kvkernels.demo.__main__ import main
+
+    out = tmp_path / "r.json"
+    assert main(["--model-shape", "tiny-random", "--questions", "1", "--max-new-tokens", "1", "--no-progress",
+                 "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert all(r["correct"] is None for r in doc["summary"])  # not graded: random weights
+    assert "n/a (random weights)" in capsys.readouterr().out
