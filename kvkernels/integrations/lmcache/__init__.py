@@ -27,18 +27,15 @@ def register() -> None:
     from lmcache.v1.distributed.serde import get_registered_serde_types, register_serde_factory
     from lmcache.v1.distributed.l2_adapters import config as l2_config
     from lmcache.v1.distributed.l2_adapters import factory as l2_factory
-    from lmcache.v1.distributed.l2_adapters.fs_l2_adapter import FSL2AdapterConfig
-
-    from .fs_adapter import make_adapter_class
+    from .fs_adapter import make_classes
 
     if SERDE_NAME not in get_registered_serde_types():
         register_serde_factory(SERDE_NAME, make_serde)
     # The registries raise ValueError for a name taken; their listing helpers import every adapter.
-    try:
-        l2_config.register_l2_adapter_type(ADAPTER_NAME, FSL2AdapterConfig)
-    except ValueError:
-        pass
-    cls = make_adapter_class()
+    if ADAPTER_NAME in l2_config._L2_ADAPTER_CONFIG_REGISTRY:
+        return
+    config_cls, cls = make_classes()
+    l2_config.register_l2_adapter_type(ADAPTER_NAME, config_cls)
     try:
         l2_factory.register_l2_adapter_factory(ADAPTER_NAME, lambda config, l1_memory_desc=None: cls(config))
     except ValueError:

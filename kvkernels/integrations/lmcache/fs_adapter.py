@@ -34,9 +34,16 @@ def _read_prefix(path, buf) -> int:
     return total if total == size else -1
 
 
-def make_adapter_class():
+def make_classes():
+    """(config class, adapter class); LMCache maps a config's exact class back to its type name."""
     from lmcache.lmcache_native import Bitmap
-    from lmcache.v1.distributed.l2_adapters.fs_l2_adapter import FSL2Adapter
+    from lmcache.v1.distributed.l2_adapters.fs_l2_adapter import FSL2Adapter, FSL2AdapterConfig
+
+    class KVKernelsFSL2AdapterConfig(FSL2AdapterConfig):
+        @classmethod
+        def help(cls) -> str:
+            return ("kvkernels_fs L2 adapter: the fs adapter loading variable-size serde payloads.\n"
+                    + FSL2AdapterConfig.help())
 
     class KVKernelsFSL2Adapter(FSL2Adapter):
         async def _execute_load(self, keys, objects, task_id) -> None:
@@ -59,4 +66,4 @@ def make_adapter_class():
                 self._completed_load_tasks[task_id] = bitmap
             self._load_efd.notify()
 
-    return KVKernelsFSL2Adapter
+    return KVKernelsFSL2AdapterConfig, KVKernelsFSL2Adapter
