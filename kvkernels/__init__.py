@@ -12,9 +12,10 @@ reference). ``backend=`` or ``KVKERNELS_BACKEND`` overrides the automatic choice
 from .dispatch import BACKENDS, BackendError, backend_report
 from .formats import QuantFormat, QuantizedKV
 from .quant import dequantize, quantize
+from . import codec  # noqa: E402  (kvkernels.codec: encode/decode/inspect/verify)
 from .codec import coders as _codec_coders  # noqa: F401  (registers the entropy-coder ops)
 
 __version__ = "0.1.0"
 
 __all__ = ["BACKENDS", "BackendError", "QuantFormat", "QuantizedKV", "backend_report", "dequantize",
-           "quantize", "__version__"]
+           "quantize", "__version__", "codec"]
