@@ -19,6 +19,7 @@ from .formats import QuantFormat, QuantizedKV
 from .quant import dequantize, quantize
 from .layouts import PagedLayout, PageTable
 from .paged import gather, scatter
+from . import codec  (kvkernels.codec: encode/decode/inspect/verify)
 from .codec import coders as _codec_coders  # noqa: F401  (registers the entropy-coder ops)
 from .blend import rerotate_keys, select_tokens
 from .store import KVStore, LocalKVStore, StoreCorruptError, store_key
@@ -27,5 +28,5 @@ __version__ = "0.1.0"
 
 __all__ = ["BACKENDS", "BackendError", "QuantFormat", "QuantizedKV", "backend_report", "dequantize",
            "quantize", "__version__",
-           "PagedLayout", "PageTable", "gather", "scatter", "rerotate_keys", "select_tokens"]
+           "PagedLayout", "PageTable", "gather", "scatter", "rerotate_keys", "select_tokens", "codec"]
 __all__ += ["KVStore", "LocalKVStore", "StoreCorruptError", "store_key"]
