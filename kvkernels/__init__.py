@@ -19,7 +19,7 @@ from .formats import QuantFormat, QuantizedKV
 from .quant import dequantize, quantize
 from .layouts import PagedLayout, PageTable
 from .paged import gather, scatter
-from . import codec  (kvkernels.codec: encode/decode/inspect/verify)
+from . import codec  # noqa: F401  (kvkernels.codec: encode/decode/inspect/verify)
 from .codec import coders as _codec_coders  # noqa: F401  (registers the entropy-coder ops)
 from .blend import rerotate_keys, select_tokens
 from .store import KVStore, LocalKVStore, StoreCorruptError, store_key
