@@ -23,16 +23,27 @@ brc=$?
 tail -5 "$OUT/build.txt"; echo "build rc=$brc in $(( $(date +%s) - t0 ))s"
 $PY -m kvkernels
 echo "== tests"
-$PY -m pytest -q --junitxml="$OUT/junit.xml" "$@" > "$OUT/pytest.log" 2>&1
+if [ "${TESTS:-1}" != 0 ]; then $PY -m pytest -q --junitxml="$OUT/junit.xml" "$@" > "$OUT/pytest.log" 2>&1; else echo skipped > "$OUT/pytest.log"; fi
 trc=$?
 tail -25 "$OUT/pytest.log"
 echo "== bench"
-[ "${BENCH:-1}" = 0 ] || $PY -m bench quant --backends "${BENCH_BACKENDS:-cuda,triton}" --out "$OUT" > "$OUT/bench.txt" 2>&1
-bnc=$?
+# BENCH=0: no bench; BENCH_FAMILIES: which families (default all); quant runs its GPU backends only
+bnc=0
+if [ "${BENCH:-1}" != 0 ]; then
+  : > "$OUT/bench.txt"
+  for fam in ${BENCH_FAMILIES:-quant paged codec blend}; do
+    echo "== bench $fam" | tee -a "$OUT/bench.txt"
+    extra=""; [ "$fam" = quant ] && extra="--backends ${BENCH_BACKENDS:-cuda,triton}"
+    t1=$(date +%s)
+    $PY -m bench "$fam" $extra --out "$OUT" >> "$OUT/bench.txt" 2>&1 || bnc=$?
+    echo "bench $fam rc=$? in $(( $(date +%s) - t1 ))s" | tee -a "$OUT/bench.txt"
+  done
+fi
 {
   echo "build rc=$brc tests rc=$trc bench rc=$bnc"
   grep -E "passed|failed" "$OUT/pytest.log" | tail -1
   cat "$OUT/bench.txt"
   [ -f "$OUT/quant.json" ] && $PY -m bench.report "$OUT/quant.json" --below 90  # issue #2's target
+  for fam in paged codec blend; do [ -f "$OUT/$fam.json" ] && $PY -m bench.report "$OUT/$fam.json"; done
 } > "$OUT/summary.txt"
 cat "$OUT/summary.txt" | tail -60
