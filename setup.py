@@ -7,6 +7,9 @@ The extension is built by CMake (CMakeLists.txt) + ninja:
 * unset (auto): build it when ``nvcc`` is found (PATH or $CUDA_HOME/bin); a failed build is an
   error (CI relies on this compile check); without nvcc, install the pure-Python package.
 
+The CPU entropy coder ``kvkernels._codec_cpu`` (g++ only) is built in every mode unless
+``KVKERNELS_BUILD_CODEC_CPU=0`` (optional: a failed build leaves the reference coders).
+
 ``MAX_JOBS`` caps the parallel compile jobs; ``KVK_CUDA_ARCHS`` (e.g. ``90-real``) overrides the
 default architectures "80-real;90-real;90-virtual".
 
@@ -80,12 +83,27 @@ class CMakeBuild(build_ext):
                                    "set KVKERNELS_BUILD_CUDA=0 to install without it") from e
 
 
+def _codec_cpu_ext():
+    """kvkernels._codec_cpu: the CPU entropy coders, g++ only (built with or without nvcc);
+    optional: a failed build leaves the pure-Python reference coders in charge."""
+    if os.environ.get("KVKERNELS_BUILD_CODEC_CPU", "1").strip().lower() in ("0", "false", "no", "off"):
+        return []
+    try:
+        import pybind11
+    except ImportError:
+        print("kvkernels: pybind11 not found, building without kvkernels._codec_cpu", flush=True)
+        return []
+    return [Extension("kvkernels._codec_cpu", sources=["csrc/codec_cpu.cpp", "python/codec_cpu.cpp"],
+                      include_dirs=[pybind11.get_include(), "csrc"], language="c++", optional=True,
+                      extra_compile_args=["-std=c++17", "-O3", "-ffp-contract=off"])]
+
+
 NVCC, SKIP_REASON = _cuda_plan()
 if SKIP_REASON:
     print(f"kvkernels: building without the CUDA extension ({SKIP_REASON})", flush=True)
 
 setup(
-    ext_modules=[] if SKIP_REASON else [CMakeExtension("kvkernels._C")],
+    ext_modules=_codec_cpu_ext() + ([] if SKIP_REASON else [CMakeExtension("kvkernels._C")]),
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,
 )

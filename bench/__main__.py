@@ -14,11 +14,11 @@ import sys
 
 import torch
 
-from .cases import quant
-from .harness import CopyBaseline, Timer, env_info
+from .cases import blend, codec, paged, quant
+from .harness import CPU_NOTE, CopyBaseline, Timer, env_info
 
 # family -> (runner, its ops), from each case module (its CASES name the ops)
-FAMILIES = {m.FAMILY: (m.run, sorted(m.CASES, reverse=True)) for m in (quant,)}
+FAMILIES = {m.FAMILY: (m.run, sorted(m.CASES, reverse=True)) for m in (quant, paged, codec, blend)}
 
 
 def main(argv=None) -> int:
@@ -35,6 +35,8 @@ def main(argv=None) -> int:
     args.backends = (args.backends or ("cuda,triton,torch" if args.device == "cuda" else "torch")).split(",")
     info = env_info(args.device)
     print(" ".join(f"{k}={v}" for k, v in info.items()), flush=True)
+    if args.device != "cuda":
+        print(CPU_NOTE, flush=True)
     timer = Timer(args.device, reps=args.reps or (30 if args.device == "cuda" else 5))
     run, ops = FAMILIES[args.family]
     rows = run(args, timer, CopyBaseline(timer), info, ops)

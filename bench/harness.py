@@ -6,6 +6,7 @@ device-to-device copy of the same number of bytes, measured in the same run.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import platform
 import statistics
@@ -13,6 +14,16 @@ import time
 from typing import Callable, Dict, List
 
 import torch
+
+
+CPU_NOTE = ("CPU run: each row checks a backend against the torch reference and times it on the host; "
+            "no % of copy is computed (nan): a CPU memcpy is not a ceiling for the reference, whose "
+            "inputs stay in caches, so its ratios (500%+) mean nothing. Speed figures: GPU runs only.")
+
+
+def is_meaningful_pct(v) -> bool:
+    """Whether a row's % of copy was measured (False for CPU runs: nan)."""
+    return v is not None and not (isinstance(v, float) and math.isnan(v))
 
 
 def env_info(device: str) -> Dict[str, str]:
@@ -106,6 +117,9 @@ class CopyBaseline:
         self.timer, self.cache, self.detail = timer, {}, {}
 
     def gbps(self, nbytes_moved: int) -> float:
+        """Copy rate in GB/s; nan off CUDA (see ``CPU_NOTE``: no meaningful ceiling there)."""
+        if self.timer.device != "cuda":
+            return float("nan")
         n = max(nbytes_moved // 2, 1)
         if n not in self.cache:
             rates = []

@@ -280,56 +280,75 @@ __device__ __forceinline__ float safe_recip(float num, float den) {
   return fminf(__fdiv_rn(num, den), 3.402823466e38f);  // a NaN quotient stays... fminf drops it: den > 0 here
 }
 
-// ---- integer group quantization --------------------------------------------------------------
-// scale = (mx - mn) / qmax with IEEE division (zero = mn).
+constexpr float kFltMin = 1.17549435e-38f;  // 2^-126, the smallest normal float
+
+// ---- integer group quantization (docs/quant-spec.md, "Integer formats") ----------------------
+constexpr float kInvMax = 8.50705917e37f;  // 2^126 = 1 / FLT_MIN: the clamp of inv
+
+// scale of a group whose range does not overflow and is not tiny: (mx - mn) / qmax (IEEE).
 __device__ __forceinline__ float int_group_scale(float mn, float mx, int qmax) {
   return __fdiv_rn(__fsub_rn(mx, mn), static_cast<float>(qmax));
 }
 
 // One group's quantization constants.
 struct IntGroup {
-  float mn, scale, inv;  // inv = min(qmax / (mx - mn), FLT_MAX)
-  bool nonzero;          // scale > 0 (else every code is 0)
-  bool fast;             // nonzero and inv < FLT_MAX: no clamp needed
+  float mn;        // zero point: the finite values' min (0 if the group has none)
+  float p, mnp;    // range pre-scale (0.5 where mx - mn overflows, else 1) and mn * p
+  float scale;     // (mx p - mn p) / qmax / p, at least FLT_MIN unless 0
+  float inv;       // min(qmax / (mx p - mn p), 2^126)
+  bool nonzero;    // scale > 0 (else every code is 0)
+  bool fast;       // nonzero, p == 1, inv < 2^126 and no non-finite x in the group: no clamp needed
 };
 
-__device__ __forceinline__ IntGroup make_int_group(float mn, float mx, int qmax) {
+// From the group's FINITE values' min / max (mn > mx or NaN: none); nonfinite: the group holds
+// an Inf or NaN (its codes then take the saturating path).
+__device__ __forceinline__ IntGroup make_int_group(float mn, float mx, int qmax, bool nonfinite = false) {
   IntGroup g;
+  if (!(mn <= mx)) mn = mx = 0.f;
   g.mn = mn;
-  g.scale = int_group_scale(mn, mx, qmax);
-  g.nonzero = g.scale > 0.f;
-  g.inv = safe_recip(static_cast<float>(qmax), __fsub_rn(mx, mn));
-  g.fast = g.nonzero && g.inv < 3.402823466e38f;
+  g.p = fabsf(__fsub_rn(mx, mn)) <= 3.402823466e38f ? 1.f : 0.5f;
+  g.mnp = __fmul_rn(mn, g.p);
+  const float rng = __fsub_rn(__fmul_rn(mx, g.p), g.mnp);
+  float s = __fdiv_rn(__fdiv_rn(rng, static_cast<float>(qmax)), g.p);
+  if (s > 0.f && s < kFltMin) s = kFltMin;
+  g.scale = s;
+  g.nonzero = s > 0.f;
+  g.inv = fminf(__fdiv_rn(static_cast<float>(qmax), rng), kInvMax);
+  g.fast = g.nonzero && !nonfinite && g.p == 1.f && g.inv < kInvMax;
   return g;
 }
 
-// q = 0 if !(scale > 0) else clamp(floor((x - mn) * inv + 0.5), 0, qmax); IEEE sub / mul / add,
-// no FMA contraction; x must belong to the group (mn <= x <= mx, or NaN). floor(v) is taken from
-// the bits of v + 2^23 rounded down (a full-rate FADD instead of FRND + F2I).
-// Fast path (g.fast): x - mn >= 0 and (x - mn) * inv <= qmax (1 + 2^-22), so v is in
-// [0.5, qmax + 1) and needs no clamp.
+// Fast path (g.fast: finite x of the group, p = 1): q = floor((x - mn) * inv + 0.5), IEEE sub /
+// mul / add, no FMA contraction. floor(v) is taken from the bits of v + 2^23 rounded down (a
+// full-rate FADD instead of FRND + F2I): x - mn >= 0 and (x - mn) * inv <= qmax (1 + 2^-22), so v
+// is in [0.5, qmax + 1) and needs no clamp.
 __device__ __forceinline__ uint32_t int_quantize_fast(float x, const IntGroup& g) {
   const float v = __fadd_rn(__fmul_rn(__fsub_rn(x, g.mn), g.inv), 0.5f);
   return __float_as_uint(__fadd_rd(v, 0x1p23f)) - 0x4B000000u;
 }
 
+// General path: 0 if !(scale > 0), else floor(sat(fma(x, p, -mn p) * inv + 0.5)) with sat the
+// clamp to [0, qmax] that takes NaN to 0 (+Inf -> qmax, -Inf -> 0). With p = 1 the FMA is the
+// fast path's subtraction.
 __device__ __forceinline__ uint32_t int_quantize(float x, const IntGroup& g, float qmax) {
   if (!g.nonzero) return 0u;
   if (g.fast) return int_quantize_fast(x, g);
-  float v = __fadd_rn(__fmul_rn(__fsub_rn(x, g.mn), g.inv), 0.5f);
+  float v = __fadd_rn(__fmul_rn(__fmaf_rn(x, g.p, -g.mnp), g.inv), 0.5f);
   v = fminf(fmaxf(v, 0.f), qmax);  // a NaN v becomes 0
   return __float_as_uint(__fadd_rd(v, 0x1p23f)) - 0x4B000000u;
 }
 
+// x where finite, else NaN (fminf / fmaxf then skip it): the finite values' min / max.
+__device__ __forceinline__ float finite_or_nan(float x) {
+  return fabsf(x) <= 3.402823466e38f ? x : __int_as_float(0x7fffffff);
+}
+__device__ __forceinline__ bool is_finite2(float a, float b) {
+  return fabsf(a) <= 3.402823466e38f && fabsf(b) <= 3.402823466e38f;
+}
+
 // int_quantize for a single value of a group whose constants are not kept (fused kernels).
 __device__ __forceinline__ uint32_t int_quantize_one(float x, float mn, float mx, float qmax) {
-  IntGroup g;
-  g.mn = mn;
-  g.scale = __fdiv_rn(__fsub_rn(mx, mn), qmax);
-  g.nonzero = g.scale > 0.f;
-  g.inv = safe_recip(qmax, __fsub_rn(mx, mn));
-  g.fast = false;
-  return int_quantize(x, g, qmax);
+  return int_quantize(x, make_int_group(mn, mx, int(qmax), true), qmax);
 }
 
 // float(q) for q < 2^23, exact: the bits of 2^23 + q minus 2^23 (LOP3 + FADD at full rate; I2F
@@ -338,10 +357,10 @@ __device__ __forceinline__ float code_to_float(uint32_t q) {
   return __fsub_rn(__uint_as_float(0x4B000000u | q), 0x1p23f);
 }
 
-// x_hat = q * scale + zero in float32, rounded after each op (matches the reference's separate
-// mul and add kernels bit for bit; the spec allows an FMA, we do not need it).
+// x_hat = fma(q, scale, zero) in float32, one rounding (the spec; the reference's fma32): a group
+// whose range exceeds FLT_MAX decodes without overflow.
 __device__ __forceinline__ float int_dequantize(uint32_t q, float scale, float zero) {
-  return __fadd_rn(__fmul_rn(code_to_float(q), scale), zero);
+  return __fmaf_rn(code_to_float(q), scale, zero);
 }
 
 // int_quantize_fast without the final subtraction: the float bits of 2^23 + q, whose low byte is
@@ -375,10 +394,31 @@ __device__ __forceinline__ void pack_code_bytes(const uint32_t (&q)[N], uint32_t
 // ---- fp8 e4m3 --------------------------------------------------------------------------------
 constexpr float kFp8Max = 448.f;
 
-// scale from amax over the scope: amax / 448 (IEEE); a non-positive (0) or NaN scale becomes 1.
+// scale from amax over the scope's finite values: amax / 448 (IEEE), at least FLT_MIN (so that
+// 1 / scale is finite and tiny normal inputs keep e4m3's relative precision); an amax of 0 (or
+// NaN: not produced by the amax helpers) gives 1.
 __device__ __forceinline__ float fp8_scale_from_amax(float amax) {
   float s = __fdiv_rn(amax, kFp8Max);
-  return s > 0.f ? s : 1.f;
+  return s > 0.f ? fmaxf(s, kFltMin) : 1.f;
+}
+
+// max |v| over the finite values of v (the spec's amax: +-Inf and NaN do not set a scale). The
+// common case is the NaN-propagating max as before (one FMNMX per element); only where that is
+// not finite (an Inf or NaN among them: rare) the finite values are reduced again.
+template <int E>
+__device__ __forceinline__ float amax_finite(const float (&v)[E]) {
+  float m = 0.f;
+#pragma unroll
+  for (int j = 0; j < E; ++j) m = max_nan(m, fabsf(v[j]));
+  if (!(m <= 3.402823466e38f)) {
+    m = 0.f;
+#pragma unroll
+    for (int j = 0; j < E; ++j) {
+      const float a = fabsf(v[j]);
+      if (a <= 3.402823466e38f) m = fmaxf(m, a);
+    }
+  }
+  return m;
 }
 
 // clamp(x * inv, -448, 448) with inv = fp8_inv(scale) = min(1 / scale, FLT_MAX) (IEEE); NaN stays

@@ -11,12 +11,16 @@ from typing import Optional, Union
 import torch
 
 from . import dispatch
+from ._validate import check_dequantize, check_kv, check_quantize, check_tensor
 from .formats import INPUT_DTYPES, QuantFormat, QuantizedKV
 
-for _b, _mod in (("cuda", "kvkernels.cuda.quant"), ("triton", "kvkernels.triton_kernels.quant"),
-                 ("torch", "kvkernels.reference.quant")):
-    dispatch.register("quantize", _b, _mod, "quantize_into", None if _b == "torch" else "supports")
-    dispatch.register("dequantize", _b, _mod, "dequantize_into", None if _b == "torch" else "supports")
+# The ops check every buffer before dispatch (kvkernels/_validate.py); the CUDA launchers'
+# ``quantize_into`` / ``dequantize_into`` check again for direct callers, so the ops call their
+# ``*_checked`` halves (one check per call).
+for _b, _mod, _sfx in (("cuda", "kvkernels.cuda.quant", "_checked"), ("triton", "kvkernels.triton_kernels.quant", ""),
+                       ("torch", "kvkernels.reference.quant", "")):
+    dispatch.register("quantize", _b, _mod, "quantize_into" + _sfx, None if _b == "torch" else "supports")
+    dispatch.register("dequantize", _b, _mod, "dequantize_into" + _sfx, None if _b == "torch" else "supports")
 
 
 @functools.lru_cache(maxsize=256)
@@ -34,58 +38,45 @@ def _key(t: torch.Tensor, fmt: QuantFormat):
 @torch.library.custom_op("kvkernels::quantize", mutates_args=("codes", "scale", "zero"))
 def quantize_op(x: torch.Tensor, fmt: str, codes: torch.Tensor, scale: torch.Tensor,
                 zero: Optional[torch.Tensor], compute_scale: bool, backend: Optional[str]) -> None:
-    """x [L,T,H,D] -> codes/scale/zero (see ``reference.quant`` for the conventions)."""
+    """x [L,T,H,D] -> codes/scale/zero (see ``reference.quant`` for the conventions). Every
+    buffer is checked against ``fmt`` here, before dispatch (``_validate.check_quantize``), so
+    a caller of ``torch.ops.kvkernels.quantize`` gets the same refusals on every backend."""
     f = _fmt(fmt)
+    check_quantize(x, f, codes, scale, zero, compute_scale)
     _, impl = dispatch.resolve("quantize", _key(x, f), (x, f), backend, x.device.type)
     impl(x, f, codes.view(torch.uint8), scale, zero, compute_scale)
 
 
 @quantize_op.register_fake
 def _(x, fmt, codes, scale, zero, compute_scale, backend) -> None:
+    check_quantize(x, _fmt(fmt), codes, scale, zero, compute_scale)  # metadata only: fine on fakes
     return None
 
 
 @torch.library.custom_op("kvkernels::dequantize", mutates_args=("out",))
 def dequantize_op(codes: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], fmt: str,
                   out: torch.Tensor, backend: Optional[str]) -> None:
-    """codes/scale/zero -> out [L,T,H,D]."""
+    """codes/scale/zero -> out [L,T,H,D]; every buffer checked (``_validate.check_dequantize``:
+    shapes from ``out`` and ``fmt``, ``out`` must not overlap itself) before dispatch."""
     f = _fmt(fmt)
+    check_dequantize(codes, scale, zero, f, out)
     _, impl = dispatch.resolve("dequantize", _key(out, f), (out, f), backend, out.device.type)
     impl(codes.view(torch.uint8), scale, zero, f, out)
 
 
 @dequantize_op.register_fake
 def _(codes, scale, zero, fmt, out, backend) -> None:
+    check_dequantize(codes, scale, zero, _fmt(fmt), out)
     return None
 
 
-# ---- validation ------------------------------------------------------------------------------
+# ---- validation (the shared checks are in kvkernels/_validate.py) ----------------------------
 def _check_kv(name: str, t, *, dtypes=INPUT_DTYPES) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in dtypes:
-        raise TypeError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
-    if t.dim() not in (3, 4):
-        raise ValueError(f"{name}: expected shape [T, H, D] or [L, T, H, D], got {tuple(t.shape)}")
-    if t.numel() == 0:
-        raise ValueError(f"{name}: expected a non-empty tensor, got shape {tuple(t.shape)}")
-    if t.stride(-1) != 1:
-        raise ValueError(f"{name}: the last dim (head_dim) must be dense (stride 1), got strides {t.stride()}")
+    check_kv(name, t, dims=(3, 4), output=name == "out")
 
 
 def _as4d(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() == 4 else t.unsqueeze(0)
-
-
-def _check_aux(name: str, t, shape, dtype, device) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != dtype:
-        raise TypeError(f"{name}: expected dtype {dtype}, got {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{name}: expected a tensor on {device}, got {t.device}")
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
 # ---- public API ------------------------------------------------------------------------------
@@ -95,7 +86,8 @@ def quantize(x: torch.Tensor, format: Union[str, QuantFormat], *, scale: Optiona
 
     Args:
         x: ``[T, H, D]`` or ``[L, T, H, D]`` (tokens, KV heads, head_dim; optional layers),
-            bf16/fp16/fp32, on any device; head_dim dense, other strides arbitrary.
+            bf16/fp16/fp32, non-empty, on any device; head_dim dense (stride 1, or size 1),
+            other strides arbitrary.
         format: a :class:`QuantFormat` or its string (``"int4:g32:channel"``, ``"int2:g32:token"``,
             ``"fp8:token_head"``, ...; see docs/quant-spec.md).
         scale: fp8 only: given float32 scales of ``format.scale_shape`` (``L`` dropped for 3-D
@@ -122,7 +114,7 @@ def quantize(x: torch.Tensor, format: Union[str, QuantFormat], *, scale: Optiona
         want = pub_shape
         if drop and fmt.scope == "tensor" and isinstance(scale, torch.Tensor) and scale.numel() == 1:
             scale = scale.reshape(())
-        _check_aux("scale", scale, want, torch.float32, x.device)
+        check_tensor("scale", scale, shape=want, dtype=torch.float32, device=x.device)
         sc = scale.reshape(sshape4).clone(memory_format=torch.contiguous_format)  # ours: written by no one else
     else:
         sc = torch.empty(sshape4, dtype=torch.float32, device=x.device)
@@ -131,35 +123,13 @@ def quantize(x: torch.Tensor, format: Union[str, QuantFormat], *, scale: Optiona
     if drop:
         codes, sc = codes[0], sc.reshape(pub_shape)
         zp = zp[0] if zp is not None else None
-    return QuantizedKV(codes=codes, scale=sc, zero=zp, format=fmt, dtype=x.dtype, head_dim=D)
+    return QuantizedKV._unchecked(codes, sc, zp, fmt, x.dtype, D)  # our buffers: shapes by construction
 
 
 def _check_quantized(q) -> None:
     if not isinstance(q, QuantizedKV):
         raise TypeError(f"q: expected a QuantizedKV, got {type(q).__name__}")
-    fmt = q.format
-    c = q.codes
-    if not isinstance(c, torch.Tensor) or c.dim() not in (3, 4):
-        raise ValueError("q.codes: expected a [T, H, Dp] or [L, T, H, Dp] tensor")
-    if c.dtype != fmt.codes_dtype():
-        raise TypeError(f"q.codes: expected dtype {fmt.codes_dtype()} for {fmt}, got {c.dtype}")
-    if not c.is_contiguous():
-        raise ValueError("q.codes: expected a contiguous tensor")
-    c4 = _as4d(c)
-    L, T, H, Dp = c4.shape
-    D = q.head_dim
-    if D * fmt.bits != Dp * 8:
-        raise ValueError(f"q.codes: last dim {Dp} does not match head_dim {D} at {fmt.bits} bits")
-    fmt.check_shape(T, H, D)
-    sshape = fmt.scale_shape(L, T, H, D)
-    pub = sshape[1:] if c.dim() == 3 else sshape
-    _check_aux("q.scale", q.scale, pub, torch.float32, c.device)
-    if not q.scale.is_contiguous():
-        raise ValueError("q.scale: expected a contiguous tensor")
-    if fmt.has_zero:
-        _check_aux("q.zero", q.zero, pub, torch.float32, c.device)
-        if not q.zero.is_contiguous():
-            raise ValueError("q.zero: expected a contiguous tensor")
+    q.validate(prefix="q.")  # fields may have been reassigned since construction
 
 
 def dequantize(q: QuantizedKV, dtype: Optional[torch.dtype] = None, *, out: Optional[torch.Tensor] = None,
@@ -169,16 +139,15 @@ def dequantize(q: QuantizedKV, dtype: Optional[torch.dtype] = None, *, out: Opti
     Args:
         q: from :func:`quantize`.
         dtype: bf16/fp16/fp32 (default ``q.dtype``, or ``out.dtype`` when ``out`` is given).
-        out: optional output ``[.., T, H, D]`` (head_dim dense, other strides arbitrary), written.
+        out: optional output ``[.., T, H, D]`` (head_dim dense or of size 1, other strides
+            arbitrary but its elements distinct in memory: an expanded / stride-0 view is
+            refused), written.
         backend: as in :func:`quantize`.
     """
     _check_quantized(q)
     if out is not None:
         _check_kv("out", out)
-        if tuple(out.shape) != q.shape:
-            raise ValueError(f"out: expected shape {q.shape}, got {tuple(out.shape)}")
-        if out.device != q.codes.device:
-            raise ValueError(f"out: expected a tensor on {q.codes.device}, got {out.device}")
+        check_tensor("out", out, shape=q.shape, device=q.codes.device)
         if dtype is not None and out.dtype != dtype:
             raise TypeError(f"out: dtype {out.dtype} does not match dtype={dtype}")
     else:

@@ -9,6 +9,9 @@
 namespace py = pybind11;
 
 void register_quant(py::module_& m);
+void register_paged(py::module_& m);
+void register_codec(py::module_& m);
+void register_blend(py::module_& m);
 
 #ifndef KVK_VERSION
 #define KVK_VERSION "0.1.0"
@@ -30,4 +33,7 @@ PYBIND11_MODULE(_C, m) {
     return n;
   });
   register_quant(m);
+  register_paged(m);
+  register_codec(m);
+  register_blend(m);
 }

@@ -11,7 +11,7 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.report import table  # noqa: E402
+from bench.report import summary, table  # noqa: E402
 
 
 def put(text, tag, body):
@@ -26,7 +26,9 @@ def main(bench_json, quality_md=None):
     bench_json = pathlib.Path(bench_json).resolve()
     rows = json.loads(bench_json.read_text())
     src = f"From [`{bench_json.relative_to(ROOT)}`]({bench_json.relative_to(ROOT)}):"
-    text = put(text, "BENCH", src + "\n\n" + table(rows))
+    body = (f"* {summary(rows, 'quant')} — [{bench_json.name}]({bench_json.relative_to(ROOT)})\n\n"
+            f"<details><summary>Every row of that run</summary>\n\n{src}\n\n{table(rows)}\n\n</details>")
+    text = put(text, "BENCH", body)
     if quality_md:
         text = put(text, "QUALITY", re.sub(r"(?m)^# ", "### ", pathlib.Path(quality_md).read_text()))
     readme.write_text(text)

@@ -1,4 +1,4 @@
-"""Compile the Gluon kernels of kvkernels/triton_kernels/quant.py for sm_90 without a GPU and
+"""Compile the Gluon kernels of kvkernels/triton_kernels/quant_gluon.py for sm_90 without a GPU and
 print one JSON line of [{kernel, config, cubin bytes, shared bytes}]. Run by
 test_gluon_kernels_compile_sm90 in a process without TRITON_INTERPRET."""
 import json
@@ -8,7 +8,7 @@ from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 
 from kvkernels.formats import QuantFormat
-from kvkernels.triton_kernels import quant as tq
+from kvkernels.triton_kernels import quant_gluon as tq
 
 TARGET = GPUTarget("cuda", 90, 32)
 WORDS = {1: "*u8", 2: "*i16", 4: "*i32", 8: "*i64"}

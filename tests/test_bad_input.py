@@ -112,7 +112,9 @@ def test_bad_out():
 def test_nothing_written_on_error():
     q = _q()
     out = torch.full((8, 2, 64), 7.0, device=DEVICE)
-    bad = QuantizedKV(q.codes, q.scale[..., :1].clone(), q.zero, q.format, q.dtype, q.head_dim)
-    with pytest.raises(ValueError):
-        kvkernels.dequantize(bad, out=out)
+    with pytest.raises(ValueError, match="scale: expected shape"):  # refused on construction
+        QuantizedKV(q.codes, q.scale[..., :1].clone(), q.zero, q.format, q.dtype, q.head_dim)
+    q.scale = q.scale[..., :1].clone()  # ... and when a field is reassigned later
+    with pytest.raises(ValueError, match="q.scale: expected shape"):
+        kvkernels.dequantize(q, out=out)
     assert (out == 7.0).all()

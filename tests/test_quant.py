@@ -419,7 +419,7 @@ def test_fp8_computed_scale_special_values(backend, spec, dtype, shape):
                 cl_on = not os.environ.get("KVK_FP8_CLUSTER", "").startswith("0")
                 if sms == 132 and hopper and cl_on and groups and x.element_size() == 2 and split:
                     # heads of 2 / 3 blocks (K = 4 / 2) in 66 / 40 groups; the rule needs 58 / 35
-                    # clusters at once, the H100s measured run 66 / 39 (scripts/exp/cluster_occ.cu)
+                    # clusters at once, the H100s measured run 66 / 39 (experiments/cluster_occ.cu)
                     if shape in ((37, 257, 8, 128), (5, 300, 8, 128)):
                         assert cl, f"expected the cluster variant: {res[0]}"
     if backend == "triton" and ON_GPU:  # the Gluon one-pass kernel: where the launcher's rule says
@@ -632,3 +632,49 @@ def test_gluon_kernels_compile_sm90():
         else:
             nw, k = r["NW"], r["K"]
             assert 3 * k * nw * 32 * 16 <= r["shared"] <= 227 * 1024 * nw // 32, r
+
+
+# Shapes at the edge of the launchers (issue 26, section 2): head_dim of one code byte for token
+# groups (int8 D=1, int4 D=2, int2 D=4: the Triton token launcher divided by zero) and
+# one-element inputs, every format that accepts them.
+TINY_CASES = [("int8:g4:token", (1, 5, 1, 1)), ("int4:g4:token", (1, 5, 2, 2)), ("int2:g4:token", (2, 6, 1, 4)),
+              ("int8:g32:token", (1, 1, 1, 1)), ("int8:g1:channel", (1, 1, 1, 1)), ("fp8:token_head", (1, 1, 1, 1)),
+              ("fp8:head", (1, 1, 1, 1)), ("fp8:tensor", (1, 1, 1, 1)), ("int4:g2:channel", (1, 3, 1, 2)),
+              ("int2:g4:channel", (1, 3, 2, 4)), ("int8:g1:token", (1, 3, 1, 1))]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("spec,shape", TINY_CASES, ids=[f"{s}-{'x'.join(map(str, sh))}" for s, sh in TINY_CASES])
+def test_tiny_shapes_match_reference(backend, dtype, spec, shape):
+    """Every backend runs (or refuses with a reason) the smallest shapes, and matches the reference."""
+    fmt = QuantFormat.parse(spec)
+    x = make_x(shape, dtype, "contiguous")
+    why = _runnable(backend, x, fmt)
+    if why:
+        pytest.skip(f"{backend}: {why}")
+    (codes, scale, zero), (rcodes, rscale, rzero) = quantize_vs_reference(x, fmt, backend)
+    assert_codes_match(codes, rcodes, rscale, rzero, fmt, x.shape)
+    dequantize_vs_reference(rcodes, rscale, rzero, fmt, shape, dtype, backend, "contiguous")
+
+
+@pytest.mark.parametrize("backend", ["torch"] + KERNEL_BACKENDS)
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_token_group_longer_than_input(backend, bits):
+    """A token group far beyond the token count (section 3) is the one group of all T tokens:
+    the same codes, scales and zeros as a group of exactly T, with work and memory that follow
+    the input (the reference used to pad to G tokens, the Triton kernel to unroll G / chunk
+    loops)."""
+    big = QuantFormat.parse(f"int{bits}:g65536:token")
+    exact = QuantFormat.parse(f"int{bits}:g5:token")
+    x = make_x((2, 5, 3, 64), torch.bfloat16, "token_strided")
+    why = _runnable(backend, x, big)
+    if why:
+        pytest.skip(f"{backend}: {why}")
+    got = run_quantize(x, big, backend)
+    want = run_quantize(x, exact, "torch")
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    out = run_dequantize(*got, big, x.shape, torch.bfloat16, backend)
+    ref_out = run_dequantize(*want, exact, x.shape, torch.bfloat16, "torch")
+    check_close(out, ref_out, torch.bfloat16)  # (the interpreter's bf16 casts truncate: not bit-exact)

@@ -22,3 +22,11 @@ INT_STEP_SLACK = 1e-5  # relative to the group's (mx - mn)
 FP8_REL = 2.0**-4
 FP8_PRODUCT_REL = 2.0**-22
 FP8_SUBNORMAL_ABS = 2.0**-10  # times scale
+
+# rerotate_keys: the rotation by (new - old) composed in float32 from two cache rows (a few float32
+# roundings, |cos_d|, |sin_d| <= 1 + 2**-22) and applied to a pair in float32: <= 8 float32 ulps of
+# the pair's magnitude, plus one rounding of the key's dtype (relative to max|ref|).
+ROT_F32_REL = 8 * 2.0**-24
+# fp8 keys: one e4m3 rounding of the rotated value (half-ulp 2**-4 relative, subnormals as above).
+# select_tokens deviation: a float32 sum of H*D squares; reduction order differs between backends.
+DEV_REL = 1e-5

@@ -1,4 +1,4 @@
 """Bench cases, one module per op family; ``CASES`` maps each op name to its runner."""
-from . import quant
+from . import blend, codec, paged, quant
 
-CASES = {**quant.CASES}
+CASES = {**quant.CASES, **paged.CASES, **codec.CASES, **blend.CASES}

@@ -9,7 +9,10 @@ Same functions and argument conventions as ``kvkernels/reference/quant.py`` (the
   - ``scale``/``zero``: contiguous float32 of ``fmt.scale_shape(L, T, H, D)``, written (fp8 with
     ``compute_scale=False``: ``scale`` is read); ``zero`` is None for fp8.
 * ``dequantize_into(codes, scale, zero, fmt, out)``: ``out`` ``[L, T, H, D]`` bf16/fp16/fp32,
-  ``out.stride(-1) == 1``, written.
+  ``out.stride(-1) == 1`` (or head_dim 1), elements distinct in memory, written.
+
+Both check every buffer with ``kvkernels._validate`` before launching (the C++ side trusts its
+pointers and extents).
 
 Kernels run on the tensors' device, on torch's current stream; nothing synchronises. The
 extension is imported lazily so that the package imports without it. The C++ side is
@@ -22,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from .._validate import check_dequantize, check_quantize, is_dense_last
 from ..formats import QuantFormat
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -68,7 +72,7 @@ def supports(t: torch.Tensor, fmt: QuantFormat) -> Optional[str]:
         return f"the CUDA kernels need a CUDA tensor (got one on {t.device})"
     if t.dtype not in _DTYPE_CODE:
         return f"dtype {t.dtype} is not one of fp32/fp16/bf16"
-    if t.dim() != 4 or t.stride(-1) != 1:
+    if t.dim() != 4 or not is_dense_last(t):
         return "expects a [L, T, H, D] tensor with a dense last dim"
     L, T, H, D = t.shape
     esize = t.element_size()
@@ -106,12 +110,9 @@ def _stream(t: torch.Tensor) -> int:
 
 
 def _prepare(codes: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], kv: torch.Tensor):
-    """Shared launcher prologue: codes as bytes, dense code/scale/zero buffers, and the
+    """Shared launcher prologue (after the caller's ``_validate`` check): codes as bytes and the
     arguments every binding takes about the KV tensor ``kv`` (x or out)."""
     codes = codes if codes.dtype == torch.uint8 else codes.view(torch.uint8)
-    for name, t in (("codes", codes), ("scale", scale), ("zero", zero)):
-        if t is not None and not t.is_contiguous():
-            raise ValueError(f"{name}: the CUDA kernels need a contiguous tensor")
     sL, sT, sH, _ = kv.stride()
     geometry = (_DTYPE_CODE[kv.dtype], *kv.shape, sL, sT, sH)
     return _ext(), codes, geometry, (kv.device.index, _stream(kv))
@@ -119,6 +120,23 @@ def _prepare(codes: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tens
 
 def quantize_into(x: torch.Tensor, fmt: QuantFormat, codes: torch.Tensor, scale: torch.Tensor,
                   zero: Optional[torch.Tensor], compute_scale: bool = True) -> None:
+    """Check every buffer (``_validate.check_quantize``: the C++ side trusts its pointers and
+    extents), then launch. The registered op checks before dispatch and calls
+    :func:`quantize_into_checked` (no second check)."""
+    check_quantize(x, fmt, codes, scale, zero, compute_scale)
+    quantize_into_checked(x, fmt, codes, scale, zero, compute_scale)
+
+
+def dequantize_into(codes: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], fmt: QuantFormat,
+                    out: torch.Tensor) -> None:
+    """Check every buffer (``_validate.check_dequantize``), then launch; see :func:`quantize_into`."""
+    check_dequantize(codes, scale, zero, fmt, out)
+    dequantize_into_checked(codes, scale, zero, fmt, out)
+
+
+def quantize_into_checked(x: torch.Tensor, fmt: QuantFormat, codes: torch.Tensor, scale: torch.Tensor,
+                          zero: Optional[torch.Tensor], compute_scale: bool = True) -> None:
+    """The launch alone: only for arguments that ``_validate.check_quantize`` accepted."""
     _C, codes, geo, tail = _prepare(codes, scale, zero, x)
     if fmt.kind == "fp8":
         scope = _SCOPE_CODE[fmt.scope]
@@ -137,8 +155,9 @@ def quantize_into(x: torch.Tensor, fmt: QuantFormat, codes: torch.Tensor, scale:
                         fmt.group_size, _AXIS_CODE[fmt.axis], *tail)
 
 
-def dequantize_into(codes: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], fmt: QuantFormat,
-                    out: torch.Tensor) -> None:
+def dequantize_into_checked(codes: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
+                            fmt: QuantFormat, out: torch.Tensor) -> None:
+    """The launch alone: only for arguments that ``_validate.check_dequantize`` accepted."""
     _C, codes, geo, tail = _prepare(codes, scale, zero, out)
     if fmt.kind == "fp8":
         _C.dequantize_fp8(codes.data_ptr(), scale.data_ptr(), out.data_ptr(), *geo, _SCOPE_CODE[fmt.scope], *tail)

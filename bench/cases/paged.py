@@ -1,0 +1,244 @@
+"""Bench cases for paged ``scatter`` / ``gather`` (all layers per call).
+
+Caches: vLLM flash-attn layout, per layer ``[2, NB, BS, H, D]`` (bf16, or fp8 e4m3 with per-head
+scales); tokens on random pages (a random permutation of blocks, tokens in order inside a block).
+Bytes moved (the floor), per call over all layers and K/V (n = 2 * L * T * H * D elements):
+
+* scatter ``bf16``: reads n * 2 (flat) + T * 8 (slots), writes n * 2 (cache);
+  ``fp8cache``: reads n * 2, writes n (e4m3 cache); ``<format>`` (fused dequantize of a
+  QuantizedKV into a bf16 cache): reads the codes + scales (+ zeros), writes n * 2.
+* gather ``bf16``: reads n * 2 (cache) + slots, writes n * 2; ``fp8cache``: reads n, writes n * 2;
+  ``<format>`` (fused quantize): reads n * 2, writes codes + scales (+ zeros).
+* ``host-copy`` / ``host-kernel``: the flat side in pinned host memory (PCIe traffic counted:
+  the flat bytes); the ratio is to a pinned ``cudaMemcpyAsync`` of the same bytes in the same run
+  (``copy_GBps`` column), not to the device copy.
+
+Backends per row: ``cuda``, ``triton`` (one launch for all layers), ``torch`` (the reference),
+and the baselines a user would write, measured in the same run: ``torch-loop`` (a per-layer loop
+of ``index_copy_`` / ``index_select``) and ``<backend>-per-layer`` (one launch per layer of the
+same kernel). Every row is checked against the reference result before timing; small calls (16
+tokens) are timed under CUDA-graph replay (the harness times graph replays whenever the call can
+be captured; the torch reference cannot and is timed eagerly).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+import kvkernels
+from kvkernels import PagedLayout, dispatch
+from kvkernels.formats import QuantFormat
+
+# (model, L, H, D); T varies
+MODELS = {"llama3-8b": (32, 8, 128), "llama3-70b": (80, 8, 128), "smollm2-135m": (30, 3, 64)}
+GPU_SIZES = [("llama3-8b", 16), ("llama3-8b", 1024), ("llama3-8b", 4096), ("llama3-8b", 32768),
+             ("llama3-70b", 16), ("llama3-70b", 4096), ("llama3-70b", 32768)]
+CPU_SIZES = [("smollm2-135m", 16)]
+BLOCK_SIZES = (16, 32)
+SCATTER_VARIANTS = ["bf16", "fp8cache", "int8:g64:channel", "int4:g32:channel", "fp8:token_head", "host-copy",
+                    "host-kernel"]
+GATHER_VARIANTS = ["bf16", "fp8cache", "int8:g64:channel", "fp8:token_head", "host-copy", "host-kernel"]
+REFERENCE_MAX_ELEMS = 2**31  # the torch reference row only up to this many flat elements
+
+
+def _slots(T, NB, BS, device):
+    pages = torch.randperm(NB, device=device)[: -(-T // BS)]
+    t = torch.arange(T, device=device)
+    return (pages[t // BS] * BS + t % BS).to(torch.int64)
+
+
+def _caches(L, NB, BS, H, D, fp8, device):
+    dt = torch.float8_e4m3fn if fp8 else torch.bfloat16
+    return [torch.zeros(2, NB, BS, H, D, dtype=dt, device=device) for _ in range(L)]
+
+
+def _fmt_bytes(fmt: QuantFormat, R, T, H, D):
+    meta = math.prod(fmt.scale_shape(R, T, H, D)) * 4 * (2 if fmt.has_zero else 1)
+    return R * T * H * D * fmt.bits // 8 + meta
+
+
+def _equal_caches(a, b):
+    return all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in zip(a, b))
+
+
+def run(args, timer, copy, info, op_names):
+    device = args.device
+    sizes = GPU_SIZES if device == "cuda" else CPU_SIZES
+    if args.tokens:
+        sizes = [(m, t) for m in dict.fromkeys(m for m, _ in sizes) for t in args.tokens]
+    rows = []
+    pinned_rate = {}
+
+    def pinned_gbps(nbytes):
+        if nbytes not in pinned_rate:
+            h = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+            d = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            t = timer(lambda: d.copy_(h, non_blocking=True), graph=False)["median_us"]
+            pinned_rate[nbytes] = nbytes / t / 1e3
+            del h, d
+        return pinned_rate[nbytes]
+
+    for model, T in sizes:
+        L, H, D = MODELS[model]
+        n = 2 * L * T * H * D
+        for BS in BLOCK_SIZES:
+            NB = -(-T // BS) + 8
+            slots = _slots(T, NB, BS, device)
+            kv = (torch.randn(2, L, T, H, D, device=device) * 2).to(torch.bfloat16)
+            scale = {"k_scale": torch.rand(H, device=device) * 0.02 + 0.005,
+                     "v_scale": torch.rand(H, device=device) * 0.02 + 0.005}
+            for op in op_names:
+                variants = GATHER_VARIANTS if op == "gather" else SCATTER_VARIANTS
+                if args.formats:
+                    variants = [v for v in variants if v in args.formats]
+                for var in variants:
+                    host = var.startswith("host")
+                    if host and device != "cuda":
+                        continue
+                    fp8 = var == "fp8cache"
+                    fmt = None if var in ("bf16", "fp8cache") or host else QuantFormat.parse(var)
+                    sc = scale if fp8 else {}
+                    caches = _caches(L, NB, BS, H, D, fp8, device)
+                    lay = PagedLayout.vllm_flash(caches, kv_dim=0)
+                    q = kvkernels.quantize(kv.flatten(0, 1), fmt) if (fmt is not None and op == "scatter") else None
+                    src = q if q is not None else kv
+                    if op == "gather":  # fill the caches once; the reference result of the gather
+                        kvkernels.scatter(kv, lay, slots, backend="torch", **sc)
+                        want = kvkernels.gather(lay, slots, format=fmt, backend="torch", **sc)
+                        want_caches = None
+                    else:
+                        ref_caches = _caches(L, NB, BS, H, D, fp8, device)
+                        kvkernels.scatter(src, PagedLayout.vllm_flash(ref_caches, kv_dim=0), slots, backend="torch",
+                                          **sc)
+                        want_caches, want = ref_caches, None
+                    if op == "scatter":
+                        rd = (_fmt_bytes(fmt, 2 * L, T, H, D) if fmt else n * 2) + T * 8
+                        wr = n if fp8 else n * 2
+                    else:
+                        rd = (n if fp8 else n * 2) + T * 8
+                        wr = _fmt_bytes(fmt, 2 * L, T, H, D) if fmt else n * 2
+                    nbytes = rd + wr
+                    hkv = kv.cpu().pin_memory() if host else None
+                    hout = torch.empty(kv.shape, dtype=kv.dtype).pin_memory() if (host and op == "gather") else None
+                    backends = list(args.backends)
+                    if not host:
+                        backends += ["torch-loop"] + [f"{b}-per-layer" for b in args.backends if b in ("cuda", "triton")]
+                    for backend in backends:
+                        row = dict(op=op, format=var, backend=backend, model=f"{model} bs{BS}", L=L, T=T, H=H, D=D,
+                                   block_size=BS, dtype="bfloat16", bytes=(n * 2 if host else nbytes), **info)
+                        fn, why = _make_fn(op, backend, var, lay, caches, src, fmt, slots, sc, hkv, hout, L, NB, BS,
+                                           H, D, n)
+                        if why:
+                            rows.append({**row, "status": f"refused: {why}"})
+                            continue
+                        if op == "scatter":
+                            for c in caches:
+                                c.zero_()
+                        res = fn()  # reference check before timing
+                        if op == "scatter":
+                            ok = _equal_caches(caches, want_caches)
+                        elif host:
+                            torch.cuda.synchronize()
+                            ok = torch.equal(hout, want.cpu())
+                        elif fmt is not None:
+                            ok = (torch.equal(res.codes.view(torch.uint8), want.codes.view(torch.uint8))
+                                  and torch.equal(res.scale, want.scale))
+                        else:
+                            ok = torch.equal(res, want)
+                        t = timer(fn)
+                        gbps = row["bytes"] / t["median_us"] / 1e3
+                        cg = pinned_gbps(n * 2) if host else copy.gbps(nbytes)
+                        rows.append({**row, **t, "GBps": gbps, "copy_GBps": cg, "pct_copy": 100 * gbps / cg,
+                                     "baseline": "pinned cudaMemcpyAsync" if host else "device copy",
+                                     "check": "ok" if ok else "MISMATCH", "status": "ran"})
+                        print(_fmt_row(rows[-1]), flush=True)
+                    del caches, lay, q, src, want, want_caches, hkv, hout
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+            del kv, slots
+    return rows
+
+
+def _make_fn(op, backend, var, lay, caches, src, fmt, slots, sc, hkv, hout, L, NB, BS, H, D, n):
+    """(callable, None) or (None, why it cannot run)."""
+    host = var.startswith("host")
+    if host:
+        path = "kernel" if var == "host-kernel" else "copy"
+        b = backend
+        if path == "kernel" and b != "cuda":
+            return None, "the host kernel path is the CUDA kernel's"
+        why = dispatch.refusal(op, b, lay, src, None, 0) if path == "copy" else None
+        if why:
+            return None, why
+        sms = max(1, torch.cuda.get_device_properties(0).multi_processor_count // 4) if path == "kernel" else 0
+        if op == "scatter":
+            return (lambda: kvkernels.scatter(hkv, lay, slots, host_path=path, max_sms=sms, backend=b)), None
+        return (lambda: kvkernels.gather(lay, slots, out=hout, host_path=path, max_sms=sms, backend=b)), None
+    if backend == "torch-loop":
+        if fmt is not None:
+            return None, "a format is not a torch one-liner"
+        views = [c.view(2, NB * BS, H, D) for c in caches]
+        if var == "fp8cache":
+            return None, "no torch one-liner for an fp8 cache with per-head scales"
+        if op == "scatter":
+            kvv = src
+
+            def loop():
+                for l, v in enumerate(views):
+                    v[0].index_copy_(0, slots, kvv[0, l])
+                    v[1].index_copy_(0, slots, kvv[1, l])
+            return loop, None
+        out = torch.empty(2, L, slots.shape[0], H, D, dtype=torch.bfloat16, device=slots.device)
+
+        def loop_g():
+            for l, v in enumerate(views):
+                torch.index_select(v[0], 0, slots, out=out[0, l])
+                torch.index_select(v[1], 0, slots, out=out[1, l])
+            return out
+        return loop_g, None
+    per_layer = backend.endswith("-per-layer")
+    b = backend[: -len("-per-layer")] if per_layer else backend
+    t = src.codes if hasattr(src, "codes") else src
+    if op == "gather" and fmt is not None and kvkernels.paged.fused_gather_format(fmt):
+        t = torch.empty(1, device=slots.device)
+    why = dispatch.refusal(op, b, lay, t, fmt if (op == "scatter" or fmt is None or
+                                                  kvkernels.paged.fused_gather_format(fmt)) else None, 0)
+    if why:
+        return None, why
+    if b == "torch" and n > REFERENCE_MAX_ELEMS:
+        return None, f"the reference is not timed above {REFERENCE_MAX_ELEMS} elements"
+    if per_layer:
+        if fmt is not None:
+            return None, "per-layer baseline: plain and fp8-cache variants only"
+        lays = [PagedLayout.vllm_flash([c], kv_dim=0) for c in caches]
+        ks, vs = sc.get("k_scale"), sc.get("v_scale")
+        if op == "scatter":
+            def per():
+                for l, ly in enumerate(lays):
+                    kvkernels.scatter(src[:, l:l + 1], ly, slots, backend=b,
+                                      **({"k_scale": ks, "v_scale": vs} if sc else {}))
+            return per, None
+        out = torch.empty(2, L, slots.shape[0], H, D, dtype=torch.bfloat16, device=slots.device)
+
+        def per_g():
+            for l, ly in enumerate(lays):
+                kvkernels.gather(ly, slots, out=out[:, l:l + 1], backend=b, **({"k_scale": ks, "v_scale": vs} if sc else {}))
+            return out
+        return per_g, None
+    if op == "scatter":
+        return (lambda: kvkernels.scatter(src, lay, slots, backend=b, **sc)), None
+    if fmt is None:
+        out = torch.empty(2, L, slots.shape[0], H, D, dtype=torch.bfloat16, device=slots.device)
+        return (lambda: kvkernels.gather(lay, slots, out=out, backend=b, **sc)), None
+    return (lambda: kvkernels.gather(lay, slots, format=fmt, backend=b, **sc)), None
+
+
+def _fmt_row(r):
+    return (f"{r['op']:8s} {r['format']:17s} {r['backend']:18s} {r['model']:17s} T={r['T']:<6d}"
+            f"{r['bytes'] / 2**20:10.1f} MiB {r['median_us']:10.1f} us {r['GBps']:8.1f} GB/s "
+            f"{r['pct_copy']:5.1f}% of {r['baseline']}  {r['check']}")
+
+
+CASES = {"scatter": run, "gather": run}
+FAMILY = "paged"

@@ -1,0 +1,15 @@
+// csrc/blend.h -- RoPE re-rotation of cached keys (blend family). See kvkernels/reference/blend.py
+// for the spec. Raw pointers, int64 strides (elements), explicit stream; returns cudaError_t.
+#pragma once
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+// key: [L, T, H, D] with strides (sL, sT, sH, 1), dtype code 0 fp32 / 1 fp16 / 2 bf16 / 3 fp8 e4m3
+// (then k_scale: float32 with strides (ssL, ssT, ssH), may be 0). old_pos/new_pos: int64 [T].
+// cos_sin: float32 [max_pos, 2*half] contiguous. Tokens with a position outside [0, max_pos) are
+// skipped. is_neox: pairs (i, i+half), else (2i, 2i+1).
+cudaError_t kvk_rerotate_keys(void* key, int key_dtype, int64_t L, int64_t T, int64_t H, int64_t D, int64_t sL,
+                              int64_t sT, int64_t sH, const float* k_scale, int64_t ssL, int64_t ssT, int64_t ssH,
+                              const int64_t* old_pos, const int64_t* new_pos, const float* cos_sin,
+                              int64_t max_pos, int64_t half, int is_neox, cudaStream_t stream);

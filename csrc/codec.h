@@ -1,0 +1,41 @@
+// csrc/codec.h -- GPU launchers of the entropy coders (csrc/codec.cu). Raw device pointers,
+// C-contiguous tensors (symbols uint8 [S, N, C], cdf int32 [K, bins+1], freq int32 [K, bins],
+// table_id int32 [S, C], offsets int64 [n_streams + 1]), explicit stream, cudaError_t returned.
+// Status bits (kvk_codec::ERR_*) are OR-ed into *status (device int32) by the kernels.
+//
+// Encoding is two launches around a prefix sum the caller runs (kvkernels/cuda/codec.py: torch
+// cumsum on the device): *_encode writes each stream into its worst-case slot of `scratch` and
+// its length into lens[i]; kvk_codec_pack copies the streams to payload[offsets[i]..].
+#pragma once
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+// ac: stream i = s*C + c in scratch[i*cap_stream ..], cap_stream = ac_stream_capacity(N).
+cudaError_t kvk_ac_encode(const uint8_t* sym, int64_t S, int64_t N, int64_t C, const int32_t* cdf, int64_t K,
+                          int bins, const int32_t* tid, uint8_t* scratch, int64_t cap_stream, int64_t* lens,
+                          int32_t* status, cudaStream_t stream);
+// Copies stream i (lens[i] bytes) from scratch[i*cap + (from_end ? cap - lens[i] : 0)] to
+// payload[offsets[i]]; offsets[n] bounds the payload (payload_cap bytes).
+cudaError_t kvk_codec_pack(const uint8_t* scratch, int64_t n, int64_t cap, bool from_end, const int64_t* lens,
+                           const int64_t* offsets, uint8_t* payload, int64_t payload_cap, cudaStream_t stream);
+cudaError_t kvk_ac_decode(const uint8_t* payload, int64_t nbytes, const int64_t* offsets, const int32_t* cdf,
+                          int64_t K, int bins, const int32_t* tid, int64_t S, int64_t N, int64_t C, uint8_t* out,
+                          int32_t* status, cudaStream_t stream);
+
+// rans: row tables first (cum uint16 [K, bins+1], ok uint8 [K]) ...
+cudaError_t kvk_rans_prep(const int32_t* freq, int64_t K, int bins, int pb, uint16_t* cum, uint8_t* ok,
+                          cudaStream_t stream);
+// ... block b = s*G + g in scratch[b*cap_block ..] ending at its end, cap_block =
+// rans_block_capacity(N, 32).
+cudaError_t kvk_rans_encode(const uint8_t* sym, int64_t S, int64_t N, int64_t C, const uint16_t* cum,
+                            const uint8_t* ok, int64_t K, int bins, const int32_t* tid, int pb, uint8_t* scratch,
+                            int64_t cap_block, int64_t* lens, int32_t* status, cudaStream_t stream);
+// Symbols (lut == nullptr: out uint8 [S, N, C] contiguous) or fused dequantization: out element
+// (s, n, c) at s*os_s + n*os_n + c of dtype (0 fp32, 1 fp16, 2 bf16) =
+// lut[tid, sym] * s_tok[s, n] * s_ch[s, c] + z_ch[s, c] (null = absent).
+cudaError_t kvk_rans_decode(const uint8_t* payload, int64_t nbytes, const int64_t* offsets, const uint16_t* cum,
+                            const uint8_t* ok, int64_t K, int bins, const int32_t* tid, int pb, int64_t S, int64_t N,
+                            int64_t C, void* out, const float* lut, const float* s_tok, const float* s_ch,
+                            const float* z_ch, int dtype, int64_t os_s, int64_t os_n, int32_t* status,
+                            cudaStream_t stream);

@@ -1,0 +1,318 @@
+"""Codec presets: KV values <-> symbols (torch, vectorised, any device).
+
+A preset maps one (chunk, layer, kind) segment ``x`` float32 ``[S, N, C]`` (S segments of N
+tokens, ``C = H * D`` channels) to symbols uint8 ``[S, N, C]`` plus float16 side info, and
+back through the generic map of ``docs/codec-spec.md``::
+
+    x[s, n, c] = lut[sym] * s_tok[s, n] * s_ch[s, c] + z_ch[s, c]
+
+Modes (per kind, per layer ``bins`` and ``step``):
+
+* ``token_sym``: CacheGen as released: ``M = bins // 2 - 1``, per-token ``amax`` over the
+  channels, ``q = clamp(round(x * M / amax) + M, 0, 2M)``.
+* ``channel_affine``: per-channel ``mean``/``std`` over the segment's tokens,
+  ``Δ = step * std``, ``q = clamp(round((x - mean) / Δ) + bins // 2, 0, bins - 1)``.
+
+Presets are values (:class:`Preset`); their JSON config (``to_config``) is what a container
+stores, and :meth:`Preset.from_config` validates one strictly (untrusted input).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+MODES = ("token_sym", "channel_affine")
+TABLE_MODES = ("chunk", "shared")
+MAX_BINS = 256
+
+
+class PresetError(ValueError):
+    """A preset config that is malformed (the container turns it into a CodecError)."""
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    """How one kind (K or V) is quantized: ``mode`` and per-layer ``bins`` / ``step``."""
+
+    mode: str
+    bins: Tuple[int, ...]
+    step: Tuple[float, ...] = ()
+
+    def to_config(self) -> dict:
+        d = {"mode": self.mode, "bins": list(self.bins)}
+        if self.mode == "channel_affine":
+            d["step"] = [float(s) for s in self.step]
+        return d
+
+    @staticmethod
+    def from_config(d, L: int) -> "KindSpec":
+        if not isinstance(d, dict):
+            raise PresetError("kind spec must be an object")
+        mode = d.get("mode")
+        if mode not in MODES:
+            raise PresetError(f"unknown mode {mode!r}")
+        bins = d.get("bins")
+        if not isinstance(bins, list) or len(bins) != L:
+            raise PresetError(f"bins must be a list of {L} integers")
+        for b in bins:
+            if type(b) is not int or not 2 <= b <= MAX_BINS:
+                raise PresetError(f"bins entries must be integers in 2..{MAX_BINS}, got {b!r}")
+            if mode == "token_sym" and b < 4:
+                raise PresetError("token_sym needs bins >= 4")
+        step: Tuple[float, ...] = ()
+        if mode == "channel_affine":
+            st = d.get("step")
+            if not isinstance(st, list) or len(st) != L:
+                raise PresetError(f"step must be a list of {L} numbers")
+            for s in st:
+                if type(s) not in (int, float) or not (math.isfinite(s) and 1e-4 <= s <= 1e4):
+                    raise PresetError(f"step entries must be finite numbers in [1e-4, 1e4], got {s!r}")
+            step = tuple(float(s) for s in st)
+        extra = set(d) - {"mode", "bins", "step"}
+        if extra:
+            raise PresetError(f"unknown keys {sorted(extra)}")
+        return KindSpec(mode, tuple(bins), step)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named quantization recipe for ``L`` layers: one :class:`KindSpec` per kind + table mode."""
+
+    name: str
+    k: KindSpec
+    v: KindSpec
+    tables: str = "chunk"  # "chunk": per-chunk tables inline; "shared": a profiled bank by hash
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.k.bins)
+
+    def kind(self, i: int) -> KindSpec:
+        return self.k if i == 0 else self.v
+
+    def bins_max(self) -> int:
+        return max(max(self.k.bins), max(self.v.bins))
+
+    def to_config(self) -> dict:
+        return {"name": self.name, "k": self.k.to_config(), "v": self.v.to_config(), "tables": self.tables}
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_config(), separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+    @staticmethod
+    def from_config(d, L: int) -> "Preset":
+        if not isinstance(d, dict):
+            raise PresetError("preset config must be a JSON object")
+        extra = set(d) - {"name", "k", "v", "tables"}
+        if extra:
+            raise PresetError(f"unknown keys {sorted(extra)}")
+        name = d.get("name")
+        if not isinstance(name, str) or not 0 < len(name) <= 64:
+            raise PresetError("name must be a string of 1..64 characters")
+        tables = d.get("tables")
+        if tables not in TABLE_MODES:
+            raise PresetError(f"tables must be one of {TABLE_MODES}")
+        return Preset(name, KindSpec.from_config(d.get("k"), L), KindSpec.from_config(d.get("v"), L), tables)
+
+    @staticmethod
+    def from_json(b: bytes, L: int) -> "Preset":
+        try:
+            d = json.loads(b.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise PresetError(f"preset is not valid JSON: {e}") from None
+        return Preset.from_config(d, L)
+
+
+# ---------------------------------------------------------------------------------------------
+# Symbols
+
+
+def _f16(x: torch.Tensor) -> torch.Tensor:
+    """Round to float16 (saturating to the finite range) and back to float32."""
+    return x.clamp(-65504.0, 65504.0).to(torch.float16).to(torch.float32)
+
+
+def quantize(x: torch.Tensor, spec: KindSpec, layer: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Symbols of segments ``x`` (float ``[S, N, C]``) for ``spec`` at ``layer``.
+
+    Returns ``(sym uint8 [S, N, C], side)`` with ``side`` float16 tensors: ``amax [S, N]``
+    (token_sym) or ``mean``, ``std [S, C]`` (channel_affine). NaN inputs are not supported
+    (they give unspecified symbols).
+    """
+    x = x.to(torch.float32)
+    bins = spec.bins[layer]
+    if spec.mode == "token_sym":
+        M = bins // 2 - 1
+        amax = _f16(x.abs().amax(dim=2))  # [S, N]
+        # fp16 rounding may round amax down a little: the clamp keeps q in range.
+        scale = torch.where(amax > 0, M / amax.clamp_min(1e-30), torch.zeros_like(amax))
+        q = torch.round(x * scale.unsqueeze(2)) + M
+        q = q.clamp(0, 2 * M)
+        return q.to(torch.uint8), {"amax": amax.to(torch.float16)}
+    if spec.mode == "channel_affine":
+        mean = _f16(x.mean(dim=1))  # [S, C]
+        std = _f16(x.std(dim=1, unbiased=False)) if x.shape[1] > 1 else torch.zeros_like(mean)
+        std = torch.nan_to_num(std)
+        delta = std * spec.step[layer]
+        center = bins // 2
+        inv = torch.where(delta > 0, 1.0 / delta.clamp_min(1e-30), torch.zeros_like(delta))
+        q = torch.round((x - mean.unsqueeze(1)) * inv.unsqueeze(1)) + center
+        q = q.clamp(0, bins - 1)
+        return q.to(torch.uint8), {"mean": mean.to(torch.float16), "std": std.to(torch.float16)}
+    raise PresetError(f"unknown mode {spec.mode!r}")
+
+
+def side_names(spec: KindSpec) -> Tuple[Tuple[str, str], ...]:
+    """(name, axis) of the side info a mode stores, in container order; axis 'n' or 'c'."""
+    if spec.mode == "token_sym":
+        return (("amax", "n"),)
+    return (("mean", "c"), ("std", "c"))
+
+
+def lut_row(spec: KindSpec, layer: int, width: Optional[int] = None) -> torch.Tensor:
+    """``lut`` float32 ``[width]`` (default ``bins``) of ``spec`` at ``layer`` (0 past bins)."""
+    bins = spec.bins[layer]
+    width = bins if width is None else width
+    center = bins // 2 - 1 if spec.mode == "token_sym" else bins // 2
+    row = torch.zeros(width, dtype=torch.float32)
+    row[:bins] = torch.arange(bins, dtype=torch.float32) - center
+    return row
+
+
+def dequant_params(spec: KindSpec, layer: int, side: Dict[str, torch.Tensor]):
+    """``(s_tok [S, N] | None, s_ch [S, C] | None, z_ch [S, C] | None)`` float32 of the map."""
+    if spec.mode == "token_sym":
+        M = spec.bins[layer] // 2 - 1
+        return side["amax"].to(torch.float32) / M, None, None
+    std = side["std"].to(torch.float32)
+    return None, std * spec.step[layer], side["mean"].to(torch.float32)
+
+
+def dequantize(sym: torch.Tensor, spec: KindSpec, layer: int, side: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """float32 ``[S, N, C]`` from symbols uint8 ``[S, N, C]`` and ``side`` (the generic map)."""
+    lut = lut_row(spec, layer, MAX_BINS).to(sym.device)
+    x = lut[sym.long()]
+    s_tok, s_ch, z_ch = dequant_params(spec, layer, side)
+    if s_tok is not None:
+        x = x * s_tok.unsqueeze(2)
+    if s_ch is not None:
+        x = x * s_ch.unsqueeze(1)
+    if z_ch is not None:
+        x = x + z_ch.unsqueeze(1)
+    return x
+
+
+def fake_quant_layer(x: torch.Tensor, spec: KindSpec, layer: int, chunk_tokens: int) -> torch.Tensor:
+    """Quantize then dequantize one layer's kind ``x`` float ``[T, C]`` chunk by chunk."""
+    T, C = x.shape
+    out = torch.empty(T, C, dtype=torch.float32, device=x.device)
+    nf = T // chunk_tokens
+    if nf:
+        seg = x[: nf * chunk_tokens].reshape(nf, chunk_tokens, C)
+        sym, side = quantize(seg, spec, layer)
+        out[: nf * chunk_tokens] = dequantize(sym, spec, layer, side).reshape(-1, C)
+    if T > nf * chunk_tokens:
+        seg = x[nf * chunk_tokens:].unsqueeze(0)
+        sym, side = quantize(seg, spec, layer)
+        out[nf * chunk_tokens:] = dequantize(sym, spec, layer, side)[0]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Named presets
+
+
+def cachegen(L: int) -> Preset:
+    """CacheGen as released: token_sym; K 32 bins in layers 0-9, 16 after; V 32 in 0-1, 16 after."""
+    kb = tuple(32 if l < 10 else 16 for l in range(L))
+    vb = tuple(32 if l < 2 else 16 for l in range(L))
+    return Preset("cachegen", KindSpec("token_sym", kb), KindSpec("token_sym", vb), "chunk")
+
+
+# The default's parameters (chosen by measurement on SmolLM2-135M, docs/codec-quality.md):
+# per-layer steps from a sensitivity profile (perplexity change of quantizing one (kind, layer)
+# alone at step 1.0), allocated so that every (kind, layer) adds the same expected distortion
+# (step^2 * sensitivity constant: the rate-optimal split for an entropy-coded uniform
+# quantizer); bins cover +-8 steps... of std (so outliers are not clamped).
+DEFAULT_TARGET = 1.2      # the steps' nominal total perplexity budget (%); the measured change is larger (docs)
+DEFAULT_STEP = 0.35       # for models without a profile
+MIN_SENS = 0.15
+MIN_STEP = 2 * 8.0 / 256  # 256 bins still cover +-8 std (finer steps clamp outliers: measured worse)
+COVER_STD = 8.0
+
+
+def _profile(model: str):
+    from pathlib import Path
+
+    if not model:
+        return None
+    p = Path(__file__).resolve().parent.parent / "data" / "codec-profiles.json"
+    try:
+        d = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    return d.get(model)
+
+
+def steps_from_sensitivity(sens: Sequence[float], n_items: int, target: float = DEFAULT_TARGET) -> List[float]:
+    """Per-layer steps giving each of ``n_items`` (kind, layer) an equal share of ``target``."""
+    share = target / n_items
+    return [float(min(1.0, max(MIN_STEP, math.sqrt(share / max(s, MIN_SENS))))) for s in sens]
+
+
+def bins_for(step: float) -> int:
+    """Bins (even, 16..256) covering +-COVER_STD standard deviations at ``step``."""
+    b = 2 * math.ceil(COVER_STD / step)
+    return int(min(256, max(16, b)))
+
+
+def default(L: int, k_step: float = None, v_step: float = None, bins=None, tables: str = "shared", *,
+            steps=None, model: str = "", scale: float = 1.0, target: float = None) -> Preset:
+    """The default: channel_affine K and V (per-chunk, per-channel mean/std), shared tables.
+
+    Steps: ``steps=(k_list, v_list)``, else a uniform ``k_step``/``v_step``, else the model's
+    sensitivity profile (``kvkernels/data/codec-profiles.json``), else ``DEFAULT_STEP``; all
+    times ``scale``. ``bins``: an int, ``(k_list, v_list)``, or None (cover +-8 std).
+    """
+    prof = _profile(model) if steps is None and k_step is None and v_step is None else None
+    if steps is not None:
+        ks, vs = list(steps[0]), list(steps[1])
+    elif prof is not None and len(prof["k"]) == L:
+        t = DEFAULT_TARGET if target is None else target
+        ks = steps_from_sensitivity(prof["k"], 2 * L, t)
+        vs = steps_from_sensitivity(prof["v"], 2 * L, t)
+    else:
+        ks = [DEFAULT_STEP if k_step is None else k_step] * L
+        vs = [DEFAULT_STEP if v_step is None else v_step] * L
+    ks = [round(s * scale, 5) for s in ks]
+    vs = [round(s * scale, 5) for s in vs]
+    if bins is None:
+        kb, vb = [bins_for(s) for s in ks], [bins_for(s) for s in vs]
+    elif isinstance(bins, int):
+        kb, vb = [bins] * L, [bins] * L
+    else:
+        kb, vb = list(bins[0]), list(bins[1])
+    k = KindSpec("channel_affine", tuple(kb), tuple(float(s) for s in ks))
+    v = KindSpec("channel_affine", tuple(vb), tuple(float(s) for s in vs))
+    return Preset("default", k, v, tables)
+
+
+NAMED = {"cachegen": cachegen, "default": default}
+
+
+def get(preset, L: int, model: str = "") -> Preset:
+    """A :class:`Preset` for ``L`` layers from a name or a Preset (checked against ``L``)."""
+    if isinstance(preset, Preset):
+        if preset.n_layers != L:
+            raise ValueError(f"preset {preset.name!r} is for {preset.n_layers} layers, the KV has {L}")
+        Preset.from_config(preset.to_config(), L)  # validate
+        return preset
+    if not isinstance(preset, str):
+        raise TypeError(f"preset must be a name or a Preset, got {type(preset).__name__}")
+    if preset not in NAMED:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(NAMED)}")
+    return default(L, model=model) if preset == "default" else NAMED[preset](L)

@@ -1,0 +1,139 @@
+"""Triton kernels of the blend ops (same functions and conventions as kvkernels/reference/blend.py).
+
+* ``rerotate_keys_into(key, old_pos, new_pos, cos_sin_cache, is_neox, k_scale)``: one program
+  per (layer, token), all heads and rotary pairs as one ``[BLOCK_H, BLOCK_R]`` tile; cos/sin of
+  both positions read once per token, the rotation by (new - old) composed in float32;
+  tokens with a position outside the cache are skipped. Only the rotary channels are touched.
+* ``select_tokens_into(...)``: the per-token deviation (squared difference over heads and
+  head_dim, float32) as one program per block of tokens, then the reference's top-k.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference.blend import topk_mask_into
+
+_DT = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn)
+
+
+def supports(key: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool, k_scale) -> Optional[str]:
+    if key.dtype not in _DT:
+        return f"dtype {key.dtype} is not supported"
+    if key.dim() != 4 or key.stride(-1) != 1:
+        return "expects [L, T, H, D] with a dense head_dim"
+    if cos_sin_cache.dtype != torch.float32 and cos_sin_cache.dtype not in (torch.float16, torch.bfloat16):
+        return f"cos_sin_cache dtype {cos_sin_cache.dtype} is not float32/16"
+    if key.dtype == torch.float8_e4m3fn and key.device.type != "cuda":
+        return "fp8 keys need a GPU (the interpreter has no e4m3 conversion)"
+    if triton.next_power_of_2(key.shape[2]) * triton.next_power_of_2(max(cos_sin_cache.shape[1] // 2, 1)) > 16384:
+        return "heads x rotary pairs too large for one tile"
+    return None
+
+
+@triton.jit
+def _rerotate_kernel(key_ptr, sc_ptr, old_ptr, new_ptr, cs_ptr, T, H, max_pos,
+                     s_l, s_t, s_h, ss_l, ss_t, ss_h, cs_stride,
+                     HALF: tl.constexpr, NEOX: tl.constexpr, FP8: tl.constexpr,
+                     BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
+    pid = tl.program_id(0)
+    l = pid // T
+    t = pid % T
+    po = tl.load(old_ptr + t)
+    pn = tl.load(new_ptr + t)
+    ok = (po >= 0) & (po < max_pos) & (pn >= 0) & (pn < max_pos)
+    if ok:
+        r = tl.arange(0, BLOCK_R)
+        rm = r < HALF
+        co = tl.load(cs_ptr + po * cs_stride + r, mask=rm, other=1.0).to(tl.float32)
+        so = tl.load(cs_ptr + po * cs_stride + HALF + r, mask=rm, other=0.0).to(tl.float32)
+        cn = tl.load(cs_ptr + pn * cs_stride + r, mask=rm, other=1.0).to(tl.float32)
+        sn = tl.load(cs_ptr + pn * cs_stride + HALF + r, mask=rm, other=0.0).to(tl.float32)
+        cd = cn * co + sn * so
+        sd = sn * co - cn * so
+        h = tl.arange(0, BLOCK_H)
+        m = (h[:, None] < H) & rm[None, :]
+        base = key_ptr + l.to(tl.int64) * s_l + t.to(tl.int64) * s_t + h[:, None].to(tl.int64) * s_h
+        if NEOX:
+            o1 = r[None, :]
+            o2 = r[None, :] + HALF
+        else:
+            o1 = 2 * r[None, :]
+            o2 = 2 * r[None, :] + 1
+        x1 = tl.load(base + o1, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(base + o2, mask=m, other=0.0).to(tl.float32)
+        if FP8:
+            sc = tl.load(sc_ptr + l.to(tl.int64) * ss_l + t.to(tl.int64) * ss_t + h.to(tl.int64) * ss_h,
+                         mask=h < H, other=1.0)[:, None]
+            x1 = x1 * sc
+            x2 = x2 * sc
+        y1 = x1 * cd[None, :] - x2 * sd[None, :]
+        y2 = x2 * cd[None, :] + x1 * sd[None, :]
+        if FP8:
+            inv = 1.0 / sc
+            y1 = tl.minimum(tl.maximum(y1 * inv, -448.0), 448.0)
+            y2 = tl.minimum(tl.maximum(y2 * inv, -448.0), 448.0)
+        tl.store(base + o1, y1.to(key_ptr.dtype.element_ty), mask=m)
+        tl.store(base + o2, y2.to(key_ptr.dtype.element_ty), mask=m)
+
+
+def rerotate_keys_into(key, old_pos, new_pos, cos_sin_cache, is_neox: bool, k_scale) -> None:
+    L, T, H, D = key.shape
+    half = cos_sin_cache.shape[1] // 2
+    cs = cos_sin_cache.contiguous()
+    fp8 = key.dtype == torch.float8_e4m3fn
+    sc = k_scale if fp8 else cs  # a dummy pointer when unused
+    ss = k_scale.stride() if fp8 else (0, 0, 0)
+    _rerotate_kernel[(L * T,)](key, sc, old_pos, new_pos, cs, T, H, cs.shape[0],
+                               key.stride(0), key.stride(1), key.stride(2), ss[0], ss[1], ss[2], cs.stride(0),
+                               HALF=half, NEOX=bool(is_neox), FP8=fp8,
+                               BLOCK_H=triton.next_power_of_2(H), BLOCK_R=triton.next_power_of_2(half))
+
+
+# ---- selection ------------------------------------------------------------------------------
+def supports_select(fresh_k, cached_k, fresh_v, cached_v) -> Optional[str]:
+    for t in (fresh_k, cached_k, fresh_v, cached_v):
+        if t is not None and (t.dim() != 3 or t.stride(-1) != 1):
+            return "expects [T, H, D] inputs with a dense head_dim"
+    return None
+
+
+@triton.jit
+def _deviation_kernel(a_ptr, b_ptr, out_ptr, T, H, D, sa_t, sa_h, sb_t, sb_h, ACCUM: tl.constexpr,
+                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    tm = t < T
+    acc = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for h in range(0, H):
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            m = tm[:, None] & (d[None, :] < D)
+            a = tl.load(a_ptr + t[:, None].to(tl.int64) * sa_t + h * sa_h + d[None, :], mask=m, other=0.0).to(tl.float32)
+            b = tl.load(b_ptr + t[:, None].to(tl.int64) * sb_t + h * sb_h + d[None, :], mask=m, other=0.0).to(tl.float32)
+            e = a - b
+            acc += tl.sum(e * e, axis=1)
+    if ACCUM:
+        acc += tl.load(out_ptr + t, mask=tm, other=0.0)
+    tl.store(out_ptr + t, acc, mask=tm)
+
+
+def token_deviation_into(fresh_k, cached_k, fresh_v, cached_v, deviation) -> None:
+    first = True
+    for f, c in ((fresh_k, cached_k), (fresh_v, cached_v)):
+        if f is None:
+            continue
+        T, H, D = f.shape
+        BT = 16
+        _deviation_kernel[(triton.cdiv(T, BT),)](f, c, deviation, T, H, D, f.stride(0), f.stride(1), c.stride(0),
+                                                 c.stride(1), ACCUM=not first, BLOCK_T=BT,
+                                                 BLOCK_D=min(128, triton.next_power_of_2(D)))
+        first = False
+
+
+def select_tokens_into(fresh_k, cached_k, fresh_v, cached_v, count, forced, candidates, mask, deviation) -> None:
+    token_deviation_into(fresh_k, cached_k, fresh_v, cached_v, deviation)
+    topk_mask_into(deviation, count, forced, candidates, mask)

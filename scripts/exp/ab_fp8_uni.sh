@@ -1,9 +1,0 @@
-#!/usr/bin/env bash
-# Private experiment (GPU machine): build, fp8 tests, synccheck, then the fp8 tensor/head bench
-# with the one-pass kernel's UNI variant off (KVK_FP8_UNI=0) and on, alternating.
-# Usage: bash scripts/exp/ab_fp8_uni.sh OUT
-set -uo pipefail
-cd "$(dirname "$0")/../.."
-bash scripts/exp/ab_env.sh "${1:?OUT}" KVK_FP8_UNI "fp8 or graph or compile" "${FORMATS:-fp8:tensor fp8:head}"
-export PYTHONPATH=$PWD
-timeout 120 compute-sanitizer --tool synccheck python3 scripts/exp/synccheck_fp8.py 2>&1 | tail -14

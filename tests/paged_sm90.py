@@ -1,0 +1,37 @@
+"""Compile the paged Triton kernels for sm_90 without a GPU (run by test_triton_kernels_compile_sm90
+in a process without TRITON_INTERPRET) and print one JSON line of [{kernel, ..., v4}]: the count
+of 128-bit vector accesses in the PTX, with the run-time specializations a real launch gets
+(dense inner stride 1, 16-divisible strides and pointers)."""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kvkernels.triton_kernels import paged as tp
+
+TARGET = GPUTarget("cuda", 90, 32)
+def compile_fn(fn, consts, types, warps):
+    ones = {"kDI": 1, "vDI": 1, "kDX": 0, "vDX": 0}
+    consts = {**consts, **{k: v for k, v in ones.items() if k in fn.arg_names}}
+    sig = {n: "constexpr" if n in consts else types.get(n, "i64") for n in fn.arg_names}
+    small = ("T", "L", "H", "NSLOTS", "BS", "X")
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n] != "constexpr" and n not in small}
+    k = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=TARGET,
+                       options=dict(num_warps=warps, enable_fp_fusion=False))
+    return k
+
+rows = []
+for SRC, BITS, CDT, ALIGN, SPLIT in [(0, 8, 2, True, False), (0, 8, 3, True, False), (1, 4, 2, True, False), (2, 8, 0, False, True)]:
+    consts = dict(D=128, DP=128, HP=8, TB=4, SRC=SRC, BITS=BITS, TG=1, DG=32, CDT=CDT, SPLIT=SPLIT, COUNT=True, CLAMP=False, ALIGN=ALIGN, SAME_KV=True, FULL_H=True)
+    types = dict(src_ptr="*bf16" if SRC == 0 else "*u8", scale_ptr="*fp32", zero_ptr="*fp32", ptrs_ptr="*i64", slots_ptr="*i64",
+                 ks_ptr="*fp32", vs_ptr="*fp32", cnt_ptr="*i32")
+    k = compile_fn(tp._scatter_kernel, consts, types, 4)
+    ptx = k.asm["ptx"]
+    rows.append(dict(kernel="scatter", SRC=SRC, CDT=CDT, ALIGN=ALIGN, v4=ptx.count(".v4"), v2=ptx.count(".v2")))
+for DST, BITS, G, CDT, ALIGN in [(0, 8, 1, 2, True), (0, 8, 1, 3, True), (1, 4, 32, 2, True), (2, 8, 1, 2, True)]:
+    consts = dict(D=128, DP=128, HP=8, TB=4, DST=DST, BITS=BITS, G=G, CDT=CDT, SPLIT=False, COUNT=False, CLAMP=False, ALIGN=ALIGN, SAME_KV=True, FULL_H=True)
+    types = dict(out_ptr="*bf16" if DST == 0 else "*u8", codes_ptr="*u8", scale_ptr="*fp32", zero_ptr="*fp32", ptrs_ptr="*i64",
+                 slots_ptr="*i32", ks_ptr="*fp32", vs_ptr="*fp32", cnt_ptr="*i64")
+    k = compile_fn(tp._gather_kernel, consts, types, 4)
+    ptx = k.asm["ptx"]
+    rows.append(dict(kernel="gather", DST=DST, CDT=CDT, v4=ptx.count(".v4"), v2=ptx.count(".v2")))
+print(json.dumps(rows))
