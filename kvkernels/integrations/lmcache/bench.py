@@ -69,7 +69,8 @@ def _layout(t):
 
 
 def _serde_specs(args, D):
-    specs = [("kvkernels", {"type": "kvkernels", "preset": args.preset, "head_dim": D, "device": args.device})]
+    specs = [("kvkernels", {"type": "kvkernels", "preset": args.preset, "head_dim": D, "device": args.device,
+                            "model": args.model})]
     specs.append(("fp8", {"type": "fp8"}))
     if torch.cuda.is_available():
         specs.append(("turboquant", {"type": "turboquant", "head_dim": D}))
@@ -87,7 +88,7 @@ def _reference(name, chunk, D, args):
         return None
     from kvkernels import codec
     _, L, T, C = chunk.shape
-    data = codec.encode(chunk.view(2, L, T, C // D, D).to(args.device), args.preset)
+    data = codec.encode(chunk.view(2, L, T, C // D, D).to(args.device), args.preset, model=args.model)
     return codec.decode(data, dtype=chunk.dtype, device=args.device).reshape(chunk.shape).cpu()
 
 
@@ -222,6 +223,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--chunk", type=int, default=256, help="LMCache --chunk-size (tokens per object)")
     ap.add_argument("--preset", default="default")
+    ap.add_argument("--model", default="", help="kvkernels serde 'model' (selects the codec's profiled tables)")
     ap.add_argument("--device", default="cpu", help="kvkernels serde device: cpu, cuda, auto")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--storage", action="store_true", help="also time the StorageManager + filesystem path")
