@@ -157,7 +157,7 @@ def _scatter_kernel(src_ptr, s_kv, s_l, s_t, s_h, scale_ptr, zero_ptr, a_row, a_
         if SRC == 1:
             q = (c >> ((d % K) * BITS)[None, None, :]) & ((1 << BITS) - 1)
             zp = tl.load(zero_ptr + sidx, mask=m, other=0.0)
-            x = q.to(tl.float32) * sc + zp
+            x = tl.fma(q.to(tl.float32), sc, zp)  # one FMA, as the quant spec (docs/quant-spec.md)
         else:
             x = c.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32) * sc
     base = _cache_ptr(ptrs_ptr, r, CDT, ALIGN)
