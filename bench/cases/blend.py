@@ -124,7 +124,7 @@ def _llama(model_name, device):
         dtype = torch.bfloat16
     else:
         cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=16384,
                           rope_theta=100000.0, tie_word_embeddings=True, attn_implementation="sdpa")
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
     prev = torch.get_default_dtype()
