@@ -41,7 +41,7 @@ def ctx(tiny_kb, tmp_path_factory):
 
     model, tok, name, real = _model_or_skip()
     kb = KB.KnowledgeBase.load(tiny_kb)
-    comp = make_compressor("auto", "default", name)
+    comp = make_compressor("codec", "default", name)
     store = LocalKVStore(tmp_path_factory.mktemp("store"), check=comp.verify)
     c = Ctx(model, KB.Tokens(tok, kb), kb, store, comp, name, torch.device("cpu"), max_new_tokens=3)
     c.stats = store_passages(c)
@@ -144,9 +144,7 @@ def test_store_check_fires_on_corrupted_entry_and_run_falls_back(ctx):
 def test_blend_at_ratio_one_equals_full_prefill(ctx):
     from kvkernels.demo.run import answer_from_store, answer_full_prefill, blend_available, kl_div
 
-    why = blend_available()
-    if why:
-        pytest.skip(f"blend not merged into this branch ({why}); enabled once kvkernels.blend lands")
+    assert blend_available() is None
     q = ctx.kb.questions[0]
     ctx.ratio = 1.0
     a, b = answer_full_prefill(ctx, q), answer_from_store(ctx, q, blend=True)

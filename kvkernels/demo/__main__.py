@@ -23,10 +23,11 @@ def _parse(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--kb", default=None, help="knowledge base JSON (default: kvkernels/data/kb/kb.json)")
-    p.add_argument("--questions", type=int, default=None, help="first N questions (default: all 8)")
-    p.add_argument("--preset", default="default", help="codec preset (stand-in: default=int8, int4-kivi, fp8)")
-    p.add_argument("--compression", default="auto", choices=["auto", "codec", "standin"],
-                   help="auto: the codec when importable, else the stand-in (kvkernels.quantize)")
+    p.add_argument("--questions", type=int, default=4, help="first N questions (default 4 of 8; 0: all)")
+    p.add_argument("--preset", default="default", help="codec preset (kvkernels.codec presets)")
+    p.add_argument("--compression", default="codec", choices=["codec", "standin"],
+                   help="codec: kvkernels.codec (default); standin: kvkernels.quantize codes without "
+                        "entropy coding (a labelled comparison option, not the codec)")
     p.add_argument("--ratio", type=float, default=0.15, help="blend: fraction of passage tokens recomputed")
     p.add_argument("--model-shape", default="smollm2", choices=["smollm2", "llama3-8b", "tiny-random"],
                    help="llama3-8b: Llama-3-8B's shape with random weights (GPU; timing only)")
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
     from . import report
     from .kb import KnowledgeBase, Tokens
     from .kvio import make_compressor
-    from .run import METHODS, Ctx, answer_all, blend_available, store_passages, warm_up
+    from .run import METHODS, Ctx, answer_all, blend_available, paged_reason, store_passages, warm_up
 
     t_start = time.perf_counter()
     kb = KnowledgeBase.load(args.kb).subset(args.questions)
@@ -108,6 +109,10 @@ def main(argv=None) -> int:
     store = LocalKVStore(root, max_bytes=args.max_store_bytes, check=comp.verify)
     ctx = Ctx(model, Tokens(tok, kb, args.passage_tokens), kb, store, comp, name, torch.device(args.device),
               max_new_tokens=args.max_new_tokens, ratio=args.ratio, real_weights=real)
+    no_paged = paged_reason(ctx.device)
+    ctx.paged = no_paged is None
+    print("[paged] " + (no_paged or "decoded KV delivered through a paged cache (kvkernels.scatter -> "
+                        "PagedLayout.vllm_flash, block 16 -> kvkernels.gather) before reuse/blend"), flush=True)
 
     skipped = {}
     why = blend_available()
@@ -135,7 +140,8 @@ def main(argv=None) -> int:
     dev = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
     info = {"model": name, "device": dev, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "torch": torch.__version__, "compression": comp.label, "ratio": args.ratio,
-            "questions": len(kb.questions), "passages": len(kb.passages), "seconds": time.perf_counter() - t_start}
+            "questions": len(kb.questions), "passages": len(kb.passages),
+            "paged_delivery": no_paged or "on", "seconds": time.perf_counter() - t_start}
     print()
     print(f"model {name} | device {dev} | {info['dtype']} | torch {torch.__version__}")
     print(f"(1) stored {st['entries']} entries ({st['tokens']} tokens: prefix + {len(kb.passages)} passages) as "
@@ -143,6 +149,7 @@ def main(argv=None) -> int:
           f"({st['ratio_vs_fp16']:.2f}x smaller); compression: {comp.label}")
     print(f"    store {root}: {s.entries} entries, {report._bytes(s.bytes)} on disk, hit rate {s.hit_rate:.0%} "
           f"({s.hits} hits, {s.misses} misses, {s.corrupt} corrupt)")
+    print("    paged delivery: " + (no_paged or "on (scatter into a vLLM flash-attn paged cache, gather back)"))
     print(f"(2,3) {len(kb.questions)} questions, greedy answers of up to {args.max_new_tokens} tokens\n")
     print(report.table(rows))
     print()

@@ -46,7 +46,7 @@ class KnowledgeBase:
 
     def subset(self, n_questions: Optional[int]) -> "KnowledgeBase":
         """The first ``n_questions`` questions and only the passages they need."""
-        qs = self.questions if n_questions is None else self.questions[:n_questions]
+        qs = self.questions if not n_questions else self.questions[:n_questions]
         need = {p for q in qs for p in q.passages}
         return KnowledgeBase({k: v for k, v in self.passages.items() if k in need}, qs)
 

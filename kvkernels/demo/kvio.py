@@ -1,9 +1,9 @@
 """KV plumbing of the run: HF caches <-> flat KV ``[2, L, T, H, D]``, RoPE shifts, compression.
 
 Compression goes through :class:`Compressor`: :class:`CodecCompressor` (``kvkernels.codec``,
-the real path) when the codec is importable, else :class:`StandinQuantCompressor` -- a
-TEMPORARY stand-in that stores ``kvkernels.quantize`` codes in a small container of its own so
-the run works before the codec lands. Its rows are labelled "stand-in".
+the default and only default path) or, when asked for with ``--compression standin``,
+:class:`StandinQuantCompressor` -- ``kvkernels.quantize`` codes (no entropy coding) in a small
+container of its own, a comparison option whose rows are labelled "stand-in".
 """
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ _SMAGIC = b"KVKQSTD1"
 
 
 class StandinQuantCompressor(Compressor):
-    """TEMPORARY stand-in for the codec (until it is merged): K and V through
+    """Comparison option (``--compression standin``), not the codec: K and V through
     ``kvkernels.quantize`` (no entropy coding), in a container of its own:
     ``MAGIC | u32 header length | JSON header | tensors' bytes | sha256 of all before``."""
 
@@ -180,10 +180,12 @@ class StandinQuantCompressor(Compressor):
         return kv
 
 
-def make_compressor(kind: str = "auto", preset: str = "default", model: str = "") -> Compressor:
-    """``kind``: "codec", "standin" or "auto" (the codec when importable)."""
-    if kind == "codec" or (kind == "auto" and codec_available()):
+def make_compressor(kind: str = "codec", preset: str = "default", model: str = "") -> Compressor:
+    """``kind``: "codec" (``kvkernels.codec``; "auto" is accepted as a synonym) or "standin"
+    (``kvkernels.quantize`` codes without entropy coding, labelled as such: a comparison option).
+    ``model``: the codec's table-bank name (``"SmolLM2-135M-Instruct"`` for the bundled bank)."""
+    if kind in ("codec", "auto"):
         return CodecCompressor(preset, model)
-    if kind in ("auto", "standin"):
+    if kind == "standin":
         return StandinQuantCompressor(preset)
-    raise ValueError(f"compression must be 'auto', 'codec' or 'standin', got {kind!r}")
+    raise ValueError(f"compression must be 'codec' or 'standin', got {kind!r}")

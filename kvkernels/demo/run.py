@@ -33,6 +33,7 @@ class Ctx:
     max_new_tokens: int = 20
     ratio: float = 0.15
     real_weights: bool = True
+    paged: bool = False  # deliver decoded KV through a paged cache (kvkernels.scatter/gather; CUDA)
     plain_kv: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # uncompressed, for "KV reuse"
     prefix_kv: Optional[torch.Tensor] = None
 
@@ -210,7 +211,54 @@ def load_passages(ctx: Ctx, q: Question):
             continue
         nbytes += len(blob)
         kvs.append(ctx.comp.decode(blob, device=ctx.device, dtype=dtype))
+    if ctx.paged:
+        kvs = deliver_paged(ctx, kvs)
     return kvs, nbytes, prefilled
+
+
+PAGE_TOKENS = 16  # block size of the demo's paged cache (vLLM's default)
+
+
+def paged_reason(device: torch.device) -> Optional[str]:
+    """None when the decoded KV goes through a paged cache on this device, else why not."""
+    if device.type != "cuda":
+        return "paged delivery (kvkernels.scatter/gather) skipped on CPU: the CUDA path only"
+    return None
+
+
+@torch.no_grad()
+def deliver_paged(ctx: Ctx, kvs: List[torch.Tensor]) -> List[torch.Tensor]:
+    """CUDA only: scatter each decoded passage's KV ``[2, L, T, H, D]`` into a vLLM flash-attn
+    style paged cache (per layer ``[2, NB, BS, H, D]``, ``PagedLayout.vllm_flash(kv_dim=0)``)
+    at scattered blocks, then gather it back by the same slot mapping -- the delivery a serving
+    engine would do, done here so the timed path includes it. Returns the gathered KV."""
+    import kvkernels
+    from kvkernels import PagedLayout
+
+    _, L, _, H, D = kvs[0].shape
+    total = sum(kv.shape[2] for kv in kvs)
+    nb_needed = sum(-(-kv.shape[2] // PAGE_TOKENS) for kv in kvs)
+    pc = getattr(ctx, "_paged", None)
+    if pc is None or pc["nb"] < 2 * nb_needed or pc["dtype"] != kvs[0].dtype:
+        nb = max(2 * nb_needed, 64)
+        caches = [torch.zeros(2, nb, PAGE_TOKENS, H, D, dtype=kvs[0].dtype, device=ctx.device) for _ in range(L)]
+        pc = {"nb": nb, "dtype": kvs[0].dtype, "caches": caches,
+              "layout": PagedLayout.vllm_flash(caches, kv_dim=0)}
+        ctx._paged = pc
+    # blocks in a shuffled order (as an engine's free list would hand them out), each passage
+    # starting on a fresh block
+    g = torch.Generator().manual_seed(total)
+    blocks = torch.randperm(pc["nb"], generator=g)[:nb_needed]
+    out, bi = [], 0
+    for kv in kvs:
+        T = kv.shape[2]
+        nblk = -(-T // PAGE_TOKENS)
+        t = torch.arange(T)
+        slots = (blocks[bi + t // PAGE_TOKENS] * PAGE_TOKENS + t % PAGE_TOKENS).to(ctx.device)
+        bi += nblk
+        kvkernels.scatter(kv.contiguous(), pc["layout"], slots)
+        out.append(kvkernels.gather(pc["layout"], slots, dtype=kv.dtype))
+    return out
 
 
 @torch.no_grad()
@@ -222,21 +270,22 @@ def answer_from_store(ctx: Ctx, q: Question, blend: bool) -> Answer:
     kvs, nbytes, missed = load_passages(ctx, q)
     if not blend:
         return _reuse(ctx, q, kvs, "stored KV reuse", t0, nbytes, missed)
-    # TODO(merge): confirm ChunkCache's constructor and blend()'s prefix handling against
-    # kvkernels/blend/hf.py once it is merged (written against the HELPERS.md contract).
     from kvkernels.blend import Blender, ChunkCache
 
     blender = getattr(ctx, "_blender", None) or Blender(ctx.model)
     ctx._blender = blender
     P, chunks = len(ctx.tokens.prefix), []
-    for p, kv in zip(q.passages, kvs):  # each stored chunk was prefilled at positions P.. after the prefix
+    prefix = torch.tensor(ctx.tokens.prefix, device=ctx.device)
+    for p, kv in zip(q.passages, kvs):  # each stored chunk was prefilled at positions P.. behind the prefix
         ids = ctx.tokens.passages[p]
         chunks.append(ChunkCache(kv=kv, positions=torch.arange(P, P + len(ids), device=ctx.device),
-                                 input_ids=torch.tensor(ids, device=ctx.device)))
+                                 input_ids=torch.tensor(ids, device=ctx.device), prefix_ids=prefix))
     suffix = ctx.tokens.suffix(q)
-    res = blender.blend(chunks, torch.tensor([suffix], device=ctx.device), ratio=ctx.ratio,
-                        prefix_ids=torch.tensor([ctx.tokens.prefix], device=ctx.device))
-    return _answer(ctx, q, "stored KV + blend", res.cache, res.logits[0], t0,
+    res = blender.blend(chunks, torch.tensor(suffix, device=ctx.device), ratio=ctx.ratio, prefix_ids=prefix)
+    # res.cache holds every token but the last (for model.generate, which recomputes the last one);
+    # our greedy loop continues from the logits of the last position, so it needs the full KV (res.kv).
+    cache = flat_to_cache(res.kv.to(next(ctx.model.parameters()).dtype), ctx.model.config)
+    return _answer(ctx, q, "stored KV + blend", cache, res.logits[0], t0,
                    len(suffix) + int(res.n_recomputed) + missed,
                    nbytes, frac=float(res.recomputed_fraction))
 
