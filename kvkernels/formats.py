@@ -278,6 +278,8 @@ class QuantizedKV:
     def _unchecked(cls, codes, scale, zero, format, dtype, head_dim) -> "QuantizedKV":
         """Build without :meth:`validate`: only for buffers that ``quantize`` allocated itself
         from a validated input (their shapes follow from the format by construction)."""
+        if torch.compiler.is_compiling():  # dynamo (torch 2.11) cannot trace __new__ + __dict__.update
+            return cls(codes, scale, zero, format, dtype, head_dim)
         q = cls.__new__(cls)
         q.__dict__.update(codes=codes, scale=scale, zero=zero, format=format, dtype=dtype, head_dim=head_dim)
         return q
