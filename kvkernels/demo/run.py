@@ -279,7 +279,10 @@ def answer_from_store(ctx: Ctx, q: Question, blend: bool) -> Answer:
     for p, kv in zip(q.passages, kvs):  # each stored chunk was prefilled at positions P.. behind the prefix
         ids = ctx.tokens.passages[p]
         chunks.append(ChunkCache(kv=kv, positions=torch.arange(P, P + len(ids), device=ctx.device),
-                                 input_ids=torch.tensor(ids, device=ctx.device), prefix_ids=prefix))
+                                 input_ids=torch.tensor(ids, device=ctx.device)))
+        # prefix_ids left None on purpose: a chunk marked as computed behind the same prefix at its
+        # own positions is kept as exact by the blender (never recomputed), but these are decoded
+        # (lossy) caches, so every chunk's tokens must be candidates for recompute.
     suffix = ctx.tokens.suffix(q)
     res = blender.blend(chunks, torch.tensor(suffix, device=ctx.device), ratio=ctx.ratio, prefix_ids=prefix)
     # res.cache holds every token but the last (for model.generate, which recomputes the last one);
