@@ -31,6 +31,8 @@ from typing import Optional
 
 import torch
 
+from .quant import e4m3_codes
+
 FP8_MAX = 448.0
 
 
@@ -81,7 +83,7 @@ def rerotate_keys_into(key: torch.Tensor, old_pos: torch.Tensor, new_pos: torch.
         x = key.float() * sc
         y = rotate_pairs(x, cd, sd, rot, is_neox)
         inv = 1.0 / sc
-        y = (y * inv).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+        y = e4m3_codes((y * inv).clamp_(-FP8_MAX, FP8_MAX))
         dst = key.view(torch.uint8)
     else:
         y = rotate_pairs(key.float(), cd, sd, rot, is_neox).to(key.dtype)

@@ -63,7 +63,7 @@ def _addressing(layout: PagedLayout, slots: torch.Tensor, oob_count: Optional[to
 def fp8_encode(x: torch.Tensor, cache_scale_kl: torch.Tensor) -> torch.Tensor:
     """float32 ``[T, H, D]`` -> e4m3 bytes with a per-head scale ``[H]``."""
     inv = _recip(cache_scale_kl.to(torch.float32)).view(1, -1, 1)
-    return (x * inv).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+    return qref.e4m3_codes((x * inv).clamp_(-FP8_MAX, FP8_MAX))
 
 
 def fp8_decode(b: torch.Tensor, cache_scale_kl: torch.Tensor) -> torch.Tensor:

@@ -85,6 +85,17 @@ def _int_quantize_groups(xg: torch.Tensor, qmax: int, dim):
     return q.to(torch.uint8), scale, zero
 
 
+E4M3_NAN = 0x7F  # the one NaN code every backend writes (the GPU's cvt gives it for any NaN)
+
+
+def e4m3_codes(y: torch.Tensor) -> torch.Tensor:
+    """float32 already clamped to [-448, 448] (NaN allowed) -> e4m3 bytes, round to nearest even;
+    every NaN, whatever its sign bit, becomes ``E4M3_NAN`` (torch's CPU cast keeps the sign, and
+    CPU arithmetic can hand over a negative NaN where the GPU's gives a positive one)."""
+    q = y.to(torch.float8_e4m3fn).view(torch.uint8)
+    return torch.where(torch.isnan(y), torch.full_like(q, E4M3_NAN), q)
+
+
 def _fp8_scope_amax(x: torch.Tensor, scope: str) -> torch.Tensor:
     """max |x| over the scope's finite values (0 if none): +-Inf and NaN do not set the scale."""
     a = x.abs()
@@ -120,8 +131,7 @@ def quantize_into(x, fmt: QuantFormat, codes, scale, zero, compute_scale: bool =
         if compute_scale:
             scale.copy_(fp8_compute_scale(xf, fmt.scope))
         inv = _fp8_broadcast(_recip(1.0, scale), fmt.scope)
-        y = (xf * inv).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)  # +-Inf saturates, NaN stays
-        codes.copy_(y.view(torch.uint8))
+        codes.copy_(e4m3_codes((xf * inv).clamp_(-FP8_MAX, FP8_MAX)))  # +-Inf saturates, NaN -> 0x7F
         return
     G = fmt.group_size
     if fmt.axis == "channel":
