@@ -507,7 +507,9 @@ def _free_port():
 
 
 def _child_env():
-    env = dict(os.environ, LMCACHE_DISABLE_BANNER="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(TESTS)]))
+    # keep the parent's PYTHONPATH (on the GPU machine LMCache lives in a --target dir on it)
+    path = [str(ROOT), str(TESTS)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, LMCACHE_DISABLE_BANNER="1", PYTHONPATH=os.pathsep.join(path))
     return env
 
 
@@ -531,7 +533,8 @@ class _Server:
         t0 = time.monotonic()
         while time.monotonic() - t0 < 90:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}; see {log}")
+                tail = Path(log).read_bytes()[-3000:].decode("utf-8", "replace")
+                raise RuntimeError(f"server exited {self.proc.returncode}; {log} ends:\n{tail}")
             if b"LMCache cache server is running..." in Path(log).read_bytes():
                 return
             time.sleep(0.25)
