@@ -23,7 +23,9 @@ brc=$?
 tail -5 "$OUT/build.txt"; echo "build rc=$brc in $(( $(date +%s) - t0 ))s"
 $PY -m kvkernels
 echo "== tests"
-if [ "${TESTS:-1}" != 0 ]; then $PY -m pytest -q --junitxml="$OUT/junit.xml" "$@" > "$OUT/pytest.log" 2>&1; else echo skipped > "$OUT/pytest.log"; fi
+# pytest-xdist (on the GPU image) spreads the suite over PYTEST_WORKERS processes (0: serial)
+XD=""; if [ "${PYTEST_WORKERS:-6}" != 0 ] && $PY -c "import xdist" 2>/dev/null; then XD="-p xdist -n ${PYTEST_WORKERS:-6} --timeout 300"; fi
+if [ "${TESTS:-1}" != 0 ]; then $PY -m pytest -q $XD --junitxml="$OUT/junit.xml" "$@" > "$OUT/pytest.log" 2>&1; else echo skipped > "$OUT/pytest.log"; fi
 trc=$?
 tail -25 "$OUT/pytest.log"
 echo "== bench"

@@ -299,11 +299,15 @@ def kl_div(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
     return float((lp.exp() * (lp - lq)).sum())
 
 
+def _method_fns():
+    return {"full prefill": answer_full_prefill, "KV reuse": answer_kv_reuse,
+            "stored KV reuse": lambda c, q: answer_from_store(c, q, blend=False),
+            "stored KV + blend": lambda c, q: answer_from_store(c, q, blend=True)}
+
+
 def answer_all(ctx: Ctx, methods, progress=None) -> List[Answer]:
     """Every question by every method; KL of each first-token distribution vs full prefill."""
-    fns = {"full prefill": answer_full_prefill, "KV reuse": answer_kv_reuse,
-           "stored KV reuse": lambda c, q: answer_from_store(c, q, blend=False),
-           "stored KV + blend": lambda c, q: answer_from_store(c, q, blend=True)}
+    fns = _method_fns()
     answers = []
     for q in ctx.kb.questions:
         ref = None
@@ -319,8 +323,13 @@ def answer_all(ctx: Ctx, methods, progress=None) -> List[Answer]:
     return answers
 
 
-def warm_up(ctx: Ctx) -> None:
-    """One untimed pass of each kind of call (first calls pay one-time costs)."""
-    q = ctx.kb.questions[0]
-    answer_full_prefill(ctx, q)
-    answer_kv_reuse(ctx, q)
+def warm_up(ctx: Ctx, methods=("full prefill", "KV reuse")) -> None:
+    """Untimed passes of each method first (first calls pay one-time costs: kernel compilation,
+    allocator growth, cuBLAS heuristics for each new shape). On a GPU every question is run once
+    (each has its own sequence lengths); on a CPU the first question only (time matters there and
+    the CPU's first calls cost little)."""
+    fns = _method_fns()
+    qs = ctx.kb.questions if ctx.device.type == "cuda" else ctx.kb.questions[:1]
+    for q in qs:
+        for m in methods:
+            fns[m](ctx, q)
