@@ -66,8 +66,10 @@ def _minmax_fin_fn(mn_a, mx_a, mn_b, mx_b):
 @triton.jit
 def _minmax_fin(x, axis: tl.constexpr):
     """(min, max) along axis of the finite values (NaN if none), in one reduction with the
-    filter in the combine: no filtered copy of x is held beside x (registers)."""
-    return tl.reduce((x, x), axis, _minmax_fin_fn)
+    filter in the combine: no filtered copy of x is held beside x (registers). The results are
+    filtered once more: a reduction over an axis of length 1 applies no combine."""
+    mn, mx = tl.reduce((x, x), axis, _minmax_fin_fn)
+    return _finite_or_nan(mn), _finite_or_nan(mx)
 
 
 @triton.jit

@@ -227,10 +227,12 @@ def _token_program(H, D: tl.constexpr, DC: tl.constexpr, HB: tl.constexpr):
 
 
 @triton.jit
-def _x2_minmax(mn_a, mx_a, mn_b, mx_b, TY: tl.constexpr):
-    """(min(mn_a, mn_b), max(mx_a, mx_b)) per 16-bit half of int32 words, TY = bf16x2 / f16x2."""
+def _x2_minmax(mn_a, mx_a, mn_b, mx_b, TY: tl.constexpr, NAN: tl.constexpr = ".NaN"):
+    """(min(mn_a, mn_b), max(mx_a, mx_b)) per 16-bit half of int32 words, TY = bf16x2 / f16x2;
+    NaN-propagating (NAN=".NaN") or NaN-ignoring (NAN="": a NaN half gives the other operand's,
+    NaN only if both are)."""
     return tl.inline_asm_elementwise(
-        "min.NaN." + TY + " $0, $2, $4;\n\tmax.NaN." + TY + " $1, $3, $5;", "=r,=r,r,r,r,r",
+        "min" + NAN + "." + TY + " $0, $2, $4;\n\tmax" + NAN + "." + TY + " $1, $3, $5;", "=r,=r,r,r,r,r",
         [mn_a, mx_a, mn_b, mx_b], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
 
 
@@ -245,25 +247,17 @@ def _f16x2_minmax(mn_a, mx_a, mn_b, mx_b):
 
 
 @triton.jit
-def _x2_minmax_num(mn_a, mx_a, mn_b, mx_b, TY: tl.constexpr):
-    """As _x2_minmax, NaN-ignoring (a NaN half gives the other operand's; NaN only if both are)."""
-    return tl.inline_asm_elementwise(
-        "min." + TY + " $0, $2, $4;\n\tmax." + TY + " $1, $3, $5;", "=r,=r,r,r,r,r",
-        [mn_a, mx_a, mn_b, mx_b], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
-
-
-@triton.jit
 def _bf16x2_minmax_fin(mn_a, mx_a, mn_b, mx_b):
     """Packed (min, max) of the finite halves (NaN where neither operand's is): the non-finite
     halves made NaN in the combine, so that no sanitized copy of x is held beside x (registers)."""
-    return _x2_minmax_num(_x2_nan_nonfinite(mn_a, True), _x2_nan_nonfinite(mx_a, True),
-                          _x2_nan_nonfinite(mn_b, True), _x2_nan_nonfinite(mx_b, True), "bf16x2")
+    return _x2_minmax(_x2_nan_nonfinite(mn_a, True), _x2_nan_nonfinite(mx_a, True),
+                          _x2_nan_nonfinite(mn_b, True), _x2_nan_nonfinite(mx_b, True), "bf16x2", "")
 
 
 @triton.jit
 def _f16x2_minmax_fin(mn_a, mx_a, mn_b, mx_b):
-    return _x2_minmax_num(_x2_nan_nonfinite(mn_a, False), _x2_nan_nonfinite(mx_a, False),
-                          _x2_nan_nonfinite(mn_b, False), _x2_nan_nonfinite(mx_b, False), "f16x2")
+    return _x2_minmax(_x2_nan_nonfinite(mn_a, False), _x2_nan_nonfinite(mx_a, False),
+                          _x2_nan_nonfinite(mn_b, False), _x2_nan_nonfinite(mx_b, False), "f16x2", "")
 
 
 @triton.jit
@@ -389,10 +383,7 @@ def _x2_general(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h, tg,
     NS: tl.constexpr = 4 if TA % 4 == 0 else 1
     TAC: tl.constexpr = TA // NS
     for c in tl.static_range(NS):
-        tc = ((c * TAC + tl.arange(0, TAC)) * TL)[None, :] + tl.arange(0, TL)[:, None]     # [TL, TAC]
-        if TA * TL > G:
-            tc = tl.minimum(tc, G - 1)
-        xc = tl.load(xp + (tc.to(tl.int64) * xs)[:, None, :, None])
+        tc, xc = _x2_chunk(xp, xs, c, TAC, TL, TA, G)
         if BF16:
             m2, M2 = tl.reduce(tl.reduce((xc, xc), 2, _bf16x2_minmax_fin), 0, _bf16x2_minmax_fin)
         else:
@@ -403,17 +394,27 @@ def _x2_general(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h, tg,
             mn2, mx2 = _bf16x2_minmax_fin(mn2, mx2, m2, M2)
         else:
             mn2, mx2 = _f16x2_minmax_fin(mn2, mx2, m2, M2)
+    # (a reduction over an axis of length 1 applies no combine: filter the result once more)
+    mn2 = _x2_nan_nonfinite(mn2, BF16)
+    mx2 = _x2_nan_nonfinite(mx2, BF16)
     mn_lo, p_lo, mnp_lo, sc_lo, inv_lo = _int_params(_half_lo(mn2, BF16), _half_lo(mx2, BF16), QMAX)
     mn_hi, p_hi, mnp_hi, sc_hi, inv_hi = _int_params(_half_hi(mn2, BF16), _half_hi(mx2, BF16), QMAX)
     _x2_scales(sc_lo, mn_lo, sc_hi, mn_hi, scale_ptr, zero_ptr, l, NGT, tg, H, h, dc, hmask, D, HB, DC, VX)
     for c in tl.static_range(NS):
-        tc = ((c * TAC + tl.arange(0, TAC)) * TL)[None, :] + tl.arange(0, TL)[:, None]
-        if TA * TL > G:
-            tc = tl.minimum(tc, G - 1)
-        xc = tl.load(xp + (tc.to(tl.int64) * xs)[:, None, :, None])
+        tc, xc = _x2_chunk(xp, xs, c, TAC, TL, TA, G)
         _x2_codes(xc, p_lo[None, :, None, :], mnp_lo[None, :, None, :], inv_lo[None, :, None, :],
                   p_hi[None, :, None, :], mnp_hi[None, :, None, :], inv_hi[None, :, None, :],
                   cp, _stride(CS, H * DB), tc, hmask, TAC, TL, HB, DC, BITS, BF16, True)
+
+
+@triton.jit
+def _x2_chunk(xp, xs, c: tl.constexpr, TAC: tl.constexpr, TL: tl.constexpr, TA: tl.constexpr, G: tl.constexpr):
+    """Token chunk c of _x2_general: its tokens [TL, TAC] (clamped onto the group) and words
+    [TL, HB, TAC, DC2]."""
+    tc = ((c * TAC + tl.arange(0, TAC)) * TL)[None, :] + tl.arange(0, TL)[:, None]
+    if TA * TL > G:
+        tc = tl.minimum(tc, G - 1)
+    return tc, tl.load(xp + (tc.to(tl.int64) * xs)[:, None, :, None])
 
 
 @triton.jit
