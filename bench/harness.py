@@ -66,7 +66,8 @@ class Timer:
             # Time a CUDA-graph replay of fn when it can be captured (the ops are capturable): the
             # Python dispatch of an eager call can outlast the L2 flush before it and would put
             # host time between the events for small sizes. Eager otherwise.
-            step = (self._graph(fn) if graph else None) or fn
+            g = self._graph(fn) if graph else None
+            step = g.replay if g is not None else fn
             torch.cuda.synchronize()
             ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(self.reps)]
             for s, e in ev:
@@ -76,6 +77,10 @@ class Timer:
                 e.record()
             torch.cuda.synchronize()
             times = [s.elapsed_time(e) * 1e3 for s, e in ev]
+            if g is not None:  # release the graph's memory pool now, not when a later gc finds it
+                del step
+                g.reset()
+                del g
         else:
             for _ in range(self.reps):
                 t0 = time.perf_counter()
@@ -97,7 +102,7 @@ class Timer:
             with torch.cuda.graph(g):
                 fn()
             torch.cuda.synchronize()
-            return g.replay
+            return g
         except Exception:  # not capturable: time eager calls
             torch.cuda.synchronize()
             return None

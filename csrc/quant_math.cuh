@@ -272,6 +272,15 @@ __device__ __forceinline__ float minmax_nan(float a, float b) {
 __device__ __forceinline__ float min_nan(float a, float b) { return minmax_nan<false>(a, b); }
 __device__ __forceinline__ float max_nan(float a, float b) { return minmax_nan<true>(a, b); }
 
+// The NaN-propagating running min / max of each of E channels over one more vector (token groups).
+template <typename Tr, int E>
+__device__ __forceinline__ void minmax_update(const Vec<Tr, E>& v, float (&mn)[E], float (&mx)[E]) {
+  float f[E];
+  raw_to_float<Tr, E>(v, f);
+#pragma unroll
+  for (int j = 0; j < E; ++j) { mn[j] = min_nan(mn[j], f[j]); mx[j] = max_nan(mx[j], f[j]); }
+}
+
 // ---- reciprocal of a per-group constant -------------------------------------------------------
 // The spec quantizes by multiplying with a reciprocal computed once per group / scale (IEEE
 // division), clamped to FLT_MAX so that a zero or subnormal divisor gives finite products:

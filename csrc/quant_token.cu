@@ -125,12 +125,7 @@ __global__ void __launch_bounds__(REG ? kTokBlock : kBlock, KVK_TOK_MINB) quant_
     }
 #pragma unroll
     for (int t = 0; t < kTokReg; ++t) {
-      if (t < nt) {
-        float f[E];
-        raw_to_float<Tr, E>(raw[t], f);
-#pragma unroll
-        for (int j = 0; j < E; ++j) { mn[j] = min_nan(mn[j], f[j]); mx[j] = max_nan(mx[j], f[j]); }
-      }
+      if (t < nt) minmax_update<Tr, E>(raw[t], mn, mx);
     }
     IntGroup g[E];
     const bool all_fast = tok_groups<Tr, E, BITS>(mn, mx, g, a.scale + sidx, a.zero + sidx, AL, xp, a.sT, nt, AL);
@@ -146,12 +141,7 @@ __global__ void __launch_bounds__(REG ? kTokBlock : kBlock, KVK_TOK_MINB) quant_
         if (t0 + u < nt) raw[u] = load_raw<Tr, E>(xp + int64_t(t0 + u) * a.sT, AL);
 #pragma unroll
       for (int u = 0; u < 8; ++u) {
-        if (t0 + u < nt) {
-          float f[E];
-          raw_to_float<Tr, E>(raw[u], f);
-#pragma unroll
-          for (int j = 0; j < E; ++j) { mn[j] = min_nan(mn[j], f[j]); mx[j] = max_nan(mx[j], f[j]); }
-        }
+        if (t0 + u < nt) minmax_update<Tr, E>(raw[u], mn, mx);
       }
     }
     IntGroup g[E];
@@ -212,10 +202,7 @@ __global__ void __launch_bounds__(kTokBlock, 6) quant_tok_split_kernel(const Tok
         HM::update(mn2[j], mx2[j], w, w);
       }
     } else {
-      float f[E];
-      raw_to_float<Tr, E>(r, f);
-#pragma unroll
-      for (int j = 0; j < E; ++j) { mn[j] = min_nan(mn[j], f[j]); mx[j] = max_nan(mx[j], f[j]); }
+      minmax_update<Tr, E>(r, mn, mx);
     }
   };
   // Only whole halves (all but a partial last group) take the unrolled register path; the rest

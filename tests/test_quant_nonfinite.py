@@ -294,3 +294,57 @@ def test_fp8_nan_code_is_canonical(backend, spec, dtype):
     assert (codes[nan] == 0x7F).all(), codes[nan]
     y = dequantize(codes, scale, None, fmt, x.shape, backend)
     assert torch.equal(y.isnan(), nan)
+
+
+def per_layer_patterns(L_shape, dtype, device=DEVICE):
+    """[9, T, H, D]: one pattern a layer, so that some programs hold plain groups only (the
+    kernels' fast path: finite values, a range that fits float32) and others one group that is
+    not (their general path). Layers: 0 random; 1 tiny normals; 2 a range below qmax * 2^-126
+    (normal values a few bf16 steps apart: the reciprocal clamp 2^126); 3 values near +-1.6e38
+    (the widest range that fits); 4-6
+    random with one +Inf / NaN / -Inf; 7 a range beyond FLT_MAX; 8 layer 2 with one +Inf."""
+    T, H, D = L_shape
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(9, T, H, D, generator=g) * 3
+    x[1] = (torch.rand(T, H, D, generator=g) + 1) * 1e-37
+    x[2] = 1.2e-38 * (1 + torch.randint(0, 6, (T, H, D), generator=g).float() / 128)   # normals, in bf16 too
+    x[3] = torch.where(torch.rand(T, H, D, generator=g) < 0.5, -1.6e38, 1.6e38) * (1 - torch.rand(T, H, D, generator=g) * 0.01)
+    x[4, T // 2, H - 1, D // 3] = INF
+    x[5, T // 3, 0, D - 1] = NAN
+    x[6, T - 1, H // 2, 0] = -INF
+    x[7] = torch.where(torch.rand(T, H, D, generator=g) < 0.5, -3e38, 3e38)
+    x[8] = x[2]
+    x[8, 1, 0, 1] = INF
+    return x.to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("spec", INT_FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_and_general_paths_match_reference(backend, spec, dtype):
+    """Programs of plain groups only take the kernels' fast path (no saturation, no finite
+    re-reduction), the others the general one: both give the reference's codes, scales and
+    zero points bit for bit, whichever extreme (but finite) values the plain groups hold."""
+    fmt = QuantFormat.parse(spec)
+    x = per_layer_patterns((8, 2, 8), dtype)
+    _skip_unless(backend, x, fmt)
+    got = quantize(x, fmt, backend)
+    want = tuple(None if t is None else t.to(x.device) for t in quantize(x.cpu(), fmt, "torch"))
+    assert_same_as_reference(got, want, fmt, backend, x.shape)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a GPU (the packed bf16x2 / f16x2 token kernel, GPU-sized rows)")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("spec", ["int4:g32:channel", "int8:g64:channel", "int2:g32:channel", "int4:g32:token",
+                                  "int2:g32:token", "int8:g32:token"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(256, 8, 128), (96, 3, 64)])
+def test_gpu_fast_and_general_paths(backend, spec, dtype, shape):
+    """As test_fast_and_general_paths_match_reference at GPU sizes (the packed min / max token
+    kernel and its general pass, the dense rows)."""
+    fmt = QuantFormat.parse(spec)
+    x = per_layer_patterns(shape, dtype)
+    _skip_unless(backend, x, fmt)
+    got = quantize(x, fmt, backend)
+    want = tuple(None if t is None else t.to(DEVICE) for t in quantize(x.cpu(), fmt, "torch"))
+    assert_same_as_reference(got, want, fmt, backend, x.shape)

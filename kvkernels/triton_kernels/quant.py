@@ -63,10 +63,16 @@ scale for ``scale`` and the clamped reciprocal ``inv``, then per element the exp
 with ``enable_fp_fusion=False`` so that nothing else is contracted into an FMA; dequantize is one
 explicit FMA (``tl.fma``, as the reference's ``fma32``). Codes are floored by a round-down add of
 2^23 (``_int_codes``; a full-rate FADD.RM instead of a float-to-int conversion, which runs at 1/8
-of the FP32 rate) after the saturation to [0, qmax] (NaN -> 0) that the non-finite policy needs.
-Where ``scale == 0`` the kernels zero ``inv`` per group, which yields code 0. Group min / max and
-fp8 amax are over finite values only (``_finite_or_nan`` / ``_finite_abs``; the packed
-``_q_token_group_x2`` re-reduces only when its packed result is not finite). fp8: the GPU's
+of the FP32 rate). Where ``scale == 0`` the kernels zero ``inv`` per group, which yields code 0.
+The non-finite policy costs the common path nothing per element: int quantize programs take the
+NaN-propagating min / max of their groups; if every group is plain (``_not_plain``: finite values,
+a range that fits float32, one flag a program) they run the fast path (``_int_params_plain``: p
+= 1, codes without saturation, exact there), else the general one: min / max of the finite
+values only (``_minmax_fin``, the packed ``_bf16x2_minmax_fin``), ``_int_params`` and the
+saturation to [0, qmax] (NaN -> 0) in ``_int_codes`` (channel: an exclusive branch; token: a
+second, noinline pass after a block barrier that rewrites the program's outputs, so that the
+fast path keeps its registers). fp8 amax is over finite values only (``_finite_abs``; the Gluon
+one-pass kernel: one integer op an element orders Inf / NaN below every finite value). fp8: the GPU's
 float-to-e4m3 conversion saturates (``satfinite``); the tl kernel clamps to +-448 explicitly
 anyway (NaN kept), so that the interpreter
 runs the same code (the Gluon one-pass kernel, GPU only, relies on the conversion). Dequantize

@@ -58,30 +58,46 @@ def _rmin(x, axis: tl.constexpr):
 
 
 @triton.jit
-def _min_num_fn(a, b):
-    return tl.minimum(a, b)   # NaN-ignoring (IEEE minNum; the interpreter: np.fmin)
+def _minmax_fin_fn(mn_a, mx_a, mn_b, mx_b):
+    return (tl.minimum(_finite_or_nan(mn_a), _finite_or_nan(mn_b)),
+            tl.maximum(_finite_or_nan(mx_a), _finite_or_nan(mx_b)))
 
 
 @triton.jit
-def _max_num_fn(a, b):
-    return tl.maximum(a, b)
-
-
-@triton.jit
-def _rmin_num(x, axis: tl.constexpr):
-    """min along axis ignoring NaN (applied to _finite_or_nan values: the finite values' min)."""
-    return tl.reduce(x, axis, _min_num_fn)
-
-
-@triton.jit
-def _rmax_num(x, axis: tl.constexpr):
-    return tl.reduce(x, axis, _max_num_fn)
+def _minmax_fin(x, axis: tl.constexpr):
+    """(min, max) along axis of the finite values (NaN if none), in one reduction with the
+    filter in the combine: no filtered copy of x is held beside x (registers). The results are
+    filtered once more: a reduction over an axis of length 1 applies no combine."""
+    mn, mx = tl.reduce((x, x), axis, _minmax_fin_fn)
+    return _finite_or_nan(mn), _finite_or_nan(mx)
 
 
 @triton.jit
 def _finite_or_nan(x):
     """x where finite, else NaN: the NaN-ignoring min / max then see the finite values only."""
     return tl.where(tl.abs(x) <= FLT_MAX, x, float("nan"))
+
+
+@triton.jit
+def _not_plain(mn, mx):
+    """1 (int32) where a group is not plain, else 0. From its NaN-propagating min / max, a group
+    is plain if mx - mn is finite: it holds no NaN and no Inf, and its range fits float32 (p =
+    1). The kernels reduce this to one flag a program: programs of plain groups only (the common
+    case) take the fast path, ``_int_params_plain`` and ``_int_codes`` without saturation
+    (SAT=False), bit-identical there to the general path and costing nothing per element for
+    the non-finite policy; the others re-reduce the finite values, ``_int_params`` and saturate."""
+    return (~(tl.abs(mx - mn) <= FLT_MAX)).to(tl.int32)
+
+
+@triton.jit
+def _int_params_plain(mn, mx, QMAX: tl.constexpr):
+    """``_int_params`` for plain groups (``_not_plain`` 0: min / max finite, p = 1, mn p = mn):
+    (scale, inv)."""
+    rng = mx - mn
+    scale = tl.math.div_rn(rng, tl.full(rng.shape, QMAX, tl.float32))
+    scale = tl.where((scale > 0) & (scale < FLT_MIN), FLT_MIN, scale)
+    inv = tl.minimum(tl.math.div_rn(tl.full(rng.shape, QMAX, tl.float32), rng), INV_MAX)
+    return scale, tl.where(scale > 0, inv, 0.0)
 
 
 @triton.jit
@@ -93,28 +109,33 @@ def _int_params(mn, mx, QMAX: tl.constexpr):
     none = ~(mn <= mx)
     mn = tl.where(none, 0.0, mn)
     mx = tl.where(none, 0.0, mx)
-    p = tl.where(tl.abs(mx - mn) <= FLT_MAX, 1.0, 0.5)
+    fits = tl.abs(mx - mn) <= FLT_MAX
+    p = tl.where(fits, 1.0, 0.5)
     mnp = mn * p
     rng = mx * p - mnp
-    scale = tl.math.div_rn(tl.math.div_rn(rng, tl.full(rng.shape, QMAX, tl.float32)), p)
+    # / p as * (1 / p): exact (p = 1 or 1/2; no overflow, rng / qmax <= FLT_MAX / 3), one division less
+    scale = tl.math.div_rn(rng, tl.full(rng.shape, QMAX, tl.float32)) * tl.where(fits, 1.0, 2.0)
     scale = tl.where((scale > 0) & (scale < FLT_MIN), FLT_MIN, scale)
     inv = tl.minimum(tl.math.div_rn(tl.full(rng.shape, QMAX, tl.float32), rng), INV_MAX)
     return mn, p, mnp, scale, tl.where(scale > 0, inv, 0.0)
 
 
 @triton.jit
-def _int_codes(x, p, mnp, inv, QMAX: tl.constexpr):
+def _int_codes(x, p, mnp, inv, QMAX: tl.constexpr, SAT: tl.constexpr):
     """floor(sat((x p - mn p) * inv + 0.5)) in the low bits of an int32, where sat clamps to
     [0, qmax] and takes NaN to 0 (+Inf -> qmax, -Inf and NaN -> 0); x p - mn p is one FMA (one
     rounding; equal to the reference's two, see the spec), then mul and add (no FMA). Only the
     low 8 bits may be used (packed codes are cut to uint8). The saturated value v is in [0,
     qmax + 1) and the floor is taken by one round-down add of 2^23 (the low 23 bits of fl_rd(v +
     2^23) are floor(v); full rate, unlike a float-to-int conversion), or by truncation under the
-    interpreter. inv == 0 gives 0 (or a non-finite x: NaN -> 0). For finite x the clamp changes
-    nothing: fl(x - mn) <= rng and inv <= qmax / rng (rounded), so v < qmax + 1.
+    interpreter. inv == 0 gives 0 (or a non-finite x: NaN -> 0). For a group of finite values
+    the clamp changes nothing (x >= mn, so fl(x p - mn p) is in [0, rng], and inv <= qmax / rng
+    rounded, so v is in [0.5, qmax + 1)): SAT=False (two instructions an element fewer) is
+    exact there, and only programs holding a non-finite value need SAT=True (``_not_plain``).
     (Lanes masked off a group may give any code; never stored.)"""
     v = tl.fma(x, p, -mnp) * inv + 0.5
-    v = tl.minimum(tl.maximum(v, 0.0), QMAX)   # NaN-ignoring max: NaN -> 0
+    if SAT:
+        v = tl.minimum(tl.maximum(v, 0.0), QMAX)   # NaN-ignoring max: NaN -> 0
     if _RD_FLOOR:
         return libdevice.add_rd(v, TWO23).to(tl.int32, bitcast=True)
     else:

@@ -10,8 +10,9 @@ import triton
 import triton.language as tl
 
 from .quant_common import (
-    _INTERPRET, _LAUNCH, _capability, _channel_dims, _code_to_float, _finite_or_nan, _int_codes, _int_params,
-    _load_d, _p2, _rmax_num, _rmin_num, _row_chunks, _rows_launch, _rows_program, _unpack,
+    _INTERPRET, _LAUNCH, _capability, _channel_dims, _code_to_float, _int_codes, _int_params, _int_params_plain,
+    _load_d, _max_nan_fn, _min_nan_fn, _minmax_fin, _minmax_fin_fn, _not_plain, _p2, _rmax, _rmin, _row_chunks,
+    _rows_launch, _rows_program, _unpack,
 )
 
 
@@ -25,30 +26,55 @@ def _q_int_channel(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h,
     # in ascending order) a warp's lanes span GC/vector pieces x consecutive groups and each
     # thread holds NC vectors of its group (e.g. g32 bf16: GC = 8, a whole group per thread),
     # so the min/max needs no (or few) shuffles and few lanes repeat a group's divisions.
+    # NaN-propagating min / max: a program whose groups are all plain (_not_plain: finite
+    # values, a range that fits float32) takes the fast path (_int_params_plain, codes without
+    # saturation: the instructions of the kernel before the non-finite policy); the others
+    # (rare) the general one: the finite values' min / max, _int_params, saturated codes. Each
+    # branch stores its own results (sm_90: 84-88 registers, 80 for the fast path alone; the
+    # general pass as a second, noinline call after the fast one: 90-94).
     QMAX: tl.constexpr = (1 << BITS) - 1
-    K: tl.constexpr = 8 // BITS
-    GB: tl.constexpr = G // K          # code bytes per group
     NC: tl.constexpr = GP // GC
-    GCB: tl.constexpr = GC // K
     RB: tl.constexpr = TB * HB * NGP
     _, _, _, xrow, grp, rmask = _rows_program(T, H, s_l, s_t, s_h, G, NG, TB, HB, NGP)
     j = _row_chunks(NC, GC)                                                 # [1, NC, GC]
     xp = x_ptr + (xrow[:, None, None] + j)
     if G == GP:
         x = tl.load(xp).to(tl.float32)
-        xf = _finite_or_nan(x)
-        mn = _rmin_num(_rmin_num(xf, 2), 1)                                 # [RB]
-        mx = _rmax_num(_rmax_num(xf, 2), 1)
+        mn = _rmin(_rmin(x, 2), 1)                                          # [RB]
+        mx = _rmax(_rmax(x, 2), 1)
     else:
         jm = j < G
         x = tl.load(xp, mask=jm, other=0.0).to(tl.float32)
-        xf = _finite_or_nan(x)
-        mn = _rmin_num(_rmin_num(tl.where(jm, xf, float("inf")), 2), 1)
-        mx = _rmax_num(_rmax_num(tl.where(jm, xf, float("-inf")), 2), 1)
-    mn, p, mnp, scale, inv = _int_params(mn, mx, QMAX)
-    tl.store(scale_ptr + grp, scale, mask=rmask)
-    tl.store(zero_ptr + grp, mn, mask=rmask)
-    q = _int_codes(x, p[:, None, None], mnp[:, None, None], inv[:, None, None], QMAX)
+        mn = _rmin(_rmin(tl.where(jm, x, float("inf")), 2), 1)
+        mx = _rmax(_rmax(tl.where(jm, x, float("-inf")), 2), 1)
+    if tl.max(_not_plain(mn, mx), 0) > 0:
+        if G == GP:
+            mn, mx = _minmax_fin(x, 2)
+        else:  # padding lanes: NaN drops them from the finite min / max
+            mn, mx = _minmax_fin(tl.where(jm, x, float("nan")), 2)
+        mn, mx = tl.reduce((mn, mx), 1, _minmax_fin_fn)
+        mn, p, mnp, scale, inv = _int_params(mn, mx, QMAX)
+        tl.store(scale_ptr + grp, scale, mask=rmask)
+        tl.store(zero_ptr + grp, mn, mask=rmask)
+        _q_channel_codes(x, p[:, None, None], mnp[:, None, None], inv[:, None, None], codes_ptr, grp, rmask,
+                         G, GP, BITS, NC, GC, CV, RB, True)
+    else:
+        scale, inv = _int_params_plain(mn, mx, QMAX)
+        tl.store(scale_ptr + grp, scale, mask=rmask)
+        tl.store(zero_ptr + grp, mn, mask=rmask)
+        _q_channel_codes(x, 1.0, mn[:, None, None], inv[:, None, None], codes_ptr, grp, rmask,
+                         G, GP, BITS, NC, GC, CV, RB, False)
+
+
+@triton.jit
+def _q_channel_codes(x, p, mnp, inv, codes_ptr, grp, rmask, G: tl.constexpr, GP: tl.constexpr,
+                     BITS: tl.constexpr, NC: tl.constexpr, GC: tl.constexpr, CV: tl.constexpr,
+                     RB: tl.constexpr, SAT: tl.constexpr):
+    """_q_int_channel's codes of a program's groups, packed and stored."""
+    K: tl.constexpr = 8 // BITS
+    GB: tl.constexpr = G // K          # code bytes per group
+    GCB: tl.constexpr = GC // K
+    q = _int_codes(x, p, mnp, inv, (1 << BITS) - 1, SAT)
     if K > 1:
         q = tl.reshape(q, (RB, NC, GCB, K))
         q = tl.sum(q << (tl.arange(0, K) * BITS)[None, None, None, :], axis=3)   # [RB, NC, GCB]
@@ -201,10 +227,12 @@ def _token_program(H, D: tl.constexpr, DC: tl.constexpr, HB: tl.constexpr):
 
 
 @triton.jit
-def _x2_minmax(mn_a, mx_a, mn_b, mx_b, TY: tl.constexpr):
-    """(min(mn_a, mn_b), max(mx_a, mx_b)) per 16-bit half of int32 words, TY = bf16x2 / f16x2."""
+def _x2_minmax(mn_a, mx_a, mn_b, mx_b, TY: tl.constexpr, NAN: tl.constexpr = ".NaN"):
+    """(min(mn_a, mn_b), max(mx_a, mx_b)) per 16-bit half of int32 words, TY = bf16x2 / f16x2;
+    NaN-propagating (NAN=".NaN") or NaN-ignoring (NAN="": a NaN half gives the other operand's,
+    NaN only if both are)."""
     return tl.inline_asm_elementwise(
-        "min.NaN." + TY + " $0, $2, $4;\n\tmax.NaN." + TY + " $1, $3, $5;", "=r,=r,r,r,r,r",
+        "min" + NAN + "." + TY + " $0, $2, $4;\n\tmax" + NAN + "." + TY + " $1, $3, $5;", "=r,=r,r,r,r,r",
         [mn_a, mx_a, mn_b, mx_b], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
 
 
@@ -216,6 +244,34 @@ def _bf16x2_minmax(mn_a, mx_a, mn_b, mx_b):
 @triton.jit
 def _f16x2_minmax(mn_a, mx_a, mn_b, mx_b):
     return _x2_minmax(mn_a, mx_a, mn_b, mx_b, "f16x2")
+
+
+@triton.jit
+def _bf16x2_minmax_fin(mn_a, mx_a, mn_b, mx_b):
+    """Packed (min, max) of the finite halves (NaN where neither operand's is): the non-finite
+    halves made NaN in the combine, so that no sanitized copy of x is held beside x (registers)."""
+    return _x2_minmax(_x2_nan_nonfinite(mn_a, True), _x2_nan_nonfinite(mx_a, True),
+                          _x2_nan_nonfinite(mn_b, True), _x2_nan_nonfinite(mx_b, True), "bf16x2", "")
+
+
+@triton.jit
+def _f16x2_minmax_fin(mn_a, mx_a, mn_b, mx_b):
+    return _x2_minmax(_x2_nan_nonfinite(mn_a, False), _x2_nan_nonfinite(mx_a, False),
+                          _x2_nan_nonfinite(mn_b, False), _x2_nan_nonfinite(mx_b, False), "f16x2", "")
+
+
+@triton.jit
+def _x2_nan_nonfinite(w, BF16: tl.constexpr):
+    """int32 words of two bf16 / fp16: each half whose exponent is all ones (Inf or NaN) made a
+    quiet NaN (its quiet bit set), the others unchanged: integer ops on the packed word, no
+    widening (an exponent of all ones plus one exponent step sets the half's bit 15, without a
+    carry out of the half)."""
+    if BF16:
+        t = (w & 0x7F807F80) + 0x00800080
+        return w | ((t >> 9) & 0x00400040)    # bit 15 of each half -> its quiet bit 6
+    else:
+        t = (w & 0x7C007C00) + 0x04000400
+        return w | ((t >> 6) & 0x02000200)    # bit 15 -> quiet bit 9
 
 
 @triton.jit
@@ -273,46 +329,132 @@ def _q_token_group_x2(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h
         mn2, mx2 = tl.reduce(tl.reduce((xw, xw), 2, _bf16x2_minmax), 0, _bf16x2_minmax)  # [HB, DC2]
     else:
         mn2, mx2 = tl.reduce(tl.reduce((xw, xw), 2, _f16x2_minmax), 0, _f16x2_minmax)
-    # the packed min / max include Inf / NaN; where any of the block's is not finite (rare), the
-    # finite values' min / max again, widened (a branch on the whole program, not per element)
-    EXPM: tl.constexpr = 0x7F80 if BF16 else 0x7C00
-    bad = (((mn2 & EXPM) == EXPM) | (((mn2 >> 16) & EXPM) == EXPM)
-           | ((mx2 & EXPM) == EXPM) | (((mx2 >> 16) & EXPM) == EXPM))
-    if tl.max(tl.max(bad.to(tl.int32), 1), 0) > 0:
-        xl = _finite_or_nan(_half_lo(xw, BF16))
-        xh = _finite_or_nan(_half_hi(xw, BF16))
-        mn_lo = _rmin_num(_rmin_num(xl, 2), 0)
-        mx_lo = _rmax_num(_rmax_num(xl, 2), 0)
-        mn_hi = _rmin_num(_rmin_num(xh, 2), 0)
-        mx_hi = _rmax_num(_rmax_num(xh, 2), 0)
-    else:
-        mn_lo = _half_lo(mn2, BF16)
-        mx_lo = _half_lo(mx2, BF16)
-        mn_hi = _half_hi(mn2, BF16)
-        mx_hi = _half_hi(mx2, BF16)
-    mn_lo, p_lo, mnp_lo, sc_lo, inv_lo = _int_params(mn_lo, mx_lo, QMAX)
-    mn_hi, p_hi, mnp_hi, sc_hi, inv_hi = _int_params(mn_hi, mx_hi, QMAX)
+    # The packed min / max propagate NaN and include Inf. Every program takes the fast path, as if
+    # all its groups were plain (_not_plain: finite values, a range that fits float32; bf16's can
+    # reach 2 x 3.39e38); one that holds a group that is not (rare) then does the group work
+    # again after a block barrier, from a fresh load of x: the finite halves' min / max (the
+    # others made NaN by packed integer ops, NaN-ignoring packed min / max) and saturated codes,
+    # over the fast path's stores. The second pass holds nothing of the first live (only
+    # pointers and the flag), so the kernel keeps the fast path's register count.
+    mn_lo = _half_lo(mn2, BF16)
+    mx_lo = _half_lo(mx2, BF16)
+    mn_hi = _half_hi(mn2, BF16)
+    mx_hi = _half_hi(mx2, BF16)
+    bad = tl.max(tl.max(_not_plain(mn_lo, mx_lo) | _not_plain(mn_hi, mx_hi), 1), 0) > 0
+    sc_lo, inv_lo = _int_params_plain(mn_lo, mx_lo, QMAX)
+    sc_hi, inv_hi = _int_params_plain(mn_hi, mx_hi, QMAX)
+    _x2_scales(sc_lo, mn_lo, sc_hi, mn_hi, scale_ptr, zero_ptr, l, NGT, tg, H, h, dc, hmask, D, HB, DC, VX)
+    _x2_codes(xw, 1.0, mn_lo[None, :, None, :], inv_lo[None, :, None, :], 1.0, mn_hi[None, :, None, :],
+              inv_hi[None, :, None, :], cp, cs, ti, hmask, TA, TL, HB, DC, BITS, BF16, False)
+    if bad:
+        tl.debug_barrier()   # the fast path's stores (by any thread of the block) come first
+        _x2_general(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h, tg, D, DC, G, TA, TL, HB, BITS,
+                    VX, XS, CS)
+
+
+@triton.jit(noinline=True)
+def _x2_general(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h, tg,
+                D: tl.constexpr, DC: tl.constexpr, G: tl.constexpr, TA: tl.constexpr,
+                TL: tl.constexpr, HB: tl.constexpr, BITS: tl.constexpr,
+                VX: tl.constexpr, XS: tl.constexpr, CS: tl.constexpr):
+    """_q_token_group_x2's general path for a program holding a group that is not plain: from
+    a fresh load of x, the finite halves' min / max (the others made NaN by packed integer ops,
+    NaN-ignoring packed min / max), _int_params and saturated codes, over the fast path's
+    stores. A call (noinline), so that nothing of the fast path is shared with it (common
+    subexpressions kept live through the fast path cost 58-84 registers when inlined)."""
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    K: tl.constexpr = 8 // BITS
+    DB: tl.constexpr = D // K
+    DCB: tl.constexpr = DC // K
+    DC2: tl.constexpr = DC // 2
+    NGT = tl.cdiv(T, G)
+    l, dc, h, hmask = _token_program(H, D, DC, HB)
+    d2 = dc * DC2 + tl.arange(0, DC2)
+    db = dc * DCB + tl.arange(0, DCB)
+    t0 = tg * G
+    xp = x_ptr.to(tl.pointer_type(tl.int32)) + (l * (s_l // 2) + t0.to(tl.int64) * (s_t // 2))
+    xp = xp + tl.max_contiguous((h.to(tl.int64)[:, None] * (s_h // 2) + d2[None, :])[None, :, None, :],
+                                [1, 1, 1, VX // 2])
+    cp = codes_ptr + (l * T + t0) * H * DB
+    cp = cp + tl.max_contiguous((h[:, None] * DB + db[None, :])[None, :, None, :], [1, 1, 1, VX // K])
+    xs = _stride(XS, s_t) // 2
+    BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
+    # in NS token chunks of TA / NS a thread (the whole block at once: 248 registers)
+    NS: tl.constexpr = 4 if TA % 4 == 0 else 1
+    TAC: tl.constexpr = TA // NS
+    for c in tl.static_range(NS):
+        tc, xc = _x2_chunk(xp, xs, c, TAC, TL, TA, G)
+        if BF16:
+            m2, M2 = tl.reduce(tl.reduce((xc, xc), 2, _bf16x2_minmax_fin), 0, _bf16x2_minmax_fin)
+        else:
+            m2, M2 = tl.reduce(tl.reduce((xc, xc), 2, _f16x2_minmax_fin), 0, _f16x2_minmax_fin)
+        if c == 0:
+            mn2, mx2 = m2, M2
+        elif BF16:
+            mn2, mx2 = _bf16x2_minmax_fin(mn2, mx2, m2, M2)
+        else:
+            mn2, mx2 = _f16x2_minmax_fin(mn2, mx2, m2, M2)
+    # (a reduction over an axis of length 1 applies no combine: filter the result once more)
+    mn2 = _x2_nan_nonfinite(mn2, BF16)
+    mx2 = _x2_nan_nonfinite(mx2, BF16)
+    mn_lo, p_lo, mnp_lo, sc_lo, inv_lo = _int_params(_half_lo(mn2, BF16), _half_lo(mx2, BF16), QMAX)
+    mn_hi, p_hi, mnp_hi, sc_hi, inv_hi = _int_params(_half_hi(mn2, BF16), _half_hi(mx2, BF16), QMAX)
+    _x2_scales(sc_lo, mn_lo, sc_hi, mn_hi, scale_ptr, zero_ptr, l, NGT, tg, H, h, dc, hmask, D, HB, DC, VX)
+    for c in tl.static_range(NS):
+        tc, xc = _x2_chunk(xp, xs, c, TAC, TL, TA, G)
+        _x2_codes(xc, p_lo[None, :, None, :], mnp_lo[None, :, None, :], inv_lo[None, :, None, :],
+                  p_hi[None, :, None, :], mnp_hi[None, :, None, :], inv_hi[None, :, None, :],
+                  cp, _stride(CS, H * DB), tc, hmask, TAC, TL, HB, DC, BITS, BF16, True)
+
+
+@triton.jit
+def _x2_chunk(xp, xs, c: tl.constexpr, TAC: tl.constexpr, TL: tl.constexpr, TA: tl.constexpr, G: tl.constexpr):
+    """Token chunk c of _x2_general: its tokens [TL, TAC] (clamped onto the group) and words
+    [TL, HB, TAC, DC2]."""
+    tc = ((c * TAC + tl.arange(0, TAC)) * TL)[None, :] + tl.arange(0, TL)[:, None]
+    if TA * TL > G:
+        tc = tl.minimum(tc, G - 1)
+    return tc, tl.load(xp + (tc.to(tl.int64) * xs)[:, None, :, None])
+
+
+@triton.jit
+def _x2_scales(sc_lo, zp_lo, sc_hi, zp_hi, scale_ptr, zero_ptr, l, NGT, tg, H, h, dc, hmask,
+               D: tl.constexpr, HB: tl.constexpr, DC: tl.constexpr, VX: tl.constexpr):
+    """_q_token_group_x2's scale / zero stores [HB, DC] (lo / hi halves [HB, DC2] interleaved)."""
     d = dc * DC + tl.arange(0, DC)
     sz = tl.max_contiguous(((l * NGT + tg) * H + h)[:, None] * D + d[None, :], [1, VX])   # [HB, DC]
     tl.store(scale_ptr + sz, tl.reshape(tl.join(sc_lo, sc_hi), (HB, DC)), mask=hmask[:, None])
-    tl.store(zero_ptr + sz, tl.reshape(tl.join(mn_lo, mn_hi), (HB, DC)), mask=hmask[:, None])
-    q = _int_codes(_half_lo(xw, BF16), p_lo[None, :, None, :], mnp_lo[None, :, None, :], inv_lo[None, :, None, :], QMAX)
-    q = q + (_int_codes(_half_hi(xw, BF16), p_hi[None, :, None, :], mnp_hi[None, :, None, :], inv_hi[None, :, None, :],
-                        QMAX) << BITS)
+    tl.store(zero_ptr + sz, tl.reshape(tl.join(zp_lo, zp_hi), (HB, DC)), mask=hmask[:, None])
+
+
+@triton.jit
+def _x2_codes(xw, p_lo, mnp_lo, inv_lo, p_hi, mnp_hi, inv_hi, cp, cs, ti, hmask, TA: tl.constexpr,
+              TL: tl.constexpr, HB: tl.constexpr, DC: tl.constexpr, BITS: tl.constexpr, BF16: tl.constexpr,
+              SAT: tl.constexpr):
+    """_q_token_group_x2's codes of the words xw [TL, HB, TA, DC2] (tokens ti [TL, TA]; p / mnp /
+    inv per half: [1, HB, 1, DC2] or a scalar), stored."""
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    K: tl.constexpr = 8 // BITS
+    DCB: tl.constexpr = DC // K
+    q = _int_codes(_half_lo(xw, BF16), p_lo, mnp_lo, inv_lo, QMAX, SAT)
+    q = q + (_int_codes(_half_hi(xw, BF16), p_hi, mnp_hi, inv_hi, QMAX, SAT) << BITS)
     if K == 4:
-        q = tl.sum(tl.reshape(q, (TL, HB, TA, DCB, 2)) << (tl.arange(0, 2) * (2 * BITS))[None, None, None, None, :], axis=4)
-    cpt = cp + (ti.to(tl.int64) * cs)[:, None, :, None]
-    if TA * TL > G:
-        tl.store(cpt, q.to(tl.uint8), mask=(ti < G)[:, None, :, None] & hmask[None, :, None, None])
-    else:
-        tl.store(cpt, q.to(tl.uint8), mask=hmask[None, :, None, None])
+        q = tl.sum(tl.reshape(q, (TL, HB, TA, DCB, 2)) << (tl.arange(0, 2) * (2 * BITS))[None, None, None, None, :],
+                   axis=4)
+    # (tokens past a group shorter than the block are clamped onto its last one: they store
+    # that token's codes again, the same bytes)
+    tl.store(cp + (ti.to(tl.int64) * cs)[:, None, :, None], q.to(tl.uint8), mask=hmask[None, :, None, None])
 
 
 @triton.jit
 def _q_token_group(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h, tg,
                    D: tl.constexpr, DC: tl.constexpr, G: tl.constexpr, TA: tl.constexpr,
                    TL: tl.constexpr, HB: tl.constexpr, BITS: tl.constexpr, VX: tl.constexpr,
-                   XS: tl.constexpr, CS: tl.constexpr, FULL: tl.constexpr):
+                   XS: tl.constexpr, CS: tl.constexpr, FULL: tl.constexpr, GEN: tl.constexpr = False):
+    # GEN=False, the fast path: NaN-propagating min / max, _int_params_plain and codes without
+    # saturation, as if every group were plain; a program holding a group that is not (rare:
+    # _not_plain) then runs again with GEN=True after a block barrier (_q_token_group_gen): the
+    # finite values' min / max, _int_params and saturated codes, over the fast path's stores.
     QMAX: tl.constexpr = (1 << BITS) - 1
     K: tl.constexpr = 8 // BITS
     DB: tl.constexpr = D // K
@@ -345,26 +487,44 @@ def _q_token_group(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h, t
     if NCH == 1:
         ti, tmask = _token_rows(i, 0, CH, G, n, FULL)
         x = _load_d(xp + (ti.to(tl.int64) * xs)[:, None, :, None], d, D, DC * NDC).to(tl.float32)
-        xf = _finite_or_nan(x)
-        mn = _rmin_num(_rmin_num(xf, 2), 0)                                 # [HB, DC]
-        mx = _rmax_num(_rmax_num(xf, 2), 0)
+        if GEN:
+            mn, mx = _minmax_fin(x, 2)
+            mn, mx = tl.reduce((mn, mx), 0, _minmax_fin_fn)                 # [HB, DC]
+        else:
+            mn = _rmin(_rmin(x, 2), 0)                                      # [HB, DC]
+            mx = _rmax(_rmax(x, 2), 0)
     else:
-        mn = tl.full((HB, DC), float("inf"), tl.float32)
-        mx = tl.full((HB, DC), float("-inf"), tl.float32)
+        if GEN:
+            mn = tl.full((HB, DC), float("nan"), tl.float32)
+            mx = tl.full((HB, DC), float("nan"), tl.float32)
+        else:
+            mn = tl.full((HB, DC), float("inf"), tl.float32)
+            mx = tl.full((HB, DC), float("-inf"), tl.float32)
         for c in range(NCH):
             ti, tmask = _token_rows(i, c, CH, G, n, FULL)
             x = _load_d(xp + (ti.to(tl.int64) * xs)[:, None, :, None], d, D, DC * NDC).to(tl.float32)
-            xf = _finite_or_nan(x)
-            mn = tl.minimum(mn, _rmin_num(_rmin_num(xf, 2), 0))
-            mx = tl.maximum(mx, _rmax_num(_rmax_num(xf, 2), 0))
-    mn, p, mnp, scale, inv = _int_params(mn, mx, QMAX)
+            if GEN:
+                m, M = _minmax_fin(x, 2)
+                m, M = tl.reduce((m, M), 0, _minmax_fin_fn)
+                mn, mx = _minmax_fin_fn(mn, mx, m, M)
+            else:
+                mn = _min_nan_fn(mn, _rmin(_rmin(x, 2), 0))
+                mx = _max_nan_fn(mx, _rmax(_rmax(x, 2), 0))
+    if GEN:
+        mn, p, mnp, scale, inv = _int_params(mn, mx, QMAX)
+    else:
+        bad = tl.max(tl.max(_not_plain(mn, mx), 1), 0) > 0
+        scale, inv = _int_params_plain(mn, mx, QMAX)
     tl.store(scale_ptr + sz, scale, mask=hd_mask)
     tl.store(zero_ptr + sz, mn, mask=hd_mask)
     for c in range(NCH):
         ti, tmask = _token_rows(i, c, CH, G, n, FULL)
         if NCH > 1:
             x = _load_d(xp + (ti.to(tl.int64) * xs)[:, None, :, None], d, D, DC * NDC).to(tl.float32)
-        q = _int_codes(x, p[None, :, None, :], mnp[None, :, None, :], inv[None, :, None, :], QMAX)
+        if GEN:
+            q = _int_codes(x, p[None, :, None, :], mnp[None, :, None, :], inv[None, :, None, :], QMAX, True)
+        else:
+            q = _int_codes(x, 1.0, mn[None, :, None, :], inv[None, :, None, :], QMAX, False)
         if K > 1:
             q = tl.sum(tl.reshape(q, (TL, HB, TA, DCB, K)) << shifts, axis=4)   # [TL, HB, TA, DCB]
         cpt = cp + (ti.to(tl.int64) * cs)[:, None, :, None]
@@ -372,6 +532,22 @@ def _q_token_group(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h, t
             tl.store(cpt, q.to(tl.uint8), mask=cmask[None])
         else:
             tl.store(cpt, q.to(tl.uint8), mask=tmask[:, None, :, None] & cmask[None])
+    if not GEN:
+        if bad:
+            tl.debug_barrier()   # the fast path's stores (by any thread of the block) come first
+            _q_token_group_gen(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h, tg,
+                               D, DC, G, TA, TL, HB, BITS, VX, XS, CS, FULL)
+
+
+@triton.jit(noinline=True)
+def _q_token_group_gen(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h, tg,
+                       D: tl.constexpr, DC: tl.constexpr, G: tl.constexpr, TA: tl.constexpr,
+                       TL: tl.constexpr, HB: tl.constexpr, BITS: tl.constexpr, VX: tl.constexpr,
+                       XS: tl.constexpr, CS: tl.constexpr, FULL: tl.constexpr):
+    """_q_token_group's general pass, a call (noinline): nothing of the fast path is shared
+    with it (common subexpressions kept live through the fast path cost registers inlined)."""
+    _q_token_group(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, H, s_l, s_t, s_h, tg,
+                   D, DC, G, TA, TL, HB, BITS, VX, XS, CS, FULL, True)
 
 
 @triton.jit
