@@ -173,6 +173,106 @@ def _scatter_kernel(src_ptr, s_kv, s_l, s_t, s_h, scale_ptr, zero_ptr, a_row, a_
 
 
 @triton.jit
+def _dequant_scatter_kernel(src_ptr, s_kv, s_l, s_t, s_h, scale_ptr, zero_ptr, a_row, a_t, a_h, a_d,
+                            ptrs_ptr, slots_ptr, T, L, H, NSLOTS, BS,
+                            kB, kT, kH, kDX, kDI, vB, vT, vH, vDX, vDI, X,
+                            ks_ptr, ks_l, ks_h, vs_ptr, vs_l, vs_h, cnt_ptr,
+                            HP: tl.constexpr, TB: tl.constexpr, NG: tl.constexpr, NGP: tl.constexpr,
+                            G: tl.constexpr, GBP: tl.constexpr, SRC: tl.constexpr, BITS: tl.constexpr,
+                            TG: tl.constexpr, CV: tl.constexpr, CDT: tl.constexpr, SPLIT: tl.constexpr,
+                            COUNT: tl.constexpr, CLAMP: tl.constexpr, ALIGN: tl.constexpr, SAME_KV: tl.constexpr):
+    """Scatter with dequantization, one scale (and zero point) per group of G channels (int
+    ``channel`` groups; fp8 scales: one group of G = head_dim). The tile is [TB * HP * NGP rows
+    of (token, head, group), GBP code bytes]: the packed codes are read once as bytes (CV
+    contiguous bytes per access: those of 16 bytes of cache elements, so that loads and stores
+    get the same per-thread layout), each group's scale / zero once per row and broadcast along
+    it; int4 / int2 bytes are split into K = 8 / BITS code planes (one shift + AND per byte) and
+    interleaved back into channel order with ``tl.join`` (a byte's codes stay in its thread): no
+    per-element shifts of duplicated loads, no per-element scale loads."""
+    pid_t = tl.program_id(0)
+    r = tl.program_id(1)
+    kv = r // L
+    l = r - kv * L
+    K: tl.constexpr = 8 // BITS
+    GB: tl.constexpr = G // K          # code bytes of a group
+    GP: tl.constexpr = GBP * K         # channels of a (padded) group
+    ROWS: tl.constexpr = TB * HP * NGP
+    q = tl.arange(0, ROWS)
+    g = q % NGP
+    th = q // NGP
+    h = (th % HP).to(tl.int64)
+    t = pid_t * TB + th // HP
+    tin = t < T
+    if COUNT:
+        tt = pid_t * TB + tl.arange(0, TB)
+        _count(cnt_ptr, slots_ptr, tt, tt < T, NSLOTS, r)
+    slot = tl.load(slots_ptr + t, mask=tin, other=-1).to(tl.int64)
+    ok = tin & (slot >= 0) & (slot < NSLOTS) & (h < H) & (g < NG)
+    slot = tl.where(ok, slot, 0)
+    blk = slot // BS
+    off = slot - blk * BS
+    t64 = tl.where(tin, t, 0).to(tl.int64)
+    # codes [ROWS, GBP] (byte j of group g) and the group's scale / zero [ROWS]
+    j = tl.arange(0, GBP)
+    jc = (j // CV) * CV + j % CV       # = j, written so that Triton sees CV-byte contiguity only
+    srow = kv.to(tl.int64) * s_kv + l.to(tl.int64) * s_l + t64 * s_t + h * s_h + g * GB
+    if GBP == GB:
+        cm = ok[:, None] & (j >= 0)[None, :]
+    else:
+        cm = ok[:, None] & (j < GB)[None, :]
+    c = tl.load(src_ptr + srow[:, None] + jc[None, :], mask=cm, other=0)
+    sidx = r.to(tl.int64) * a_row + (t64 // TG) * a_t + h * a_h + g * a_d
+    sc = tl.load(scale_ptr + sidx, mask=ok, other=0.0)
+    if SRC == 1:
+        zp = tl.load(zero_ptr + sidx, mask=ok, other=0.0)
+        ci = c.to(tl.int32)
+        QM: tl.constexpr = (1 << BITS) - 1
+        if K == 1:
+            qv = ci
+        elif K == 2:
+            qv = tl.reshape(tl.join(ci & QM, ci >> 4), (ROWS, GP))
+        else:
+            qv = tl.reshape(tl.join(tl.join(ci & QM, (ci >> 4) & QM), tl.join((ci >> 2) & QM, ci >> 6)), (ROWS, GP))
+        x = tl.fma(qv.to(tl.float32), sc[:, None], zp[:, None])  # one FMA, as the quant spec
+    else:
+        x = c.to(tl.float8e4nv, bitcast=True).to(tl.float32) * sc[:, None]
+    # the cache: channel g*G + jj of head h of the token's row
+    jj = tl.arange(0, GP)
+    if SAME_KV:
+        sB, sT, sH, sDI, sDX = kB, kT, kH, kDI, kDX
+    else:
+        sB = kB + (vB - kB) * kv
+        sT = kT + (vT - kT) * kv
+        sH = kH + (vH - kH) * kv
+        sDI = kDI + (vDI - kDI) * kv
+        sDX = kDX + (vDX - kDX) * kv
+    ch = (g * G)[:, None] + jj[None, :]
+    if SPLIT:
+        doff = (ch // X).to(tl.int64) * sDX + (ch % X).to(tl.int64) * sDI
+    else:
+        doff = ch.to(tl.int64) * sDI
+    coff = (blk * sB + off * sT + h * sH)[:, None] + doff
+    if GP == G:
+        m = ok[:, None] & (jj >= 0)[None, :]
+    else:
+        m = ok[:, None] & (jj < G)[None, :]
+    base = _cache_ptr(ptrs_ptr, r, CDT, ALIGN)
+    if CDT == 3:
+        hm = ok & (h < H)
+        if kv == 0:
+            cs = tl.load(ks_ptr + l * ks_l + h * ks_h, mask=hm, other=1.0)
+        else:
+            cs = tl.load(vs_ptr + l * vs_l + h * vs_h, mask=hm, other=1.0)
+        inv = tl.minimum(tl.math.div_rn(tl.full(cs.shape, 1.0, tl.float32), cs), FLT_MAX)
+        y = x * inv[:, None]
+        if CLAMP:  # the GPU conversion saturates (satfinite); the interpreter's does not
+            y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+        tl.store(base + coff, y.to(tl.float8e4nv).to(tl.uint8, bitcast=True), mask=m)
+    else:
+        tl.store(base + coff, x.to(base.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _gather_kernel(out_ptr, o_kv, o_l, o_t, o_h, codes_ptr, scale_ptr, zero_ptr,
                    ptrs_ptr, slots_ptr, T, L, H, NSLOTS, BS,
                    kB, kT, kH, kDX, kDI, vB, vT, vH, vDX, vDI, X,
@@ -349,6 +449,19 @@ def _cdt(layout: PagedLayout) -> int:
     return 3 if layout.fp8 else _DTYPE_CODE[layout.dtype]
 
 
+def _grouped(fmt: Optional[QuantFormat], D: int):
+    """(channels per scale group G, groups per head) for formats whose scale is constant over
+    groups of whole code bytes along head_dim (int ``channel`` groups, every fp8 scope), else
+    None (token-axis int groups: a scale per channel; the element-wise kernel)."""
+    if fmt is None:
+        return None
+    if fmt.kind == "fp8":
+        return D, 1
+    if fmt.axis == "channel" and fmt.group_size % (8 // fmt.bits) == 0:
+        return fmt.group_size, D // fmt.group_size
+    return None
+
+
 def scatter_into(layout: PagedLayout, kv, scale, zero, fmt: Optional[QuantFormat], slots, cache_scale, oob_count,
                  max_sms: int = 0) -> None:
     T = slots.shape[0]
@@ -381,6 +494,21 @@ def scatter_into(layout: PagedLayout, kv, scale, zero, fmt: Optional[QuantFormat
             a = {"tensor": (1, 0, 0, 0), "head": (H, 0, 1, 0), "token_head": (T_in * H, H, 1, 0)}[fmt.scope]
         sargs = (scale, zero if zero is not None else scale, *a)
     cnt = oob_count if oob_count is not None else layout.ptrs
+    grouped = _grouped(fmt, D)
+    if grouped is not None:  # one scale per group of channels: the byte-tile kernel
+        G, NG = grouped
+        K = 8 // fmt.bits if fmt.kind == "int" else 1
+        GBP = _p2(G // K)
+        NGP = _p2(NG)
+        TBg = max(1, min(_p2(T), _TILE_ELEMS // (HP * NGP * GBP * K)))
+        _launch(_dequant_scatter_kernel, (triton.cdiv(T, TBg), R),
+                (src, s_kv, s_l, s_t, s_h, *sargs, layout.ptrs, slots, T, L, H, *_layout_args(layout),
+                 *_scale_args(layout, cache_scale), cnt),
+                dict(HP=HP, TB=TBg, NG=NG, NGP=NGP, G=G, GBP=GBP, SRC=SRC, BITS=BITS, TG=TG, CDT=_cdt(layout),
+                     CV=max(1, min(GBP, 16 // layout.element_size // K)),
+                     SPLIT=layout.x != D, COUNT=oob_count is not None, CLAMP=_INTERPRET, ALIGN=_aligned(layout),
+                     SAME_KV=layout.strides[0] == layout.strides[-1], num_warps=4, **_LAUNCH))
+        return
     grid = (triton.cdiv(T, TB), R)
     _launch(_scatter_kernel, grid,
             (src, s_kv, s_l, s_t, s_h, *sargs, layout.ptrs, slots, T, L, H, *_layout_args(layout),
