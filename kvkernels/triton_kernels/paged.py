@@ -63,19 +63,10 @@ def _cache_ptr(ptrs_ptr, r, CDT: tl.constexpr, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _tile(pid_t, r, slots_ptr, T, L, NSLOTS, BS, kB, kT, kH, kDX, kDI, vB, vT, vH, vDX, vDI, X,
-          HP: tl.constexpr, DP: tl.constexpr, TB: tl.constexpr, SPLIT: tl.constexpr, SAME_KV: tl.constexpr):
-    """Tokens, heads, channels of this program and their cache offsets (int64) and validity.
-    SAME_KV: K and V have the same strides (all layouts but vLLM's legacy one): the K strides are
-    used as they are, so that Triton sees their run-time specializations (a dense inner dim)."""
-    kv = r // L
-    t = pid_t * TB + tl.arange(0, TB)
-    tin = t < T
-    slot = tl.load(slots_ptr + t, mask=tin, other=-1).to(tl.int64)
-    ok = tin & (slot >= 0) & (slot < NSLOTS)
-    slot = tl.where(ok, slot, 0)
-    blk = slot // BS
-    off = slot - blk * BS
+def _strides(kv, kB, kT, kH, kDX, kDI, vB, vT, vH, vDX, vDI, SAME_KV: tl.constexpr):
+    """(block, token, head, dim_inner, dim_outer) strides of cache kv. SAME_KV: K and V have the
+    same strides (all layouts but vLLM's legacy one): the K strides are used as they are, so that
+    Triton sees their run-time specializations (a dense inner dim)."""
     if SAME_KV:
         sB, sT, sH, sDI, sDX = kB, kT, kH, kDI, kDX
     else:  # K or V strides (kv is 0 or 1): select without a branch
@@ -84,6 +75,22 @@ def _tile(pid_t, r, slots_ptr, T, L, NSLOTS, BS, kB, kT, kH, kDX, kDI, vB, vT, v
         sH = kH + (vH - kH) * kv
         sDI = kDI + (vDI - kDI) * kv
         sDX = kDX + (vDX - kDX) * kv
+    return sB, sT, sH, sDI, sDX
+
+
+@triton.jit
+def _tile(pid_t, r, slots_ptr, T, L, NSLOTS, BS, kB, kT, kH, kDX, kDI, vB, vT, vH, vDX, vDI, X,
+          HP: tl.constexpr, DP: tl.constexpr, TB: tl.constexpr, SPLIT: tl.constexpr, SAME_KV: tl.constexpr):
+    """Tokens, heads, channels of this program and their cache offsets (int64) and validity."""
+    kv = r // L
+    t = pid_t * TB + tl.arange(0, TB)
+    tin = t < T
+    slot = tl.load(slots_ptr + t, mask=tin, other=-1).to(tl.int64)
+    ok = tin & (slot >= 0) & (slot < NSLOTS)
+    slot = tl.where(ok, slot, 0)
+    blk = slot // BS
+    off = slot - blk * BS
+    sB, sT, sH, sDI, sDX = _strides(kv, kB, kT, kH, kDX, kDI, vB, vT, vH, vDX, vDI, SAME_KV)
     h = tl.arange(0, HP).to(tl.int64)
     d = tl.arange(0, DP)
     if SPLIT:
@@ -125,6 +132,16 @@ def _cache_scale(ks_ptr, ks_l, ks_h, vs_ptr, vs_l, vs_h, kv, l, h, H):
 
 
 @triton.jit
+def _fp8_cache_codes(x, cs, CLAMP: tl.constexpr):
+    """e4m3 bytes of x * min(1 / cs, FLT_MAX) (cs broadcast by the caller's shape)."""
+    inv = tl.minimum(tl.math.div_rn(tl.full(cs.shape, 1.0, tl.float32), cs), FLT_MAX)
+    y = x.to(tl.float32) * inv
+    if CLAMP:  # the GPU conversion saturates (satfinite); the interpreter's does not
+        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+    return y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+
+
+@triton.jit
 def _scatter_kernel(src_ptr, s_kv, s_l, s_t, s_h, scale_ptr, zero_ptr, a_row, a_t, a_h, a_d,
                     ptrs_ptr, slots_ptr, T, L, H, NSLOTS, BS,
                     kB, kT, kH, kDX, kDI, vB, vT, vH, vDX, vDI, X,
@@ -163,11 +180,7 @@ def _scatter_kernel(src_ptr, s_kv, s_l, s_t, s_h, scale_ptr, zero_ptr, a_row, a_
     base = _cache_ptr(ptrs_ptr, r, CDT, ALIGN)
     if CDT == 3:
         cs = _cache_scale(ks_ptr, ks_l, ks_h, vs_ptr, vs_l, vs_h, kv, l, h, H)
-        inv = tl.minimum(tl.math.div_rn(tl.full(cs.shape, 1.0, tl.float32), cs), FLT_MAX)
-        y = x.to(tl.float32) * inv[None, :, None]
-        if CLAMP:  # the GPU conversion saturates (satfinite); the interpreter's does not
-            y = tl.minimum(tl.maximum(y, -448.0), 448.0)
-        tl.store(base + coff, y.to(tl.float8e4nv).to(tl.uint8, bitcast=True), mask=m)
+        tl.store(base + coff, _fp8_cache_codes(x, cs[None, :, None], CLAMP), mask=m)
     else:
         tl.store(base + coff, x.to(base.dtype.element_ty), mask=m)
 
@@ -238,14 +251,7 @@ def _dequant_scatter_kernel(src_ptr, s_kv, s_l, s_t, s_h, scale_ptr, zero_ptr, a
         x = c.to(tl.float8e4nv, bitcast=True).to(tl.float32) * sc[:, None]
     # the cache: channel g*G + jj of head h of the token's row
     jj = tl.arange(0, GP)
-    if SAME_KV:
-        sB, sT, sH, sDI, sDX = kB, kT, kH, kDI, kDX
-    else:
-        sB = kB + (vB - kB) * kv
-        sT = kT + (vT - kT) * kv
-        sH = kH + (vH - kH) * kv
-        sDI = kDI + (vDI - kDI) * kv
-        sDX = kDX + (vDX - kDX) * kv
+    sB, sT, sH, sDI, sDX = _strides(kv, kB, kT, kH, kDX, kDI, vB, vT, vH, vDX, vDI, SAME_KV)
     ch = (g * G)[:, None] + jj[None, :]
     if SPLIT:
         doff = (ch // X).to(tl.int64) * sDX + (ch % X).to(tl.int64) * sDI
@@ -258,16 +264,8 @@ def _dequant_scatter_kernel(src_ptr, s_kv, s_l, s_t, s_h, scale_ptr, zero_ptr, a
         m = ok[:, None] & (jj < G)[None, :]
     base = _cache_ptr(ptrs_ptr, r, CDT, ALIGN)
     if CDT == 3:
-        hm = ok & (h < H)
-        if kv == 0:
-            cs = tl.load(ks_ptr + l * ks_l + h * ks_h, mask=hm, other=1.0)
-        else:
-            cs = tl.load(vs_ptr + l * vs_l + h * vs_h, mask=hm, other=1.0)
-        inv = tl.minimum(tl.math.div_rn(tl.full(cs.shape, 1.0, tl.float32), cs), FLT_MAX)
-        y = x * inv[:, None]
-        if CLAMP:  # the GPU conversion saturates (satfinite); the interpreter's does not
-            y = tl.minimum(tl.maximum(y, -448.0), 448.0)
-        tl.store(base + coff, y.to(tl.float8e4nv).to(tl.uint8, bitcast=True), mask=m)
+        cs = _cache_scale(ks_ptr, ks_l, ks_h, vs_ptr, vs_l, vs_h, kv, l, h, H)
+        tl.store(base + coff, _fp8_cache_codes(x, cs[:, None], CLAMP), mask=m)
     else:
         tl.store(base + coff, x.to(base.dtype.element_ty), mask=m)
 
