@@ -323,6 +323,15 @@ constexpr int chunks_per_thread(int read_bytes) { return read_bytes >= 32 ? 1 : 
 // (kWide) are picked only where every access is a vector and a chunk has one scale.
 constexpr int emin_for(int wide_bytes) { return wide_bytes == 4 ? 4 : 8; }
 
+// Head and first channel of chunk c of a row.
+template <int E>
+__device__ __forceinline__ void chunk_pos(const Args& a, int c, int& h, int& d) {
+  uint32_t q, rem;
+  a.cph.divmod(uint32_t(c), q, rem);
+  h = int(q);
+  d = int(rem) * E;
+}
+
 // ---- cache chunk access -----------------------------------------------------------------------
 // Store CB bytes of a chunk (channels d .. d+E-1 of head h) into a cache row: pieces of
 // min(16, CB) bytes at their own channel offsets (vector stores), or element-wise.
@@ -413,10 +422,7 @@ __global__ void __launch_bounds__(1024) scatter_kernel(const Args a) {
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int c = c0 + u * blockDim.x;
-        uint32_t hq = 0, cr = 0;
-        a.cph.divmod(uint32_t(c), hq, cr);
-        hh[u] = int(hq);
-        dd[u] = int(cr) * E;
+        chunk_pos<E>(a, c, hh[u], dd[u]);
         sc[u] = 1.f;
         zp[u] = 0.f;
         cs[u] = 1.f;
@@ -498,10 +504,7 @@ __global__ void __launch_bounds__(1024) gather_kernel(const Args a) {
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int c = c0 + u * blockDim.x;
-        uint32_t hq = 0, cr = 0;
-        a.cph.divmod(uint32_t(c), hq, cr);
-        hh[u] = int(hq);
-        dd[u] = int(cr) * E;
+        chunk_pos<E>(a, c, hh[u], dd[u]);
         cs[u] = 1.f;
         if (c < a.chunks) {
           load_cache<CTr, E, kWide>(a, row, hh[u], dd[u], src[u]);
