@@ -37,6 +37,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LAUNCH = {} if _INTERPRET else {"enable_fp_fusion": False}
 _MAX_D = 4096
 _TILE_ELEMS = 4096
+_DQ_ROWS = 64
 _SCOPE = {"tensor": 0, "head": 1, "token_head": 2}
 FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -186,6 +187,58 @@ def _scatter_kernel(src_ptr, s_kv, s_l, s_t, s_h, scale_ptr, zero_ptr, a_row, a_
 
 
 @triton.jit
+def _word_ptr(ptrs_ptr, r, PW: tl.constexpr, ALIGN: tl.constexpr):
+    """Cache r's base as a pointer to PW-byte words (PW = 2, 4, 8)."""
+    a = tl.load(ptrs_ptr + r)
+    if PW == 2:
+        p = a.to(tl.pointer_type(tl.int16))
+    elif PW == 4:
+        p = a.to(tl.pointer_type(tl.int32))
+    else:
+        p = a.to(tl.pointer_type(tl.int64))
+    if ALIGN:
+        p = tl.multiple_of(p, 16)
+    return p
+
+
+@triton.jit
+def _elem_bits(v, CDT: tl.constexpr, PW: tl.constexpr):
+    """The bits of cache elements v (fp8 bytes, fp16 / bf16, fp32) widened to a PW-byte word."""
+    if CDT == 3:
+        b = v.to(tl.uint8)
+    elif CDT == 0:
+        b = v.to(tl.uint32, bitcast=True)
+    else:
+        b = v.to(tl.uint16, bitcast=True)
+    if PW == 2:
+        w = b.to(tl.uint16)
+    elif PW == 4:
+        w = b.to(tl.uint32)
+    else:
+        w = b.to(tl.uint64)
+    return w
+
+
+@triton.jit
+def _dq_plane(ci, k: tl.constexpr, BITS: tl.constexpr, sc, zp, cs, CDT: tl.constexpr, CLAMP: tl.constexpr,
+              PW: tl.constexpr):
+    """Plane k (the k-th code of every byte) of the code bytes ci, dequantized, converted to the
+    cache's element type and widened to a PW-byte word."""
+    QM: tl.constexpr = (1 << BITS) - 1
+    q = (ci >> (k * BITS)) & QM
+    x = tl.fma(q.to(tl.float32), sc, zp)  # one FMA, as the quant spec (docs/quant-spec.md)
+    if CDT == 3:
+        v = _fp8_cache_codes(x, cs, CLAMP)
+    elif CDT == 0:
+        v = x
+    elif CDT == 1:
+        v = x.to(tl.float16)
+    else:
+        v = x.to(tl.bfloat16)
+    return _elem_bits(v, CDT, PW)
+
+
+@triton.jit
 def _dequant_scatter_kernel(src_ptr, s_kv, s_l, s_t, s_h, scale_ptr, zero_ptr, a_row, a_t, a_h, a_d,
                             ptrs_ptr, slots_ptr, T, L, H, NSLOTS, BS,
                             kB, kT, kH, kDX, kDI, vB, vT, vH, vDX, vDI, X,
@@ -193,7 +246,8 @@ def _dequant_scatter_kernel(src_ptr, s_kv, s_l, s_t, s_h, scale_ptr, zero_ptr, a
                             HP: tl.constexpr, TB: tl.constexpr, NG: tl.constexpr, NGP: tl.constexpr,
                             G: tl.constexpr, GBP: tl.constexpr, SRC: tl.constexpr, BITS: tl.constexpr,
                             TG: tl.constexpr, CV: tl.constexpr, CDT: tl.constexpr, SPLIT: tl.constexpr,
-                            COUNT: tl.constexpr, CLAMP: tl.constexpr, ALIGN: tl.constexpr, SAME_KV: tl.constexpr):
+                            COUNT: tl.constexpr, CLAMP: tl.constexpr, ALIGN: tl.constexpr, SAME_KV: tl.constexpr,
+                            PACK: tl.constexpr):
     """Scatter with dequantization, one scale (and zero point) per group of G channels (int
     ``channel`` groups; fp8 scales: one group of G = head_dim). The tile is [TB * HP * NGP rows
     of (token, head, group), GBP code bytes]: the packed codes are read once as bytes (CV
@@ -201,7 +255,12 @@ def _dequant_scatter_kernel(src_ptr, s_kv, s_l, s_t, s_h, scale_ptr, zero_ptr, a
     get the same per-thread layout), each group's scale / zero once per row and broadcast along
     it; int4 / int2 bytes are split into K = 8 / BITS code planes (one shift + AND per byte) and
     interleaved back into channel order with ``tl.join`` (a byte's codes stay in its thread): no
-    per-element shifts of duplicated loads, no per-element scale loads."""
+    per-element shifts of duplicated loads, no per-element scale loads.
+
+    PACK (int4 / int2 codes, a dense inner dim, strides and bases multiples of the word): the K
+    channels of a code byte are computed per plane in the bytes' own layout and written as one
+    word of K cache elements (PW = K * element size bytes; the block / token / head strides
+    arrive divided by K, in words), so nothing is re-laid out at all."""
     pid_t = tl.program_id(0)
     r = tl.program_id(1)
     kv = r // L
@@ -236,38 +295,55 @@ def _dequant_scatter_kernel(src_ptr, s_kv, s_l, s_t, s_h, scale_ptr, zero_ptr, a
     c = tl.load(src_ptr + srow[:, None] + jc[None, :], mask=cm, other=0)
     sidx = r.to(tl.int64) * a_row + (t64 // TG) * a_t + h * a_h + g * a_d
     sc = tl.load(scale_ptr + sidx, mask=ok, other=0.0)
-    if SRC == 1:
-        zp = tl.load(zero_ptr + sidx, mask=ok, other=0.0)
-        ci = c.to(tl.int32)
-        QM: tl.constexpr = (1 << BITS) - 1
-        if K == 1:
-            qv = ci
-        elif K == 2:
-            qv = tl.reshape(tl.join(ci & QM, ci >> 4), (ROWS, GP))
+    if PACK:
+        PW: tl.constexpr = K * (1 if CDT == 3 else 4 if CDT == 0 else 2)
+        zw = tl.load(zero_ptr + sidx, mask=ok, other=0.0)[:, None]
+        if CDT == 3:
+            cw = _cache_scale(ks_ptr, ks_l, ks_h, vs_ptr, vs_l, vs_h, kv, l, h, H)[:, None]
         else:
-            qv = tl.reshape(tl.join(tl.join(ci & QM, (ci >> 4) & QM), tl.join((ci >> 2) & QM, ci >> 6)), (ROWS, GP))
-        x = tl.fma(qv.to(tl.float32), sc[:, None], zp[:, None])  # one FMA, as the quant spec
+            cw = sc[:, None]
+        cb = c.to(tl.int32)
+        sc2 = sc[:, None]
+        wv = _dq_plane(cb, 0, BITS, sc2, zw, cw, CDT, CLAMP, PW)
+        for k in tl.static_range(1, K):
+            wv = wv | (_dq_plane(cb, k, BITS, sc2, zw, cw, CDT, CLAMP, PW) << (k * 8 * PW // K))
+        wB, wT, wH, wDI, wDX = _strides(kv, kB, kT, kH, kDX, kDI, vB, vT, vH, vDX, vDI, SAME_KV)
+        woff = (blk * wB + off * wT + h * wH + g * GB)[:, None] + jc[None, :]
+        wbase = _word_ptr(ptrs_ptr, r, PW, ALIGN)
+        tl.store(wbase + woff, wv.to(wbase.dtype.element_ty, bitcast=True), mask=cm)
     else:
-        x = c.to(tl.float8e4nv, bitcast=True).to(tl.float32) * sc[:, None]
-    # the cache: channel g*G + jj of head h of the token's row
-    jj = tl.arange(0, GP)
-    sB, sT, sH, sDI, sDX = _strides(kv, kB, kT, kH, kDX, kDI, vB, vT, vH, vDX, vDI, SAME_KV)
-    ch = (g * G)[:, None] + jj[None, :]
-    if SPLIT:
-        doff = (ch // X).to(tl.int64) * sDX + (ch % X).to(tl.int64) * sDI
-    else:
-        doff = ch.to(tl.int64) * sDI
-    coff = (blk * sB + off * sT + h * sH)[:, None] + doff
-    if GP == G:
-        m = ok[:, None] & (jj >= 0)[None, :]
-    else:
-        m = ok[:, None] & (jj < G)[None, :]
-    base = _cache_ptr(ptrs_ptr, r, CDT, ALIGN)
-    if CDT == 3:
-        cs = _cache_scale(ks_ptr, ks_l, ks_h, vs_ptr, vs_l, vs_h, kv, l, h, H)
-        tl.store(base + coff, _fp8_cache_codes(x, cs[:, None], CLAMP), mask=m)
-    else:
-        tl.store(base + coff, x.to(base.dtype.element_ty), mask=m)
+        if SRC == 1:
+            zp = tl.load(zero_ptr + sidx, mask=ok, other=0.0)
+            ci = c.to(tl.int32)
+            QM: tl.constexpr = (1 << BITS) - 1
+            if K == 1:
+                qv = ci
+            elif K == 2:
+                qv = tl.reshape(tl.join(ci & QM, ci >> 4), (ROWS, GP))
+            else:
+                qv = tl.reshape(tl.join(tl.join(ci & QM, (ci >> 4) & QM), tl.join((ci >> 2) & QM, ci >> 6)), (ROWS, GP))
+            x = tl.fma(qv.to(tl.float32), sc[:, None], zp[:, None])  # one FMA, as the quant spec
+        else:
+            x = c.to(tl.float8e4nv, bitcast=True).to(tl.float32) * sc[:, None]
+        # the cache: channel g*G + jj of head h of the token's row
+        jj = tl.arange(0, GP)
+        sB, sT, sH, sDI, sDX = _strides(kv, kB, kT, kH, kDX, kDI, vB, vT, vH, vDX, vDI, SAME_KV)
+        ch = (g * G)[:, None] + jj[None, :]
+        if SPLIT:
+            doff = (ch // X).to(tl.int64) * sDX + (ch % X).to(tl.int64) * sDI
+        else:
+            doff = ch.to(tl.int64) * sDI
+        coff = (blk * sB + off * sT + h * sH)[:, None] + doff
+        if GP == G:
+            m = ok[:, None] & (jj >= 0)[None, :]
+        else:
+            m = ok[:, None] & (jj < G)[None, :]
+        base = _cache_ptr(ptrs_ptr, r, CDT, ALIGN)
+        if CDT == 3:
+            cs = _cache_scale(ks_ptr, ks_l, ks_h, vs_ptr, vs_l, vs_h, kv, l, h, H)
+            tl.store(base + coff, _fp8_cache_codes(x, cs[:, None], CLAMP), mask=m)
+        else:
+            tl.store(base + coff, x.to(base.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -460,6 +536,21 @@ def _grouped(fmt: Optional[QuantFormat], D: int):
     return None
 
 
+def _packable(layout: PagedLayout, K: int) -> bool:
+    """Whether K channels of a code byte can be stored as one word of K cache elements: a dense
+    inner dim without an x split, block / token / head strides multiples of K, bases aligned to
+    the word (``KVK_PAGED_PACK=0`` turns it off)."""
+    if K == 1 or os.environ.get("KVK_PAGED_PACK", "1") == "0" or layout.x != layout.head_dim:
+        return False
+    pw = K * layout.element_size
+    if pw not in (2, 4, 8):
+        return False
+    for st in layout.strides:
+        if st[4] != 1 or any(v % K for v in st[:3]):
+            return False
+    return all(b.data_ptr() % pw == 0 for b in layout.bases)
+
+
 def scatter_into(layout: PagedLayout, kv, scale, zero, fmt: Optional[QuantFormat], slots, cache_scale, oob_count,
                  max_sms: int = 0) -> None:
     T = slots.shape[0]
@@ -498,14 +589,21 @@ def scatter_into(layout: PagedLayout, kv, scale, zero, fmt: Optional[QuantFormat
         K = 8 // fmt.bits if fmt.kind == "int" else 1
         GBP = _p2(G // K)
         NGP = _p2(NG)
-        TBg = max(1, min(_p2(T), _TILE_ELEMS // (HP * NGP * GBP * K)))
+        # at most 64 (token, head, group) rows a program: with more (4 warps), Triton moves the
+        # rows' slots / scales / offsets between layouts through shared memory (sm_90 PTX)
+        TBg = max(1, min(_p2(T), _TILE_ELEMS // (HP * NGP * GBP * K), _DQ_ROWS // (HP * NGP)))
+        pack = _packable(layout, K)
+        largs = list(_layout_args(layout))
+        if pack:  # block / token / head strides in words of K elements
+            for i in (2, 3, 4, 7, 8, 9):
+                largs[i] //= K
         _launch(_dequant_scatter_kernel, (triton.cdiv(T, TBg), R),
-                (src, s_kv, s_l, s_t, s_h, *sargs, layout.ptrs, slots, T, L, H, *_layout_args(layout),
+                (src, s_kv, s_l, s_t, s_h, *sargs, layout.ptrs, slots, T, L, H, *largs,
                  *_scale_args(layout, cache_scale), cnt),
                 dict(HP=HP, TB=TBg, NG=NG, NGP=NGP, G=G, GBP=GBP, SRC=SRC, BITS=BITS, TG=TG, CDT=_cdt(layout),
                      CV=max(1, min(GBP, 16 // layout.element_size // K)),
                      SPLIT=layout.x != D, COUNT=oob_count is not None, CLAMP=_INTERPRET, ALIGN=_aligned(layout),
-                     SAME_KV=layout.strides[0] == layout.strides[-1], num_warps=4, **_LAUNCH))
+                     SAME_KV=layout.strides[0] == layout.strides[-1], PACK=pack, num_warps=4, **_LAUNCH))
         return
     grid = (triton.cdiv(T, TB), R)
     _launch(_scatter_kernel, grid,
