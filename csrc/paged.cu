@@ -678,7 +678,11 @@ cudaError_t launch(const Args& a, int U, int max_blocks, Kernel kernel, int* per
   dim3 grid, block;
   cudaError_t err = launch_geometry(a, U, max_blocks, kernel, per_sm, grid, block);
   if (err != cudaSuccess) return err;
+#ifdef KVK_PAGED_EMULATE  // tests/test_paged_emu.py: every thread run in turn on the host (no GPU)
+  kvk_paged_emulate(kernel, grid, block, a);
+#else
   kernel<<<grid, block, 0, stream>>>(a);
+#endif
   return cudaGetLastError();
 }
 
