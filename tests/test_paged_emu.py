@@ -315,3 +315,29 @@ def test_cuda_scatter_gather_emulated(cuda_emu, kind, dtype, D, H, BS, spec, sms
         (a, na), (b, nb) = outs
         assert na == nb == 2
         assert torch.equal(a.isnan(), b.isnan()) and torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))
+
+
+MIXED = [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16),
+         (torch.float32, torch.float8_e4m3fn), (torch.float16, torch.float8_e4m3fn)]
+
+
+@pytest.mark.parametrize("flat_dtype,cache_dtype", MIXED, ids=[f"{str(a)[6:]}-{str(b)[6:]}" for a, b in MIXED])
+def test_cuda_mixed_dtypes_emulated(cuda_emu, flat_dtype, cache_dtype):
+    """Flat and cache element types that differ (the chunk is 16 bytes of the narrower side)."""
+    L, NB, BS, H, D, T = 2, 4, 16, 2, 64, 23
+    lay0, c0 = build("flash_nhd", L, NB, BS, H, D, cache_dtype, device="cpu")
+    kv = make_flat(2, L, T, H, D, flat_dtype, device="cpu")
+    slots = make_slots(T, NB, BS, device="cpu")
+    sc = scales_for(lay0, device="cpu")
+    pref.scatter_into(lay0, kv, None, None, None, slots, _scale_pair(lay0, sc), None)
+    lay1, c1 = build("flash_nhd", L, NB, BS, H, D, cache_dtype, device="cpu")
+    cuda_emu.scatter_into(lay1, kv, None, None, None, slots, _scale_pair(lay1, sc), None)
+    for a, b in zip(c1.snapshot(), c0.snapshot()):
+        assert torch.equal(a, b)
+    outs = []
+    for fn in (pref.gather_into, cuda_emu.gather_into):
+        out = torch.full((2, L, T, H, D), float("nan"), dtype=flat_dtype)
+        fn(lay1, slots, out, None, None, None, None, _scale_pair(lay1, sc), None)
+        outs.append(out)
+    assert torch.equal(outs[0].isnan(), outs[1].isnan())
+    assert torch.equal(torch.nan_to_num(outs[0]), torch.nan_to_num(outs[1]))
