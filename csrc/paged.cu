@@ -252,6 +252,7 @@ struct Row {
   int kv;
   const int64_t* st;
   int64_t base;           // ptrs[r]
+  bool valid;             // the token's slot is addressed (else: skipped, kSkipped rows only)
 };
 
 __device__ __forceinline__ void split_work(const Args& a, int64_t w, int64_t& r, int64_t& i) {
@@ -267,8 +268,9 @@ __device__ __forceinline__ void split_work(const Args& a, int64_t w, int64_t& r,
 }
 
 // Work-item loop shared by both directions: body(row) for every addressed row of this thread's
-// rows; the next row's slot and cache base are loaded before the current row's body runs.
-template <typename Body>
+// rows (kSkipped: every row, skipped ones with row.valid false); the next row's slot and cache
+// base are loaded before the current row's body runs.
+template <bool kSkipped = false, typename Body>
 __device__ __forceinline__ void for_each_row(const Args& a, Body&& body) {
   const int64_t work = a.R * a.T;
   const int64_t step = int64_t(gridDim.x) * blockDim.y;
@@ -286,9 +288,19 @@ __device__ __forceinline__ void for_each_row(const Args& a, Body&& body) {
       sn = load_slot(a, in);
       bn = a.c.ptrs[rn];
     }
-    if (s >= a.nslots) {
-      if (r == 0 && threadIdx.x == 0) count_oob(a);
-    } else if (s >= 0) {
+    if (s >= a.nslots && r == 0 && threadIdx.x == 0) count_oob(a);
+    if (s >= a.nslots || s < 0) {
+      if constexpr (kSkipped) {  // the row is still visited (valid = false): gather-quantize writes zeros
+        Row row{};
+        row.r = r;
+        row.i = i;
+        row.kv = r >= a.c.num_layers;
+        row.l = r - row.kv * a.c.num_layers;
+        row.st = a.c.st[row.kv];
+        row.valid = false;
+        body(row);
+      }
+    } else {
       int64_t blk, off;
       if (a.nslots32) {
         uint32_t q, rem;
@@ -307,6 +319,7 @@ __device__ __forceinline__ void for_each_row(const Args& a, Body&& body) {
       row.st = a.c.st[row.kv];
       row.crow = blk * row.st[0] + off * row.st[1];
       row.base = base;
+      row.valid = true;
       body(row);
     }
     if (wn >= work) break;
@@ -536,6 +549,119 @@ __global__ void __launch_bounds__(1024) gather_kernel(const Args a) {
   });
 }
 
+// ---- gather + quantize -------------------------------------------------------------------------
+// A thread quantizes one group of G channels of one head of one token row (int `channel` groups,
+// G = group size; fp8 `token_head`, G = head_dim): pass 1 reads the group in pieces of E channels
+// (16-byte vector loads of the cache) for the finite min / max (int) or amax (fp8); pass 2 reads
+// it again (the lines this thread just loaded: L1 hits) and writes the codes, then the scale
+// (and zero point). The math is quant_math.cuh's (make_int_group / int_quantize,
+// fp8_scale_from_amax / fp8_inv / satfinite encode): the codes and scales of kvkernels.quantize.
+// Skipped tokens are quantized as zeros (as the reference). Codes [R, T, H, D*bits/8] (bytes),
+// scale / zero [R, T, H, D/G] (fp8: [R, T, H]), contiguous, R = num_kv * L.
+template <typename CTr, int E>
+__device__ __forceinline__ void load_piece(const Args& a, const Row& row, int h, int d, float (&f)[E], float cs) {
+  Words<E * CTr::kSize> x;
+  load_cache<CTr, E, false>(a, row, h, d, x);
+  if constexpr (std::is_same<CTr, FP8>::value) {
+    fp8_to_floats<E>(x, f);
+#pragma unroll
+    for (int j = 0; j < E; ++j) f[j] = __fmul_rn(f[j], cs);  // fp8_dequantize
+  } else {
+    to_floats<CTr, E>(x, f);
+  }
+}
+
+template <typename CTr, int KIND, int BITS, int E>
+__global__ void __launch_bounds__(256) gather_quant_kernel(const Args a) {
+  constexpr bool kFp8Cache = std::is_same<CTr, FP8>::value;
+  constexpr int qmax = (1 << BITS) - 1;
+  constexpr int CB = KIND == 1 ? E * BITS / 8 : E;  // code bytes of a piece
+  const int G = int(a.f.dg);
+  const int groups = a.chunks;  // H * D / G
+  uint8_t* codes = static_cast<uint8_t*>(a.f.data);
+  for_each_row<true>(a, [&](const Row& row) {
+    const int64_t rowi = row.r * a.T + row.i;  // (r, token) row of the quantized output
+    for (int gi = threadIdx.x; gi < groups; gi += blockDim.x) {
+      uint32_t hq, gq;
+      a.cph.divmod(uint32_t(gi), hq, gq);  // groups per head
+      const int h = int(hq), d0 = int(gq) * G;
+      const float cs = (kFp8Cache && row.valid) ? cache_scale(a, row.kv, row.l, h) : 1.f;
+      // pass 1: the group's finite min / max or amax
+      float mn = __int_as_float(0x7fffffff), mx = mn, amax = 0.f;
+      bool nonfinite = false;
+      if (row.valid) {
+#pragma unroll 4
+        for (int d = d0; d < d0 + G; d += E) {
+          float f[E];
+          load_piece<CTr, E>(a, row, h, d, f, cs);
+#pragma unroll
+          for (int j = 0; j < E; ++j) {
+            if constexpr (KIND == 1) {
+              const float v = finite_or_nan(f[j]);
+              nonfinite |= v != v;
+              mn = fminf(mn, v);
+              mx = fmaxf(mx, v);
+            } else {
+              const float m = fabsf(f[j]);
+              if (m <= 3.402823466e38f) amax = fmaxf(amax, m);
+            }
+          }
+        }
+      }
+      const int64_t gidx = rowi * groups + gi;  // scale / zero index: [R, T, H, NG] or [R, T, H]
+      uint8_t* cp = codes + (rowi * a.c.num_heads + h) * a.f.f_h + int64_t(d0) * BITS / 8;
+      if constexpr (KIND == 1) {
+        const IntGroup grp = make_int_group(mn, mx, qmax, nonfinite);
+#pragma unroll 4
+        for (int d = d0; d < d0 + G; d += E) {
+          float f[E];
+          if (row.valid) load_piece<CTr, E>(a, row, h, d, f, cs);
+          else {
+#pragma unroll
+            for (int j = 0; j < E; ++j) f[j] = 0.f;
+          }
+          uint32_t q[E];
+#pragma unroll
+          for (int j = 0; j < E; ++j) q[j] = int_quantize(f[j], grp, float(qmax));
+          Words<CB> w;
+          if constexpr (CB <= 8) {
+            const uint64_t word = pack_code_word<BITS, E>(q);
+            w.w[0] = uint32_t(word);
+            if constexpr (CB == 8) w.w[1] = uint32_t(word >> 32);
+          } else {  // 16 int8 codes: two 8-byte words
+            uint32_t lo[E / 2], hi[E / 2];
+#pragma unroll
+            for (int j = 0; j < E / 2; ++j) { lo[j] = q[j]; hi[j] = q[E / 2 + j]; }
+            const uint64_t a0 = pack_code_word<BITS, E / 2>(lo), a1 = pack_code_word<BITS, E / 2>(hi);
+            w.w[0] = uint32_t(a0); w.w[1] = uint32_t(a0 >> 32); w.w[2] = uint32_t(a1); w.w[3] = uint32_t(a1 >> 32);
+          }
+          store_flat<CB, false>(a, cp + int64_t(d - d0) * BITS / 8, w);
+        }
+        const_cast<float*>(a.f.scale)[gidx] = grp.scale;
+        const_cast<float*>(a.f.zero)[gidx] = grp.mn;
+      } else {
+        const float scale = fp8_scale_from_amax(amax);
+        const float inv = fp8_inv(scale);
+#pragma unroll 4
+        for (int d = d0; d < d0 + G; d += E) {
+          float f[E];
+          if (row.valid) load_piece<CTr, E>(a, row, h, d, f, cs);
+          else {
+#pragma unroll
+            for (int j = 0; j < E; ++j) f[j] = 0.f;
+          }
+#pragma unroll
+          for (int j = 0; j < E; ++j) f[j] = __fmul_rn(f[j], inv);
+          Words<E> w;
+          floats_to_fp8<E>(f, w);
+          store_flat<E, false>(a, cp + (d - d0), w);
+        }
+        const_cast<float*>(a.f.scale)[gidx] = scale;
+      }
+    }
+  });
+}
+
 // ---- host side --------------------------------------------------------------------------------
 int esize_of(int code) { return code == 0 ? 4 : code == 3 ? 1 : 2; }
 
@@ -644,9 +770,9 @@ constexpr int kMaxDevices = 64;
 // occupancy API runs once per kernel and device, not inside a CUDA-graph capture later.
 template <typename Kernel>
 cudaError_t launch_geometry(const Args& a, int U, int max_blocks, Kernel kernel, int* per_sm_cache, dim3& grid,
-                            dim3& block) {
+                            dim3& block, int max_threads = 1024) {
   const int tpr = std::max(1, std::min(256, (a.chunks + U - 1) / U));
-  const int rows = std::max(1, (max_blocks > 0 ? 1024 : 256) / tpr);
+  const int rows = std::max(1, (max_blocks > 0 ? max_threads : 256) / tpr);
   const int64_t work = a.R * a.T;
   int64_t nb = (work + rows - 1) / rows;
   if (max_blocks > 0) {
@@ -674,9 +800,10 @@ cudaError_t launch_geometry(const Args& a, int U, int max_blocks, Kernel kernel,
 }
 
 template <typename Kernel>
-cudaError_t launch(const Args& a, int U, int max_blocks, Kernel kernel, int* per_sm, cudaStream_t stream) {
+cudaError_t launch(const Args& a, int U, int max_blocks, Kernel kernel, int* per_sm, cudaStream_t stream,
+                   int max_threads = 1024) {
   dim3 grid, block;
-  cudaError_t err = launch_geometry(a, U, max_blocks, kernel, per_sm, grid, block);
+  cudaError_t err = launch_geometry(a, U, max_blocks, kernel, per_sm, grid, block, max_threads);
   if (err != cudaSuccess) return err;
 #ifdef KVK_PAGED_EMULATE  // tests/test_paged_emu.py: every thread run in turn on the host (no GPU)
   kvk_paged_emulate(kernel, grid, block, a);
@@ -791,6 +918,69 @@ cudaError_t gather_dispatch(Args& a, const KvkPagedCaches* c, const KvkPagedFlat
   }
 }
 
+// ---- gather + quantize: host ----------------------------------------------------------------
+// Pieces of E channels: 16 bytes of the cache element where the group and the layout allow.
+int pick_e_quant(const KvkPagedCaches* c, int G) {
+  for (int e = 16 / esize_of(c->cache_dtype); e > 4; e /= 2)
+    if (G % e == 0 && cache_vec_ok(c, e)) return e;
+  return 4;
+}
+
+cudaError_t prepare_quant(Args& a, const KvkPagedCaches* c, const KvkPagedFlat* f, const void* slots, int slots64,
+                          int64_t T, void* cnt, int cnt64, int E) {
+  cudaError_t err = prepare(a, c, f, slots, slots64, T, cnt, cnt64, 4);  // rows, slots, divisors
+  if (err != cudaSuccess) return err;
+  const int64_t G = f->dg, D = c->head_dim;
+  if (G < 4 || G % E || D % G) return cudaErrorNotSupported;
+  a.chunks = int(c->num_heads * (D / G));
+  a.cph = FastDiv(uint32_t(D / G));
+  a.cache_vec = cache_vec_ok(c, E);
+  const int cb = f->kind == 1 ? E * f->bits / 8 : E;  // code bytes of a piece
+  const int al = std::min(cb, 16);
+  a.flat_vec = reinterpret_cast<uintptr_t>(f->data) % al == 0 && f->f_h % al == 0;
+  return cudaSuccess;
+}
+
+template <typename CTr, int KIND, int BITS, int E>
+cudaError_t run_gather_quant(Args& a, int max_blocks, cudaStream_t s) {
+  if constexpr (E > 16 / CTr::kSize) {
+    return cudaErrorNotSupported;  // never picked (pick_e_quant)
+  } else {
+    static int per_sm[kMaxDevices * 33] = {};
+    return launch(a, 1, max_blocks, gather_quant_kernel<CTr, KIND, BITS, E>, per_sm, s, 256);
+  }
+}
+
+template <typename CTr, int KIND, int BITS>
+cudaError_t gather_quant_by_e(Args& a, int E, int max_blocks, cudaStream_t s) {
+  switch (E) {
+    case 4: return run_gather_quant<CTr, KIND, BITS, 4>(a, max_blocks, s);
+    case 8: return run_gather_quant<CTr, KIND, BITS, 8>(a, max_blocks, s);
+    case 16: return run_gather_quant<CTr, KIND, BITS, 16>(a, max_blocks, s);
+    default: return cudaErrorNotSupported;
+  }
+}
+
+template <typename CTr>
+cudaError_t gather_quant_by_fmt(Args& a, const KvkPagedFlat* f, int E, int max_blocks, cudaStream_t s) {
+  if (f->kind == 2) return gather_quant_by_e<CTr, 2, 8>(a, E, max_blocks, s);
+  switch (f->bits) {
+    case 8: return gather_quant_by_e<CTr, 1, 8>(a, E, max_blocks, s);
+    case 4: return gather_quant_by_e<CTr, 1, 4>(a, E, max_blocks, s);
+    default: return gather_quant_by_e<CTr, 1, 2>(a, E, max_blocks, s);
+  }
+}
+
+cudaError_t gather_quant_dispatch(Args& a, const KvkPagedCaches* c, const KvkPagedFlat* f, int E, int max_blocks,
+                                  cudaStream_t s) {
+  switch (c->cache_dtype) {
+    case 0: return gather_quant_by_fmt<F32>(a, f, E, max_blocks, s);
+    case 1: return gather_quant_by_fmt<F16>(a, f, E, max_blocks, s);
+    case 2: return gather_quant_by_fmt<BF16>(a, f, E, max_blocks, s);
+    default: return gather_quant_by_fmt<FP8>(a, f, E, max_blocks, s);
+  }
+}
+
 }  // namespace paged
 }  // namespace kvk
 
@@ -820,7 +1010,20 @@ extern "C" cudaError_t kvk_paged_gather(const KvkPagedCaches* caches, const KvkP
                                         cudaStream_t stream) {
   if (!valid_caches(caches) || !dst || !dst->data || T < 0 || (T > 0 && !slots) || max_blocks < 0)
     return cudaErrorInvalidValue;
-  if (dst->kind != 0 || dst->dtype < 0 || dst->dtype > 2) return cudaErrorInvalidValue;
+  if (dst->kind < 0 || dst->kind > 2 || (dst->kind == 0 && (dst->dtype < 0 || dst->dtype > 2)))
+    return cudaErrorInvalidValue;
+  if (dst->kind != 0) {  // quantize: int channel groups of dg (bits, scale, zero) or fp8 per token-head
+    if (!dst->scale || (dst->kind == 1 && (!dst->zero || (dst->bits != 8 && dst->bits != 4 && dst->bits != 2))))
+      return cudaErrorInvalidValue;
+    if (dst->dg < 1 || caches->head_dim % dst->dg || (dst->kind == 2 && dst->dg != caches->head_dim))
+      return cudaErrorInvalidValue;
+    if (T == 0) return cudaSuccess;
+    Args a;
+    const int E = pick_e_quant(caches, int(dst->dg));
+    cudaError_t err = prepare_quant(a, caches, dst, slots, slots_int64, T, oob_count, count_int64, E);
+    if (err != cudaSuccess) return err;
+    return gather_quant_dispatch(a, caches, dst, E, max_blocks, stream);
+  }
   if (T == 0) return cudaSuccess;
   Args a;
   const int E = pick_e(caches, dst);

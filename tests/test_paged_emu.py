@@ -80,7 +80,12 @@ inline float __fsub_rn(float a, float b) { volatile float r = a - b; return r; }
 inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
 inline float __fdiv_rn(float a, float b) { volatile float r = a / b; return r; }
 inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
-inline float __fadd_rd(float a, float b) { return std::nextafter(a + b, -INFINITY); }  // unused here
+inline float __fadd_rd(float a, float b) {  // round toward -inf (the sum is exact in double here)
+  const double d = double(a) + double(b);
+  float r = float(d);
+  if (double(r) > d) r = std::nextafter(r, -INFINITY);
+  return r;
+}
 inline float __shfl_xor_sync(unsigned, float v, int) { return v; }                       // unused here
 inline int atomicAdd(int* p, int v) { int o = *p; *p += v; return o; }
 inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) { auto o = *p; *p += v; return o; }
@@ -341,3 +346,46 @@ def test_cuda_mixed_dtypes_emulated(cuda_emu, flat_dtype, cache_dtype):
         outs.append(out)
     assert torch.equal(outs[0].isnan(), outs[1].isnan())
     assert torch.equal(torch.nan_to_num(outs[0]), torch.nan_to_num(outs[1]))
+
+
+GQ_CASES = [("flash_nhd", torch.bfloat16, 128, 2, "int8:g64:channel"), ("flash_hnd", torch.bfloat16, 80, 3, "int4:g16:channel"),
+            ("flash_nhd", torch.float16, 64, 2, "int2:g16:channel"), ("legacy", torch.bfloat16, 64, 2, "int4:g32:channel"),
+            ("flash_nhd", torch.float32, 64, 2, "int8:g8:channel"), ("flash_nhd", torch.float8_e4m3fn, 128, 2, "int8:g64:channel"),
+            ("flash_nhd", torch.bfloat16, 128, 2, "fp8:token_head"), ("cross_layer", torch.float8_e4m3fn, 80, 3, "fp8:token_head"),
+            ("flash_nhd", torch.float32, 64, 2, "fp8:token_head"), ("mla", torch.bfloat16, 576, 1, "int4:g32:channel"),
+            ("flash_nhd", torch.bfloat16, 64, 2, "int8:g4:channel")]
+
+
+@pytest.mark.parametrize("kind,dtype,D,H,spec", GQ_CASES, ids=[f"{k}-{str(d)[6:]}-d{D}-h{H}-{f}" for k, d, D, H, f in GQ_CASES])
+def test_cuda_gather_quantize_emulated(cuda_emu, kind, dtype, D, H, spec):
+    """The fused gather + quantize: codes, scales and zero points equal the reference's (skipped
+    tokens quantized as zeros), non-finite cache values included."""
+    L, NB, BS, T = 2, 5, 8, 29
+    fmt = QuantFormat.parse(spec)
+    lay, c = build(kind, L, NB, BS, H, D, dtype, device="cpu")
+    sc = scales_for(lay, device="cpu")
+    kv = make_flat(lay.num_kv, L, T, lay.num_heads, D, torch.bfloat16 if lay.fp8 else dtype, device="cpu")
+    if not lay.fp8:
+        kv[0, 0, 2, 0, 3] = float("inf")
+        kv[-1, 1, 4, -1, 0] = float("nan")
+    slots = make_slots(T, NB, BS, device="cpu")
+    slots[7] = NB * BS
+    pref.scatter_into(lay, kv, None, None, None, slots, _scale_pair(lay, sc), None)
+    assert cuda_emu.supports_gather(lay, None, fmt) is None or "CUDA device" in cuda_emu.supports_gather(lay, None, fmt) \
+        or "extension" in cuda_emu.supports_gather(lay, None, fmt)
+    R = lay.num_kv * L
+    res = []
+    for which in ("ref", "cuda"):
+        codes = torch.full(fmt.codes_shape(R, T, lay.num_heads, D), 0xAB, dtype=torch.uint8)
+        scale = torch.full(fmt.scale_shape(R, T, lay.num_heads, D), float("nan"))
+        zero = torch.full_like(scale, float("nan")) if fmt.has_zero else None
+        cnt = torch.zeros(1, dtype=torch.int64)
+        fn = pref.gather_into if which == "ref" else cuda_emu.gather_into
+        fn(lay, slots, None, codes, scale, zero, fmt, _scale_pair(lay, sc), cnt)
+        res.append((codes, scale, zero, int(cnt)))
+    (c0, s0, z0, n0), (c1, s1, z1, n1) = res
+    assert n0 == n1 == 1
+    assert torch.equal(c0, c1), f"{int((c0 != c1).sum())} code bytes differ"
+    assert torch.equal(s0.isnan(), s1.isnan()) and torch.equal(torch.nan_to_num(s0), torch.nan_to_num(s1))
+    if z0 is not None:
+        assert torch.equal(torch.nan_to_num(z0), torch.nan_to_num(z1))
