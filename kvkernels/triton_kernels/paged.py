@@ -48,18 +48,24 @@ def _p2(n: int) -> int:
 
 
 @triton.jit
-def _cache_ptr(ptrs_ptr, r, CDT: tl.constexpr, ALIGN: tl.constexpr):
-    a = tl.load(ptrs_ptr + r)
-    if CDT == 0:
-        p = a.to(tl.pointer_type(tl.float32))
-    elif CDT == 1:
-        p = a.to(tl.pointer_type(tl.float16))
-    elif CDT == 2:
-        p = a.to(tl.pointer_type(tl.bfloat16))
-    else:
-        p = a.to(tl.pointer_type(tl.uint8))
+def _base_ptr(ptrs_ptr, r, TY: tl.constexpr, ALIGN: tl.constexpr):
+    """Cache r's base address (``ptrs[r]``) as a pointer to TY (16-byte aligned when ALIGN)."""
+    p = tl.load(ptrs_ptr + r).to(tl.pointer_type(TY))
     if ALIGN:
         p = tl.multiple_of(p, 16)
+    return p
+
+
+@triton.jit
+def _cache_ptr(ptrs_ptr, r, CDT: tl.constexpr, ALIGN: tl.constexpr):
+    if CDT == 0:
+        p = _base_ptr(ptrs_ptr, r, tl.float32, ALIGN)
+    elif CDT == 1:
+        p = _base_ptr(ptrs_ptr, r, tl.float16, ALIGN)
+    elif CDT == 2:
+        p = _base_ptr(ptrs_ptr, r, tl.bfloat16, ALIGN)
+    else:
+        p = _base_ptr(ptrs_ptr, r, tl.uint8, ALIGN)
     return p
 
 
@@ -189,15 +195,12 @@ def _scatter_kernel(src_ptr, s_kv, s_l, s_t, s_h, scale_ptr, zero_ptr, a_row, a_
 @triton.jit
 def _word_ptr(ptrs_ptr, r, PW: tl.constexpr, ALIGN: tl.constexpr):
     """Cache r's base as a pointer to PW-byte words (PW = 2, 4, 8)."""
-    a = tl.load(ptrs_ptr + r)
     if PW == 2:
-        p = a.to(tl.pointer_type(tl.int16))
+        p = _base_ptr(ptrs_ptr, r, tl.int16, ALIGN)
     elif PW == 4:
-        p = a.to(tl.pointer_type(tl.int32))
+        p = _base_ptr(ptrs_ptr, r, tl.int32, ALIGN)
     else:
-        p = a.to(tl.pointer_type(tl.int64))
-    if ALIGN:
-        p = tl.multiple_of(p, 16)
+        p = _base_ptr(ptrs_ptr, r, tl.int64, ALIGN)
     return p
 
 
