@@ -34,4 +34,16 @@ for DST, BITS, G, CDT, ALIGN in [(0, 8, 1, 2, True), (0, 8, 1, 3, True), (1, 4, 
     k = compile_fn(tp._gather_kernel, consts, types, 4)
     ptx = k.asm["ptx"]
     rows.append(dict(kernel="gather", DST=DST, CDT=CDT, v4=ptx.count(".v4"), v2=ptx.count(".v2")))
+for SRC, BITS, G, NG, GBP, PACK in [(1, 8, 64, 2, 64, False), (1, 4, 32, 4, 16, False), (2, 8, 128, 1, 128, False),
+                                    (1, 4, 32, 4, 16, True)]:
+    CV = min(GBP, 16 // 2 // (8 // BITS))  # a bf16 cache
+    TB = max(1, min(4096 // (8 * NG * G), tp._DQ_ROWS // (8 * NG)))
+    consts = dict(HP=8, TB=TB, NG=NG, NGP=NG, G=G, GBP=GBP, SRC=SRC, BITS=BITS, TG=1, CV=CV, CDT=2,
+                  SPLIT=False, COUNT=False, CLAMP=False, ALIGN=True, SAME_KV=True, PACK=PACK)
+    types = dict(src_ptr="*u8", scale_ptr="*fp32", zero_ptr="*fp32", ptrs_ptr="*i64", slots_ptr="*i64",
+                 ks_ptr="*fp32", vs_ptr="*fp32", cnt_ptr="*i32")
+    k = compile_fn(tp._dequant_scatter_kernel, consts, types, 4)
+    ptx = k.asm["ptx"]
+    rows.append(dict(kernel="dequant_scatter", SRC=SRC, BITS=BITS, PACK=PACK, v4=ptx.count(".v4"), v2=ptx.count(".v2"),
+                     ld=ptx.count("ld.global"), st=ptx.count("st.global"), shared=k.metadata.shared))
 print(json.dumps(rows))

@@ -263,6 +263,39 @@ def test_scatter_dequantizes(backend, spec, kind, dtype):
             torch.testing.assert_close(g[:, :, idx], deq[:, :, idx], rtol=OUT_ULP[dtype], atol=0)
 
 
+ODD_DQ_CASES = [("flash_nhd", torch.float32, 80, 3, "int4:g16:channel"), ("legacy", torch.float32, 64, 2, "int2:g8:channel"),
+                ("flash_hnd", torch.float32, 80, 3, "fp8:token_head"), ("flash_nhd", torch.float16, 128, 2, "int4:g32:channel"),
+                ("sglang", torch.float16, 64, 3, "int4:g64:channel"), ("cross_layer", torch.float32, 48, 2, "int8:g48:channel"),
+                ("flash_nhd", torch.float32, 64, 2, "int4:g2:channel"), ("flash_nhd", torch.float8_e4m3fn, 64, 2, "int2:g16:channel"),
+                ("vllm_interleaved", torch.float16, 64, 2, "int2:g16:channel")]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("kind,dtype,D,H,spec", ODD_DQ_CASES, ids=[f"{k}-{str(d)[6:]}-d{D}-h{H}-{f}" for k, d, D, H, f in ODD_DQ_CASES])
+def test_scatter_dequantizes_odd_shapes(backend, kind, dtype, D, H, spec):
+    """Fused dequantize-scatter with head counts and group counts that are not powers of two,
+    tiny and odd groups, every packing path (Triton: code bytes stored as words of K elements
+    where the layout allows, interleaved planes elsewhere; CUDA: one scale per chunk or per
+    element), out-of-range slots counted."""
+    L, NB, BS, T = 2, 4, 8, 19
+    fmt = QuantFormat.parse(spec)
+    lay0, c0 = build(kind, L, NB, BS, H, D, dtype)
+    kv = make_flat(2, L, T + 2, H, D, torch.bfloat16)
+    q = kvkernels.quantize(kv.flatten(0, 1), fmt)
+    why = _refusal("scatter", backend, lay0, q.codes, fmt)
+    if why:
+        pytest.skip(f"{backend}: {why}")
+    slots = make_slots(T, NB, BS)
+    slots[3] = NB * BS + 5  # out of range: skipped and counted
+    sc = scales_for(lay0)
+    counts = [torch.zeros(1, dtype=torch.int64, device=DEVICE) for _ in range(2)]
+    kvkernels.scatter(q, lay0, slots, backend="torch", oob_count=counts[0], validate=False, **sc)
+    lay1, c1 = build(kind, L, NB, BS, H, D, dtype)
+    kvkernels.scatter(q, lay1, slots, backend=backend, oob_count=counts[1], validate=False, **sc)
+    assert_same_caches(c1.snapshot(), c0.snapshot(), lay1)
+    assert int(counts[0]) == int(counts[1]) == 1
+
+
 GATHER_FORMATS = ["int8:g64:channel", "int4:g32:channel", "int2:g16:channel", "fp8:token_head",
                   "int4:g32:token", "fp8:head", "fp8:tensor"]
 
@@ -650,9 +683,13 @@ def test_triton_kernels_compile_sm90():
         pytest.skip("no ptxas for an sm_90 compile")
     assert p.returncode == 0, p.stderr[-3000:]
     rows = json.loads(p.stdout.strip().splitlines()[-1])
-    assert len(rows) == 8
-    plain = [r for r in rows if r.get("SRC", r.get("DST")) == 0]
+    assert len(rows) == 12
+    plain = [r for r in rows if r.get("SRC", r.get("DST")) == 0 and r["kernel"] != "dequant_scatter"]
     assert all(r["v4"] > 0 for r in plain), plain
+    # fused dequantize: 16-byte cache stores, one scale (+ zero) load per group row, not per element
+    dq = [r for r in rows if r["kernel"] == "dequant_scatter"]
+    assert all(r["st"] <= 4 and r["v4"] >= 2 and r["ld"] <= 20 for r in dq), dq
+    assert all(r["shared"] == 0 for r in dq), dq  # loads, math and stores in one layout
 
 
 def test_flat_side_on_another_device():

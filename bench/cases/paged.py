@@ -18,11 +18,23 @@ and the baselines a user would write, measured in the same run: ``torch-loop`` (
 of ``index_copy_`` / ``index_select``) and ``<backend>-per-layer`` (one launch per layer of the
 same kernel). Every row is checked against the reference result before timing; small calls (16
 tokens) are timed under CUDA-graph replay (the harness times graph replays whenever the call can
-be captured; the torch reference cannot and is timed eagerly).
+be captured; the torch reference cannot and is timed eagerly, without a capture attempt).
+
+Memory: the reference result is computed once per case in chunks of layers (``_ref_chunks``)
+and kept on the host, so that a check needs no second full-size cache or output on the GPU;
+each row's callable, outputs and CUDA graph are freed (``gc.collect``, ``empty_cache``) before
+the next row, so that T=32768 on the 70B shape (80 layers: 10 GiB of bf16 flat KV and as much
+cache) fits in ~75 GiB beside the copy baseline. The torch reference is not timed above
+``REFERENCE_MAX_ELEMS`` flat elements (the row says so).
+
+Quick run: ``KVK_BENCH_QUICK=1 python -m bench paged`` runs one size, Llama-3-8B T=4096 block 16
+(or the ``--tokens`` given, still one model and block size), every format x backend.
 """
 from __future__ import annotations
 
+import gc
 import math
+import os
 
 import torch
 
@@ -40,6 +52,8 @@ SCATTER_VARIANTS = ["bf16", "fp8cache", "int8:g64:channel", "int4:g32:channel", 
                     "host-kernel"]
 GATHER_VARIANTS = ["bf16", "fp8cache", "int8:g64:channel", "fp8:token_head", "host-copy", "host-kernel"]
 REFERENCE_MAX_ELEMS = 2**31  # the torch reference row only up to this many flat elements
+CHUNK_ELEMS = 2**28  # reference check: layers per chunk so that a chunk has at most this many elements
+QUICK = os.environ.get("KVK_BENCH_QUICK", "") not in ("", "0")
 
 
 def _slots(T, NB, BS, device):
@@ -58,15 +72,15 @@ def _fmt_bytes(fmt: QuantFormat, R, T, H, D):
     return R * T * H * D * fmt.bits // 8 + meta
 
 
-def _equal_caches(a, b):
-    return all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in zip(a, b))
-
-
 def run(args, timer, copy, info, op_names):
     device = args.device
     sizes = GPU_SIZES if device == "cuda" else CPU_SIZES
+    block_sizes = BLOCK_SIZES
+    if QUICK:
+        sizes, block_sizes = [(sizes[0][0], 4096 if device == "cuda" else sizes[0][1])], BLOCK_SIZES[:1]
     if args.tokens:
-        sizes = [(m, t) for m in dict.fromkeys(m for m, _ in sizes) for t in args.tokens]
+        models = list(dict.fromkeys(m for m, _ in sizes))
+        sizes = [(m, t) for m in models for t in args.tokens]
     rows = []
     pinned_rate = {}
 
@@ -77,12 +91,13 @@ def run(args, timer, copy, info, op_names):
             t = timer(lambda: d.copy_(h, non_blocking=True), graph=False)["median_us"]
             pinned_rate[nbytes] = nbytes / t / 1e3
             del h, d
+            _free()
         return pinned_rate[nbytes]
 
     for model, T in sizes:
         L, H, D = MODELS[model]
         n = 2 * L * T * H * D
-        for BS in BLOCK_SIZES:
+        for BS in block_sizes:
             NB = -(-T // BS) + 8
             slots = _slots(T, NB, BS, device)
             kv = (torch.randn(2, L, T, H, D, device=device) * 2).to(torch.bfloat16)
@@ -93,71 +108,140 @@ def run(args, timer, copy, info, op_names):
                 if args.formats:
                     variants = [v for v in variants if v in args.formats]
                 for var in variants:
-                    host = var.startswith("host")
-                    if host and device != "cuda":
+                    if var.startswith("host") and device != "cuda":
                         continue
-                    fp8 = var == "fp8cache"
-                    fmt = None if var in ("bf16", "fp8cache") or host else QuantFormat.parse(var)
-                    sc = scale if fp8 else {}
-                    caches = _caches(L, NB, BS, H, D, fp8, device)
-                    lay = PagedLayout.vllm_flash(caches, kv_dim=0)
-                    q = kvkernels.quantize(kv.flatten(0, 1), fmt) if (fmt is not None and op == "scatter") else None
-                    src = q if q is not None else kv
-                    if op == "gather":  # fill the caches once; the reference result of the gather
-                        kvkernels.scatter(kv, lay, slots, backend="torch", **sc)
-                        want = kvkernels.gather(lay, slots, format=fmt, backend="torch", **sc)
-                        want_caches = None
-                    else:
-                        ref_caches = _caches(L, NB, BS, H, D, fp8, device)
-                        kvkernels.scatter(src, PagedLayout.vllm_flash(ref_caches, kv_dim=0), slots, backend="torch",
-                                          **sc)
-                        want_caches, want = ref_caches, None
-                    if op == "scatter":
-                        rd = (_fmt_bytes(fmt, 2 * L, T, H, D) if fmt else n * 2) + T * 8
-                        wr = n if fp8 else n * 2
-                    else:
-                        rd = (n if fp8 else n * 2) + T * 8
-                        wr = _fmt_bytes(fmt, 2 * L, T, H, D) if fmt else n * 2
-                    nbytes = rd + wr
-                    hkv = kv.cpu().pin_memory() if host else None
-                    hout = torch.empty(kv.shape, dtype=kv.dtype).pin_memory() if (host and op == "gather") else None
-                    backends = list(args.backends)
-                    if not host:
-                        backends += ["torch-loop"] + [f"{b}-per-layer" for b in args.backends if b in ("cuda", "triton")]
-                    for backend in backends:
-                        row = dict(op=op, format=var, backend=backend, model=f"{model} bs{BS}", L=L, T=T, H=H, D=D,
-                                   block_size=BS, dtype="bfloat16", bytes=(n * 2 if host else nbytes), **info)
-                        fn, why = _make_fn(op, backend, var, lay, caches, src, fmt, slots, sc, hkv, hout, L, NB, BS,
-                                           H, D, n)
-                        if why:
-                            rows.append({**row, "status": f"refused: {why}"})
-                            continue
-                        if op == "scatter":
-                            for c in caches:
-                                c.zero_()
-                        res = fn()  # reference check before timing
-                        if op == "scatter":
-                            ok = _equal_caches(caches, want_caches)
-                        elif host:
-                            torch.cuda.synchronize()
-                            ok = torch.equal(hout, want.cpu())
-                        elif fmt is not None:
-                            ok = (torch.equal(res.codes.view(torch.uint8), want.codes.view(torch.uint8))
-                                  and torch.equal(res.scale, want.scale))
-                        else:
-                            ok = torch.equal(res, want)
-                        t = timer(fn)
-                        gbps = row["bytes"] / t["median_us"] / 1e3
-                        cg = pinned_gbps(n * 2) if host else copy.gbps(nbytes)
-                        rows.append({**row, **t, "GBps": gbps, "copy_GBps": cg, "pct_copy": 100 * gbps / cg,
-                                     "baseline": "pinned cudaMemcpyAsync" if host else "device copy",
-                                     "check": "ok" if ok else "MISMATCH", "status": "ran"})
-                        print(_fmt_row(rows[-1]), flush=True)
-                    del caches, lay, q, src, want, want_caches, hkv, hout
-                    if device == "cuda":
-                        torch.cuda.empty_cache()
-            del kv, slots
+                    rows += _run_variant(args, timer, copy, info, op, var, model, kv, slots, scale, L, T, H, D,
+                                         NB, BS, n, pinned_gbps)
+                    _free()
+            del kv, slots, scale
+            _free()
     return rows
+
+
+def _run_variant(args, timer, copy, info, op, var, model, kv, slots, scale, L, T, H, D, NB, BS, n, pinned_gbps):
+    """The rows of one (op, variant) case: every backend, each checked, timed, then freed."""
+    device = args.device
+    rows = []
+    host = var.startswith("host")
+    fp8 = var == "fp8cache"
+    fmt = None if var in ("bf16", "fp8cache") or host else QuantFormat.parse(var)
+    sc = scale if fp8 else {}
+    caches = _caches(L, NB, BS, H, D, fp8, device)
+    lay = PagedLayout.vllm_flash(caches, kv_dim=0)
+    q = kvkernels.quantize(kv.flatten(0, 1), fmt) if (fmt is not None and op == "scatter") else None
+    src = q if q is not None else kv
+    if op == "gather":  # fill the caches once (the reference scatter, layer by layer)
+        kvkernels.scatter(kv, lay, slots, backend="torch", **sc)
+    ref = _ref_chunks(op, src, fmt, slots, sc, caches, L, NB, BS, H, D, fp8, device)
+    if op == "scatter":
+        rd = (_fmt_bytes(fmt, 2 * L, T, H, D) if fmt else n * 2) + T * 8
+        wr = n if fp8 else n * 2
+    else:
+        rd = (n if fp8 else n * 2) + T * 8
+        wr = _fmt_bytes(fmt, 2 * L, T, H, D) if fmt else n * 2
+    nbytes = rd + wr
+    hkv = kv.cpu().pin_memory() if host else None
+    hout = torch.empty(kv.shape, dtype=kv.dtype).pin_memory() if (host and op == "gather") else None
+    backends = list(args.backends)
+    if not host:
+        backends += ["torch-loop"] + [f"{b}-per-layer" for b in args.backends if b in ("cuda", "triton")]
+    for backend in backends:
+        row = dict(op=op, format=var, backend=backend, model=f"{model} bs{BS}", L=L, T=T, H=H, D=D,
+                   block_size=BS, dtype="bfloat16", bytes=(n * 2 if host else nbytes), **info)
+        fn, why = _make_fn(op, backend, var, lay, caches, src, fmt, slots, sc, hkv, hout, L, NB, BS, H, D, n)
+        if why:
+            rows.append({**row, "status": f"refused: {why}"})
+            continue
+        if op == "scatter":
+            for c in caches:
+                c.zero_()
+        try:
+            res = fn()  # reference check before timing
+            if host and op == "gather":
+                torch.cuda.synchronize()
+                res = hout
+            ok = _check(op, ref, res, caches, fmt, L, T, H, D)
+            del res
+            # the torch reference cannot be captured (host syncs): timed eagerly, no capture
+            # attempt (a failed capture can keep its graph's memory pool)
+            t = timer(fn, graph=backend != "torch")
+        except torch.OutOfMemoryError:  # a baseline too big beside the case's tensors: say so
+            res = fn = None
+            _free()
+            rows.append({**row, "status": "refused: out of GPU memory beside this case's tensors"})
+            continue
+        del fn
+        _free()
+        gbps = row["bytes"] / t["median_us"] / 1e3
+        cg = pinned_gbps(n * 2) if host else copy.gbps(nbytes)
+        rows.append({**row, **t, "GBps": gbps, "copy_GBps": cg, "pct_copy": 100 * gbps / cg,
+                     "baseline": "pinned cudaMemcpyAsync" if host else "device copy",
+                     "check": "ok" if ok else "MISMATCH", "status": "ran"})
+        print(_fmt_row(rows[-1]), flush=True)
+    del caches, lay, q, src, ref, hkv, hout
+    return rows
+
+
+def _free():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def _layer_chunks(L, T, H, D):
+    n = max(1, CHUNK_ELEMS // max(1, 2 * T * H * D))
+    return [(l0, min(L, l0 + n)) for l0 in range(0, L, n)]
+
+
+def _rows(x, L, l0, l1):
+    """Rows of K layers l0..l1 then V layers l0..l1 of a [2 * L, ...] tensor."""
+    return torch.cat([x[l0:l1], x[L + l0:L + l1]]) if x is not None else None
+
+
+def _q_rows(q, L, l0, l1):
+    return kvkernels.QuantizedKV(codes=_rows(q.codes, L, l0, l1), scale=_rows(q.scale, L, l0, l1),
+                                 zero=_rows(q.zero, L, l0, l1), format=q.format, dtype=q.dtype, head_dim=q.head_dim)
+
+
+def _ref_chunks(op, src, fmt, slots, sc, caches, L, NB, BS, H, D, fp8, device):
+    """The reference result, by chunks of layers, on the host: scatter -> per chunk the list of
+    its caches' bytes; gather -> per chunk the flat [2, l1-l0, T, H, D] or (codes, scale)."""
+    out = []
+    T = slots.shape[0]
+    for l0, l1 in _layer_chunks(L, T, H, D):
+        if op == "scatter":
+            ref = _caches(l1 - l0, NB, BS, H, D, fp8, device)
+            s = _q_rows(src, L, l0, l1) if fmt is not None else src[:, l0:l1]
+            kvkernels.scatter(s, PagedLayout.vllm_flash(ref, kv_dim=0), slots, backend="torch", **sc)
+            out.append([c.view(torch.uint8).cpu() for c in ref])
+            del ref, s
+        else:
+            lay = PagedLayout.vllm_flash(caches[l0:l1], kv_dim=0)
+            g = kvkernels.gather(lay, slots, format=fmt, backend="torch", **sc)
+            out.append((g.codes.view(torch.uint8).cpu(), g.scale.cpu()) if fmt is not None else g.cpu())
+            del lay, g
+        _free()
+    return out
+
+
+def _check(op, ref, res, caches, fmt, L, T, H, D):
+    """Whether a backend's result equals the host-held reference, chunk by chunk on the GPU."""
+    for (l0, l1), want in zip(_layer_chunks(L, T, H, D), ref):
+        if op == "scatter":
+            if not all(torch.equal(c.view(torch.uint8), w.to(c.device)) for c, w in zip(caches[l0:l1], want)):
+                return False
+        elif fmt is not None:
+            codes, scale = want
+            dev = res.codes.device
+            if not (torch.equal(_rows(res.codes.view(torch.uint8), L, l0, l1), codes.to(dev))
+                    and torch.equal(_rows(res.scale, L, l0, l1), scale.to(dev))):
+                return False
+        else:
+            got = res[:, l0:l1]
+            if not torch.equal(got, want.to(got.device)):
+                return False
+    return True
 
 
 def _make_fn(op, backend, var, lay, caches, src, fmt, slots, sc, hkv, hout, L, NB, BS, H, D, n):

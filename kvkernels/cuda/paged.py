@@ -7,9 +7,10 @@ plus ``supports_scatter`` / ``supports_gather`` (why a case cannot run, None if 
 
 One launch for all layers (csrc/paged.cu). The flat side may be pinned host memory, read or
 written by the kernel directly (UVA); ``max_sms > 0`` bounds the grid to that many blocks (one
-SM each at most) so that a host transfer does not starve concurrent work. Gather with a format
-is not fused here (the Triton kernel or gather-then-quantize does it). Runs on torch's current
-stream; nothing synchronises.
+SM each at most) so that a host transfer does not starve concurrent work. Gather with an int
+``channel`` format (groups of a multiple of 4 channels) or fp8 ``token_head`` is fused (a thread
+quantizes one group); other formats gather, then quantize. Runs on torch's current stream;
+nothing synchronises.
 """
 from __future__ import annotations
 
@@ -60,7 +61,16 @@ def supports_scatter(layout: PagedLayout, kv: torch.Tensor, fmt: Optional[QuantF
 
 def supports_gather(layout: PagedLayout, t: torch.Tensor, fmt: Optional[QuantFormat], max_sms: int = 0):
     if fmt is not None:
-        return "gather with a format is not fused in the CUDA kernel (Triton fuses it)"
+        if fmt.kind == "int":
+            if fmt.axis != "channel":
+                return f"{fmt}: groups along tokens are not fused into the gather"
+            if fmt.group_size % 4 or layout.head_dim % fmt.group_size:
+                return f"group_size {fmt.group_size}: the fused gather takes groups of a multiple of 4 channels"
+        elif fmt.scope != "token_head":
+            return f"{fmt}: a scale per layer / head is not fused into the gather"
+        elif layout.head_dim % 4:
+            return f"head_dim {layout.head_dim} is not a multiple of 4"
+        return _refusal(layout, None, None)
     return _refusal(layout, t, None)
 
 
@@ -110,6 +120,14 @@ def scatter_into(layout: PagedLayout, kv, scale, zero, fmt: Optional[QuantFormat
 def gather_into(layout: PagedLayout, slots, out, codes, scale, zero, fmt: Optional[QuantFormat], cache_scale,
                 oob_count, max_sms: int = 0) -> None:
     head, tail, dev = _common(layout, slots, cache_scale, oob_count)
+    if fmt is not None:  # fused quantize: codes [R, T, H, D*bits/8], scale / zero [R, T, H, D/G] (fp8: [R, T, H])
+        D = layout.head_dim
+        c = codes.view(torch.uint8)
+        G = fmt.group_size if fmt.kind == "int" else D
+        flat = (1 if fmt.kind == "int" else 2, 0, c.data_ptr(), [0, 0, 0, c.shape[-1]], fmt.bits, scale.data_ptr(),
+                zero.data_ptr() if zero is not None else 0, [1, G, 0, 0, 0, 0])
+        _ext().paged_call(False, *head, *flat, *tail, int(max_sms), *dev)
+        return
     flat = (0, _DTYPE_CODE[out.dtype], out.data_ptr(), [out.stride(0), out.stride(1), out.stride(2), out.stride(3)], 8,
             0, 0, [1, 1, 0, 0, 0, 0])
     _ext().paged_call(False, *head, *flat, *tail, int(max_sms), *dev)

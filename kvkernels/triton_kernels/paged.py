@@ -37,6 +37,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LAUNCH = {} if _INTERPRET else {"enable_fp_fusion": False}
 _MAX_D = 4096
 _TILE_ELEMS = 4096
+_DQ_ROWS = 64
 _SCOPE = {"tensor": 0, "head": 1, "token_head": 2}
 FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -47,35 +48,32 @@ def _p2(n: int) -> int:
 
 
 @triton.jit
-def _cache_ptr(ptrs_ptr, r, CDT: tl.constexpr, ALIGN: tl.constexpr):
-    a = tl.load(ptrs_ptr + r)
-    if CDT == 0:
-        p = a.to(tl.pointer_type(tl.float32))
-    elif CDT == 1:
-        p = a.to(tl.pointer_type(tl.float16))
-    elif CDT == 2:
-        p = a.to(tl.pointer_type(tl.bfloat16))
-    else:
-        p = a.to(tl.pointer_type(tl.uint8))
+def _base_ptr(ptrs_ptr, r, TY: tl.constexpr, ALIGN: tl.constexpr):
+    """Cache r's base address (``ptrs[r]``) as a pointer to TY (16-byte aligned when ALIGN)."""
+    p = tl.load(ptrs_ptr + r).to(tl.pointer_type(TY))
     if ALIGN:
         p = tl.multiple_of(p, 16)
     return p
 
 
 @triton.jit
-def _tile(pid_t, r, slots_ptr, T, L, NSLOTS, BS, kB, kT, kH, kDX, kDI, vB, vT, vH, vDX, vDI, X,
-          HP: tl.constexpr, DP: tl.constexpr, TB: tl.constexpr, SPLIT: tl.constexpr, SAME_KV: tl.constexpr):
-    """Tokens, heads, channels of this program and their cache offsets (int64) and validity.
-    SAME_KV: K and V have the same strides (all layouts but vLLM's legacy one): the K strides are
-    used as they are, so that Triton sees their run-time specializations (a dense inner dim)."""
-    kv = r // L
-    t = pid_t * TB + tl.arange(0, TB)
-    tin = t < T
-    slot = tl.load(slots_ptr + t, mask=tin, other=-1).to(tl.int64)
-    ok = tin & (slot >= 0) & (slot < NSLOTS)
-    slot = tl.where(ok, slot, 0)
-    blk = slot // BS
-    off = slot - blk * BS
+def _cache_ptr(ptrs_ptr, r, CDT: tl.constexpr, ALIGN: tl.constexpr):
+    if CDT == 0:
+        p = _base_ptr(ptrs_ptr, r, tl.float32, ALIGN)
+    elif CDT == 1:
+        p = _base_ptr(ptrs_ptr, r, tl.float16, ALIGN)
+    elif CDT == 2:
+        p = _base_ptr(ptrs_ptr, r, tl.bfloat16, ALIGN)
+    else:
+        p = _base_ptr(ptrs_ptr, r, tl.uint8, ALIGN)
+    return p
+
+
+@triton.jit
+def _strides(kv, kB, kT, kH, kDX, kDI, vB, vT, vH, vDX, vDI, SAME_KV: tl.constexpr):
+    """(block, token, head, dim_inner, dim_outer) strides of cache kv. SAME_KV: K and V have the
+    same strides (all layouts but vLLM's legacy one): the K strides are used as they are, so that
+    Triton sees their run-time specializations (a dense inner dim)."""
     if SAME_KV:
         sB, sT, sH, sDI, sDX = kB, kT, kH, kDI, kDX
     else:  # K or V strides (kv is 0 or 1): select without a branch
@@ -84,6 +82,22 @@ def _tile(pid_t, r, slots_ptr, T, L, NSLOTS, BS, kB, kT, kH, kDX, kDI, vB, vT, v
         sH = kH + (vH - kH) * kv
         sDI = kDI + (vDI - kDI) * kv
         sDX = kDX + (vDX - kDX) * kv
+    return sB, sT, sH, sDI, sDX
+
+
+@triton.jit
+def _tile(pid_t, r, slots_ptr, T, L, NSLOTS, BS, kB, kT, kH, kDX, kDI, vB, vT, vH, vDX, vDI, X,
+          HP: tl.constexpr, DP: tl.constexpr, TB: tl.constexpr, SPLIT: tl.constexpr, SAME_KV: tl.constexpr):
+    """Tokens, heads, channels of this program and their cache offsets (int64) and validity."""
+    kv = r // L
+    t = pid_t * TB + tl.arange(0, TB)
+    tin = t < T
+    slot = tl.load(slots_ptr + t, mask=tin, other=-1).to(tl.int64)
+    ok = tin & (slot >= 0) & (slot < NSLOTS)
+    slot = tl.where(ok, slot, 0)
+    blk = slot // BS
+    off = slot - blk * BS
+    sB, sT, sH, sDI, sDX = _strides(kv, kB, kT, kH, kDX, kDI, vB, vT, vH, vDX, vDI, SAME_KV)
     h = tl.arange(0, HP).to(tl.int64)
     d = tl.arange(0, DP)
     if SPLIT:
@@ -125,6 +139,16 @@ def _cache_scale(ks_ptr, ks_l, ks_h, vs_ptr, vs_l, vs_h, kv, l, h, H):
 
 
 @triton.jit
+def _fp8_cache_codes(x, cs, CLAMP: tl.constexpr):
+    """e4m3 bytes of x * min(1 / cs, FLT_MAX) (cs broadcast by the caller's shape)."""
+    inv = tl.minimum(tl.math.div_rn(tl.full(cs.shape, 1.0, tl.float32), cs), FLT_MAX)
+    y = x.to(tl.float32) * inv
+    if CLAMP:  # the GPU conversion saturates (satfinite); the interpreter's does not
+        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+    return y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+
+
+@triton.jit
 def _scatter_kernel(src_ptr, s_kv, s_l, s_t, s_h, scale_ptr, zero_ptr, a_row, a_t, a_h, a_d,
                     ptrs_ptr, slots_ptr, T, L, H, NSLOTS, BS,
                     kB, kT, kH, kDX, kDI, vB, vT, vH, vDX, vDI, X,
@@ -163,13 +187,166 @@ def _scatter_kernel(src_ptr, s_kv, s_l, s_t, s_h, scale_ptr, zero_ptr, a_row, a_
     base = _cache_ptr(ptrs_ptr, r, CDT, ALIGN)
     if CDT == 3:
         cs = _cache_scale(ks_ptr, ks_l, ks_h, vs_ptr, vs_l, vs_h, kv, l, h, H)
-        inv = tl.minimum(tl.math.div_rn(tl.full(cs.shape, 1.0, tl.float32), cs), FLT_MAX)
-        y = x.to(tl.float32) * inv[None, :, None]
-        if CLAMP:  # the GPU conversion saturates (satfinite); the interpreter's does not
-            y = tl.minimum(tl.maximum(y, -448.0), 448.0)
-        tl.store(base + coff, y.to(tl.float8e4nv).to(tl.uint8, bitcast=True), mask=m)
+        tl.store(base + coff, _fp8_cache_codes(x, cs[None, :, None], CLAMP), mask=m)
     else:
         tl.store(base + coff, x.to(base.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _word_ptr(ptrs_ptr, r, PW: tl.constexpr, ALIGN: tl.constexpr):
+    """Cache r's base as a pointer to PW-byte words (PW = 2, 4, 8)."""
+    if PW == 2:
+        p = _base_ptr(ptrs_ptr, r, tl.int16, ALIGN)
+    elif PW == 4:
+        p = _base_ptr(ptrs_ptr, r, tl.int32, ALIGN)
+    else:
+        p = _base_ptr(ptrs_ptr, r, tl.int64, ALIGN)
+    return p
+
+
+@triton.jit
+def _elem_bits(v, CDT: tl.constexpr, PW: tl.constexpr):
+    """The bits of cache elements v (fp8 bytes, fp16 / bf16, fp32) widened to a PW-byte word."""
+    if CDT == 3:
+        b = v.to(tl.uint8)
+    elif CDT == 0:
+        b = v.to(tl.uint32, bitcast=True)
+    else:
+        b = v.to(tl.uint16, bitcast=True)
+    if PW == 2:
+        w = b.to(tl.uint16)
+    elif PW == 4:
+        w = b.to(tl.uint32)
+    else:
+        w = b.to(tl.uint64)
+    return w
+
+
+@triton.jit
+def _dq_plane(ci, k: tl.constexpr, BITS: tl.constexpr, sc, zp, cs, CDT: tl.constexpr, CLAMP: tl.constexpr,
+              PW: tl.constexpr):
+    """Plane k (the k-th code of every byte) of the code bytes ci, dequantized, converted to the
+    cache's element type and widened to a PW-byte word."""
+    QM: tl.constexpr = (1 << BITS) - 1
+    q = (ci >> (k * BITS)) & QM
+    x = tl.fma(q.to(tl.float32), sc, zp)  # one FMA, as the quant spec (docs/quant-spec.md)
+    if CDT == 3:
+        v = _fp8_cache_codes(x, cs, CLAMP)
+    elif CDT == 0:
+        v = x
+    elif CDT == 1:
+        v = x.to(tl.float16)
+    else:
+        v = x.to(tl.bfloat16)
+    return _elem_bits(v, CDT, PW)
+
+
+@triton.jit
+def _dequant_scatter_kernel(src_ptr, s_kv, s_l, s_t, s_h, scale_ptr, zero_ptr, a_row, a_t, a_h, a_d,
+                            ptrs_ptr, slots_ptr, T, L, H, NSLOTS, BS,
+                            kB, kT, kH, kDX, kDI, vB, vT, vH, vDX, vDI, X,
+                            ks_ptr, ks_l, ks_h, vs_ptr, vs_l, vs_h, cnt_ptr,
+                            HP: tl.constexpr, TB: tl.constexpr, NG: tl.constexpr, NGP: tl.constexpr,
+                            G: tl.constexpr, GBP: tl.constexpr, SRC: tl.constexpr, BITS: tl.constexpr,
+                            TG: tl.constexpr, CV: tl.constexpr, CDT: tl.constexpr, SPLIT: tl.constexpr,
+                            COUNT: tl.constexpr, CLAMP: tl.constexpr, ALIGN: tl.constexpr, SAME_KV: tl.constexpr,
+                            PACK: tl.constexpr):
+    """Scatter with dequantization, one scale (and zero point) per group of G channels (int
+    ``channel`` groups; fp8 scales: one group of G = head_dim). The tile is [TB * HP * NGP rows
+    of (token, head, group), GBP code bytes]: the packed codes are read once as bytes (CV
+    contiguous bytes per access: those of 16 bytes of cache elements, so that loads and stores
+    get the same per-thread layout), each group's scale / zero once per row and broadcast along
+    it; int4 / int2 bytes are split into K = 8 / BITS code planes (one shift + AND per byte) and
+    interleaved back into channel order with ``tl.join`` (a byte's codes stay in its thread): no
+    per-element shifts of duplicated loads, no per-element scale loads.
+
+    PACK (int4 / int2 codes, a dense inner dim, strides and bases multiples of the word): the K
+    channels of a code byte are computed per plane in the bytes' own layout and written as one
+    word of K cache elements (PW = K * element size bytes; the block / token / head strides
+    arrive divided by K, in words), so nothing is re-laid out at all."""
+    pid_t = tl.program_id(0)
+    r = tl.program_id(1)
+    kv = r // L
+    l = r - kv * L
+    K: tl.constexpr = 8 // BITS
+    GB: tl.constexpr = G // K          # code bytes of a group
+    GP: tl.constexpr = GBP * K         # channels of a (padded) group
+    ROWS: tl.constexpr = TB * HP * NGP
+    q = tl.arange(0, ROWS)
+    g = q % NGP
+    th = q // NGP
+    h = (th % HP).to(tl.int64)
+    t = pid_t * TB + th // HP
+    tin = t < T
+    if COUNT:
+        tt = pid_t * TB + tl.arange(0, TB)
+        _count(cnt_ptr, slots_ptr, tt, tt < T, NSLOTS, r)
+    slot = tl.load(slots_ptr + t, mask=tin, other=-1).to(tl.int64)
+    ok = tin & (slot >= 0) & (slot < NSLOTS) & (h < H) & (g < NG)
+    slot = tl.where(ok, slot, 0)
+    blk = slot // BS
+    off = slot - blk * BS
+    t64 = tl.where(tin, t, 0).to(tl.int64)
+    # codes [ROWS, GBP] (byte j of group g) and the group's scale / zero [ROWS]
+    j = tl.arange(0, GBP)
+    jc = (j // CV) * CV + j % CV       # = j, written so that Triton sees CV-byte contiguity only
+    srow = kv.to(tl.int64) * s_kv + l.to(tl.int64) * s_l + t64 * s_t + h * s_h + g * GB
+    if GBP == GB:
+        cm = ok[:, None] & (j >= 0)[None, :]
+    else:
+        cm = ok[:, None] & (j < GB)[None, :]
+    c = tl.load(src_ptr + srow[:, None] + jc[None, :], mask=cm, other=0)
+    sidx = r.to(tl.int64) * a_row + (t64 // TG) * a_t + h * a_h + g * a_d
+    sc = tl.load(scale_ptr + sidx, mask=ok, other=0.0)
+    if PACK:
+        PW: tl.constexpr = K * (1 if CDT == 3 else 4 if CDT == 0 else 2)
+        zw = tl.load(zero_ptr + sidx, mask=ok, other=0.0)[:, None]
+        if CDT == 3:
+            cw = _cache_scale(ks_ptr, ks_l, ks_h, vs_ptr, vs_l, vs_h, kv, l, h, H)[:, None]
+        else:
+            cw = sc[:, None]
+        cb = c.to(tl.int32)
+        sc2 = sc[:, None]
+        wv = _dq_plane(cb, 0, BITS, sc2, zw, cw, CDT, CLAMP, PW)
+        for k in tl.static_range(1, K):
+            wv = wv | (_dq_plane(cb, k, BITS, sc2, zw, cw, CDT, CLAMP, PW) << (k * 8 * PW // K))
+        wB, wT, wH, wDI, wDX = _strides(kv, kB, kT, kH, kDX, kDI, vB, vT, vH, vDX, vDI, SAME_KV)
+        woff = (blk * wB + off * wT + h * wH + g * GB)[:, None] + jc[None, :]
+        wbase = _word_ptr(ptrs_ptr, r, PW, ALIGN)
+        tl.store(wbase + woff, wv.to(wbase.dtype.element_ty, bitcast=True), mask=cm)
+    else:
+        if SRC == 1:
+            zp = tl.load(zero_ptr + sidx, mask=ok, other=0.0)
+            ci = c.to(tl.int32)
+            QM: tl.constexpr = (1 << BITS) - 1
+            if K == 1:
+                qv = ci
+            elif K == 2:
+                qv = tl.reshape(tl.join(ci & QM, ci >> 4), (ROWS, GP))
+            else:
+                qv = tl.reshape(tl.join(tl.join(ci & QM, (ci >> 4) & QM), tl.join((ci >> 2) & QM, ci >> 6)), (ROWS, GP))
+            x = tl.fma(qv.to(tl.float32), sc[:, None], zp[:, None])  # one FMA, as the quant spec
+        else:
+            x = c.to(tl.float8e4nv, bitcast=True).to(tl.float32) * sc[:, None]
+        # the cache: channel g*G + jj of head h of the token's row
+        jj = tl.arange(0, GP)
+        sB, sT, sH, sDI, sDX = _strides(kv, kB, kT, kH, kDX, kDI, vB, vT, vH, vDX, vDI, SAME_KV)
+        ch = (g * G)[:, None] + jj[None, :]
+        if SPLIT:
+            doff = (ch // X).to(tl.int64) * sDX + (ch % X).to(tl.int64) * sDI
+        else:
+            doff = ch.to(tl.int64) * sDI
+        coff = (blk * sB + off * sT + h * sH)[:, None] + doff
+        if GP == G:
+            m = ok[:, None] & (jj >= 0)[None, :]
+        else:
+            m = ok[:, None] & (jj < G)[None, :]
+        base = _cache_ptr(ptrs_ptr, r, CDT, ALIGN)
+        if CDT == 3:
+            cs = _cache_scale(ks_ptr, ks_l, ks_h, vs_ptr, vs_l, vs_h, kv, l, h, H)
+            tl.store(base + coff, _fp8_cache_codes(x, cs[:, None], CLAMP), mask=m)
+        else:
+            tl.store(base + coff, x.to(base.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -349,6 +526,34 @@ def _cdt(layout: PagedLayout) -> int:
     return 3 if layout.fp8 else _DTYPE_CODE[layout.dtype]
 
 
+def _grouped(fmt: Optional[QuantFormat], D: int):
+    """(channels per scale group G, groups per head) for formats whose scale is constant over
+    groups of whole code bytes along head_dim (int ``channel`` groups, every fp8 scope), else
+    None (token-axis int groups: a scale per channel; the element-wise kernel)."""
+    if fmt is None:
+        return None
+    if fmt.kind == "fp8":
+        return D, 1
+    if fmt.axis == "channel" and fmt.group_size % (8 // fmt.bits) == 0:
+        return fmt.group_size, D // fmt.group_size
+    return None
+
+
+def _packable(layout: PagedLayout, K: int) -> bool:
+    """Whether K channels of a code byte can be stored as one word of K cache elements: a dense
+    inner dim without an x split, block / token / head strides multiples of K, bases aligned to
+    the word (``KVK_PAGED_PACK=0`` turns it off)."""
+    if K == 1 or os.environ.get("KVK_PAGED_PACK", "1") == "0" or layout.x != layout.head_dim:
+        return False
+    pw = K * layout.element_size
+    if pw not in (2, 4, 8):
+        return False
+    for st in layout.strides:
+        if st[4] != 1 or any(v % K for v in st[:3]):
+            return False
+    return all(b.data_ptr() % pw == 0 for b in layout.bases)
+
+
 def scatter_into(layout: PagedLayout, kv, scale, zero, fmt: Optional[QuantFormat], slots, cache_scale, oob_count,
                  max_sms: int = 0) -> None:
     T = slots.shape[0]
@@ -381,6 +586,28 @@ def scatter_into(layout: PagedLayout, kv, scale, zero, fmt: Optional[QuantFormat
             a = {"tensor": (1, 0, 0, 0), "head": (H, 0, 1, 0), "token_head": (T_in * H, H, 1, 0)}[fmt.scope]
         sargs = (scale, zero if zero is not None else scale, *a)
     cnt = oob_count if oob_count is not None else layout.ptrs
+    grouped = _grouped(fmt, D)
+    if grouped is not None:  # one scale per group of channels: the byte-tile kernel
+        G, NG = grouped
+        K = 8 // fmt.bits if fmt.kind == "int" else 1
+        GBP = _p2(G // K)
+        NGP = _p2(NG)
+        # at most 64 (token, head, group) rows a program: with more (4 warps), Triton moves the
+        # rows' slots / scales / offsets between layouts through shared memory (sm_90 PTX)
+        TBg = max(1, min(_p2(T), _TILE_ELEMS // (HP * NGP * GBP * K), _DQ_ROWS // (HP * NGP)))
+        pack = _packable(layout, K)
+        largs = list(_layout_args(layout))
+        if pack:  # block / token / head strides in words of K elements
+            for i in (2, 3, 4, 7, 8, 9):
+                largs[i] //= K
+        _launch(_dequant_scatter_kernel, (triton.cdiv(T, TBg), R),
+                (src, s_kv, s_l, s_t, s_h, *sargs, layout.ptrs, slots, T, L, H, *largs,
+                 *_scale_args(layout, cache_scale), cnt),
+                dict(HP=HP, TB=TBg, NG=NG, NGP=NGP, G=G, GBP=GBP, SRC=SRC, BITS=BITS, TG=TG, CDT=_cdt(layout),
+                     CV=max(1, min(GBP, 16 // layout.element_size // K)),
+                     SPLIT=layout.x != D, COUNT=oob_count is not None, CLAMP=_INTERPRET, ALIGN=_aligned(layout),
+                     SAME_KV=layout.strides[0] == layout.strides[-1], PACK=pack, num_warps=4, **_LAUNCH))
+        return
     grid = (triton.cdiv(T, TB), R)
     _launch(_scatter_kernel, grid,
             (src, s_kv, s_l, s_t, s_h, *sargs, layout.ptrs, slots, T, L, H, *_layout_args(layout),
