@@ -533,3 +533,149 @@ def rans_decode_dequant_into(payload, offsets, freq, table_id, prob_bits, lut, s
     if int(status.item()):
         v.zero_()
     out.copy_(v.to(out.dtype))
+
+
+# ---- decode into paged caches (docs/codec.md "Decode into pages") --------------------------
+ERR_SEGMENT = 128    # decode into pages: a segment descriptor outside the caches / slot_mapping
+ERR_NAMES[ERR_SEGMENT] = "a segment descriptor is outside the caches or slot_mapping"
+
+
+def _block_ok(off: np.ndarray, b: int, B: int) -> bool:
+    lo, hi = int(off[b]), int(off[b + 1])
+    return 0 <= lo <= hi <= B and (b != 0 or lo == 0)
+
+
+def _decode_group(data: bytes, off: np.ndarray, freq, tid: torch.Tensor, prob_bits: int, ns: int,
+                  segs) -> Tuple[torch.Tensor, np.ndarray, int]:
+    """Symbols ``[len(segs), ns, C]`` of segments ``segs`` (all of ``ns`` tokens), per-block
+    failure flags ``[len(segs), G]`` and the status bits (failed blocks: zero symbols)."""
+    C = tid.shape[1]
+    G = n_groups(C)
+    blocks = [s * G + g for s in segs for g in range(G)]
+    good = np.array([_block_ok(off, b, len(data)) for b in blocks], dtype=bool)
+    parts = [data[off[b]:off[b + 1]] if ok else b"" for b, ok in zip(blocks, good)]
+    lens = np.array([len(p) for p in parts], dtype=np.int64)
+    sub_off = torch.from_numpy(np.concatenate([[0], np.cumsum(lens)]).astype(np.int64))
+    sub_pay = torch.frombuffer(bytearray(b"".join(parts)) or bytearray(1), dtype=torch.uint8)
+    sub_tid = tid[list(segs)].contiguous()
+    sym = torch.empty((len(segs), ns, C), dtype=torch.uint8)
+    st = torch.zeros(1, dtype=torch.int32)
+    if ns > 0:
+        rans_decode_into(sub_pay, sub_off, freq, sub_tid, prob_bits, sym, st)
+    else:  # no tokens: a block is its n_act states, each 2^16
+        sym = torch.empty((len(segs), 0, C), dtype=torch.uint8)
+    status = int(st.item()) | (0 if good.all() else ERR_OFFSETS)
+    bad = ~good.reshape(len(segs), G)
+    if status or ns == 0:  # find the failing blocks one by one (the error path only)
+        status = 0 if good.all() else ERR_OFFSETS
+        for i in range(len(segs)):
+            for g in range(G):
+                c0, c1 = g * LANES, min(C, (g + 1) * LANES)
+                j = i * G + g
+                if bad[i, g]:  # offsets outside the payload (ERR_OFFSETS, set above)
+                    sym[i, :, c0:c1] = 0
+                    continue
+                st1 = torch.zeros(1, dtype=torch.int32)
+                one = torch.empty((1, max(ns, 1), c1 - c0), dtype=torch.uint8)
+                if ns > 0:
+                    rans_decode_into(torch.frombuffer(bytearray(parts[j]) or bytearray(1), dtype=torch.uint8),
+                                     torch.tensor([0, len(parts[j])], dtype=torch.int64), freq,
+                                     sub_tid[i:i + 1, c0:c1].contiguous(), prob_bits, one, st1)
+                    code = int(st1.item())
+                else:
+                    code = _empty_block_status(parts[j], freq, sub_tid[i, c0:c1], prob_bits)
+                if code:
+                    status |= code
+                    bad[i, g] = True
+                    sym[i, :, c0:c1] = 0
+                elif ns > 0:
+                    sym[i, :, c0:c1] = one[0]
+    return sym, bad, status
+
+
+def _empty_block_status(part: bytes, freq: torch.Tensor, ks: torch.Tensor, prob_bits: int) -> int:
+    """Status of a block of 0 tokens: its tables usable, exactly n_act states of 2^16."""
+    K = freq.shape[0]
+    kk = ks.long()
+    if bool(((kk < 0) | (kk >= K)).any()):
+        return ERR_TABLE_ID
+    if not all(_freq_ok(freq[int(k)].numpy(), prob_bits) for k in kk):
+        return ERR_TABLE
+    na = ks.numel()
+    if len(part) < 4 * na or (len(part) - 4 * na) % 2:
+        return ERR_TRUNCATED
+    x = np.frombuffer(part[:4 * na], dtype="<u4")
+    if np.any(x < RANS_L):
+        return ERR_TRUNCATED
+    return ERR_TRAILING if (len(part) != 4 * na or np.any(x != RANS_L)) else 0
+
+
+def rans_decode_pages_into(payload, offsets, freq, table_id, prob_bits, N, lut, lut_per_segment, s_tok, s_ch, z_ch,
+                           segments, layout, slots, cache_scale, status) -> None:
+    """The spec of the fused decode into paged caches: decode (the reference coder), dequantize
+    (the float32 map), then write as ``reference.paged.scatter``.
+
+    Segment ``s`` = ``segments[s] = (r, t0, ns)`` (int64): its ``ns <= N`` tokens go to cache ``r``
+    (``kv = r // L``, layer ``r % L`` of ``layout``), token ``n`` to slot ``slots[t0 + n]``
+    (``t0 + ns <= len(slots)``); slots < 0 or >= NB * BS are skipped. Values: ``lut[row, sym] *
+    s_tok[s, n] * s_ch[s, c] + z_ch[s, c]`` with ``row = table_id[s, c]`` (``lut [K, bins]``) or
+    ``s`` (``lut_per_segment``, ``lut [S, bins]``); fp8 caches get ``e4m3(clamp(v / scale))``
+    with the (layer, head) scale of ``cache_scale``, others ``v`` rounded to the cache dtype.
+    A malformed descriptor writes nothing (``ERR_SEGMENT``); a block that fails to decode writes
+    zeros at its addressed slots. ``status`` int32 ``[1]`` gets the OR of the bits."""
+    from . import paged as pref
+
+    dev = layout.device
+    S, C = table_id.shape
+    G = n_groups(C)
+    L, H, D, x = layout.num_layers, layout.num_heads, layout.head_dim, layout.x
+    seg = segments.detach().cpu().to(torch.int64)
+    sl = slots.detach().cpu().to(torch.int64)
+    T = sl.numel()
+    data = _np(payload).tobytes()
+    off = _np(offsets).astype(np.int64)
+    fr, tid = freq.detach().cpu().contiguous(), table_id.detach().cpu().contiguous()
+    lut_c = lut.detach().cpu().float()
+    aux = [None if t is None else t.detach().cpu().float() for t in (s_tok, s_ch, z_ch)]
+    code = 0
+    if off.size != S * G + 1:
+        code |= ERR_OFFSETS
+        off = np.zeros(S * G + 1, dtype=np.int64)
+    groups = {}
+    for s in range(S):
+        r, t0, ns = (int(v) for v in seg[s])
+        if not (0 <= r < layout.num_kv * L and 0 <= ns <= N and 0 <= t0 <= T - ns):
+            code |= ERR_SEGMENT
+            continue
+        groups.setdefault(ns, []).append(s)
+    views = layout.views()
+    for ns, segs in groups.items():
+        sym, bad, st = _decode_group(data, off, fr, tid, prob_bits, ns, segs)
+        code |= st
+        if ns == 0:
+            continue
+        idx = torch.tensor(segs, dtype=torch.long)
+        if lut_per_segment:
+            v = lut_c[idx.view(-1, 1, 1), sym.long()]
+        else:
+            v = lut_c[tid[idx].long().clamp(0, lut_c.shape[0] - 1).unsqueeze(1), sym.long()]
+        if aux[0] is not None:
+            v = v * aux[0][idx, :ns].unsqueeze(2)
+        if aux[1] is not None:
+            v = v * aux[1][idx].unsqueeze(1)
+        if aux[2] is not None:
+            v = v + aux[2][idx].unsqueeze(1)
+        badc = torch.from_numpy(bad).repeat_interleave(LANES, dim=1)[:, :C]  # [n, C]
+        v = torch.where(badc.unsqueeze(1), torch.zeros((), dtype=v.dtype), v)
+        for i, s in enumerate(segs):
+            r, t0, _ = (int(q) for q in seg[s])
+            ss = sl[t0:t0 + ns]
+            keep = torch.nonzero((ss >= 0) & (ss < layout.num_slots)).flatten()
+            if keep.numel() == 0:
+                continue
+            blk, o = ss[keep] // layout.block_size, ss[keep] % layout.block_size
+            vals = v[i, keep].reshape(-1, H, D)
+            kv, l = divmod(r, L)
+            y = pref.fp8_encode(vals, cache_scale[kv][l].cpu()) if layout.fp8 else vals.to(layout.dtype)
+            views[r][blk.to(dev), o.to(dev)] = y.reshape(-1, H, D // x, x).to(dev)
+    status.fill_(code)

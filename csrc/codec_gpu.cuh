@@ -1,0 +1,114 @@
+// csrc/codec_gpu.cuh -- device-side building blocks of the GPU rANS decoders (csrc/codec.cu,
+// csrc/codec_paged.cu): one warp a 32-lane block (lane = channel), the block's tables in shared
+// memory, one token a step (symbol search, one ballot for the lanes that renormalise, a prefix
+// popcount for each one's word). GPU only (nvcc); the CPU coder is codec_rans.cuh's sequential
+// block decoder, which produces the same symbols.
+#pragma once
+
+#include "codec_rans.cuh"
+
+namespace kvk_codec {
+namespace gpu {
+
+constexpr unsigned kFull = 0xFFFFFFFFu;
+
+// Lane j's row index of block (s, c0) and whether every active lane's row is usable (warp-uniform).
+__device__ __forceinline__ int32_t warp_rows(const int32_t* tid, const uint8_t* ok, int64_t K, int64_t s, int64_t C,
+                                             int64_t c0, int lane, bool active, int64_t* k_out) {
+  int32_t st = 0;
+  int64_t k = 0;
+  if (active) {
+    k = tid[s * C + c0 + lane];
+    if (k < 0 || k >= K) { st = ERR_TABLE_ID; k = 0; }
+    else if (!ok[k]) st = ERR_TABLE;
+  }
+  *k_out = k;
+  for (int d = 16; d > 0; d >>= 1) st |= __shfl_xor_sync(kFull, st, d);
+  return st;
+}
+
+// Shared memory of one warp: cum rows [32][bins + 1] (uint16, 16-byte padded), then optionally
+// level rows [32][lut_stride] float (lut_stride = bins | 1: odd, so lanes reading the same symbol
+// of their own rows hit distinct banks), then optionally a 512-byte store tile.
+struct WarpSmem {
+  int cum_bytes, lut_stride, lut_bytes, tile_bytes;
+  __host__ __device__ WarpSmem(int bins, bool lut_rows, bool tile)
+      : cum_bytes((LANES * (bins + 1) * 2 + 15) / 16 * 16), lut_stride(bins | 1),
+        lut_bytes(lut_rows ? LANES * (bins | 1) * 4 : 0), tile_bytes(tile ? 512 : 0) {}
+  __host__ __device__ int bytes() const { return cum_bytes + lut_bytes + tile_bytes; }
+};
+
+// Copies the block's rows (cum, and lut when sh_lut) into shared memory, coalesced: row r by all lanes.
+__device__ __forceinline__ void load_rows(const uint16_t* __restrict__ cum, const float* __restrict__ lut, int bins,
+                                          int64_t k, int na, int lane, uint16_t* sh_cum, float* sh_lut,
+                                          int lut_stride) {
+  for (int r = 0; r < na; ++r) {
+    const int64_t kr = __shfl_sync(kFull, k, r);
+    for (int e = lane; e <= bins; e += 32) sh_cum[r * (bins + 1) + e] = cum[kr * (bins + 1) + e];
+    if (sh_lut != nullptr)
+      for (int e = lane; e < bins; e += 32) sh_lut[r * lut_stride + e] = lut[kr * bins + e];
+  }
+  __syncwarp();
+}
+
+// The decoder state of one block (every lane of the warp holds one; call step() warp-uniformly).
+struct WarpDecoder {
+  const uint16_t* row;  // this lane's cum row (shared memory)
+  const uint8_t* w;     // the block's words
+  int64_t nw, p;
+  uint32_t x, mask;
+  unsigned lt;
+  int bins, pb;
+  bool active;
+
+  // Validates the block's stream and reads the states; returns the (warp-uniform) status.
+  __device__ __forceinline__ int32_t begin(const uint8_t* payload, int64_t nbytes, const int64_t* offsets, int64_t b,
+                                           int na, int lane, const uint16_t* my_row, int bins_, int pb_, bool act,
+                                           int32_t st) {
+    row = my_row;
+    bins = bins_;
+    pb = pb_;
+    active = act;
+    mask = (1u << pb) - 1;
+    lt = (1u << lane) - 1;
+    p = 0;
+    x = RANS_L;
+    int64_t lo = 0, hi = 0;
+    if (!st && !stream_bounds(offsets, b, nbytes, &lo, &hi)) st = ERR_OFFSETS;
+    const int64_t len = hi - lo;
+    if (!st && (len < 4 * na || ((len - 4 * na) & 1))) st = ERR_TRUNCATED;
+    const uint8_t* in = payload + lo;
+    if (!st && active) x = load_u32le(in + 4 * lane);
+    if (!st && __any_sync(kFull, active && x < RANS_L)) st = ERR_TRUNCATED;
+    w = in + 4 * na;
+    nw = st ? 0 : (len - 4 * na) / 2;
+    return st;
+  }
+
+  // One token: this lane's symbol into *sy; false when the block runs out of words (uniform).
+  __device__ __forceinline__ bool step(int* sy) {
+    int s = 0;
+    bool need = false;
+    uint32_t v = x;
+    if (active) {
+      const uint32_t slot = x & mask;
+      s = rans_find(row, bins, slot);
+      v = rans_dec_advance(x, row, s, pb);
+      need = v < RANS_L;
+    }
+    const unsigned m = __ballot_sync(kFull, need);
+    const int cnt = __popc(m);
+    if (p + cnt > nw) return false;
+    if (need) v = (v << 16) | load_u16le(w + 2 * (p + __popc(m & lt)));
+    p += cnt;
+    x = v;
+    *sy = s;
+    return true;
+  }
+
+  // After the last token: every word used and every state back at 2^16 (uniform).
+  __device__ __forceinline__ bool finished_ok() const { return p == nw && !__any_sync(kFull, active && x != RANS_L); }
+};
+
+}  // namespace gpu
+}  // namespace kvk_codec

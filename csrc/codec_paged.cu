@@ -1,0 +1,242 @@
+// csrc/codec_paged.cu -- rANS decode fused with dequantization, written straight into an
+// engine's paged caches (csrc/codec.h kvk_rans_decode_pages; docs/codec.md "Decode into pages").
+//
+// One launch for every segment of every layer: a warp decodes one 32-lane block (segment s,
+// channels c0..c0+31), dequantizes each symbol by the generic map (docs/codec-spec.md, "Fused
+// decode") and writes it to the cache of segments[s] = (cache r, first flat token t0, tokens ns):
+// token n goes to slot slots[t0 + n] of cache r (kv = r / L, layer = r % L), through the layout's
+// strides (csrc/paged.h addressing). No intermediate buffer: values go from registers through a
+// 512-byte per-warp shared tile to 16-byte stores (one per lane per tile of 16 / element-size
+// tokens: a token's 32 channels are 4 lanes' words for bf16) where the layout allows (head_dim a
+// multiple of 32, dense aligned channels); otherwise each lane stores its element.
+// Reads are bounded by the offsets (checked against the payload size), writes by the layout:
+// slots < 0 or >= NB * BS are skipped, a malformed segment descriptor writes nothing (status
+// ERR_SEGMENT), a block that fails to decode writes zeros to its addressed slots (as the dense
+// decoder), and *status gets the bits.
+#include "codec.h"
+
+#include "codec_gpu.cuh"
+#include "quant_math.cuh"
+
+using namespace kvk_codec;
+using kvk_codec::gpu::kFull;
+
+namespace {
+
+constexpr int kWarps = 4;
+
+template <int DT> struct Out;
+template <> struct Out<0> { using T = float; };
+template <> struct Out<1> { using T = uint16_t; };
+template <> struct Out<2> { using T = uint16_t; };
+template <> struct Out<3> { using T = uint8_t; };
+
+// float32 -> the cache element (fp8: e4m3 of clamp(v * inv), inv = min(1 / scale, FLT_MAX)).
+template <int DT>
+__device__ __forceinline__ typename Out<DT>::T convert(float v, float inv) {
+  if constexpr (DT == 0) return v;
+  else if constexpr (DT == 1) return f32_to_f16(v);
+  else if constexpr (DT == 2) return f32_to_bf16(v);
+  else return (uint8_t)kvk::fp8_encode(kvk::fp8_prescale(v, inv));
+}
+
+struct PagesArgs {
+  const uint8_t* payload;
+  int64_t nbytes;
+  const int64_t* offsets;
+  const uint16_t* cum;
+  const uint8_t* ok;
+  int64_t K;
+  int bins, pb;
+  const int32_t* tid;
+  int64_t S, N, C;
+  const float* lut;  // [K, bins] (per table) or [S, bins] (per segment)
+  const float* s_tok;
+  const float* s_ch;
+  const float* z_ch;
+  const int64_t* seg;  // [S, 3]
+  const void* slots;
+  int slots64;
+  int64_t T;
+  KvkPagedCaches c;
+  int32_t* status;
+};
+
+__device__ __forceinline__ int64_t load_slot(const PagesArgs& a, int64_t i) {
+  return a.slots64 ? static_cast<const int64_t*>(a.slots)[i] : int64_t(static_cast<const int32_t*>(a.slots)[i]);
+}
+
+template <int DT, bool VEC, bool LSEG>
+__global__ void __launch_bounds__(kWarps * 32) rans_pages_kernel(const PagesArgs a) {
+  using E = typename Out<DT>::T;
+  constexpr int ES = sizeof(E);
+  constexpr int TOK = 16 / ES;  // tokens per tile: 32 lanes x 16 bytes = TOK tokens x 32 channels
+  constexpr int CPT = 32 / TOK;  // 16-byte words per token row of 32 channels
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+  const gpu::WarpSmem lay(a.bins, !LSEG, true);
+  unsigned char* mine = smem + warp * lay.bytes();
+  uint16_t* sh_cum = reinterpret_cast<uint16_t*>(mine);
+  float* sh_lut = LSEG ? nullptr : reinterpret_cast<float*>(mine + lay.cum_bytes);
+  E* tile = reinterpret_cast<E*>(mine + lay.cum_bytes + lay.lut_bytes);
+
+  const int64_t G = (a.C + LANES - 1) / LANES;
+  const int64_t b = (int64_t)blockIdx.x * kWarps + warp;
+  if (b >= a.S * G) return;  // warp-uniform
+  const int64_t s = b / G, c0 = (b - s * G) * LANES;
+  const int na = (int)(a.C - c0 < LANES ? a.C - c0 : LANES);
+  const bool active = lane < na;
+
+  // the segment's destination (untrusted: checked, never written when malformed)
+  const int64_t r = a.seg[3 * s], t0 = a.seg[3 * s + 1], ns = a.seg[3 * s + 2];
+  const int64_t R = a.c.num_kv * a.c.num_layers;
+  if (r < 0 || r >= R || ns < 0 || ns > a.N || t0 < 0 || t0 > a.T - ns) {
+    if (lane == 0) atomicOr(a.status, ERR_SEGMENT);
+    return;
+  }
+  const int kv = r >= a.c.num_layers;
+  const int64_t l = r - kv * a.c.num_layers;
+  const int64_t* st5 = a.c.st[kv];
+  E* base = reinterpret_cast<E*>(a.c.ptrs[r]);
+  const int64_t D = a.c.head_dim, X = a.c.x, BS = a.c.block_size, nslots = a.c.num_blocks * a.c.block_size;
+  // this lane's element offset within a token row (generic path) / its 16-byte word's (VEC)
+  const int64_t c = c0 + (VEC ? (lane % CPT) * TOK : lane);
+  const int64_t h = c / D, d = c - h * D;
+  const int64_t coff = h * st5[2] + (d / X) * st5[3] + (d % X) * st5[4];
+  float inv = 1.f;
+  if constexpr (DT == 3) {
+    const int64_t hl = (c0 + lane) / D;  // the head of this lane's channel
+    if (active)
+      inv = kvk::fp8_inv(kv ? a.c.v_scale[l * a.c.vs_l + hl * a.c.vs_h] : a.c.k_scale[l * a.c.ks_l + hl * a.c.ks_h]);
+  }
+
+  int64_t k;
+  int32_t st = gpu::warp_rows(a.tid, a.ok, a.K, s, a.C, c0, lane, active, &k);
+  gpu::load_rows(a.cum, a.lut, a.bins, k, na, lane, sh_cum, sh_lut, lay.lut_stride);
+  gpu::WarpDecoder dec;
+  st = dec.begin(a.payload, a.nbytes, a.offsets, b, na, lane, sh_cum + lane * (a.bins + 1), a.bins, a.pb, active, st);
+
+  float sch = 1.f, zch = 0.f;
+  if (active) {
+    if (a.s_ch) sch = a.s_ch[s * a.C + c0 + lane];
+    if (a.z_ch) zch = a.z_ch[s * a.C + c0 + lane];
+  }
+  const float* lrow = LSEG ? a.lut + s * a.bins : sh_lut + lane * lay.lut_stride;
+  const float* stok = a.s_tok ? a.s_tok + s * a.N : nullptr;
+
+  // Stores of tile [n0, n0 + cnt): VEC: lane's word (token lane / CPT) from the tile, or zeros.
+  auto flush = [&](int64_t n0, int cnt, int64_t slot_j, bool zero) {
+    if constexpr (VEC) {
+      __syncwarp();
+      const int j = lane / CPT;
+      const int64_t sl = __shfl_sync(kFull, slot_j, j);
+      if (j < cnt && sl >= 0 && sl < nslots) {
+        const int64_t blk = sl / BS;
+        uint4 v = zero ? make_uint4(0, 0, 0, 0) : reinterpret_cast<const uint4*>(tile)[lane];
+        *reinterpret_cast<uint4*>(base + blk * st5[0] + (sl - blk * BS) * st5[1] + coff) = v;
+      }
+      __syncwarp();
+    } else {
+      for (int j = 0; j < cnt; ++j) {
+        const int64_t sl = __shfl_sync(kFull, slot_j, j);
+        if (active && sl >= 0 && sl < nslots) {
+          const int64_t blk = sl / BS;
+          base[blk * st5[0] + (sl - blk * BS) * st5[1] + coff] = zero ? E(0) : tile[j * 32 + lane];
+        }
+      }
+    }
+  };
+
+  for (int64_t n0 = 0; n0 < ns && !st; n0 += TOK) {
+    const int cnt = (int)(ns - n0 < TOK ? ns - n0 : TOK);
+    // per-token loads of the tile, one lane each (then shuffled): the token scale and the slot
+    float stok_j = 1.f;
+    int64_t slot_j = -1;
+    if (lane < cnt) {
+      if (stok) stok_j = stok[n0 + lane];
+      slot_j = load_slot(a, t0 + n0 + lane);
+    }
+    for (int j = 0; j < cnt; ++j) {
+      int sy;
+      if (!dec.step(&sy)) { st = ERR_TRUNCATED; break; }
+      const float stk = __shfl_sync(kFull, stok_j, j);
+      if (active) {
+        float val = LSEG ? __ldg(lrow + sy) : lrow[sy];
+        if (stok) val = fmul_rn(val, stk);
+        if (a.s_ch) val = fmul_rn(val, sch);
+        if (a.z_ch) val = fadd_rn(val, zch);
+        tile[j * 32 + lane] = convert<DT>(val, inv);
+      }
+    }
+    if (st) break;
+    flush(n0, cnt, slot_j, false);
+  }
+  if (!st && !dec.finished_ok()) st = ERR_TRAILING;
+  if (st) {  // the whole block as zeros at its addressed slots (as the dense decoder)
+    for (int64_t n0 = 0; n0 < ns; n0 += TOK) {
+      const int cnt = (int)(ns - n0 < TOK ? ns - n0 : TOK);
+      const int64_t slot_j = lane < cnt ? load_slot(a, t0 + n0 + lane) : -1;
+      flush(n0, cnt, slot_j, true);
+    }
+    if (lane == 0) atomicOr(a.status, st);
+  }
+}
+
+template <int DT, bool VEC>
+cudaError_t launch_dt(const PagesArgs& a, bool lseg, cudaStream_t stream) {
+  const int64_t nb = a.S * ((a.C + LANES - 1) / LANES);
+  const gpu::WarpSmem lay(a.bins, !lseg, true);
+  const size_t smem = (size_t)kWarps * lay.bytes();
+  auto kern = lseg ? rans_pages_kernel<DT, VEC, true> : rans_pages_kernel<DT, VEC, false>;
+  if (smem > 48 * 1024) {
+    cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (e != cudaSuccess) return e;
+  }
+  kern<<<(unsigned)((nb + kWarps - 1) / kWarps), kWarps * 32, smem, stream>>>(a);
+  return cudaGetLastError();
+}
+
+template <int DT>
+cudaError_t launch_vec(const PagesArgs& a, bool vec, bool lseg, cudaStream_t stream) {
+  return vec ? launch_dt<DT, true>(a, lseg, stream) : launch_dt<DT, false>(a, lseg, stream);
+}
+
+// 16-byte stores are legal: a warp's 32 channels lie in one head (D % 32 == 0), each 16-byte
+// word of channels is contiguous (dim_inner stride 1, the head_dim split x a multiple of the
+// word) and every base and stride is 16-byte aligned.
+bool vec_ok(const KvkPagedCaches& c, int es) {
+  const int64_t e = 16 / es;
+  if (!c.aligned16 || c.head_dim % 32 || c.x % e) return false;
+  for (int kv = 0; kv < c.num_kv; ++kv) {
+    if (c.st[kv][4] != 1) return false;
+    for (int j = 0; j < 4; ++j)
+      if ((c.st[kv][j] * es) % 16) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+cudaError_t kvk_rans_decode_pages(const uint8_t* payload, int64_t nbytes, const int64_t* offsets, const uint16_t* cum,
+                                  const uint8_t* ok, int64_t K, int bins, const int32_t* tid, int pb, int64_t S,
+                                  int64_t N, int64_t C, const float* lut, int lut_per_segment, const float* s_tok,
+                                  const float* s_ch, const float* z_ch, const int64_t* segments,
+                                  const KvkPagedCaches* caches, const void* slots, int slots_int64, int64_t T,
+                                  int32_t* status, cudaStream_t stream) {
+  if (caches == nullptr || lut == nullptr || segments == nullptr || status == nullptr) return cudaErrorInvalidValue;
+  const KvkPagedCaches& c = *caches;
+  if (c.num_heads * c.head_dim != C || bins < 1 || bins > 256 || pb < 1 || pb > 12 || N < 0 || T < 0 ||
+      c.num_kv < 1 || c.num_kv > 2 || c.x < 1 || c.block_size < 1 || c.cache_dtype < 0 || c.cache_dtype > 3 ||
+      (c.cache_dtype == 3 && c.k_scale == nullptr) || (c.cache_dtype == 3 && c.num_kv == 2 && c.v_scale == nullptr))
+    return cudaErrorInvalidValue;
+  if (S <= 0 || C <= 0) return cudaSuccess;
+  PagesArgs a{payload, nbytes, offsets, cum, ok, K, bins, pb, tid, S, N, C, lut, s_tok, s_ch, z_ch, segments,
+              slots, slots_int64, T, c, status};
+  const bool lseg = lut_per_segment != 0;
+  switch (c.cache_dtype) {
+    case 0: return launch_vec<0>(a, vec_ok(c, 4), lseg, stream);
+    case 1: return launch_vec<1>(a, vec_ok(c, 2), lseg, stream);
+    case 2: return launch_vec<2>(a, vec_ok(c, 2), lseg, stream);
+    default: return launch_vec<3>(a, vec_ok(c, 1), lseg, stream);
+  }
+}
