@@ -125,4 +125,18 @@ void register_codec(py::module_& m) {
                                 ptr<const void>(slots), slots64 ? 1 : 0, T, ptr<int32_t>(status), strm(stream)),
           "codec_rans_decode_pages");
   });
+  m.def("codec_rans_decode_dequant", [](std::uintptr_t payload, int64_t nbytes, std::uintptr_t offsets,
+                                        std::uintptr_t cum, std::uintptr_t ok, int64_t K, int bins, std::uintptr_t tid,
+                                        int pb, int64_t S, int64_t N, int64_t C, std::uintptr_t out, std::uintptr_t lut,
+                                        bool lut_per_segment, std::uintptr_t s_tok, std::uintptr_t s_ch,
+                                        std::uintptr_t z_ch, int dtype, int64_t os_s, int64_t os_n,
+                                        std::uintptr_t status, int device, std::uintptr_t stream) {
+    check(cudaSetDevice(device), "codec_rans_decode_dequant");
+    check(kvk_rans_decode_dequant(ptr<const uint8_t>(payload), nbytes, ptr<const int64_t>(offsets),
+                                  ptr<const uint16_t>(cum), ptr<const uint8_t>(ok), K, bins, ptr<const int32_t>(tid),
+                                  pb, S, N, C, ptr<void>(out), ptr<const float>(lut), lut_per_segment ? 1 : 0,
+                                  ptr<const float>(s_tok), ptr<const float>(s_ch), ptr<const float>(z_ch), dtype,
+                                  os_s, os_n, ptr<int32_t>(status), strm(stream)),
+          "codec_rans_decode_dequant");
+  });
 }

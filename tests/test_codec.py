@@ -156,6 +156,35 @@ def test_rans_decode_dequant_pure(pure):
     assert got.shape == (S, N, C)
 
 
+def _per_segment_want(sym, lut_s, s_tok, s_ch, z_ch, dtype):
+    S, N, C = sym.shape
+    tid = torch.arange(S * C, dtype=torch.int32).reshape(S, C)
+    return R.dequant_spec(sym, tid, lut_s.repeat_interleave(C, 0), s_tok, s_ch, z_ch).to(dtype)
+
+
+@pytest.mark.parametrize("impl", ["pure", "cpu"])
+def test_rans_decode_dequant_lut_per_segment(monkeypatch, impl):
+    if impl == "cpu" and not HAS_CPU:
+        pytest.skip("kvkernels._codec_cpu is not built")
+    monkeypatch.setenv("KVK_CODEC_PURE", "1" if impl == "pure" else "0")
+    S, N, C = 3, 17, 64
+    sym, freq, cdf, tid, pb = _case(12, S, N, C, bins=16)
+    pl, off = rans_encode(sym, freq, tid, pb)
+    lut_s, s_tok, s_ch, z_ch = torch.randn(S, 16), torch.rand(S, N), torch.rand(S, C), torch.randn(S, C)
+    got = rans_decode_dequant(pl, off, freq, tid, N, pb, lut_s, s_tok, s_ch, z_ch, lut_per_segment=True)
+    assert torch.equal(got, _per_segment_want(sym, lut_s, s_tok, s_ch, z_ch, torch.bfloat16))
+    with pytest.raises(ValueError, match="lut"):
+        rans_decode_dequant(pl, off, freq, tid, N, pb, lut_s[:2], lut_per_segment=True)
+    # a corrupt block: its channels are zeros, the other blocks still decode
+    bad = pl.clone()
+    bad[int(off[1]) + 3] ^= 0x40  # block 1 = segment 0, channels 32..63
+    st = torch.zeros(1, dtype=torch.int32)
+    got = rans_decode_dequant(bad, off, freq, tid, N, pb, lut_s, s_tok, s_ch, z_ch, lut_per_segment=True, status=st)
+    if int(st):
+        assert bool((got[0, :, 32:] == 0).all())
+        assert torch.equal(got[1:], _per_segment_want(sym, lut_s, s_tok, s_ch, z_ch, torch.bfloat16)[1:])
+
+
 # ---- ops / bad input -----------------------------------------------------------------------------
 def test_ops_direct_and_opcheck():
     S, N, C = 2, 6, 35
@@ -310,6 +339,39 @@ def test_gpu_decode_dequant_equals_cpu(dtype):
     mask = torch.ones(big.shape, dtype=torch.bool)
     mask[:, 1:N + 1, 4:C + 4] = False
     assert torch.isnan(big.cpu()[mask].float()).all()
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("per_segment", [False, True])
+@pytest.mark.parametrize("C,aligned", [(256, True), (256, False), (96, True), (70, True)])
+def test_gpu_decode_dequant_tiles(dtype, per_segment, C, aligned):
+    """The 16-byte tile stores (C % 32 == 0, aligned rows) and the per-lane fallback, both level
+    modes, N not a multiple of the tile, a poisoned strided output, a corrupt block (zeros)."""
+    S, N = 5, 77
+    sym, freq, cdf, tid, pb = _case(C + N, S, N, C, bins=24)
+    pl, off = rans_encode(sym, freq, tid, pb)
+    lut = torch.randn(S, 24) if per_segment else torch.randn(freq.shape)
+    s_tok, s_ch, z_ch = torch.rand(S, N), torch.rand(S, C), torch.randn(S, C)
+    bad = pl.clone()
+    bad[int(off[1]) + 5] ^= 0x21
+    for payload in (pl, bad):
+        st_c = torch.zeros(1, dtype=torch.int32)
+        want = rans_decode_dequant(payload, off, freq, tid, N, pb, lut, s_tok, s_ch, z_ch, dtype=dtype,
+                                   lut_per_segment=per_segment, status=st_c)
+        pad = 0 if aligned else 1
+        big = torch.full((S, N + 2, C + 16), float("nan"), dtype=dtype, device="cuda")
+        view = big[:, 1:N + 1, 8 + pad:C + 8 + pad]
+        st_g = torch.zeros(1, dtype=torch.int32, device="cuda")
+        g = [t.cuda() for t in (payload, off, freq, tid, lut, s_tok, s_ch, z_ch)]
+        rans_decode_dequant(*g[:4], N, pb, *g[4:], out=view, lut_per_segment=per_segment, status=st_g,
+                            backend="cuda")
+        assert (int(st_c) == 0) == (int(st_g) == 0)
+        assert torch.equal(view.cpu().contiguous().view(torch.int16 if dtype != torch.float32 else torch.int32),
+                           want.contiguous().view(torch.int16 if dtype != torch.float32 else torch.int32))
+        mask = torch.ones(big.shape, dtype=torch.bool)
+        mask[:, 1:N + 1, 8 + pad:C + 8 + pad] = False
+        assert torch.isnan(big.cpu()[mask].float()).all()
 
 
 @needs_gpu

@@ -86,10 +86,11 @@ def rans_decode_dequant_op(payload: torch.Tensor, offsets: torch.Tensor, freq: t
                            table_id: torch.Tensor, prob_bits: int, lut: torch.Tensor,
                            s_tok: Optional[torch.Tensor], s_ch: Optional[torch.Tensor],
                            z_ch: Optional[torch.Tensor], out: torch.Tensor, status: torch.Tensor,
-                           backend: Optional[str]) -> None:
-    """payload -> out [S,N,C] float (C dense, S/N strides arbitrary), status i32 [1]."""
+                           backend: Optional[str], lut_per_segment: bool = False) -> None:
+    """payload -> out [S,N,C] float (C dense, S/N strides arbitrary), status i32 [1]; lut [K, bins]
+    by table_id, or [S, bins] by segment (``lut_per_segment``)."""
     _resolve("rans_decode_dequant", out, backend)(payload, offsets, freq, table_id, prob_bits, lut, s_tok, s_ch,
-                                                  z_ch, out, status)
+                                                  z_ch, out, status, lut_per_segment)
 
 
 for _op in (ac_encode_op, ac_decode_op, rans_encode_op, rans_decode_op, rans_decode_dequant_op):
@@ -284,7 +285,8 @@ def rans_decode_dequant(payload: torch.Tensor, offsets: torch.Tensor, freq: torc
                         N: int, prob_bits: int, lut: torch.Tensor, s_tok: Optional[torch.Tensor] = None,
                         s_ch: Optional[torch.Tensor] = None, z_ch: Optional[torch.Tensor] = None, *,
                         out: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.bfloat16,
-                        status: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
+                        status: Optional[torch.Tensor] = None, lut_per_segment: bool = False,
+                        backend: Optional[str] = None) -> torch.Tensor:
     """rANS decode fused with dequantization (one kernel, no symbol buffer on the GPU).
 
     ``out[s, n, c] = lut[table_id[s, c], sym[s, n, c]] * s_tok[s, n] * s_ch[s, c] + z_ch[s, c]``
@@ -292,7 +294,10 @@ def rans_decode_dequant(payload: torch.Tensor, offsets: torch.Tensor, freq: torc
 
     Args:
         payload, offsets, freq, table_id, N, prob_bits: as for :func:`rans_decode`.
-        lut: float32 ``[K, bins]`` (same K and bins as ``freq``): the level of each symbol.
+        lut: float32 ``[K, bins]`` (same K and bins as ``freq``): the level of each symbol; with
+            ``lut_per_segment``, ``[S, bins]``: one level row per segment, used by all its channels
+            (what a preset stores: levels per (layer, kind)); the GPU kernel then keeps no level
+            rows in shared memory (the plain decode's occupancy).
         s_tok: optional float32 ``[S, N]`` (default 1); s_ch, z_ch: optional float32 ``[S, C]``
             (defaults 1 and 0).
         out: optional ``[S, N, C]`` bf16/fp16/fp32 with ``out.stride(-1) == 1`` (other strides
@@ -307,8 +312,10 @@ def rans_decode_dequant(payload: torch.Tensor, offsets: torch.Tensor, freq: torc
     freq = _check_freq(freq, prob_bits, dev)
     payload, offsets = _check_payload(payload, offsets, S * _ref.n_groups(C), dev)
     lut = _tensor("lut", lut, torch.float32, 2, dev)
-    if tuple(lut.shape) != tuple(freq.shape):
-        raise ValueError(f"lut: expected shape {tuple(freq.shape)} (as freq), got {tuple(lut.shape)}")
+    want = (S, freq.shape[1]) if lut_per_segment else tuple(freq.shape)
+    if tuple(lut.shape) != want:
+        what = "[S, bins]" if lut_per_segment else "(as freq)"
+        raise ValueError(f"lut: expected shape {want} {what}, got {tuple(lut.shape)}")
     aux = []
     for name, t, shape in (("s_tok", s_tok, (S, N)), ("s_ch", s_ch, (S, C)), ("z_ch", z_ch, (S, C))):
         if t is not None:
@@ -330,7 +337,8 @@ def rans_decode_dequant(payload: torch.Tensor, offsets: torch.Tensor, freq: torc
         if out.stride(-1) != 1:
             raise ValueError(f"out: the channel dim must be dense (stride 1), got strides {out.stride()}")
     st = torch.zeros(1, dtype=torch.int32, device=dev)
-    rans_decode_dequant_op(payload, offsets, freq, table_id, prob_bits, lut, *aux, out, st, backend)
+    rans_decode_dequant_op(payload, offsets, freq, table_id, prob_bits, lut, *aux, out, st, backend,
+                           bool(lut_per_segment))
     _raise_on(st, "rans_decode_dequant", status)
     return out
 

@@ -28,7 +28,7 @@ def available() -> Optional[str]:
     from . import quant
 
     why = quant.available()
-    if why is None and not hasattr(_ext(), "codec_rans_decode"):
+    if why is None and not hasattr(_ext(), "codec_rans_decode_dequant"):
         return "kvkernels._C was built without the codec kernels (rebuild it)"
     return why
 
@@ -36,7 +36,7 @@ def available() -> Optional[str]:
 def supports(t: torch.Tensor, *args) -> Optional[str]:
     if t.device.type != "cuda":
         return f"the CUDA coders need CUDA tensors (got one on {t.device})"
-    if not hasattr(_ext(), "codec_rans_decode"):
+    if not hasattr(_ext(), "codec_rans_decode_dequant"):
         return "kvkernels._C was built without the codec kernels (rebuild it)"
     return None
 
@@ -109,9 +109,10 @@ def rans_decode_into(payload, offsets, freq, table_id, prob_bits, out, status) -
 
 
 def rans_decode_dequant_into(payload, offsets, freq, table_id, prob_bits, lut, s_tok, s_ch, z_ch, out,
-                             status) -> None:
+                             status, lut_per_segment=False) -> None:
     S, N, C = out.shape
     cum, ok = _prep(freq, prob_bits)
-    _ext().codec_rans_decode(_p(payload), payload.numel(), _p(offsets), _p(cum), _p(ok), freq.shape[0],
-                             freq.shape[1], _p(table_id), prob_bits, S, N, C, _p(out), _p(lut), _p(s_tok), _p(s_ch),
-                             _p(z_ch), _DTYPE_CODE[out.dtype], out.stride(0), out.stride(1), _p(status), *_dev(out))
+    _ext().codec_rans_decode_dequant(_p(payload), payload.numel(), _p(offsets), _p(cum), _p(ok), freq.shape[0],
+                                     freq.shape[1], _p(table_id), prob_bits, S, N, C, _p(out), _p(lut),
+                                     bool(lut_per_segment), _p(s_tok), _p(s_ch), _p(z_ch), _DTYPE_CODE[out.dtype],
+                                     out.stride(0), out.stride(1), _p(status), *_dev(out))

@@ -364,14 +364,52 @@ def dequant_spec(sym: torch.Tensor, table_id: torch.Tensor, lut: torch.Tensor, s
     (multiplications left to right, then the add; each rounded to float32, no FMA)."""
     S, N, C = sym.shape
     idx = table_id.long().unsqueeze(1).expand(S, N, C)
-    v = lut.float()[idx, sym.long()]
+    return _apply_map(lut.float()[idx, sym.long()], s_tok, s_ch, z_ch)
+
+
+def _apply_map(v: torch.Tensor, s_tok, s_ch, z_ch) -> torch.Tensor:
+    """The map's factors on levels ``v [S, N, C]`` (float32, in order; absent factors skipped)."""
+    S, N, C = v.shape
     if s_tok is not None:
-        v = v * s_tok.float().reshape(S, N, 1)
+        v = v * s_tok.float()[:, :N].reshape(S, N, 1)
     if s_ch is not None:
         v = v * s_ch.float().reshape(S, 1, C)
     if z_ch is not None:
         v = v + z_ch.float().reshape(S, 1, C)
     return v
+
+
+def failed_blocks(payload, offsets, freq, table_id, prob_bits: int, N: int) -> Tuple[torch.Tensor, int]:
+    """(bool ``[S, G]``: which rANS blocks fail to decode on their own, the OR of their status
+    bits): offsets outside the payload, a bad table, a corrupt stream. The decoders write those
+    blocks as zeros. Error path only (decodes block by block)."""
+    S, C = table_id.shape
+    G = n_groups(C)
+    off = _np(offsets).astype(np.int64)
+    B = payload.numel()
+    bad = torch.zeros(S, G, dtype=torch.bool)
+    code = 0
+    for s in range(S):
+        for g in range(G):
+            b = s * G + g
+            if off.size != S * G + 1 or not _block_ok(off, b, B):
+                bad[s, g] = True
+                code |= ERR_OFFSETS
+                continue
+            lo, hi = int(off[b]), int(off[b + 1])
+            c0, c1 = g * LANES, min(C, (g + 1) * LANES)
+            ks = table_id[s:s + 1, c0:c1].contiguous()
+            if N == 0:
+                st = _empty_block_status(_np(payload[lo:hi]).tobytes(), freq, ks[0], prob_bits)
+            else:
+                st_t = torch.zeros(1, dtype=torch.int32)
+                one = torch.empty((1, N, c1 - c0), dtype=torch.uint8)
+                part = payload[lo:hi].contiguous() if hi > lo else torch.zeros(1, dtype=torch.uint8)
+                rans_decode_into(part, torch.tensor([0, hi - lo]), freq, ks, prob_bits, one, st_t)
+                st = int(st_t.item())
+            bad[s, g] = st != 0
+            code |= st
+    return bad, code
 
 
 # ---- dispatch backend (torch): caller buffers + status ---------------------------------------
@@ -514,11 +552,24 @@ def rans_decode_into(payload, offsets, freq, table_id, prob_bits, out, status) -
 
 @_cpu_args
 def rans_decode_dequant_into(payload, offsets, freq, table_id, prob_bits, lut, s_tok, s_ch, z_ch, out,
-                             status) -> None:
+                             status, lut_per_segment=False) -> None:
     """out [S, N, C] bf16/fp16/fp32 with out.stride(-1) == 1 (other strides arbitrary), written.
-    Blocks that fail to decode are written as zeros."""
+    Blocks that fail to decode are written as zeros. ``lut_per_segment``: ``lut`` is ``[S, bins]``
+    (row s for every channel of segment s) instead of ``[K, bins]`` by ``table_id``."""
     S, N, C = out.shape
     ext = _cpu_ext()
+    if lut_per_segment or ext is None:  # symbols (the CPU coder when built), then the map
+        sym = torch.empty((S, N, C), dtype=torch.uint8)
+        rans_decode_into(payload, offsets, freq, table_id, prob_bits, sym, status)
+        if lut_per_segment:
+            v = _apply_map(lut.float()[torch.arange(S).view(S, 1, 1), sym.long()], s_tok, s_ch, z_ch)
+        else:
+            v = dequant_spec(sym, table_id.long().clamp(0, lut.shape[0] - 1), lut, s_tok, s_ch, z_ch)
+        if int(status.item()):  # failed blocks are zeros (as the CPU coder and the GPU kernel)
+            bad, _ = failed_blocks(payload, offsets, freq, table_id, prob_bits, N)
+            v = torch.where(bad.repeat_interleave(LANES, 1)[:, :C].unsqueeze(1), torch.zeros(()), v)
+        out.copy_(v.to(out.dtype))
+        return
     if ext is not None:
         st = ext.rans_decode_dequant(_ptr(payload), payload.numel(), _ptr(offsets), offsets.numel(), _ptr(freq),
                                      freq.shape[0], freq.shape[1], _ptr(table_id), prob_bits, S, N, C, _ptr(lut),
@@ -526,13 +577,6 @@ def rans_decode_dequant_into(payload, offsets, freq, table_id, prob_bits, lut, s
                                      out.stride(0), out.stride(1))
         status.fill_(st)
         return
-    sym = torch.empty((S, N, C), dtype=torch.uint8)
-    rans_decode_into(payload, offsets, freq, table_id, prob_bits, sym, status)
-    tid = table_id.long().clamp(0, lut.shape[0] - 1)
-    v = dequant_spec(sym, tid, lut, s_tok, s_ch, z_ch)
-    if int(status.item()):
-        v.zero_()
-    out.copy_(v.to(out.dtype))
 
 
 # ---- decode into paged caches (docs/codec.md "Decode into pages") --------------------------
@@ -546,51 +590,31 @@ def _block_ok(off: np.ndarray, b: int, B: int) -> bool:
 
 
 def _decode_group(data: bytes, off: np.ndarray, freq, tid: torch.Tensor, prob_bits: int, ns: int,
-                  segs) -> Tuple[torch.Tensor, np.ndarray, int]:
+                  segs) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """Symbols ``[len(segs), ns, C]`` of segments ``segs`` (all of ``ns`` tokens), per-block
     failure flags ``[len(segs), G]`` and the status bits (failed blocks: zero symbols)."""
     C = tid.shape[1]
     G = n_groups(C)
+    n = len(segs)
     blocks = [s * G + g for s in segs for g in range(G)]
-    good = np.array([_block_ok(off, b, len(data)) for b in blocks], dtype=bool)
-    parts = [data[off[b]:off[b + 1]] if ok else b"" for b, ok in zip(blocks, good)]
-    lens = np.array([len(p) for p in parts], dtype=np.int64)
-    sub_off = torch.from_numpy(np.concatenate([[0], np.cumsum(lens)]).astype(np.int64))
+    good = torch.tensor([_block_ok(off, b, len(data)) for b in blocks], dtype=torch.bool).reshape(n, G)
+    parts = [data[off[b]:off[b + 1]] if ok else b"" for b, ok in zip(blocks, good.flatten().tolist())]
+    sub_off = torch.tensor([0] + [len(p) for p in parts], dtype=torch.int64).cumsum(0)
     sub_pay = torch.frombuffer(bytearray(b"".join(parts)) or bytearray(1), dtype=torch.uint8)
     sub_tid = tid[list(segs)].contiguous()
-    sym = torch.empty((len(segs), ns, C), dtype=torch.uint8)
-    st = torch.zeros(1, dtype=torch.int32)
+    sym = torch.zeros((n, ns, C), dtype=torch.uint8)
+    code = 0
     if ns > 0:
+        st = torch.zeros(1, dtype=torch.int32)
         rans_decode_into(sub_pay, sub_off, freq, sub_tid, prob_bits, sym, st)
-    else:  # no tokens: a block is its n_act states, each 2^16
-        sym = torch.empty((len(segs), 0, C), dtype=torch.uint8)
-    status = int(st.item()) | (0 if good.all() else ERR_OFFSETS)
-    bad = ~good.reshape(len(segs), G)
-    if status or ns == 0:  # find the failing blocks one by one (the error path only)
-        status = 0 if good.all() else ERR_OFFSETS
-        for i in range(len(segs)):
-            for g in range(G):
-                c0, c1 = g * LANES, min(C, (g + 1) * LANES)
-                j = i * G + g
-                if bad[i, g]:  # offsets outside the payload (ERR_OFFSETS, set above)
-                    sym[i, :, c0:c1] = 0
-                    continue
-                st1 = torch.zeros(1, dtype=torch.int32)
-                one = torch.empty((1, max(ns, 1), c1 - c0), dtype=torch.uint8)
-                if ns > 0:
-                    rans_decode_into(torch.frombuffer(bytearray(parts[j]) or bytearray(1), dtype=torch.uint8),
-                                     torch.tensor([0, len(parts[j])], dtype=torch.int64), freq,
-                                     sub_tid[i:i + 1, c0:c1].contiguous(), prob_bits, one, st1)
-                    code = int(st1.item())
-                else:
-                    code = _empty_block_status(parts[j], freq, sub_tid[i, c0:c1], prob_bits)
-                if code:
-                    status |= code
-                    bad[i, g] = True
-                    sym[i, :, c0:c1] = 0
-                elif ns > 0:
-                    sym[i, :, c0:c1] = one[0]
-    return sym, bad, status
+        code = int(st.item())
+    bad = torch.zeros(n, G, dtype=torch.bool)
+    if code or ns == 0 or not bool(good.all()):  # find the failing blocks (the error path)
+        bad, code = failed_blocks(sub_pay, sub_off, freq, sub_tid, prob_bits, ns)
+        bad |= ~good
+        code |= 0 if bool(good.all()) else ERR_OFFSETS
+        sym = torch.where(bad.repeat_interleave(LANES, 1)[:, :C].unsqueeze(1), torch.zeros((), dtype=sym.dtype), sym)
+    return sym, bad, code
 
 
 def _empty_block_status(part: bytes, freq: torch.Tensor, ks: torch.Tensor, prob_bits: int) -> int:
@@ -665,7 +689,7 @@ def rans_decode_pages_into(payload, offsets, freq, table_id, prob_bits, N, lut, 
             v = v * aux[1][idx].unsqueeze(1)
         if aux[2] is not None:
             v = v + aux[2][idx].unsqueeze(1)
-        badc = torch.from_numpy(bad).repeat_interleave(LANES, dim=1)[:, :C]  # [n, C]
+        badc = bad.repeat_interleave(LANES, dim=1)[:, :C]  # [n, C]
         v = torch.where(badc.unsqueeze(1), torch.zeros((), dtype=v.dtype), v)
         for i, s in enumerate(segs):
             r, t0, _ = (int(q) for q in seg[s])

@@ -1,18 +1,24 @@
-// csrc/codec_paged.cu -- rANS decode fused with dequantization, written straight into an
-// engine's paged caches (csrc/codec.h kvk_rans_decode_pages; docs/codec.md "Decode into pages").
+// csrc/codec_dequant.cu -- rANS decode fused with dequantization (docs/codec-spec.md "Fused
+// decode", docs/codec.md "Decode into pages"): the kernel behind kvk_rans_decode's fused mode
+// (a dense [S, N, C] output) and kvk_rans_decode_pages (straight into an engine's paged caches).
 //
-// One launch for every segment of every layer: a warp decodes one 32-lane block (segment s,
-// channels c0..c0+31), dequantizes each symbol by the generic map (docs/codec-spec.md, "Fused
-// decode") and writes it to the cache of segments[s] = (cache r, first flat token t0, tokens ns):
-// token n goes to slot slots[t0 + n] of cache r (kv = r / L, layer = r % L), through the layout's
-// strides (csrc/paged.h addressing). No intermediate buffer: values go from registers through a
-// 512-byte per-warp shared tile to 16-byte stores (one per lane per tile of 16 / element-size
-// tokens: a token's 32 channels are 4 lanes' words for bf16) where the layout allows (head_dim a
-// multiple of 32, dense aligned channels); otherwise each lane stores its element.
-// Reads are bounded by the offsets (checked against the payload size), writes by the layout:
-// slots < 0 or >= NB * BS are skipped, a malformed segment descriptor writes nothing (status
-// ERR_SEGMENT), a block that fails to decode writes zeros to its addressed slots (as the dense
-// decoder), and *status gets the bits.
+// A warp decodes one 32-lane block (segment s, channels c0..c0+31; csrc/codec_gpu.cuh),
+// dequantizes each symbol by the generic map and writes it, with no intermediate buffer:
+// * dense: token n of segment s at out + s*os_s + n*os_n + c;
+// * paged: segments[s] = (cache r, first flat token t0, tokens ns): token n goes to slot
+//   slots[t0 + n] of cache r (kv = r / L, layer = r % L) through the layout's strides (csrc/paged.h
+//   addressing, fp8 e4m3 with per-(layer, head) scales); one launch for every layer.
+// Stores: the values go from registers into a 512-byte per-warp tile in shared memory (TOK = 16 /
+// element-size tokens x 32 channels), then each lane writes one 16-byte word (a token's 32 bf16
+// channels are 4 lanes' words) where the destination allows (32 dense, aligned channels a
+// token); otherwise each lane stores its element from the tile. Per-token inputs (s_tok, the
+// slot) are loaded once per tile, one lane a token, and shuffled. Level rows: per table (the
+// 32 lanes' rows in shared memory, odd row stride: no bank conflicts when lanes share a symbol)
+// or per segment (one row, read through L1: no shared memory, so occupancy as the plain decode).
+// Reads are bounded by the offsets (checked against the payload size), writes by the
+// destination: slots < 0 or >= NB * BS are skipped, a malformed segment descriptor writes
+// nothing (ERR_SEGMENT), a block that fails to decode writes zeros at its addressed elements,
+// and *status gets the bits.
 #include "codec.h"
 
 #include "codec_gpu.cuh"
@@ -58,7 +64,9 @@ struct PagesArgs {
   const void* slots;
   int slots64;
   int64_t T;
-  KvkPagedCaches c;
+  KvkPagedCaches c;  // paged destination
+  void* out;         // dense destination
+  int64_t os_s, os_n;
   int32_t* status;
 };
 
@@ -66,8 +74,10 @@ __device__ __forceinline__ int64_t load_slot(const PagesArgs& a, int64_t i) {
   return a.slots64 ? static_cast<const int64_t*>(a.slots)[i] : int64_t(static_cast<const int32_t*>(a.slots)[i]);
 }
 
-template <int DT, bool VEC, bool LSEG>
-__global__ void __launch_bounds__(kWarps * 32) rans_pages_kernel(const PagesArgs a) {
+template <int DT, bool VEC, bool LSEG, bool DENSE>
+// Dense: at most 48 registers (40 warps an SM; no spills on sm_90). Paged: the compiler's choice
+// (a bound spills the addressing state).
+__global__ void __launch_bounds__(kWarps * 32, DENSE ? 10 : 1) rans_dequant_kernel(const PagesArgs a) {
   using E = typename Out<DT>::T;
   constexpr int ES = sizeof(E);
   constexpr int TOK = 16 / ES;  // tokens per tile: 32 lanes x 16 bytes = TOK tokens x 32 channels
@@ -81,30 +91,44 @@ __global__ void __launch_bounds__(kWarps * 32) rans_pages_kernel(const PagesArgs
   E* tile = reinterpret_cast<E*>(mine + lay.cum_bytes + lay.lut_bytes);
 
   const int64_t G = (a.C + LANES - 1) / LANES;
-  const int64_t b = (int64_t)blockIdx.x * kWarps + warp;
+  const int64_t b = (int64_t)blockIdx.x * (blockDim.x / 32) + warp;
   if (b >= a.S * G) return;  // warp-uniform
   const int64_t s = b / G, c0 = (b - s * G) * LANES;
   const int na = (int)(a.C - c0 < LANES ? a.C - c0 : LANES);
   const bool active = lane < na;
 
-  // the segment's destination (untrusted: checked, never written when malformed)
-  const int64_t r = a.seg[3 * s], t0 = a.seg[3 * s + 1], ns = a.seg[3 * s + 2];
-  const int64_t R = a.c.num_kv * a.c.num_layers;
-  if (r < 0 || r >= R || ns < 0 || ns > a.N || t0 < 0 || t0 > a.T - ns) {
-    if (lane == 0) atomicOr(a.status, ERR_SEGMENT);
-    return;
+  // the segment's destination (paged: untrusted, checked; never written when malformed)
+  int64_t r = 0, t0 = 0, ns = a.N;
+  if constexpr (!DENSE) {
+    r = a.seg[3 * s];
+    t0 = a.seg[3 * s + 1];
+    ns = a.seg[3 * s + 2];
+    if (r < 0 || r >= a.c.num_kv * a.c.num_layers || ns < 0 || ns > a.N || t0 < 0 || t0 > a.T - ns) {
+      if (lane == 0) atomicOr(a.status, ERR_SEGMENT);
+      return;
+    }
   }
-  const int kv = r >= a.c.num_layers;
+  const int kv = DENSE ? 0 : r >= a.c.num_layers;
   const int64_t l = r - kv * a.c.num_layers;
-  const int64_t* st5 = a.c.st[kv];
-  E* base = reinterpret_cast<E*>(a.c.ptrs[r]);
-  const int64_t D = a.c.head_dim, X = a.c.x, BS = a.c.block_size, nslots = a.c.num_blocks * a.c.block_size;
+  // strides of this cache (selected, not indexed: the parameter block stays in constant space)
+  const int64_t sB = kv ? a.c.st[1][0] : a.c.st[0][0], sT = kv ? a.c.st[1][1] : a.c.st[0][1];
+  const int64_t sH = kv ? a.c.st[1][2] : a.c.st[0][2], sDX = kv ? a.c.st[1][3] : a.c.st[0][3];
+  const int64_t sDI = kv ? a.c.st[1][4] : a.c.st[0][4];
+  E* base = DENSE ? static_cast<E*>(a.out) + s * a.os_s : reinterpret_cast<E*>(a.c.ptrs[r]);
+  const int64_t D = DENSE ? a.C : a.c.head_dim, X = DENSE ? a.C : a.c.x, BS = DENSE ? 1 : a.c.block_size;
+  const int64_t nslots = DENSE ? a.N : a.c.num_blocks * a.c.block_size;
   // this lane's element offset within a token row (generic path) / its 16-byte word's (VEC)
   const int64_t c = c0 + (VEC ? (lane % CPT) * TOK : lane);
   const int64_t h = c / D, d = c - h * D;
-  const int64_t coff = h * st5[2] + (d / X) * st5[3] + (d % X) * st5[4];
+  const int64_t coff = DENSE ? c : h * sH + (d / X) * sDX + (d % X) * sDI;
+  // row offset of a token's slot (dense: the token index)
+  auto row_of = [&](int64_t sl) -> int64_t {
+    if constexpr (DENSE) return sl * a.os_n;
+    const int64_t blk = sl / BS;
+    return blk * sB + (sl - blk * BS) * sT;
+  };
   float inv = 1.f;
-  if constexpr (DT == 3) {
+  if constexpr (DT == 3 && !DENSE) {
     const int64_t hl = (c0 + lane) / D;  // the head of this lane's channel
     if (active)
       inv = kvk::fp8_inv(kv ? a.c.v_scale[l * a.c.vs_l + hl * a.c.vs_h] : a.c.k_scale[l * a.c.ks_l + hl * a.c.ks_h]);
@@ -131,18 +155,14 @@ __global__ void __launch_bounds__(kWarps * 32) rans_pages_kernel(const PagesArgs
       const int j = lane / CPT;
       const int64_t sl = __shfl_sync(kFull, slot_j, j);
       if (j < cnt && sl >= 0 && sl < nslots) {
-        const int64_t blk = sl / BS;
-        uint4 v = zero ? make_uint4(0, 0, 0, 0) : reinterpret_cast<const uint4*>(tile)[lane];
-        *reinterpret_cast<uint4*>(base + blk * st5[0] + (sl - blk * BS) * st5[1] + coff) = v;
+        const uint4 v = zero ? make_uint4(0, 0, 0, 0) : reinterpret_cast<const uint4*>(tile)[lane];
+        *reinterpret_cast<uint4*>(base + row_of(sl) + coff) = v;
       }
       __syncwarp();
     } else {
       for (int j = 0; j < cnt; ++j) {
         const int64_t sl = __shfl_sync(kFull, slot_j, j);
-        if (active && sl >= 0 && sl < nslots) {
-          const int64_t blk = sl / BS;
-          base[blk * st5[0] + (sl - blk * BS) * st5[1] + coff] = zero ? E(0) : tile[j * 32 + lane];
-        }
+        if (active && sl >= 0 && sl < nslots) base[row_of(sl) + coff] = zero ? E(0) : tile[j * 32 + lane];
       }
     }
   };
@@ -154,7 +174,7 @@ __global__ void __launch_bounds__(kWarps * 32) rans_pages_kernel(const PagesArgs
     int64_t slot_j = -1;
     if (lane < cnt) {
       if (stok) stok_j = stok[n0 + lane];
-      slot_j = load_slot(a, t0 + n0 + lane);
+      slot_j = DENSE ? n0 + lane : load_slot(a, t0 + n0 + lane);
     }
     for (int j = 0; j < cnt; ++j) {
       int sy;
@@ -175,31 +195,47 @@ __global__ void __launch_bounds__(kWarps * 32) rans_pages_kernel(const PagesArgs
   if (st) {  // the whole block as zeros at its addressed slots (as the dense decoder)
     for (int64_t n0 = 0; n0 < ns; n0 += TOK) {
       const int cnt = (int)(ns - n0 < TOK ? ns - n0 : TOK);
-      const int64_t slot_j = lane < cnt ? load_slot(a, t0 + n0 + lane) : -1;
+      const int64_t slot_j = lane >= cnt ? -1 : DENSE ? n0 + lane : load_slot(a, t0 + n0 + lane);
       flush(n0, cnt, slot_j, true);
     }
     if (lane == 0) atomicOr(a.status, st);
   }
 }
 
-template <int DT, bool VEC>
+template <int DT, bool VEC, bool DENSE>
 cudaError_t launch_dt(const PagesArgs& a, bool lseg, cudaStream_t stream) {
   const int64_t nb = a.S * ((a.C + LANES - 1) / LANES);
   const gpu::WarpSmem lay(a.bins, !lseg, true);
-  const size_t smem = (size_t)kWarps * lay.bytes();
-  auto kern = lseg ? rans_pages_kernel<DT, VEC, true> : rans_pages_kernel<DT, VEC, false>;
+  int warps = kWarps;  // fewer warps a block when the tables are wide (bins up to 256)
+  while (warps > 1 && warps * lay.bytes() > 48 * 1024) warps >>= 1;
+  const size_t smem = (size_t)warps * lay.bytes();
+  auto kern = lseg ? rans_dequant_kernel<DT, VEC, true, DENSE> : rans_dequant_kernel<DT, VEC, false, DENSE>;
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return e;
   }
-  kern<<<(unsigned)((nb + kWarps - 1) / kWarps), kWarps * 32, smem, stream>>>(a);
+  kern<<<(unsigned)((nb + warps - 1) / warps), warps * 32, smem, stream>>>(a);
   return cudaGetLastError();
 }
 
-template <int DT>
+template <int DT, bool DENSE>
 cudaError_t launch_vec(const PagesArgs& a, bool vec, bool lseg, cudaStream_t stream) {
-  return vec ? launch_dt<DT, true>(a, lseg, stream) : launch_dt<DT, false>(a, lseg, stream);
+  return vec ? launch_dt<DT, true, DENSE>(a, lseg, stream) : launch_dt<DT, false, DENSE>(a, lseg, stream);
 }
+
+template <bool DENSE>
+cudaError_t launch(const PagesArgs& a, int dtype, bool vec, bool lseg, cudaStream_t stream) {
+  switch (dtype) {
+    case 0: return launch_vec<0, DENSE>(a, vec, lseg, stream);
+    case 1: return launch_vec<1, DENSE>(a, vec, lseg, stream);
+    case 2: return launch_vec<2, DENSE>(a, vec, lseg, stream);
+    default:
+      if constexpr (DENSE) return cudaErrorInvalidValue;  // no fp8 dense output
+      else return launch_vec<3, DENSE>(a, vec, lseg, stream);
+  }
+}
+
+constexpr int elem_size(int dtype) { return dtype == 0 ? 4 : dtype == 3 ? 1 : 2; }
 
 // 16-byte stores are legal: a warp's 32 channels lie in one head (D % 32 == 0), each 16-byte
 // word of channels is contiguous (dim_inner stride 1, the head_dim split x a multiple of the
@@ -231,12 +267,24 @@ cudaError_t kvk_rans_decode_pages(const uint8_t* payload, int64_t nbytes, const 
     return cudaErrorInvalidValue;
   if (S <= 0 || C <= 0) return cudaSuccess;
   PagesArgs a{payload, nbytes, offsets, cum, ok, K, bins, pb, tid, S, N, C, lut, s_tok, s_ch, z_ch, segments,
-              slots, slots_int64, T, c, status};
-  const bool lseg = lut_per_segment != 0;
-  switch (c.cache_dtype) {
-    case 0: return launch_vec<0>(a, vec_ok(c, 4), lseg, stream);
-    case 1: return launch_vec<1>(a, vec_ok(c, 2), lseg, stream);
-    case 2: return launch_vec<2>(a, vec_ok(c, 2), lseg, stream);
-    default: return launch_vec<3>(a, vec_ok(c, 1), lseg, stream);
-  }
+              slots, slots_int64, T, c, nullptr, 0, 0, status};
+  return launch<false>(a, c.cache_dtype, vec_ok(c, elem_size(c.cache_dtype)), lut_per_segment != 0, stream);
+}
+
+cudaError_t kvk_rans_decode_dequant(const uint8_t* payload, int64_t nbytes, const int64_t* offsets,
+                                    const uint16_t* cum, const uint8_t* ok, int64_t K, int bins, const int32_t* tid,
+                                    int pb, int64_t S, int64_t N, int64_t C, void* out, const float* lut,
+                                    int lut_per_segment, const float* s_tok, const float* s_ch, const float* z_ch,
+                                    int dtype, int64_t os_s, int64_t os_n, int32_t* status, cudaStream_t stream) {
+  if (lut == nullptr || out == nullptr || status == nullptr || dtype < 0 || dtype > 2 || bins < 1 || bins > 256 ||
+      pb < 1 || pb > 12 || N < 0)
+    return cudaErrorInvalidValue;
+  if (S <= 0 || C <= 0 || N == 0) return cudaSuccess;
+  KvkPagedCaches none{};
+  PagesArgs a{payload, nbytes, offsets, cum, ok, K, bins, pb, tid, S, N, C, lut, s_tok, s_ch, z_ch, nullptr,
+              nullptr, 0, 0, none, out, os_s, os_n, status};
+  const int es = elem_size(dtype);
+  const bool vec = C % 32 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0 && (os_s * es) % 16 == 0 &&
+                   (os_n * es) % 16 == 0;
+  return launch<true>(a, dtype, vec, lut_per_segment != 0, stream);
 }
