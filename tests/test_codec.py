@@ -388,3 +388,21 @@ def test_gpu_corrupt_inputs():
                         "--seed", "5", "--device", "cuda", "--backend", "cuda"],
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_rans_decode_pages_dense_equivalent():
+    """``rans_decode_pages`` into an SGLang-style token pool with identity slots writes exactly what
+    ``rans_decode_dequant`` writes densely (the paged family's own tests: tests/test_codec_paged.py)."""
+    from kvkernels import PagedLayout
+    from kvkernels.codec.paged import rans_decode_pages
+    S, N, H, D = 4, 19, 2, 32
+    sym, freq, cdf, tid, pb = _case(31, S, N, H * D, bins=16)
+    pl, off = rans_encode(sym, freq, tid, pb)
+    lut, s_tok = torch.randn(freq.shape), torch.rand(S, N)
+    want = rans_decode_dequant(pl, off, freq, tid, N, pb, lut, s_tok)     # [S, N, H*D], S = (kind, layer)
+    ks = [torch.zeros(N, H, D, dtype=torch.bfloat16) for _ in range(2)]
+    vs = [torch.zeros(N, H, D, dtype=torch.bfloat16) for _ in range(2)]
+    lay = PagedLayout.sglang(ks, vs)
+    segs = torch.tensor([[s, 0, N] for s in range(S)])
+    rans_decode_pages(pl, off, freq, tid, N, pb, lut, lay, torch.arange(N), segs, s_tok)
+    assert torch.equal(torch.stack(ks + vs).reshape(S, N, H * D), want)
