@@ -93,13 +93,12 @@ __global__ void rans_encode_kernel(const uint8_t* __restrict__ sym, int64_t S, i
                                    const uint16_t* __restrict__ cum, const uint8_t* __restrict__ ok, int64_t K,
                                    int bins, const int32_t* __restrict__ tid, int pb, uint8_t* __restrict__ scratch,
                                    int64_t cap, int64_t* __restrict__ lens, int32_t* status) {
-  const int64_t G = (C + LANES - 1) / LANES;
-  const int64_t b = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x & 31;
-  if (b >= S * G) return;  // warp-uniform
-  const int64_t s = b / G, c0 = (b - s * G) * LANES;
-  const int na = (int)(C - c0 < LANES ? C - c0 : LANES);
-  const bool active = lane < na;
+  gpu::WarpBlock wb;
+  if (!wb.init(((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32, S, C, lane)) return;  // warp-uniform
+  const int64_t b = wb.b, s = wb.s, c0 = wb.c0;
+  const int na = wb.na;
+  const bool active = wb.active;
   int64_t k;
   int32_t st = warp_rows(tid, ok, K, s, C, c0, lane, active, &k);
   uint8_t* end = scratch + b * cap + cap;
@@ -147,12 +146,11 @@ __global__ void rans_decode_kernel(const uint8_t* __restrict__ payload, int64_t 
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
   const gpu::WarpSmem lay(bins, false, false);
   uint16_t* sh_cum = reinterpret_cast<uint16_t*>(smem + warp * lay.bytes());
-  const int64_t G = (C + LANES - 1) / LANES;
-  const int64_t b = (int64_t)blockIdx.x * (blockDim.x / 32) + warp;
-  if (b >= S * G) return;  // warp-uniform
-  const int64_t s = b / G, c0 = (b - s * G) * LANES;
-  const int na = (int)(C - c0 < LANES ? C - c0 : LANES);
-  const bool active = lane < na;
+  gpu::WarpBlock wb;
+  if (!wb.init((int64_t)blockIdx.x * (blockDim.x / 32) + warp, S, C, lane)) return;  // warp-uniform
+  const int64_t b = wb.b, s = wb.s, c0 = wb.c0;
+  const int na = wb.na;
+  const bool active = wb.active;
   int64_t k;
   int32_t st = warp_rows(tid, ok, K, s, C, c0, lane, active, &k);
   gpu::load_rows(cum, nullptr, bins, k, na, lane, sh_cum, nullptr, 0);

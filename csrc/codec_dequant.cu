@@ -90,12 +90,11 @@ __global__ void __launch_bounds__(kWarps * 32, DENSE ? 10 : 1) rans_dequant_kern
   float* sh_lut = LSEG ? nullptr : reinterpret_cast<float*>(mine + lay.cum_bytes);
   E* tile = reinterpret_cast<E*>(mine + lay.cum_bytes + lay.lut_bytes);
 
-  const int64_t G = (a.C + LANES - 1) / LANES;
-  const int64_t b = (int64_t)blockIdx.x * (blockDim.x / 32) + warp;
-  if (b >= a.S * G) return;  // warp-uniform
-  const int64_t s = b / G, c0 = (b - s * G) * LANES;
-  const int na = (int)(a.C - c0 < LANES ? a.C - c0 : LANES);
-  const bool active = lane < na;
+  gpu::WarpBlock wb;
+  if (!wb.init((int64_t)blockIdx.x * (blockDim.x / 32) + warp, a.S, a.C, lane)) return;  // warp-uniform
+  const int64_t b = wb.b, s = wb.s, c0 = wb.c0;
+  const int na = wb.na;
+  const bool active = wb.active;
 
   // the segment's destination (paged: untrusted, checked; never written when malformed)
   int64_t r = 0, t0 = 0, ns = a.N;

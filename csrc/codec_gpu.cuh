@@ -12,6 +12,24 @@ namespace gpu {
 
 constexpr unsigned kFull = 0xFFFFFFFFu;
 
+// The block a warp codes: b = s * G + g (segment s, channels c0 = 32 g ...), na active lanes.
+struct WarpBlock {
+  int64_t b, s, c0;
+  int na;
+  bool active;
+  // False (warp-uniform) when b is past the last block.
+  __device__ __forceinline__ bool init(int64_t b_, int64_t S, int64_t C, int lane) {
+    const int64_t G = (C + LANES - 1) / LANES;
+    b = b_;
+    if (b >= S * G) return false;
+    s = b / G;
+    c0 = (b - s * G) * LANES;
+    na = (int)(C - c0 < LANES ? C - c0 : LANES);
+    active = lane < na;
+    return true;
+  }
+};
+
 // Lane j's row index of block (s, c0) and whether every active lane's row is usable (warp-uniform).
 __device__ __forceinline__ int32_t warp_rows(const int32_t* tid, const uint8_t* ok, int64_t K, int64_t s, int64_t C,
                                              int64_t c0, int lane, bool active, int64_t* k_out) {

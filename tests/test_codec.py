@@ -25,20 +25,17 @@ needs_cpu = pytest.mark.skipif(not HAS_CPU, reason="kvkernels._codec_cpu is not 
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
 
 
+sys.path.insert(0, os.path.join(ROOT, "fuzz"))
+from mutate_codec import cdf_of, random_symbols, random_tables  # noqa: E402  (shared with the fuzzers)
+
+
 def _case(seed, S, N, C, bins=16, pb=12, K=4, skew=0.5, padded=0):
     rng = np.random.default_rng(seed)
-    p = rng.dirichlet(np.ones(bins) * skew, size=K)
-    f = np.maximum(1, np.floor(p * ((1 << pb) - bins))).astype(np.int64)
-    f[:, 0] += (1 << pb) - f.sum(1)
+    f = random_tables(rng, K, bins, pb, skew)
     tid = rng.integers(0, K, (S, C))
-    sym = np.zeros((S, N, C), np.uint8)
-    for s in range(S):
-        for c in range(C):
-            sym[s, :, c] = rng.choice(bins, N, p=f[tid[s, c]] / f[tid[s, c]].sum())
+    sym = random_symbols(rng, f, tid, N)
     f = np.concatenate([f, np.zeros((K, padded), np.int64)], 1)  # bank rows wider than the table
-    cdf = np.zeros((K, bins + padded + 1), np.int64)
-    cdf[:, 1:] = np.cumsum(f, 1) << (16 - pb)
-    return (torch.tensor(sym), torch.tensor(f, dtype=torch.int32), torch.tensor(cdf, dtype=torch.int32),
+    return (torch.tensor(sym), torch.tensor(f, dtype=torch.int32), torch.tensor(cdf_of(f, pb), dtype=torch.int32),
             torch.tensor(tid, dtype=torch.int32), pb)
 
 

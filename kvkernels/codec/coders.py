@@ -156,6 +156,34 @@ def _check_N(N):
         raise ValueError(f"N: expected < 2^31 tokens, got {N}")
 
 
+def _check_rans_blocks(payload, offsets, freq, table_id, prob_bits, device=None):
+    """The rANS decoders' common inputs -> (table_id, freq, payload, offsets), checked; the
+    device is ``payload``'s unless given."""
+    dev = device if device is not None else (payload.device if isinstance(payload, torch.Tensor) else None)
+    table_id = _tensor("table_id", table_id, torch.int32, 2, dev)
+    S, C = table_id.shape
+    freq = _check_freq(freq, prob_bits, dev)
+    payload, offsets = _check_payload(payload, offsets, S * _ref.n_groups(C), dev)
+    return table_id, freq, payload, offsets
+
+
+def _check_map(lut, s_tok, s_ch, z_ch, S, N, C, freq, lut_per_segment, device):
+    """The fused decode's map arguments -> (lut, [s_tok, s_ch, z_ch]), checked (float32)."""
+    lut = _tensor("lut", lut, torch.float32, 2, device)
+    want = (S, freq.shape[1]) if lut_per_segment else tuple(freq.shape)
+    if tuple(lut.shape) != want:
+        what = "[S, bins]" if lut_per_segment else "[K, bins] (as freq)"
+        raise ValueError(f"lut: expected shape {what} = {want}, got {tuple(lut.shape)}")
+    aux = []
+    for name, t, shape in (("s_tok", s_tok, (S, N)), ("s_ch", s_ch, (S, C)), ("z_ch", z_ch, (S, C))):
+        if t is not None:
+            t = _tensor(name, t, torch.float32, 2, device)
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+        aux.append(t)
+    return lut, aux
+
+
 def _raise_on(status: torch.Tensor, what: str, status_out: Optional[torch.Tensor]) -> None:
     if status_out is not None:
         status_out.copy_(status)
@@ -269,11 +297,9 @@ def rans_decode(payload: torch.Tensor, offsets: torch.Tensor, freq: torch.Tensor
     :func:`ac_decode`. A block must end with every lane's state at 2^16 and every word used,
     so most corruptions are detected."""
     _check_N(N)
-    dev = payload.device if isinstance(payload, torch.Tensor) else None
-    table_id = _tensor("table_id", table_id, torch.int32, 2, dev)
+    table_id, freq, payload, offsets = _check_rans_blocks(payload, offsets, freq, table_id, prob_bits)
     S, C = table_id.shape
-    freq = _check_freq(freq, prob_bits, dev)
-    payload, offsets = _check_payload(payload, offsets, S * _ref.n_groups(C), dev)
+    dev = payload.device
     out = _out_symbols(out, S, N, C, dev)
     st = torch.zeros(1, dtype=torch.int32, device=dev)
     rans_decode_op(payload, offsets, freq, table_id, prob_bits, out, st, backend)
@@ -306,23 +332,10 @@ def rans_decode_dequant(payload: torch.Tensor, offsets: torch.Tensor, freq: torc
         status: as in :func:`ac_decode`. Blocks that fail to decode are written as zeros.
     """
     _check_N(N)
-    dev = payload.device if isinstance(payload, torch.Tensor) else None
-    table_id = _tensor("table_id", table_id, torch.int32, 2, dev)
+    table_id, freq, payload, offsets = _check_rans_blocks(payload, offsets, freq, table_id, prob_bits)
     S, C = table_id.shape
-    freq = _check_freq(freq, prob_bits, dev)
-    payload, offsets = _check_payload(payload, offsets, S * _ref.n_groups(C), dev)
-    lut = _tensor("lut", lut, torch.float32, 2, dev)
-    want = (S, freq.shape[1]) if lut_per_segment else tuple(freq.shape)
-    if tuple(lut.shape) != want:
-        what = "[S, bins]" if lut_per_segment else "(as freq)"
-        raise ValueError(f"lut: expected shape {want} {what}, got {tuple(lut.shape)}")
-    aux = []
-    for name, t, shape in (("s_tok", s_tok, (S, N)), ("s_ch", s_ch, (S, C)), ("z_ch", z_ch, (S, C))):
-        if t is not None:
-            t = _tensor(name, t, torch.float32, 2, dev)
-            if tuple(t.shape) != shape:
-                raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
-        aux.append(t)
+    dev = payload.device
+    lut, aux = _check_map(lut, s_tok, s_ch, z_ch, S, N, C, freq, lut_per_segment, dev)
     if out is None:
         if dtype not in OUT_DTYPES:
             raise TypeError(f"dtype: expected one of {[str(d) for d in OUT_DTYPES]}, got {dtype}")

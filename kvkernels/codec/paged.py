@@ -27,7 +27,7 @@ from ..layouts import PagedLayout, PageTable
 from ..reference import codec as _ref
 from . import container as _ct
 from . import presets as _presets
-from .coders import CoderError, _check_freq, _check_N, _check_payload, _tensor
+from .coders import CoderError, _check_map, _check_N, _check_rans_blocks, _tensor
 
 dispatch.register("rans_decode_pages", "cuda", "kvkernels.cuda.codec_paged", "rans_decode_pages_into", "supports")
 dispatch.register("rans_decode_pages", "torch", "kvkernels.reference.codec", "rans_decode_pages_into")
@@ -100,20 +100,8 @@ def rans_decode_pages(payload: torch.Tensor, offsets: torch.Tensor, freq: torch.
     if S < 1 or C != layout.num_heads * layout.head_dim:
         raise ValueError(f"table_id: expected [S >= 1, C = num_heads * head_dim = "
                          f"{layout.num_heads * layout.head_dim}], got {tuple(table_id.shape)}")
-    freq = _check_freq(freq, prob_bits, dev)
-    payload, offsets = _check_payload(payload, offsets, S * _ref.n_groups(C), dev)
-    lut = _tensor("lut", lut, torch.float32, 2, dev)
-    rows = S if lut_per_segment else freq.shape[0]
-    if tuple(lut.shape) != (rows, freq.shape[1]):
-        what = "[S, bins]" if lut_per_segment else "[K, bins] (as freq)"
-        raise ValueError(f"lut: expected {what} = {(rows, freq.shape[1])}, got {tuple(lut.shape)}")
-    aux = []
-    for name, t, shape in (("s_tok", s_tok, (S, N)), ("s_ch", s_ch, (S, C)), ("z_ch", z_ch, (S, C))):
-        if t is not None:
-            t = _tensor(name, t, torch.float32, 2, dev)
-            if tuple(t.shape) != shape:
-                raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
-        aux.append(t)
+    table_id, freq, payload, offsets = _check_rans_blocks(payload, offsets, freq, table_id, prob_bits, dev)
+    lut, aux = _check_map(lut, s_tok, s_ch, z_ch, S, N, C, freq, lut_per_segment, dev)
     segments = _tensor("segments", segments, torch.int64, 2, dev)
     if tuple(segments.shape) != (S, 3):
         raise ValueError(f"segments: expected int64 [S, 3] = {(S, 3)} rows (cache, first token, tokens), "

@@ -454,6 +454,24 @@ def _store(dst: torch.Tensor, src: torch.Tensor) -> None:
     dst.copy_(src.to(dst.device))
 
 
+def _spec_encode_into(encode, table_word: str, out, offsets, status) -> None:
+    """Run a pure-Python encoder ``encode() -> (payload, offsets)`` into caller buffers: its
+    ValueError becomes the status bit its message names (table_id, the table, else a symbol)."""
+    try:
+        payload, off = encode()
+    except ValueError as e:
+        status.fill_(ERR_TABLE_ID if "table_id" in str(e) else ERR_TABLE if table_word in str(e) else ERR_SYMBOL)
+        offsets.zero_()
+        return
+    if payload.numel() > out.numel():
+        status.fill_(ERR_CAPACITY)
+        offsets.zero_()
+        return
+    out[:payload.numel()].copy_(payload)
+    _store(offsets, off)
+    status.fill_(0)
+
+
 def _cpu_args(fn):
     """Run ``fn`` on CPU copies when any tensor argument lives elsewhere (backend='torch' on
     CUDA tensors), copying the mutated ones (the trailing outputs) back."""
@@ -482,19 +500,7 @@ def ac_encode_into(symbols, cdf, table_id, out, offsets, status) -> None:
                            _ptr(out), out.numel(), _ptr(offsets))
         status.fill_(st)
         return
-    try:
-        payload, off = ac_encode_spec(symbols, cdf, table_id)
-    except ValueError as e:
-        status.fill_(ERR_TABLE_ID if "table_id" in str(e) else ERR_TABLE if "cdf" in str(e) else ERR_SYMBOL)
-        offsets.zero_()
-        return
-    if payload.numel() > out.numel():
-        status.fill_(ERR_CAPACITY)
-        offsets.zero_()
-        return
-    out[:payload.numel()].copy_(payload)
-    _store(offsets, off)
-    status.fill_(0)
+    _spec_encode_into(lambda: ac_encode_spec(symbols, cdf, table_id), "cdf", out, offsets, status)
 
 
 @_cpu_args
@@ -521,19 +527,7 @@ def rans_encode_into(symbols, freq, table_id, prob_bits, out, offsets, status) -
                              prob_bits, _ptr(out), out.numel(), _ptr(offsets))
         status.fill_(st)
         return
-    try:
-        payload, off = rans_encode_spec(symbols, freq, table_id, prob_bits)
-    except ValueError as e:
-        status.fill_(ERR_TABLE_ID if "table_id" in str(e) else ERR_TABLE if "freq" in str(e) else ERR_SYMBOL)
-        offsets.zero_()
-        return
-    if payload.numel() > out.numel():
-        status.fill_(ERR_CAPACITY)
-        offsets.zero_()
-        return
-    out[:payload.numel()].copy_(payload)
-    _store(offsets, off)
-    status.fill_(0)
+    _spec_encode_into(lambda: rans_encode_spec(symbols, freq, table_id, prob_bits), "freq", out, offsets, status)
 
 
 @_cpu_args
