@@ -207,14 +207,14 @@ def coder_case(S, N, C, bins=16, K=5, seed=0, device="cpu"):
                 s_tok=d(s_tok), s_ch=d(s_ch), z_ch=d(z_ch), ns=ns, N=N, S=S, C=C)
 
 
-def coder_segments(c, L, T, device, seed=3):
-    """Segments spread over caches and tokens (disjoint token ranges per cache)."""
-    g = torch.Generator().manual_seed(seed)
+def coder_segments(c, L, T, device):
+    """Segments spread over the caches, disjoint token ranges per cache (no slot written twice:
+    which write lands would be unspecified); needs T >= ceil(S / 2L) * N."""
     rows = []
     for s in range(c["S"]):
-        r = s % (2 * L)
-        t0 = int(torch.randint(0, T - int(c["ns"][s]) + 1, (1,), generator=g))
-        rows.append((r, t0, int(c["ns"][s])))
+        r, i = s % (2 * L), s // (2 * L)
+        assert (i + 1) * c["N"] <= T
+        rows.append((r, i * c["N"] + (i % 3), int(c["ns"][s])))
     return torch.tensor(rows, dtype=torch.int64, device=device)
 
 
