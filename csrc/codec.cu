@@ -137,6 +137,7 @@ __global__ void rans_encode_kernel(const uint8_t* __restrict__ sym, int64_t S, i
 }
 
 // Symbols only (the fused decode is csrc/codec_dequant.cu): one warp a block, out uint8 [S, N, C].
+template <bool SMALL>
 __global__ void rans_decode_kernel(const uint8_t* __restrict__ payload, int64_t nbytes,
                                    const int64_t* __restrict__ offsets, const uint16_t* __restrict__ cum,
                                    const uint8_t* __restrict__ ok, int64_t K, int bins,
@@ -155,11 +156,11 @@ __global__ void rans_decode_kernel(const uint8_t* __restrict__ payload, int64_t 
   int32_t st = warp_rows(tid, ok, K, s, C, c0, lane, active, &k);
   gpu::load_rows(cum, nullptr, bins, k, na, lane, sh_cum, nullptr, 0);
   gpu::WarpDecoder dec;
-  st = dec.begin(payload, nbytes, offsets, b, na, lane, sh_cum + lane * (bins + 1), bins, pb, active, st);
+  st = dec.begin(payload, nbytes, offsets, b, na, lane, sh_cum + lane * gpu::cum_stride(bins), bins, pb, active, st);
   uint8_t* o = out + s * N * C + c0 + lane;
   for (int64_t n = 0; n < N && !st; ++n) {
     int sy;
-    if (!dec.step(&sy)) { st = ERR_TRUNCATED; break; }
+    if (!dec.step<SMALL>(&sy)) { st = ERR_TRUNCATED; break; }
     if (active) o[n * C] = (uint8_t)sy;
   }
   if (!st && !dec.finished_ok()) st = ERR_TRAILING;
@@ -227,10 +228,12 @@ cudaError_t kvk_rans_decode(const uint8_t* payload, int64_t nbytes, const int64_
                                    s_ch, z_ch, dtype, os_s, os_n, status, stream);
   const int64_t nb = S * ((C + LANES - 1) / LANES);
   if (nb <= 0) return cudaSuccess;
-  const int warps = 4;
-  const size_t smem = (size_t)warps * gpu::WarpSmem(bins, false, false).bytes();
-  rans_decode_kernel<<<blocks_for(nb, warps), warps * 32, smem, stream>>>(payload, nbytes, offsets, cum, ok, K, bins,
-                                                                          tid, pb, S, N, C,
-                                                                          static_cast<uint8_t*>(out), status);
+  const int warp_bytes = gpu::WarpSmem(bins, false, false).bytes();
+  int warps = 4;  // fewer warps a block for wide tables: at most 48 KiB of shared memory a block
+  while (warps > 1 && warps * warp_bytes > 48 * 1024) warps >>= 1;
+  const size_t smem = (size_t)warps * warp_bytes;
+  auto kern = bins <= gpu::kSmallBins ? rans_decode_kernel<true> : rans_decode_kernel<false>;
+  kern<<<blocks_for(nb, warps), warps * 32, smem, stream>>>(payload, nbytes, offsets, cum, ok, K, bins, tid, pb, S, N,
+                                                            C, static_cast<uint8_t*>(out), status);
   return cudaGetLastError();
 }

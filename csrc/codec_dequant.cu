@@ -74,7 +74,7 @@ __device__ __forceinline__ int64_t load_slot(const PagesArgs& a, int64_t i) {
   return a.slots64 ? static_cast<const int64_t*>(a.slots)[i] : int64_t(static_cast<const int32_t*>(a.slots)[i]);
 }
 
-template <int DT, bool VEC, bool LSEG, bool DENSE>
+template <int DT, bool VEC, bool LSEG, bool DENSE, bool SMALL>
 // Dense: at most 48 registers (40 warps an SM; no spills on sm_90). Paged: the compiler's choice
 // (a bound spills the addressing state).
 __global__ void __launch_bounds__(kWarps * 32, DENSE ? 10 : 1) rans_dequant_kernel(const PagesArgs a) {
@@ -137,7 +137,8 @@ __global__ void __launch_bounds__(kWarps * 32, DENSE ? 10 : 1) rans_dequant_kern
   int32_t st = gpu::warp_rows(a.tid, a.ok, a.K, s, a.C, c0, lane, active, &k);
   gpu::load_rows(a.cum, a.lut, a.bins, k, na, lane, sh_cum, sh_lut, lay.lut_stride);
   gpu::WarpDecoder dec;
-  st = dec.begin(a.payload, a.nbytes, a.offsets, b, na, lane, sh_cum + lane * (a.bins + 1), a.bins, a.pb, active, st);
+  st = dec.begin(a.payload, a.nbytes, a.offsets, b, na, lane, sh_cum + lane * gpu::cum_stride(a.bins), a.bins, a.pb,
+                 active, st);
 
   float sch = 1.f, zch = 0.f;
   if (active) {
@@ -177,7 +178,7 @@ __global__ void __launch_bounds__(kWarps * 32, DENSE ? 10 : 1) rans_dequant_kern
     }
     for (int j = 0; j < cnt; ++j) {
       int sy;
-      if (!dec.step(&sy)) { st = ERR_TRUNCATED; break; }
+      if (!dec.template step<SMALL>(&sy)) { st = ERR_TRUNCATED; break; }
       const float stk = __shfl_sync(kFull, stok_j, j);
       if (active) {
         float val = LSEG ? __ldg(lrow + sy) : lrow[sy];
@@ -208,7 +209,9 @@ cudaError_t launch_dt(const PagesArgs& a, bool lseg, cudaStream_t stream) {
   int warps = kWarps;  // fewer warps a block when the tables are wide (bins up to 256)
   while (warps > 1 && warps * lay.bytes() > 48 * 1024) warps >>= 1;
   const size_t smem = (size_t)warps * lay.bytes();
-  auto kern = lseg ? rans_dequant_kernel<DT, VEC, true, DENSE> : rans_dequant_kernel<DT, VEC, false, DENSE>;
+  const bool small = a.bins <= gpu::kSmallBins;
+  auto kern = lseg ? (small ? rans_dequant_kernel<DT, VEC, true, DENSE, true> : rans_dequant_kernel<DT, VEC, true, DENSE, false>)
+                   : (small ? rans_dequant_kernel<DT, VEC, false, DENSE, true> : rans_dequant_kernel<DT, VEC, false, DENSE, false>);
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return e;

@@ -45,13 +45,18 @@ __device__ __forceinline__ int32_t warp_rows(const int32_t* tid, const uint8_t* 
   return st;
 }
 
-// Shared memory of one warp: cum rows [32][bins + 1] (uint16, 16-byte padded), then optionally
+// Tables of at most 32 symbols (every preset's) get cum rows padded to 33 entries (0xFFFF past
+// bins: above every slot) and a fixed, unrolled 5-step search; wider tables the generic search.
+constexpr int kSmallBins = 32;
+__host__ __device__ __forceinline__ int cum_stride(int bins) { return bins <= kSmallBins ? kSmallBins + 1 : bins + 1; }
+
+// Shared memory of one warp: cum rows [32][cum_stride] (uint16, 16-byte padded), then optionally
 // level rows [32][lut_stride] float (lut_stride = bins | 1: odd, so lanes reading the same symbol
 // of their own rows hit distinct banks), then optionally a 512-byte store tile.
 struct WarpSmem {
   int cum_bytes, lut_stride, lut_bytes, tile_bytes;
   __host__ __device__ WarpSmem(int bins, bool lut_rows, bool tile)
-      : cum_bytes((LANES * (bins + 1) * 2 + 15) / 16 * 16), lut_stride(bins | 1),
+      : cum_bytes((LANES * cum_stride(bins) * 2 + 15) / 16 * 16), lut_stride(bins | 1),
         lut_bytes(lut_rows ? LANES * (bins | 1) * 4 : 0), tile_bytes(tile ? 512 : 0) {}
   __host__ __device__ int bytes() const { return cum_bytes + lut_bytes + tile_bytes; }
 };
@@ -60,13 +65,28 @@ struct WarpSmem {
 __device__ __forceinline__ void load_rows(const uint16_t* __restrict__ cum, const float* __restrict__ lut, int bins,
                                           int64_t k, int na, int lane, uint16_t* sh_cum, float* sh_lut,
                                           int lut_stride) {
+  const int cs = cum_stride(bins);
   for (int r = 0; r < na; ++r) {
     const int64_t kr = __shfl_sync(kFull, k, r);
-    for (int e = lane; e <= bins; e += 32) sh_cum[r * (bins + 1) + e] = cum[kr * (bins + 1) + e];
+    for (int e = lane; e < cs; e += 32) sh_cum[r * cs + e] = e <= bins ? cum[kr * (bins + 1) + e] : (uint16_t)0xFFFF;
     if (sh_lut != nullptr)
       for (int e = lane; e < bins; e += 32) sh_lut[r * lut_stride + e] = lut[kr * bins + e];
   }
   __syncwarp();
+}
+
+// The symbol of a slot: the last s with row[s] <= slot (rows are non-decreasing, row[bins] =
+// 2^pb > slot: s < bins); the same symbol as codec_rans.cuh's rans_find for every valid row.
+template <bool SMALL>
+__device__ __forceinline__ int find_symbol(const uint16_t* row, int bins, uint32_t slot) {
+  if constexpr (SMALL) {
+    int base = 0;
+#pragma unroll
+    for (int h = kSmallBins / 2; h > 0; h >>= 1) base = ((uint32_t)row[base + h] <= slot) ? base + h : base;
+    return base;
+  } else {
+    return rans_find(row, bins, slot);
+  }
 }
 
 // The decoder state of one block (every lane of the warp holds one; call step() warp-uniformly).
@@ -78,6 +98,7 @@ struct WarpDecoder {
   unsigned lt;
   int bins, pb;
   bool active;
+  bool w16;             // the words are 2-byte aligned: one 16-bit load each
 
   // Validates the block's stream and reads the states; returns the (warp-uniform) status.
   __device__ __forceinline__ int32_t begin(const uint8_t* payload, int64_t nbytes, const int64_t* offsets, int64_t b,
@@ -99,25 +120,31 @@ struct WarpDecoder {
     if (!st && active) x = load_u32le(in + 4 * lane);
     if (!st && __any_sync(kFull, active && x < RANS_L)) st = ERR_TRUNCATED;
     w = in + 4 * na;
+    w16 = (reinterpret_cast<uintptr_t>(w) & 1) == 0;
     nw = st ? 0 : (len - 4 * na) / 2;
     return st;
   }
 
   // One token: this lane's symbol into *sy; false when the block runs out of words (uniform).
+  template <bool SMALL>
   __device__ __forceinline__ bool step(int* sy) {
     int s = 0;
     bool need = false;
     uint32_t v = x;
     if (active) {
       const uint32_t slot = x & mask;
-      s = rans_find(row, bins, slot);
+      s = find_symbol<SMALL>(row, bins, slot);
       v = rans_dec_advance(x, row, s, pb);
       need = v < RANS_L;
     }
     const unsigned m = __ballot_sync(kFull, need);
     const int cnt = __popc(m);
     if (p + cnt > nw) return false;
-    if (need) v = (v << 16) | load_u16le(w + 2 * (p + __popc(m & lt)));
+    if (need) {
+      const int64_t i = p + __popc(m & lt);
+      const uint32_t word = w16 ? (uint32_t)__ldg(reinterpret_cast<const unsigned short*>(w) + i) : load_u16le(w + 2 * i);
+      v = (v << 16) | word;
+    }
     p += cnt;
     x = v;
     *sy = s;
