@@ -75,9 +75,10 @@ __device__ __forceinline__ int64_t load_slot(const PagesArgs& a, int64_t i) {
 }
 
 template <int DT, bool VEC, bool LSEG, bool DENSE, bool SMALL>
-// Dense: at most 48 registers (40 warps an SM; no spills on sm_90). Paged: the compiler's choice
-// (a bound spills the addressing state).
-__global__ void __launch_bounds__(kWarps * 32, DENSE ? 10 : 1) rans_dequant_kernel(const PagesArgs a) {
+// At most 48 registers (40 warps an SM) for the dense output (no spills on sm_90) and the paged
+// 16-byte path with per-segment levels (12 bytes spilled once, outside the token loop); the
+// other paged variants keep the compiler's choice (a bound spills their addressing state).
+__global__ void __launch_bounds__(kWarps * 32, (DENSE || (VEC && LSEG && DT != 3)) ? 10 : 1) rans_dequant_kernel(const PagesArgs a) {
   using E = typename Out<DT>::T;
   constexpr int ES = sizeof(E);
   constexpr int TOK = 16 / ES;  // tokens per tile: 32 lanes x 16 bytes = TOK tokens x 32 channels
@@ -120,9 +121,15 @@ __global__ void __launch_bounds__(kWarps * 32, DENSE ? 10 : 1) rans_dequant_kern
   const int64_t c = c0 + (VEC ? (lane % CPT) * TOK : lane);
   const int64_t h = c / D, d = c - h * D;
   const int64_t coff = DENSE ? c : h * sH + (d / X) * sDX + (d % X) * sDI;
-  // row offset of a token's slot (dense: the token index)
+  E* const dst = base + coff;
+  // row offset of a token's slot (dense: the token index); 32-bit division when the slots fit
+  const bool slots32 = nslots <= 0x7FFFFFFF;
   auto row_of = [&](int64_t sl) -> int64_t {
     if constexpr (DENSE) return sl * a.os_n;
+    if (slots32) {
+      const uint32_t u = (uint32_t)sl, bs = (uint32_t)BS, blk = u / bs;
+      return (int64_t)blk * sB + (int64_t)(u - blk * bs) * sT;
+    }
     const int64_t blk = sl / BS;
     return blk * sB + (sl - blk * BS) * sT;
   };
@@ -149,26 +156,27 @@ __global__ void __launch_bounds__(kWarps * 32, DENSE ? 10 : 1) rans_dequant_kern
   const float* stok = a.s_tok ? a.s_tok + s * a.N : nullptr;
 
   // Stores of tile [n0, n0 + cnt): VEC: lane's word (token lane / CPT) from the tile, or zeros.
-  auto flush = [&](int64_t n0, int cnt, int64_t slot_j, bool zero) {
+  auto flush = [&](int cnt, int64_t slot_j, bool zero) {
     if constexpr (VEC) {
       __syncwarp();
       const int j = lane / CPT;
       const int64_t sl = __shfl_sync(kFull, slot_j, j);
       if (j < cnt && sl >= 0 && sl < nslots) {
         const uint4 v = zero ? make_uint4(0, 0, 0, 0) : reinterpret_cast<const uint4*>(tile)[lane];
-        *reinterpret_cast<uint4*>(base + row_of(sl) + coff) = v;
+        *reinterpret_cast<uint4*>(dst + row_of(sl)) = v;
       }
       __syncwarp();
     } else {
       for (int j = 0; j < cnt; ++j) {
         const int64_t sl = __shfl_sync(kFull, slot_j, j);
-        if (active && sl >= 0 && sl < nslots) base[row_of(sl) + coff] = zero ? E(0) : tile[j * 32 + lane];
+        if (active && sl >= 0 && sl < nslots) dst[row_of(sl)] = zero ? E(0) : tile[j * 32 + lane];
       }
     }
   };
 
-  for (int64_t n0 = 0; n0 < ns && !st; n0 += TOK) {
-    const int cnt = (int)(ns - n0 < TOK ? ns - n0 : TOK);
+  const int nt = (int)ns;  // <= N < 2^31
+  for (int n0 = 0; n0 < nt && !st; n0 += TOK) {
+    const int cnt = nt - n0 < TOK ? nt - n0 : TOK;
     // per-token loads of the tile, one lane each (then shuffled): the token scale and the slot
     float stok_j = 1.f;
     int64_t slot_j = -1;
@@ -189,14 +197,14 @@ __global__ void __launch_bounds__(kWarps * 32, DENSE ? 10 : 1) rans_dequant_kern
       }
     }
     if (st) break;
-    flush(n0, cnt, slot_j, false);
+    flush(cnt, slot_j, false);
   }
   if (!st && !dec.finished_ok()) st = ERR_TRAILING;
   if (st) {  // the whole block as zeros at its addressed slots (as the dense decoder)
-    for (int64_t n0 = 0; n0 < ns; n0 += TOK) {
-      const int cnt = (int)(ns - n0 < TOK ? ns - n0 : TOK);
+    for (int n0 = 0; n0 < nt; n0 += TOK) {
+      const int cnt = nt - n0 < TOK ? nt - n0 : TOK;
       const int64_t slot_j = lane >= cnt ? -1 : DENSE ? n0 + lane : load_slot(a, t0 + n0 + lane);
-      flush(n0, cnt, slot_j, true);
+      flush(cnt, slot_j, true);
     }
     if (lane == 0) atomicOr(a.status, st);
   }
