@@ -12,6 +12,8 @@
 // by the caller's shapes; failing streams/blocks are written as zeros and flag *status.
 #include "codec.h"
 
+#include <type_traits>
+
 #include "codec_ac.cuh"
 #include "codec_gpu.cuh"
 
@@ -145,7 +147,7 @@ __global__ void rans_decode_kernel(const uint8_t* __restrict__ payload, int64_t 
                                    uint8_t* __restrict__ out, int32_t* status) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-  const gpu::WarpSmem lay(bins, false, false);
+  const gpu::WarpSmem lay(bins, 0, false);
   uint16_t* sh_cum = reinterpret_cast<uint16_t*>(smem + warp * lay.bytes());
   gpu::WarpBlock wb;
   if (!wb.init((int64_t)blockIdx.x * (blockDim.x / 32) + warp, S, C, lane)) return;  // warp-uniform
@@ -158,11 +160,16 @@ __global__ void rans_decode_kernel(const uint8_t* __restrict__ payload, int64_t 
   gpu::WarpDecoder dec;
   st = dec.begin(payload, nbytes, offsets, b, na, lane, sh_cum + lane * gpu::cum_stride(bins), bins, pb, active, st);
   uint8_t* o = out + s * N * C + c0 + lane;
-  for (int64_t n = 0; n < N && !st; ++n) {
-    int sy;
-    if (!dec.step<SMALL>(&sy)) { st = ERR_TRUNCATED; break; }
-    if (active) o[n * C] = (uint8_t)sy;
-  }
+  auto run = [&](auto w16) {
+    uint8_t* on = o;
+    for (int64_t n = 0; n < N && !st; ++n, on += C) {
+      int sy;
+      if (!dec.template step<SMALL, decltype(w16)::value>(&sy)) { st = ERR_TRUNCATED; break; }
+      if (active) *on = (uint8_t)sy;
+    }
+  };
+  if (dec.w16) run(std::true_type{});  // warp-uniform: one loop per word alignment
+  else run(std::false_type{});
   if (!st && !dec.finished_ok()) st = ERR_TRAILING;
   if (st) {  // the whole block as zeros (as the CPU coder)
     if (active)
@@ -228,7 +235,7 @@ cudaError_t kvk_rans_decode(const uint8_t* payload, int64_t nbytes, const int64_
                                    s_ch, z_ch, dtype, os_s, os_n, status, stream);
   const int64_t nb = S * ((C + LANES - 1) / LANES);
   if (nb <= 0) return cudaSuccess;
-  const int warp_bytes = gpu::WarpSmem(bins, false, false).bytes();
+  const int warp_bytes = gpu::WarpSmem(bins, 0, false).bytes();
   int warps = 4;  // fewer warps a block for wide tables: at most 48 KiB of shared memory a block
   while (warps > 1 && warps * warp_bytes > 48 * 1024) warps >>= 1;
   const size_t smem = (size_t)warps * warp_bytes;

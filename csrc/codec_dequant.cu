@@ -21,6 +21,8 @@
 // and *status gets the bits.
 #include "codec.h"
 
+#include <type_traits>
+
 #include "codec_gpu.cuh"
 #include "quant_math.cuh"
 
@@ -38,11 +40,13 @@ template <> struct Out<2> { using T = uint16_t; };
 template <> struct Out<3> { using T = uint8_t; };
 
 // float32 -> the cache element (fp8: e4m3 of clamp(v * inv), inv = min(1 / scale, FLT_MAX)).
+// fp16 / bf16: the hardware's round-to-nearest-even conversion, equal to codec_common.cuh's
+// integer f32_to_f16 / f32_to_bf16 (the CPU's) for every value but NaN (a NaN either way).
 template <int DT>
 __device__ __forceinline__ typename Out<DT>::T convert(float v, float inv) {
   if constexpr (DT == 0) return v;
-  else if constexpr (DT == 1) return f32_to_f16(v);
-  else if constexpr (DT == 2) return f32_to_bf16(v);
+  else if constexpr (DT == 1) return __half_as_ushort(__float2half_rn(v));
+  else if constexpr (DT == 2) return __bfloat16_as_ushort(__float2bfloat16_rn(v));
   else return (uint8_t)kvk::fp8_encode(kvk::fp8_prescale(v, inv));
 }
 
@@ -85,17 +89,17 @@ __global__ void __launch_bounds__(kWarps * 32, (DENSE || (VEC && LSEG && DT != 3
   constexpr int CPT = 32 / TOK;  // 16-byte words per token row of 32 channels
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-  const gpu::WarpSmem lay(a.bins, !LSEG, true);
+  const gpu::WarpSmem lay(a.bins, LSEG ? 1 : LANES, true);
   unsigned char* mine = smem + warp * lay.bytes();
   uint16_t* sh_cum = reinterpret_cast<uint16_t*>(mine);
-  float* sh_lut = LSEG ? nullptr : reinterpret_cast<float*>(mine + lay.cum_bytes);
+  float* sh_lut = reinterpret_cast<float*>(mine + lay.cum_bytes);
   E* tile = reinterpret_cast<E*>(mine + lay.cum_bytes + lay.lut_bytes);
 
   gpu::WarpBlock wb;
   if (!wb.init((int64_t)blockIdx.x * (blockDim.x / 32) + warp, a.S, a.C, lane)) return;  // warp-uniform
   const int64_t b = wb.b, s = wb.s, c0 = wb.c0;
   const int na = wb.na;
-  const bool active = wb.active;
+  const bool active = VEC || wb.active;  // VEC: C % 32 == 0, every lane active
 
   // the segment's destination (paged: untrusted, checked; never written when malformed)
   int64_t r = 0, t0 = 0, ns = a.N;
@@ -142,17 +146,22 @@ __global__ void __launch_bounds__(kWarps * 32, (DENSE || (VEC && LSEG && DT != 3
 
   int64_t k;
   int32_t st = gpu::warp_rows(a.tid, a.ok, a.K, s, a.C, c0, lane, active, &k);
-  gpu::load_rows(a.cum, a.lut, a.bins, k, na, lane, sh_cum, sh_lut, lay.lut_stride);
+  gpu::load_rows(a.cum, LSEG ? nullptr : a.lut, a.bins, k, na, lane, sh_cum, LSEG ? nullptr : sh_lut,
+                 lay.lut_stride);
+  if constexpr (LSEG) {  // the segment's one level row
+    for (int e = lane; e < a.bins; e += 32) sh_lut[e] = a.lut[s * a.bins + e];
+    __syncwarp();
+  }
   gpu::WarpDecoder dec;
   st = dec.begin(a.payload, a.nbytes, a.offsets, b, na, lane, sh_cum + lane * gpu::cum_stride(a.bins), a.bins, a.pb,
                  active, st);
 
-  float sch = 1.f, zch = 0.f;
+  float sch = 1.f, zch = -0.f;  // the identities of an absent factor
   if (active) {
     if (a.s_ch) sch = a.s_ch[s * a.C + c0 + lane];
     if (a.z_ch) zch = a.z_ch[s * a.C + c0 + lane];
   }
-  const float* lrow = LSEG ? a.lut + s * a.bins : sh_lut + lane * lay.lut_stride;
+  const float* lrow = sh_lut + lane * lay.lut_stride;  // per segment: stride 0, one row
   const float* stok = a.s_tok ? a.s_tok + s * a.N : nullptr;
 
   // Stores of tile [n0, n0 + cnt): VEC: lane's word (token lane / CPT) from the tile, or zeros.
@@ -175,30 +184,32 @@ __global__ void __launch_bounds__(kWarps * 32, (DENSE || (VEC && LSEG && DT != 3
   };
 
   const int nt = (int)ns;  // <= N < 2^31
-  for (int n0 = 0; n0 < nt && !st; n0 += TOK) {
-    const int cnt = nt - n0 < TOK ? nt - n0 : TOK;
-    // per-token loads of the tile, one lane each (then shuffled): the token scale and the slot
-    float stok_j = 1.f;
-    int64_t slot_j = -1;
-    if (lane < cnt) {
-      if (stok) stok_j = stok[n0 + lane];
-      slot_j = DENSE ? n0 + lane : load_slot(a, t0 + n0 + lane);
-    }
-    for (int j = 0; j < cnt; ++j) {
-      int sy;
-      if (!dec.template step<SMALL>(&sy)) { st = ERR_TRUNCATED; break; }
-      const float stk = __shfl_sync(kFull, stok_j, j);
-      if (active) {
-        float val = LSEG ? __ldg(lrow + sy) : lrow[sy];
-        if (stok) val = fmul_rn(val, stk);
-        if (a.s_ch) val = fmul_rn(val, sch);
-        if (a.z_ch) val = fadd_rn(val, zch);
-        tile[j * 32 + lane] = convert<DT>(val, inv);
+  auto run = [&](auto w16) {
+    for (int n0 = 0; n0 < nt && !st; n0 += TOK) {
+      const int cnt = nt - n0 < TOK ? nt - n0 : TOK;
+      // per-token loads of the tile, one lane each (then shuffled): the token scale and the slot
+      float stok_j = 1.f;
+      int64_t slot_j = -1;
+      if (lane < cnt) {
+        if (stok) stok_j = stok[n0 + lane];
+        slot_j = DENSE ? n0 + lane : load_slot(a, t0 + n0 + lane);
       }
+      for (int j = 0; j < cnt; ++j) {
+        int sy;
+        if (!dec.template step<SMALL, decltype(w16)::value>(&sy)) { st = ERR_TRUNCATED; break; }
+        const float stk = __shfl_sync(kFull, stok_j, j);
+        if (active) {
+          // absent factors are exact identities (x * 1 = x, x + -0 = x): no per-token tests
+          const float val = fadd_rn(fmul_rn(fmul_rn(lrow[sy], stk), sch), zch);
+          tile[j * 32 + lane] = convert<DT>(val, inv);
+        }
+      }
+      if (st) break;
+      flush(cnt, slot_j, false);
     }
-    if (st) break;
-    flush(cnt, slot_j, false);
-  }
+  };
+  if (dec.w16) run(std::true_type{});  // warp-uniform: one loop per word alignment
+  else run(std::false_type{});
   if (!st && !dec.finished_ok()) st = ERR_TRAILING;
   if (st) {  // the whole block as zeros at its addressed slots (as the dense decoder)
     for (int n0 = 0; n0 < nt; n0 += TOK) {
@@ -213,7 +224,7 @@ __global__ void __launch_bounds__(kWarps * 32, (DENSE || (VEC && LSEG && DT != 3
 template <int DT, bool VEC, bool DENSE>
 cudaError_t launch_dt(const PagesArgs& a, bool lseg, cudaStream_t stream) {
   const int64_t nb = a.S * ((a.C + LANES - 1) / LANES);
-  const gpu::WarpSmem lay(a.bins, !lseg, true);
+  const gpu::WarpSmem lay(a.bins, lseg ? 1 : LANES, true);
   int warps = kWarps;  // fewer warps a block when the tables are wide (bins up to 256)
   while (warps > 1 && warps * lay.bytes() > 48 * 1024) warps >>= 1;
   const size_t smem = (size_t)warps * lay.bytes();

@@ -50,14 +50,16 @@ __device__ __forceinline__ int32_t warp_rows(const int32_t* tid, const uint8_t* 
 constexpr int kSmallBins = 32;
 __host__ __device__ __forceinline__ int cum_stride(int bins) { return bins <= kSmallBins ? kSmallBins + 1 : bins + 1; }
 
-// Shared memory of one warp: cum rows [32][cum_stride] (uint16, 16-byte padded), then optionally
-// level rows [32][lut_stride] float (lut_stride = bins | 1: odd, so lanes reading the same symbol
-// of their own rows hit distinct banks), then optionally a 512-byte store tile.
+// Shared memory of one warp: cum rows [32][cum_stride] (uint16, 16-byte padded), then the level
+// rows: none, one (levels per segment: every lane reads the same row, a broadcast or distinct
+// banks) or 32 ([32][lut_stride] float, lut_stride = bins | 1: odd, so lanes reading the same
+// symbol of their own rows hit distinct banks), then optionally a 512-byte store tile.
 struct WarpSmem {
   int cum_bytes, lut_stride, lut_bytes, tile_bytes;
-  __host__ __device__ WarpSmem(int bins, bool lut_rows, bool tile)
-      : cum_bytes((LANES * cum_stride(bins) * 2 + 15) / 16 * 16), lut_stride(bins | 1),
-        lut_bytes(lut_rows ? LANES * (bins | 1) * 4 : 0), tile_bytes(tile ? 512 : 0) {}
+  __host__ __device__ WarpSmem(int bins, int lut_rows, bool tile)
+      : cum_bytes((LANES * cum_stride(bins) * 2 + 15) / 16 * 16), lut_stride(lut_rows > 1 ? (bins | 1) : 0),
+        lut_bytes((lut_rows > 1 ? LANES * (bins | 1) * 4 : lut_rows * bins * 4 + 15) / 16 * 16),
+        tile_bytes(tile ? 512 : 0) {}
   __host__ __device__ int bytes() const { return cum_bytes + lut_bytes + tile_bytes; }
 };
 
@@ -75,23 +77,39 @@ __device__ __forceinline__ void load_rows(const uint16_t* __restrict__ cum, cons
   __syncwarp();
 }
 
+// 16-bit shared-memory load at a 32-bit shared address (the search below steps addresses).
+__device__ __forceinline__ uint32_t lds_u16(uint32_t addr) {
+  unsigned short v;
+  asm volatile("ld.shared.u16 %0, [%1];" : "=h"(v) : "r"(addr));
+  return v;
+}
+
 // The symbol of a slot: the last s with row[s] <= slot (rows are non-decreasing, row[bins] =
 // 2^pb > slot: s < bins); the same symbol as codec_rans.cuh's rans_find for every valid row.
+// Also gives its cum and frequency (*c, *f). SMALL (padded 33-entry rows): five unrolled steps
+// on the row's shared address, 3 instructions each.
 template <bool SMALL>
-__device__ __forceinline__ int find_symbol(const uint16_t* row, int bins, uint32_t slot) {
+__device__ __forceinline__ int find_symbol(const uint16_t* row, uint32_t row_s, int bins, uint32_t slot, uint32_t* c,
+                                           uint32_t* f) {
   if constexpr (SMALL) {
-    int base = 0;
+    uint32_t q = row_s;
 #pragma unroll
-    for (int h = kSmallBins / 2; h > 0; h >>= 1) base = ((uint32_t)row[base + h] <= slot) ? base + h : base;
-    return base;
+    for (uint32_t h = kSmallBins / 2; h > 0; h >>= 1) q = lds_u16(q + 2 * h) <= slot ? q + 2 * h : q;
+    *c = lds_u16(q);
+    *f = lds_u16(q + 2) - *c;
+    return (int)((q - row_s) >> 1);
   } else {
-    return rans_find(row, bins, slot);
+    const int s = rans_find(row, bins, slot);
+    *c = row[s];
+    *f = (uint32_t)row[s + 1] - *c;
+    return s;
   }
 }
 
 // The decoder state of one block (every lane of the warp holds one; call step() warp-uniformly).
 struct WarpDecoder {
   const uint16_t* row;  // this lane's cum row (shared memory)
+  uint32_t row_s;       // ... its shared-memory address
   const uint8_t* w;     // the block's words
   int64_t nw, p;
   uint32_t x, mask;
@@ -105,6 +123,7 @@ struct WarpDecoder {
                                            int na, int lane, const uint16_t* my_row, int bins_, int pb_, bool act,
                                            int32_t st) {
     row = my_row;
+    row_s = (uint32_t)__cvta_generic_to_shared(my_row);
     bins = bins_;
     pb = pb_;
     active = act;
@@ -126,15 +145,17 @@ struct WarpDecoder {
   }
 
   // One token: this lane's symbol into *sy; false when the block runs out of words (uniform).
-  template <bool SMALL>
+  // W16: the words are 2-byte aligned (w16; callers branch once per block, not per token).
+  template <bool SMALL, bool W16>
   __device__ __forceinline__ bool step(int* sy) {
     int s = 0;
     bool need = false;
     uint32_t v = x;
     if (active) {
       const uint32_t slot = x & mask;
-      s = find_symbol<SMALL>(row, bins, slot);
-      v = rans_dec_advance(x, row, s, pb);
+      uint32_t c, f;
+      s = find_symbol<SMALL>(row, row_s, bins, slot, &c, &f);
+      v = f * (x >> pb) + slot - c;  // rans_dec_advance
       need = v < RANS_L;
     }
     const unsigned m = __ballot_sync(kFull, need);
@@ -142,7 +163,9 @@ struct WarpDecoder {
     if (p + cnt > nw) return false;
     if (need) {
       const int64_t i = p + __popc(m & lt);
-      const uint32_t word = w16 ? (uint32_t)__ldg(reinterpret_cast<const unsigned short*>(w) + i) : load_u16le(w + 2 * i);
+      uint32_t word;
+      if constexpr (W16) word = __ldg(reinterpret_cast<const unsigned short*>(w) + i);
+      else word = load_u16le(w + 2 * i);
       v = (v << 16) | word;
     }
     p += cnt;
