@@ -157,8 +157,10 @@ def run(iters, seed, device, backend=None, verbose=False):
             elif kind == "rans":
                 out = coders.rans_decode(p2, o2, t2, i2, N, pb, backend=backend)
             elif kind == "rans_dq":
-                lut = torch.randn(t2.shape, device=device)
-                out = coders.rans_decode_dequant(p2, o2, t2, i2, N, pb, lut, backend=backend)
+                per_seg = bool(it % 8 < 4)  # levels per table or per segment
+                lut = torch.randn((i2.shape[0], t2.shape[1]) if per_seg else t2.shape, device=device)
+                out = coders.rans_decode_dequant(p2, o2, t2, i2, N, pb, lut, lut_per_segment=per_seg,
+                                                 backend=backend)
             else:
                 out = decode_pages(rng, p2, o2, t2, i2, N, pb, device, backend)
                 out = out[:, :N] if out is not None else sym
