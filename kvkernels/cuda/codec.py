@@ -108,8 +108,22 @@ def rans_decode_into(payload, offsets, freq, table_id, prob_bits, out, status) -
                              _p(status), *_dev(out))
 
 
+def _check_dequant_op(offsets, freq, table_id, lut, s_tok, s_ch, z_ch, out, lut_per_segment) -> None:
+    """Extents the fused kernel indexes by (a direct op call brings its own buffers)."""
+    S, N, C = out.shape
+    K, bins = freq.shape
+    for name, t, shape in (("offsets", offsets, (S * _ref.n_groups(C) + 1,)), ("table_id", table_id, (S, C)),
+                           ("lut", lut, (S if lut_per_segment else K, bins)), ("s_tok", s_tok, (S, N)),
+                           ("s_ch", s_ch, (S, C)), ("z_ch", z_ch, (S, C))):
+        if t is not None and (tuple(t.shape) != shape or not t.is_contiguous()):
+            raise ValueError(f"{name}: expected a contiguous tensor of shape {shape}, got {tuple(t.shape)}")
+    if out.dtype not in _DTYPE_CODE or (out.stride(-1) != 1 and C > 1):
+        raise ValueError(f"out: expected fp32/fp16/bf16 with a dense last dim, got {out.dtype} {out.stride()}")
+
+
 def rans_decode_dequant_into(payload, offsets, freq, table_id, prob_bits, lut, s_tok, s_ch, z_ch, out,
                              status, lut_per_segment=False) -> None:
+    _check_dequant_op(offsets, freq, table_id, lut, s_tok, s_ch, z_ch, out, lut_per_segment)
     S, N, C = out.shape
     cum, ok = _prep(freq, prob_bits)
     _ext().codec_rans_decode_dequant(_p(payload), payload.numel(), _p(offsets), _p(cum), _p(ok), freq.shape[0],

@@ -31,8 +31,35 @@ def _scales(layout: PagedLayout, cache_scale):
     return [ks.data_ptr(), ks.stride(0), ks.stride(1), vs.data_ptr(), vs.stride(0), vs.stride(1)]
 
 
+def _check_op_args(payload, offsets, freq, table_id, N, lut, lut_per_segment, s_tok, s_ch, z_ch, segments, layout,
+                   slots, status) -> None:
+    """Metadata checks of a direct op call (engines may call ``torch.ops.kvkernels.rans_decode_pages``
+    with their own buffers): every extent the kernel indexes by, before the launch."""
+    S, C = table_id.shape
+    K, bins = freq.shape
+    want = {"offsets": (offsets, (S * ((C + 31) // 32) + 1,), torch.int64),
+            "lut": (lut, (S if lut_per_segment else K, bins), torch.float32),
+            "segments": (segments, (S, 3), torch.int64), "status": (status, (1,), torch.int32),
+            "s_tok": (s_tok, (S, N), torch.float32), "s_ch": (s_ch, (S, C), torch.float32),
+            "z_ch": (z_ch, (S, C), torch.float32), "table_id": (table_id, (S, C), torch.int32),
+            "freq": (freq, (K, bins), torch.int32), "payload": (payload, (payload.numel(),), torch.uint8)}
+    for name, (t, shape, dtype) in want.items():
+        if t is None:
+            continue
+        if tuple(t.shape) != shape or t.dtype != dtype or not t.is_contiguous() or t.device != layout.device:
+            raise ValueError(f"{name}: expected a contiguous {dtype} tensor of shape {shape} on {layout.device}, got "
+                             f"{t.dtype} {tuple(t.shape)} on {t.device}")
+    if C != layout.num_heads * layout.head_dim or not 1 <= bins <= 256 or N < 1:
+        raise ValueError(f"table_id: C = {C} must be the layout's heads x head_dim "
+                         f"({layout.num_heads * layout.head_dim}); bins {bins} in [1, 256]; N {N} >= 1")
+    if slots.dim() != 1 or slots.dtype not in (torch.int32, torch.int64) or not slots.is_contiguous():
+        raise ValueError(f"slots: expected a contiguous int32/int64 [T] tensor, got {slots.dtype} {tuple(slots.shape)}")
+
+
 def rans_decode_pages_into(payload, offsets, freq, table_id, prob_bits, N, lut, lut_per_segment, s_tok, s_ch, z_ch,
                            segments, layout, slots, cache_scale, status) -> None:
+    _check_op_args(payload, offsets, freq, table_id, N, lut, lut_per_segment, s_tok, s_ch, z_ch, segments, layout,
+                   slots, status)
     S, C = table_id.shape
     cum, ok = _codec._prep(freq, prob_bits)
     p = _codec._p
