@@ -440,3 +440,24 @@ def _parsed(data):
     from kvkernels.codec import container as ct
     mv = ct._as_bytes(data)
     return mv, ct._parse_header(mv)
+
+
+@needs_gpu
+def test_gpu_direct_op_checks_extents():
+    """Engines may call the op directly with their own buffers: extents are checked before the
+    launch (a short offsets / segments / lut tensor raises, nothing is written)."""
+    L, H, D, NB, BS, T = 1, 1, 64, 4, 8, 30
+    c = coder_case(S=2, N=8, C=64, device="cuda")
+    segs = torch.tensor([[0, 0, 8], [1, 10, int(c["ns"][1])]], device="cuda")
+    (a, ta), _ = gpu_pair("nhd", L, NB, BS, H, D, torch.bfloat16)
+    st = torch.zeros(1, dtype=torch.int32, device="cuda")
+    op = torch.ops.kvkernels.rans_decode_pages
+    base = [c["payload"], c["offsets"], c["freq"], c["table_id"], 12, 8, c["lut"], False, None, None, None, segs,
+            a.owners(), a.ptrs, a.spec(), torch.arange(T, device="cuda"), None, None, st, "cuda"]
+    for i, bad in ((1, c["offsets"][:-1]), (11, segs[:1].contiguous()), (6, c["lut"][:, :3].contiguous())):
+        args = list(base)
+        args[i] = bad
+        with pytest.raises(ValueError):
+            op(*args)
+    torch.cuda.synchronize()
+    assert all(bool((t.view(torch.uint8) == 0xFF).all()) for t in ta)
