@@ -461,3 +461,21 @@ def test_gpu_direct_op_checks_extents():
             op(*args)
     torch.cuda.synchronize()
     assert all(bool((t.view(torch.uint8) == 0xFF).all()) for t in ta)
+
+
+def test_page_table_equals_slot_mapping():
+    """A FlashInfer CSR page table addresses the same slots as its slot_mapping."""
+    from kvkernels import PageTable
+    from kvkernels.layouts import page_table_slots
+    L, T, H, D, NB, BS = 2, 37, 1, 32, 8, 8
+    data = container(L, T, H, D, ct=16)
+    pages = torch.tensor([5, 2, 7, 0, 3], dtype=torch.int32)  # 5 pages: 4 full + 5 tokens
+    table = PageTable(kv_indptr=torch.tensor([0, 5], dtype=torch.int32), kv_indices=pages,
+                      kv_last_page_len=torch.tensor([T - 4 * BS], dtype=torch.int32))
+    a, ta = make_layout("nhd", L, NB, BS, H, D, torch.bfloat16, "cpu")
+    b, tb = make_layout("nhd", L, NB, BS, H, D, torch.bfloat16, "cpu")
+    codec.decode_into_pages(data, a, page_table=table)
+    codec.decode_into_pages(data, b, page_table_slots(table, BS, T))
+    for x, y in zip(raw(ta), raw(tb)):
+        assert torch.equal(x, y)
+    assert not bool((ta[0].view(torch.uint8) == 0xFF).all())
