@@ -479,3 +479,28 @@ def test_page_table_equals_slot_mapping():
     for x, y in zip(raw(ta), raw(tb)):
         assert torch.equal(x, y)
     assert not bool((ta[0].view(torch.uint8) == 0xFF).all())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
+def test_shared_table_bank(device):
+    """A container with a shared (profiled) table bank: rows per (kind, layer, channel) shared by
+    the chunks; decode_into_pages equals decode-then-scatter."""
+    from kvkernels.codec import presets as P, tables as TB
+    L, T, H, D, NB, BS = 2, 70, 2, 32, 10, 8
+    Pr = P.default(L)
+    g = torch.Generator().manual_seed(4)
+    counts = torch.randint(0, 1000, (2, L, H * D, Pr.bins_max()), generator=g)
+    bank = TB.register_bank(TB.bank_to_bytes("unit-test-pages", counts))
+    try:
+        kv = torch.randn(2, L, T, H, D, generator=g)
+        data = codec.encode(kv, Pr, chunk_tokens=32, model="unit-test-pages")
+        assert codec.inspect(data).table_mode == "shared"
+        slots = slots_for(T, NB, BS, device)
+        a, ta = make_layout("hnd", L, NB, BS, H, D, torch.bfloat16, device)
+        b, tb = make_layout("hnd", L, NB, BS, H, D, torch.bfloat16, device)
+        codec.decode_into_pages(data, a, slots, backend="cuda" if device == "cuda" else "torch")
+        decode_then_scatter(data, b, slots)
+        for x, y in zip(raw(ta), raw(tb)):
+            assert torch.equal(x, y)
+    finally:
+        del TB._REGISTRY[bank.hash]
