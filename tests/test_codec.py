@@ -372,6 +372,22 @@ def test_gpu_decode_dequant_tiles(dtype, per_segment, C, aligned):
 
 
 @needs_gpu
+@pytest.mark.parametrize("bins", [33, 100, 256])
+@pytest.mark.parametrize("per_segment", [False, True])
+def test_gpu_decode_dequant_wide_tables(bins, per_segment):
+    """Tables of more than 32 symbols (the generic symbol search; 256 bins: one warp a block)."""
+    S, N, C = 3, 45, 64
+    sym, freq, cdf, tid, pb = _case(bins + 7, S, N, C, bins=bins)
+    pl, off = rans_encode(sym, freq, tid, pb)
+    lut = torch.randn(S, bins) if per_segment else torch.randn(freq.shape)
+    s_tok, z_ch = torch.rand(S, N), torch.randn(S, C)
+    want = rans_decode_dequant(pl, off, freq, tid, N, pb, lut, s_tok, None, z_ch, lut_per_segment=per_segment)
+    g = [t.cuda() for t in (pl, off, freq, tid, lut, s_tok, z_ch)]
+    got = rans_decode_dequant(*g[:4], N, pb, g[4], g[5], None, g[6], lut_per_segment=per_segment, backend="cuda")
+    assert torch.equal(got.cpu().view(torch.int16), want.view(torch.int16))
+
+
+@needs_gpu
 def test_gpu_corrupt_inputs():
     sym, freq, cdf, tid, pb = _case(4, 2, 20, 40)
     pl, off = [t.cuda() for t in rans_encode(sym, freq, tid, pb)]

@@ -496,3 +496,23 @@ def test_shared_table_bank(device):
             assert torch.equal(x, y)
     finally:
         del TB._REGISTRY[bank.hash]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
+def test_mixed_modes_and_bins(device):
+    """K token_sym with 32/8 bins, V channel_affine with 64 bins (a table wider than 32 symbols:
+    the generic search): one launch for both, absent factors as identities, equal to
+    decode-then-scatter."""
+    from kvkernels.codec import presets as P
+    L, T, H, D, NB, BS = 2, 50, 2, 32, 8, 8
+    Pr = P.Preset("mixed", P.KindSpec("token_sym", (32, 8)), P.KindSpec("channel_affine", (64, 64), (0.3, 0.5)))
+    g = torch.Generator().manual_seed(5)
+    kv = torch.randn(2, L, T, H, D, generator=g)
+    data = codec.encode(kv, Pr, chunk_tokens=16)
+    slots = slots_for(T, NB, BS, device)
+    a, ta = make_layout("nhd", L, NB, BS, H, D, torch.float16, device)
+    b, tb = make_layout("nhd", L, NB, BS, H, D, torch.float16, device)
+    codec.decode_into_pages(data, a, slots, backend="cuda" if device == "cuda" else "torch")
+    decode_then_scatter(data, b, slots)
+    for x, y in zip(raw(ta), raw(tb)):
+        assert torch.equal(x, y)
