@@ -12,15 +12,18 @@
 // by the caller's shapes; failing streams/blocks are written as zeros and flag *status.
 #include "codec.h"
 
+#include <type_traits>
+
 #include "codec_ac.cuh"
-#include "codec_rans.cuh"
+#include "codec_gpu.cuh"
 
 using namespace kvk_codec;
+using kvk_codec::gpu::kFull;
+using kvk_codec::gpu::warp_rows;
 
 namespace {
 
 constexpr int kThreads = 256;
-constexpr unsigned kFull = 0xFFFFFFFFu;
 
 inline unsigned blocks_for(int64_t n, int per) { return (unsigned)((n + per - 1) / per); }
 
@@ -88,33 +91,16 @@ __global__ void rans_prep_kernel(const int32_t* __restrict__ freq, int64_t K, in
   ok[k] = rans_prep_row(freq + k * bins, bins, pb, cum + k * (bins + 1)) ? 1 : 0;
 }
 
-// Lane j's row index of block (s, c0) and whether every active lane's row is usable.
-__device__ __forceinline__ int32_t warp_rows(const int32_t* tid, const uint8_t* ok, int64_t K, int64_t s, int64_t C,
-                                             int64_t c0, int lane, bool active, int64_t* k_out) {
-  int32_t st = 0;
-  int64_t k = 0;
-  if (active) {
-    k = tid[s * C + c0 + lane];
-    if (k < 0 || k >= K) { st = ERR_TABLE_ID; k = 0; }
-    else if (!ok[k]) st = ERR_TABLE;
-  }
-  *k_out = k;
-  // OR over the warp (uniform result)
-  for (int d = 16; d > 0; d >>= 1) st |= __shfl_xor_sync(kFull, st, d);
-  return st;
-}
-
 __global__ void rans_encode_kernel(const uint8_t* __restrict__ sym, int64_t S, int64_t N, int64_t C,
                                    const uint16_t* __restrict__ cum, const uint8_t* __restrict__ ok, int64_t K,
                                    int bins, const int32_t* __restrict__ tid, int pb, uint8_t* __restrict__ scratch,
                                    int64_t cap, int64_t* __restrict__ lens, int32_t* status) {
-  const int64_t G = (C + LANES - 1) / LANES;
-  const int64_t b = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x & 31;
-  if (b >= S * G) return;  // warp-uniform
-  const int64_t s = b / G, c0 = (b - s * G) * LANES;
-  const int na = (int)(C - c0 < LANES ? C - c0 : LANES);
-  const bool active = lane < na;
+  gpu::WarpBlock wb;
+  if (!wb.init(((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32, S, C, lane)) return;  // warp-uniform
+  const int64_t b = wb.b, s = wb.s, c0 = wb.c0;
+  const int na = wb.na;
+  const bool active = wb.active;
   int64_t k;
   int32_t st = warp_rows(tid, ok, K, s, C, c0, lane, active, &k);
   uint8_t* end = scratch + b * cap + cap;
@@ -152,95 +138,42 @@ __global__ void rans_encode_kernel(const uint8_t* __restrict__ sym, int64_t S, i
   }
 }
 
-template <bool kDequant>
+// Symbols only (the fused decode is csrc/codec_dequant.cu): one warp a block, out uint8 [S, N, C].
+template <bool SMALL>
 __global__ void rans_decode_kernel(const uint8_t* __restrict__ payload, int64_t nbytes,
                                    const int64_t* __restrict__ offsets, const uint16_t* __restrict__ cum,
                                    const uint8_t* __restrict__ ok, int64_t K, int bins,
                                    const int32_t* __restrict__ tid, int pb, int64_t S, int64_t N, int64_t C,
-                                   void* __restrict__ out, const float* __restrict__ lut,
-                                   const float* __restrict__ s_tok, const float* __restrict__ s_ch,
-                                   const float* __restrict__ z_ch, int dtype, int64_t os_s, int64_t os_n,
-                                   int32_t* status) {
-  extern __shared__ unsigned char smem[];
+                                   uint8_t* __restrict__ out, int32_t* status) {
+  extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-  const int cum_words = LANES * (bins + 1);                    // uint16 per warp
-  const int cum_bytes = (cum_words * 2 + 15) / 16 * 16;
-  const int warp_bytes = cum_bytes + (kDequant ? LANES * bins * 4 : 0);
-  uint16_t* sh_cum = reinterpret_cast<uint16_t*>(smem + warp * warp_bytes);
-  float* sh_lut = reinterpret_cast<float*>(smem + warp * warp_bytes + cum_bytes);
-
-  const int64_t G = (C + LANES - 1) / LANES;
-  const int64_t b = (int64_t)blockIdx.x * (blockDim.x / 32) + warp;
-  if (b >= S * G) return;  // warp-uniform
-  const int64_t s = b / G, c0 = (b - s * G) * LANES;
-  const int na = (int)(C - c0 < LANES ? C - c0 : LANES);
-  const bool active = lane < na;
+  const gpu::WarpSmem lay(bins, 0, false);
+  uint16_t* sh_cum = reinterpret_cast<uint16_t*>(smem + warp * lay.bytes());
+  gpu::WarpBlock wb;
+  if (!wb.init((int64_t)blockIdx.x * (blockDim.x / 32) + warp, S, C, lane)) return;  // warp-uniform
+  const int64_t b = wb.b, s = wb.s, c0 = wb.c0;
+  const int na = wb.na;
+  const bool active = wb.active;
   int64_t k;
   int32_t st = warp_rows(tid, ok, K, s, C, c0, lane, active, &k);
-  int64_t lo = 0, hi = 0;
-  if (!st && !stream_bounds(offsets, b, nbytes, &lo, &hi)) st = ERR_OFFSETS;
-  const int64_t len = hi - lo;
-  if (!st && (len < 4 * na || ((len - 4 * na) & 1))) st = ERR_TRUNCATED;
-
-  // the block's rows into shared memory, coalesced: row r by all lanes
-  for (int r = 0; r < na; ++r) {
-    const int64_t kr = __shfl_sync(kFull, k, r);
-    for (int e = lane; e <= bins; e += 32) sh_cum[r * (bins + 1) + e] = cum[kr * (bins + 1) + e];
-    if (kDequant)
-      for (int e = lane; e < bins; e += 32) sh_lut[r * bins + e] = lut[kr * bins + e];
-  }
-  __syncwarp();
-  const uint16_t* row = sh_cum + lane * (bins + 1);
-  const uint8_t* in = payload + lo;
-  uint32_t x = RANS_L;
-  if (!st && active) x = load_u32le(in + 4 * lane);
-  if (!st && __any_sync(kFull, active && x < RANS_L)) st = ERR_TRUNCATED;
-
-  float sch = 1.f, zch = 0.f;
-  if (kDequant && active) {
-    if (s_ch) sch = s_ch[s * C + c0 + lane];
-    if (z_ch) zch = z_ch[s * C + c0 + lane];
-  }
-  const uint8_t* w = in + 4 * na;
-  const int64_t nw = st ? 0 : (len - 4 * na) / 2;
-  const uint32_t mask = (1u << pb) - 1;
-  const unsigned lt = (1u << lane) - 1;
-  int64_t p = 0;
-  int64_t n = 0;
-  for (; n < N && !st; ++n) {
-    int sy = 0;
-    bool need = false;
-    uint32_t v = x;
-    if (active) {
-      const uint32_t slot = x & mask;
-      sy = rans_find(row, bins, slot);
-      v = rans_dec_advance(x, row, sy, pb);
-      need = v < RANS_L;
+  gpu::load_rows(cum, nullptr, bins, k, na, lane, sh_cum, nullptr, 0);
+  gpu::WarpDecoder dec;
+  st = dec.begin(payload, nbytes, offsets, b, na, lane, sh_cum + lane * gpu::cum_stride(bins), bins, pb, active, st);
+  uint8_t* o = out + s * N * C + c0 + lane;
+  auto run = [&](auto w16) {
+    uint8_t* on = o;
+    for (int64_t n = 0; n < N && !st; ++n, on += C) {
+      int sy;
+      if (!dec.template step<SMALL, decltype(w16)::value>(&sy)) { st = ERR_TRUNCATED; break; }
+      if (active) *on = (uint8_t)sy;
     }
-    const unsigned m = __ballot_sync(kFull, need);
-    if (p + __popc(m) > nw) { st = ERR_TRUNCATED; break; }
-    if (need) v = (v << 16) | load_u16le(w + 2 * (p + __popc(m & lt)));
-    p += __popc(m);
-    x = v;
-    if (active) {
-      if (kDequant) {
-        float val = sh_lut[lane * bins + sy];
-        if (s_tok) val = fmul_rn(val, s_tok[s * N + n]);
-        if (s_ch) val = fmul_rn(val, sch);
-        if (z_ch) val = fadd_rn(val, zch);
-        store_out(out, s * os_s + n * os_n + c0 + lane, dtype, val);
-      } else {
-        static_cast<uint8_t*>(out)[(s * N + n) * C + c0 + lane] = (uint8_t)sy;
-      }
-    }
-  }
-  if (!st && (p != nw || __any_sync(kFull, active && x != RANS_L))) st = ERR_TRAILING;
+  };
+  if (dec.w16) run(std::true_type{});  // warp-uniform: one loop per word alignment
+  else run(std::false_type{});
+  if (!st && !dec.finished_ok()) st = ERR_TRAILING;
   if (st) {  // the whole block as zeros (as the CPU coder)
     if (active)
-      for (int64_t t = 0; t < N; ++t) {
-        if (kDequant) store_out(out, s * os_s + t * os_n + c0 + lane, dtype, 0.f);
-        else static_cast<uint8_t*>(out)[(s * N + t) * C + c0 + lane] = 0;
-      }
+      for (int64_t t = 0; t < N; ++t) o[t * C] = 0;
     if (lane == 0) atomicOr(status, st);
   }
 }
@@ -297,28 +230,17 @@ cudaError_t kvk_rans_decode(const uint8_t* payload, int64_t nbytes, const int64_
                             int64_t C, void* out, const float* lut, const float* s_tok, const float* s_ch,
                             const float* z_ch, int dtype, int64_t os_s, int64_t os_n, int32_t* status,
                             cudaStream_t stream) {
+  if (lut != nullptr)
+    return kvk_rans_decode_dequant(payload, nbytes, offsets, cum, ok, K, bins, tid, pb, S, N, C, out, lut, 0, s_tok,
+                                   s_ch, z_ch, dtype, os_s, os_n, status, stream);
   const int64_t nb = S * ((C + LANES - 1) / LANES);
   if (nb <= 0) return cudaSuccess;
-  const bool dq = lut != nullptr;
-  const int cum_bytes = (LANES * (bins + 1) * 2 + 15) / 16 * 16;
-  const int warp_bytes = cum_bytes + (dq ? LANES * bins * 4 : 0);
-  int warps = 4;
+  const int warp_bytes = gpu::WarpSmem(bins, 0, false).bytes();
+  int warps = 4;  // fewer warps a block for wide tables: at most 48 KiB of shared memory a block
   while (warps > 1 && warps * warp_bytes > 48 * 1024) warps >>= 1;
   const size_t smem = (size_t)warps * warp_bytes;
-  const unsigned grid = blocks_for(nb, warps);
-  if (dq) {
-    if (smem > 48 * 1024) {
-      cudaError_t e = cudaFuncSetAttribute(rans_decode_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           (int)smem);
-      if (e != cudaSuccess) return e;
-    }
-    rans_decode_kernel<true><<<grid, warps * 32, smem, stream>>>(payload, nbytes, offsets, cum, ok, K, bins, tid, pb,
-                                                                 S, N, C, out, lut, s_tok, s_ch, z_ch, dtype, os_s,
-                                                                 os_n, status);
-  } else {
-    rans_decode_kernel<false><<<grid, warps * 32, smem, stream>>>(payload, nbytes, offsets, cum, ok, K, bins, tid,
-                                                                  pb, S, N, C, out, nullptr, nullptr, nullptr,
-                                                                  nullptr, 0, 0, 0, status);
-  }
+  auto kern = bins <= gpu::kSmallBins ? rans_decode_kernel<true> : rans_decode_kernel<false>;
+  kern<<<blocks_for(nb, warps), warps * 32, smem, stream>>>(payload, nbytes, offsets, cum, ok, K, bins, tid, pb, S, N,
+                                                            C, static_cast<uint8_t*>(out), status);
   return cudaGetLastError();
 }

@@ -31,11 +31,35 @@ cudaError_t kvk_rans_prep(const int32_t* freq, int64_t K, int bins, int pb, uint
 cudaError_t kvk_rans_encode(const uint8_t* sym, int64_t S, int64_t N, int64_t C, const uint16_t* cum,
                             const uint8_t* ok, int64_t K, int bins, const int32_t* tid, int pb, uint8_t* scratch,
                             int64_t cap_block, int64_t* lens, int32_t* status, cudaStream_t stream);
-// Symbols (lut == nullptr: out uint8 [S, N, C] contiguous) or fused dequantization: out element
-// (s, n, c) at s*os_s + n*os_n + c of dtype (0 fp32, 1 fp16, 2 bf16) =
-// lut[tid, sym] * s_tok[s, n] * s_ch[s, c] + z_ch[s, c] (null = absent).
+// Symbols (lut == nullptr: out uint8 [S, N, C] contiguous) or fused dequantization (then the same
+// as kvk_rans_decode_dequant with lut_per_segment = 0).
 cudaError_t kvk_rans_decode(const uint8_t* payload, int64_t nbytes, const int64_t* offsets, const uint16_t* cum,
                             const uint8_t* ok, int64_t K, int bins, const int32_t* tid, int pb, int64_t S, int64_t N,
                             int64_t C, void* out, const float* lut, const float* s_tok, const float* s_ch,
                             const float* z_ch, int dtype, int64_t os_s, int64_t os_n, int32_t* status,
                             cudaStream_t stream);
+
+// Fused dequantization (csrc/codec_dequant.cu): out element (s, n, c) at s*os_s + n*os_n + c of
+// dtype (0 fp32, 1 fp16, 2 bf16) = lut[row, sym] * s_tok[s, n] * s_ch[s, c] + z_ch[s, c] (null =
+// absent; float32, no FMA, one rounding), row = tid[s, c] (lut [K, bins]) or s (lut_per_segment:
+// lut [S, bins]).
+cudaError_t kvk_rans_decode_dequant(const uint8_t* payload, int64_t nbytes, const int64_t* offsets,
+                                    const uint16_t* cum, const uint8_t* ok, int64_t K, int bins, const int32_t* tid,
+                                    int pb, int64_t S, int64_t N, int64_t C, void* out, const float* lut,
+                                    int lut_per_segment, const float* s_tok, const float* s_ch, const float* z_ch,
+                                    int dtype, int64_t os_s, int64_t os_n, int32_t* status, cudaStream_t stream);
+
+// rANS decode fused with dequantization, written into paged caches (csrc/codec_dequant.cu; the
+// spec is kvkernels/reference/codec.py rans_decode_pages_into). Blocks and the map as
+// kvk_rans_decode (lut [K, bins] by table_id, or [S, bins] by segment when lut_per_segment; s_tok
+// [S, N]); segments int64 [S, 3] = (cache r, first flat token t0, tokens ns <= N): token n of
+// segment s goes to slot slots[t0 + n] (t0 + ns <= T) of cache r of `caches` (csrc/paged.h:
+// element addressing, fp8 e4m3 with per-(layer, head) scales). Slots < 0 or >= NB * BS are
+// skipped; a malformed descriptor writes nothing and sets ERR_SEGMENT. C must be H * D.
+#include "paged.h"
+cudaError_t kvk_rans_decode_pages(const uint8_t* payload, int64_t nbytes, const int64_t* offsets, const uint16_t* cum,
+                                  const uint8_t* ok, int64_t K, int bins, const int32_t* tid, int pb, int64_t S,
+                                  int64_t N, int64_t C, const float* lut, int lut_per_segment, const float* s_tok,
+                                  const float* s_ch, const float* z_ch, const int64_t* segments,
+                                  const KvkPagedCaches* caches, const void* slots, int slots_int64, int64_t T,
+                                  int32_t* status, cudaStream_t stream);

@@ -21,6 +21,7 @@ enum : int32_t {
   ERR_SYMBOL = 16,
   ERR_CAPACITY = 32,
   ERR_TABLE_ID = 64,
+  ERR_SEGMENT = 128,  // decode into pages: a segment descriptor outside the caches / slots
 };
 
 constexpr int LANES = 32;

@@ -24,6 +24,31 @@ import torch  # noqa: E402
 from kvkernels.codec import coders  # noqa: E402
 
 
+def random_tables(rng, K, bins, pb, skew=0.7):
+    """freq int64 ``[K, bins]`` summing to 2**pb, every symbol >= 1 (Dirichlet(skew) shapes)."""
+    p = rng.dirichlet(np.ones(bins) * skew, size=K)
+    f = np.maximum(1, np.floor(p * ((1 << pb) - bins))).astype(np.int64)
+    f[:, 0] += (1 << pb) - f.sum(1)
+    return f
+
+
+def random_symbols(rng, f, tid, N):
+    """uint8 ``[S, N, C]``: channel (s, c) drawn from its row ``f[tid[s, c]]``."""
+    S, C = tid.shape
+    sym = np.zeros((S, N, C), np.uint8)
+    for s in range(S):
+        for c in range(C):
+            sym[s, :, c] = rng.choice(f.shape[1], N, p=f[tid[s, c]] / f[tid[s, c]].sum())
+    return sym
+
+
+def cdf_of(f, pb):
+    """torchac-style int CDF rows ``[K, bins + 1]`` of ``f`` (16-bit scale)."""
+    cdf = np.zeros((f.shape[0], f.shape[1] + 1), np.int64)
+    cdf[:, 1:] = np.cumsum(f, 1) << (16 - pb)
+    return cdf
+
+
 def random_case(rng, device):
     S = int(rng.integers(1, 4))
     N = int(rng.integers(1, 80))
@@ -31,18 +56,11 @@ def random_case(rng, device):
     bins = int(rng.integers(2, 33))
     pb = int(rng.integers(max(1, int(np.ceil(np.log2(bins)))), 13))
     K = int(rng.integers(1, 5))
-    p = rng.dirichlet(np.ones(bins) * 0.7, size=K)
-    f = np.maximum(1, np.floor(p * ((1 << pb) - bins))).astype(np.int64)
-    f[:, 0] += (1 << pb) - f.sum(1)
+    f = random_tables(rng, K, bins, pb)
     tid = rng.integers(0, K, (S, C))
-    sym = np.zeros((S, N, C), np.uint8)
-    for s in range(S):
-        for c in range(C):
-            sym[s, :, c] = rng.choice(bins, N, p=f[tid[s, c]] / f[tid[s, c]].sum())
-    cdf = np.zeros((K, bins + 1), np.int64)
-    cdf[:, 1:] = np.cumsum(f, 1) << (16 - pb)
+    sym = random_symbols(rng, f, tid, N)
     t = lambda a, dt: torch.tensor(a, dtype=dt, device=device)  # noqa: E731
-    return (t(sym, torch.uint8), t(f, torch.int32), t(cdf, torch.int32), t(tid, torch.int32), pb, N)
+    return (t(sym, torch.uint8), t(f, torch.int32), t(cdf_of(f, pb), torch.int32), t(tid, torch.int32), pb, N)
 
 
 def mutate(rng, payload, offsets, table, tid, kind):
@@ -83,12 +101,46 @@ def mutate(rng, payload, offsets, table, tid, kind):
     return payload, offsets, table, tid, op
 
 
+def decode_pages(rng, payload, offsets, freq, tid, N, pb, device, backend):
+    """Decode into a small SGLang-style pool (one head of C channels, L = S layers, K only used)
+    with random, sometimes malformed segment descriptors and slots (negative, out of range); the
+    pool is guarded by poisoned margins that must stay untouched. Returns the pool's K values
+    ``[S, slots, C]`` (or None when the call raised on its arguments: a descriptor is data, so
+    only the status may complain)."""
+    from kvkernels.codec import paged
+    from kvkernels.layouts import PagedLayout
+
+    S, C = tid.shape
+    P = N + 8
+    guard = 16
+    mem = [torch.full((P + 2 * guard, 1, C), 7.0, device=device) for _ in range(2 * S)]
+    ks = [m[guard:guard + P] for m in mem[:S]]
+    vs = [m[guard:guard + P] for m in mem[S:]]
+    lay = PagedLayout.sglang(ks, vs)
+    segs = torch.tensor([[s, 0, N] for s in range(S)], dtype=torch.int64)
+    if rng.random() < 0.3:  # a malformed descriptor
+        i = int(rng.integers(0, S))
+        segs[i, int(rng.integers(0, 3))] = int(rng.choice([-1, 2 * S, N + 1, P + 5, -(2**40), 2**40]))
+    slots = torch.from_numpy(rng.permutation(P)).to(torch.int64)
+    if rng.random() < 0.5:
+        slots[int(rng.integers(0, P))] = int(rng.choice([-1, P, 2**40]))
+    lut = torch.randn(freq.shape, device=device)
+    st = torch.zeros(1, dtype=torch.int32, device=device)
+    paged.rans_decode_pages(payload, offsets, freq, tid, N, pb, lut, lay, slots.to(device), segs.to(device),
+                            status=st, backend=backend)
+    for m in mem:  # never a write outside the pool
+        assert bool((m[:guard] == 7.0).all()) and bool((m[guard + P:] == 7.0).all()), "write outside the caches"
+    if int(st.item()):
+        raise coders.CoderError(f"rans_decode_pages: status {int(st.item()):#x}")
+    return torch.stack([k[:, 0] for k in ks])
+
+
 def run(iters, seed, device, backend=None, verbose=False):
     rng = np.random.default_rng(seed)
     stats = {"ok": 0, "raised": 0, "clean_roundtrip": 0}
     for it in range(iters):
         sym, freq, cdf, tid, pb, N = random_case(rng, device)
-        kind = ["ac", "rans", "rans_dq"][it % 3]
+        kind = ["ac", "rans", "rans_dq", "rans_pages"][it % 4]
         if kind == "ac":
             payload, offsets = coders.ac_encode(sym, cdf, tid, backend=backend)
             assert torch.equal(coders.ac_decode(payload, offsets, cdf, tid, N, backend=backend), sym)
@@ -104,9 +156,14 @@ def run(iters, seed, device, backend=None, verbose=False):
                 out = coders.ac_decode(p2, o2, t2, i2, N, backend=backend)
             elif kind == "rans":
                 out = coders.rans_decode(p2, o2, t2, i2, N, pb, backend=backend)
+            elif kind == "rans_dq":
+                per_seg = bool(it % 8 < 4)  # levels per table or per segment
+                lut = torch.randn((i2.shape[0], t2.shape[1]) if per_seg else t2.shape, device=device)
+                out = coders.rans_decode_dequant(p2, o2, t2, i2, N, pb, lut, lut_per_segment=per_seg,
+                                                 backend=backend)
             else:
-                lut = torch.randn(t2.shape, device=device)
-                out = coders.rans_decode_dequant(p2, o2, t2, i2, N, pb, lut, backend=backend)
+                out = decode_pages(rng, p2, o2, t2, i2, N, pb, device, backend)
+                out = out[:, :N] if out is not None else sym
             assert tuple(out.shape) == tuple(sym.shape), (out.shape, sym.shape)
             stats["ok"] += 1
         except coders.CoderError as e:

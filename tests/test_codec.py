@@ -25,20 +25,17 @@ needs_cpu = pytest.mark.skipif(not HAS_CPU, reason="kvkernels._codec_cpu is not 
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
 
 
+sys.path.insert(0, os.path.join(ROOT, "fuzz"))
+from mutate_codec import cdf_of, random_symbols, random_tables  # noqa: E402  (shared with the fuzzers)
+
+
 def _case(seed, S, N, C, bins=16, pb=12, K=4, skew=0.5, padded=0):
     rng = np.random.default_rng(seed)
-    p = rng.dirichlet(np.ones(bins) * skew, size=K)
-    f = np.maximum(1, np.floor(p * ((1 << pb) - bins))).astype(np.int64)
-    f[:, 0] += (1 << pb) - f.sum(1)
+    f = random_tables(rng, K, bins, pb, skew)
     tid = rng.integers(0, K, (S, C))
-    sym = np.zeros((S, N, C), np.uint8)
-    for s in range(S):
-        for c in range(C):
-            sym[s, :, c] = rng.choice(bins, N, p=f[tid[s, c]] / f[tid[s, c]].sum())
+    sym = random_symbols(rng, f, tid, N)
     f = np.concatenate([f, np.zeros((K, padded), np.int64)], 1)  # bank rows wider than the table
-    cdf = np.zeros((K, bins + padded + 1), np.int64)
-    cdf[:, 1:] = np.cumsum(f, 1) << (16 - pb)
-    return (torch.tensor(sym), torch.tensor(f, dtype=torch.int32), torch.tensor(cdf, dtype=torch.int32),
+    return (torch.tensor(sym), torch.tensor(f, dtype=torch.int32), torch.tensor(cdf_of(f, pb), dtype=torch.int32),
             torch.tensor(tid, dtype=torch.int32), pb)
 
 
@@ -154,6 +151,35 @@ def test_rans_decode_dequant_pure(pure):
     lut = torch.randn(freq.shape)
     got = rans_decode_dequant(pl, off, freq, tid, N, pb, lut, None, torch.rand(S, C), None, dtype=torch.float32)
     assert got.shape == (S, N, C)
+
+
+def _per_segment_want(sym, lut_s, s_tok, s_ch, z_ch, dtype):
+    S, N, C = sym.shape
+    tid = torch.arange(S * C, dtype=torch.int32).reshape(S, C)
+    return R.dequant_spec(sym, tid, lut_s.repeat_interleave(C, 0), s_tok, s_ch, z_ch).to(dtype)
+
+
+@pytest.mark.parametrize("impl", ["pure", "cpu"])
+def test_rans_decode_dequant_lut_per_segment(monkeypatch, impl):
+    if impl == "cpu" and not HAS_CPU:
+        pytest.skip("kvkernels._codec_cpu is not built")
+    monkeypatch.setenv("KVK_CODEC_PURE", "1" if impl == "pure" else "0")
+    S, N, C = 3, 17, 64
+    sym, freq, cdf, tid, pb = _case(12, S, N, C, bins=16)
+    pl, off = rans_encode(sym, freq, tid, pb)
+    lut_s, s_tok, s_ch, z_ch = torch.randn(S, 16), torch.rand(S, N), torch.rand(S, C), torch.randn(S, C)
+    got = rans_decode_dequant(pl, off, freq, tid, N, pb, lut_s, s_tok, s_ch, z_ch, lut_per_segment=True)
+    assert torch.equal(got, _per_segment_want(sym, lut_s, s_tok, s_ch, z_ch, torch.bfloat16))
+    with pytest.raises(ValueError, match="lut"):
+        rans_decode_dequant(pl, off, freq, tid, N, pb, lut_s[:2], lut_per_segment=True)
+    # a corrupt block: its channels are zeros, the other blocks still decode
+    bad = pl.clone()
+    bad[int(off[1]) + 3] ^= 0x40  # block 1 = segment 0, channels 32..63
+    st = torch.zeros(1, dtype=torch.int32)
+    got = rans_decode_dequant(bad, off, freq, tid, N, pb, lut_s, s_tok, s_ch, z_ch, lut_per_segment=True, status=st)
+    if int(st):
+        assert bool((got[0, :, 32:] == 0).all())
+        assert torch.equal(got[1:], _per_segment_want(sym, lut_s, s_tok, s_ch, z_ch, torch.bfloat16)[1:])
 
 
 # ---- ops / bad input -----------------------------------------------------------------------------
@@ -313,6 +339,55 @@ def test_gpu_decode_dequant_equals_cpu(dtype):
 
 
 @needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("per_segment", [False, True])
+@pytest.mark.parametrize("C,aligned", [(256, True), (256, False), (96, True), (70, True)])
+def test_gpu_decode_dequant_tiles(dtype, per_segment, C, aligned):
+    """The 16-byte tile stores (C % 32 == 0, aligned rows) and the per-lane fallback, both level
+    modes, N not a multiple of the tile, a poisoned strided output, a corrupt block (zeros)."""
+    S, N = 5, 77
+    sym, freq, cdf, tid, pb = _case(C + N, S, N, C, bins=24)
+    pl, off = rans_encode(sym, freq, tid, pb)
+    lut = torch.randn(S, 24) if per_segment else torch.randn(freq.shape)
+    s_tok, s_ch, z_ch = torch.rand(S, N), torch.rand(S, C), torch.randn(S, C)
+    bad = pl.clone()
+    bad[int(off[1]) + 5] ^= 0x21
+    for payload in (pl, bad):
+        st_c = torch.zeros(1, dtype=torch.int32)
+        want = rans_decode_dequant(payload, off, freq, tid, N, pb, lut, s_tok, s_ch, z_ch, dtype=dtype,
+                                   lut_per_segment=per_segment, status=st_c)
+        pad = 0 if aligned else 1
+        big = torch.full((S, N + 2, C + 16), float("nan"), dtype=dtype, device="cuda")
+        view = big[:, 1:N + 1, 8 + pad:C + 8 + pad]
+        st_g = torch.zeros(1, dtype=torch.int32, device="cuda")
+        g = [t.cuda() for t in (payload, off, freq, tid, lut, s_tok, s_ch, z_ch)]
+        rans_decode_dequant(*g[:4], N, pb, *g[4:], out=view, lut_per_segment=per_segment, status=st_g,
+                            backend="cuda")
+        assert (int(st_c) == 0) == (int(st_g) == 0)
+        assert torch.equal(view.cpu().contiguous().view(torch.int16 if dtype != torch.float32 else torch.int32),
+                           want.contiguous().view(torch.int16 if dtype != torch.float32 else torch.int32))
+        mask = torch.ones(big.shape, dtype=torch.bool)
+        mask[:, 1:N + 1, 8 + pad:C + 8 + pad] = False
+        assert torch.isnan(big.cpu()[mask].float()).all()
+
+
+@needs_gpu
+@pytest.mark.parametrize("bins", [33, 100, 256])
+@pytest.mark.parametrize("per_segment", [False, True])
+def test_gpu_decode_dequant_wide_tables(bins, per_segment):
+    """Tables of more than 32 symbols (the generic symbol search; 256 bins: one warp a block)."""
+    S, N, C = 3, 45, 64
+    sym, freq, cdf, tid, pb = _case(bins + 7, S, N, C, bins=bins)
+    pl, off = rans_encode(sym, freq, tid, pb)
+    lut = torch.randn(S, bins) if per_segment else torch.randn(freq.shape)
+    s_tok, z_ch = torch.rand(S, N), torch.randn(S, C)
+    want = rans_decode_dequant(pl, off, freq, tid, N, pb, lut, s_tok, None, z_ch, lut_per_segment=per_segment)
+    g = [t.cuda() for t in (pl, off, freq, tid, lut, s_tok, z_ch)]
+    got = rans_decode_dequant(*g[:4], N, pb, g[4], g[5], None, g[6], lut_per_segment=per_segment, backend="cuda")
+    assert torch.equal(got.cpu().view(torch.int16), want.view(torch.int16))
+
+
+@needs_gpu
 def test_gpu_corrupt_inputs():
     sym, freq, cdf, tid, pb = _case(4, 2, 20, 40)
     pl, off = [t.cuda() for t in rans_encode(sym, freq, tid, pb)]
@@ -326,3 +401,21 @@ def test_gpu_corrupt_inputs():
                         "--seed", "5", "--device", "cuda", "--backend", "cuda"],
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_rans_decode_pages_dense_equivalent():
+    """``rans_decode_pages`` into an SGLang-style token pool with identity slots writes exactly what
+    ``rans_decode_dequant`` writes densely (the paged family's own tests: tests/test_codec_paged.py)."""
+    from kvkernels import PagedLayout
+    from kvkernels.codec.paged import rans_decode_pages
+    S, N, H, D = 4, 19, 2, 32
+    sym, freq, cdf, tid, pb = _case(31, S, N, H * D, bins=16)
+    pl, off = rans_encode(sym, freq, tid, pb)
+    lut, s_tok = torch.randn(freq.shape), torch.rand(S, N)
+    want = rans_decode_dequant(pl, off, freq, tid, N, pb, lut, s_tok)     # [S, N, H*D], S = (kind, layer)
+    ks = [torch.zeros(N, H, D, dtype=torch.bfloat16) for _ in range(2)]
+    vs = [torch.zeros(N, H, D, dtype=torch.bfloat16) for _ in range(2)]
+    lay = PagedLayout.sglang(ks, vs)
+    segs = torch.tensor([[s, 0, N] for s in range(S)])
+    rans_decode_pages(pl, off, freq, tid, N, pb, lut, lay, torch.arange(N), segs, s_tok)
+    assert torch.equal(torch.stack(ks + vs).reshape(S, N, H * D), want)

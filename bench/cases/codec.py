@@ -7,9 +7,16 @@ segments S = 2 * L * ceil(T / 256), tables per (kind, layer, channel) shared acr
 Symbols: Gaussian values quantized to 16 bins (32 in the first layers, as CacheGen).
 
 Extra rows: ``decode_then_dequant`` (rans_decode + the dequantization map in torch, the unfused
-baseline of ``rans_decode_dequant``) and, on the CPU, ``torchac`` encode/decode of the same
-symbols (one stream with a per-symbol CDF, its native interface) when it imports.
-Decode-into-pages (the paged layout) is added once kvkernels.paged lands.
+baseline of ``rans_decode_dequant``), ``rans_decode_dequant_seglut`` (the fused decode with one
+level row per segment, ``lut_per_segment=True``: what the container's presets store, levels per
+(layer, kind); no level rows in shared memory) and, on the CPU, ``torchac`` encode/decode of the
+same symbols (one stream with a per-symbol CDF, its native interface) when it imports.
+
+Decode into pages (vLLM flash-attn NHD caches ``[2, NB, 16, H, D]`` bf16 per layer, tokens at a
+random permutation of the slots), same run, same symbols: ``rans_decode_pages`` (one fused
+launch: decode, dequantize, write every layer's K and V pages) against ``decode_then_scatter``
+(``rans_decode_dequant_seglut`` into a flat ``[2, L, T, H, D]`` buffer, then ``kvkernels.scatter``);
+the caches of both are compared byte for byte.
 """
 from __future__ import annotations
 
@@ -18,8 +25,11 @@ import math
 
 import torch
 
+import kvkernels
 from kvkernels import dispatch
 from kvkernels.codec import coders
+from kvkernels.codec import paged as cpaged
+from kvkernels.layouts import PagedLayout
 from kvkernels.reference import codec as R
 
 MODELS = {"llama3-8b": (32, 8, 128)}
@@ -61,8 +71,9 @@ def make_case(L, T, H, D, device, seed=0):
     lut = (torch.arange(bins).float() - bins_l.repeat_interleave(C).repeat(2).unsqueeze(1).float() / 2)
     s_tok = torch.rand(S, N, generator=g) + 0.5
     dev = lambda t: t.to(device)  # noqa: E731
+    lut_seg = lut[tid[:, 0].long()].contiguous()  # every channel of a segment has its layer's levels
     return dict(sym=dev(sym), freq=dev(freq), cdf=dev(cdf), tid=dev(tid), lut=dev(lut.contiguous()),
-                s_tok=dev(s_tok), S=S, N=N, C=C, L=L, T=T)
+                lut_seg=dev(lut_seg), s_tok=dev(s_tok), S=S, N=N, C=C, L=L, T=T, H=H, D=D, nch=nch)
 
 
 def run(args, timer, copy, info, op_names):
@@ -87,11 +98,30 @@ def run(args, timer, copy, info, op_names):
         want_dq = want_dq.to(torch.bfloat16)
         st = torch.zeros(1, dtype=torch.int32, device=device)
         for backend in args.backends:
+            pages = _Pages(c, device, want_dq)
             for op in ("ac_encode", "ac_decode", "rans_encode", "rans_decode", "rans_decode_dequant",
-                       "decode_then_dequant"):
+                       "decode_then_dequant", "rans_decode_dequant_seglut", "rans_decode_pages",
+                       "decode_then_scatter"):
                 coder = "ac" if op.startswith("ac") else "rans"
                 row = dict(op=op, format=f"{coder}:{bits[coder]:.3f}bits", backend=backend, **base)
-                reg = "rans_decode" if op == "decode_then_dequant" else op
+                reg = {"decode_then_dequant": "rans_decode", "rans_decode_dequant_seglut": "rans_decode_dequant",
+                       "decode_then_scatter": "rans_decode_dequant"}.get(op, op)
+                if op in ("rans_decode_pages", "decode_then_scatter"):
+                    why = dispatch.refusal(op if op == "rans_decode_pages" else reg, backend,
+                                           pages.layout if op == "rans_decode_pages" else c["sym"])
+                    if why:
+                        rows.append({**row, "status": f"refused: {why}"})
+                        continue
+                    fn, check = pages.case(op, backend, st, pl_r, off_r)
+                    st.zero_()
+                    fn()
+                    ok = check() and int(st.item()) == 0
+                    t = timer(fn)
+                    rows.append({**row, **t, "GBps": nbytes / t["median_us"] / 1e3, "Msym_s": nsym / t["median_us"],
+                                 "bits_per_symbol": bits[coder], "check": "ok" if ok else "MISMATCH",
+                                 "status": "ran"})
+                    print(_fmt_row(rows[-1]), flush=True)
+                    continue
                 why = dispatch.refusal(reg, backend, c["sym"])
                 if why:
                     rows.append({**row, "status": f"refused: {why}"})
@@ -107,7 +137,7 @@ def run(args, timer, copy, info, op_names):
                 print(_fmt_row(rows[-1]), flush=True)
         if device == "cpu":
             rows += _torchac_rows(c, base)
-        del c
+        del c, pages
         if device == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -138,6 +168,10 @@ def _case_fn(op, c, backend, st, pl_r, off_r, pl_a, off_a, want_dq):
         return (functools.partial(coders.rans_decode_dequant_op, pl_r, off_r, freq, tid, PB, c["lut"], c["s_tok"],
                                   None, None, y, st, backend),
                 lambda: torch.equal(y.cpu(), want_dq))
+    if op == "rans_decode_dequant_seglut":
+        return (functools.partial(coders.rans_decode_dequant_op, pl_r, off_r, freq, tid, PB, c["lut_seg"],
+                                  c["s_tok"], None, None, y, st, backend, True),
+                lambda: torch.equal(y.cpu(), want_dq))
     idx = tid.long().unsqueeze(1)
 
     def unfused():  # decode, then the map in torch (the symbol buffer round trip)
@@ -145,6 +179,49 @@ def _case_fn(op, c, backend, st, pl_r, off_r, pl_a, off_a, want_dq):
         v = c["lut"][idx, out.long()] * c["s_tok"].unsqueeze(2)
         y.copy_(v)
     return unfused, lambda: torch.equal(y.cpu(), want_dq)
+
+
+class _Pages:
+    """The decode-into-pages rows: vLLM NHD bf16 caches of the case's layers, block size 16,
+    token t of every (kind, layer) at slot perm[t]; segment s = (kind * L + layer) * nch + chunk."""
+
+    BS = 16
+
+    def __init__(self, c, device, want):
+        L, H, D, N, nch, S = c["L"], c["H"], c["D"], c["N"], c["nch"], c["S"]
+        T = nch * N
+        NB = (T + self.BS - 1) // self.BS
+        g = torch.Generator().manual_seed(1)
+        self.slots = torch.randperm(NB * self.BS, generator=g)[:T].to(device)
+        mk = lambda: [torch.zeros(2, NB, self.BS, H, D, dtype=torch.bfloat16, device=device)  # noqa: E731
+                      for _ in range(L)]
+        self.caches, self.caches2 = mk(), mk()
+        self.layout = PagedLayout.vllm_flash(self.caches, kv_dim=0)
+        self.layout2 = PagedLayout.vllm_flash(self.caches2, kv_dim=0)
+        s = torch.arange(S)
+        self.segments = torch.stack([s // nch, (s % nch) * N, torch.full_like(s, N)], 1).to(device)
+        self.flat = torch.empty(2, L, T, H, D, dtype=torch.bfloat16, device=device)
+        self.c, self.T, self.want = c, T, want
+
+    def case(self, op, backend, st, pl_r, off_r):
+        c, lay = self.c, self.layout
+        if op == "rans_decode_pages":
+            fn = functools.partial(cpaged.rans_decode_pages_op, pl_r, off_r, c["freq"], c["tid"], PB, c["N"],
+                                   c["lut_seg"], True, c["s_tok"], None, None, self.segments, lay.owners(), lay.ptrs,
+                                   lay.spec(), self.slots, None, None, st, backend)
+            return fn, lambda: self._check(self.layout)
+        y = self.flat.view(c["S"], c["N"], c["C"])
+
+        def unfused():  # the fused dense decode into a flat buffer, then the paged scatter
+            coders.rans_decode_dequant_op(pl_r, off_r, c["freq"], c["tid"], PB, c["lut_seg"], c["s_tok"], None, None,
+                                          y, st, backend, True)
+            kvkernels.scatter(self.flat, self.layout2, self.slots, validate=False, backend=backend)
+        return unfused, lambda: self._check(self.layout2)
+
+    def _check(self, layout):
+        """The caches hold the fused map's values at the slots (read back with ``gather``)."""
+        back = kvkernels.gather(layout, self.slots)
+        return torch.equal(back.view(self.c["S"], self.c["N"], self.c["C"]).cpu(), self.want)
 
 
 def _torchac_rows(c, base):
@@ -186,5 +263,6 @@ def _fmt_row(r):
             f"{r['Msym_s']:9.1f} Msym/s  {r['check']}")
 
 
-CASES = {op: run for op in ("ac_encode", "ac_decode", "rans_encode", "rans_decode", "rans_decode_dequant")}
+CASES = {op: run for op in ("ac_encode", "ac_decode", "rans_encode", "rans_decode", "rans_decode_dequant",
+                            "rans_decode_pages")}
 FAMILY = "codec"

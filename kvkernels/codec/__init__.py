@@ -5,6 +5,8 @@
 * :func:`decode` ``(data, *, dtype=None, device="cpu", layers=None, chunks=None) -> Tensor
   [2, L', T', H, D]`` (``layers``/``chunks``: ``range`` or None; only their bytes are read)
 * :func:`inspect` ``(data) -> ContainerInfo`` (header only), :func:`verify` (every checksum)
+* :func:`decode_into_pages` ``(data, layout, slot_mapping, *, layers=None, chunks=None, ...)``:
+  a container straight into an engine's paged caches (rANS: one fused kernel; docs/codec.md)
 * :class:`CodecError` (a ``ValueError``) for any malformed container.
 
 Presets (``kvkernels.codec.presets``): ``"cachegen"`` (CacheGen as released) and
@@ -13,5 +15,7 @@ rANS) and ``"ac"`` (torchac-compatible arithmetic coding). Format: docs/codec-sp
 """
 from . import presets, tables
 from .container import CodecError, ContainerInfo, decode, encode, inspect, verify
+from .paged import decode_into_pages, rans_decode_pages  # noqa: E402 (registers kvkernels::rans_decode_pages)
 
-__all__ = ["CodecError", "ContainerInfo", "decode", "encode", "inspect", "presets", "tables", "verify"]
+__all__ = ["CodecError", "ContainerInfo", "decode", "decode_into_pages", "encode", "inspect", "presets",
+           "rans_decode_pages", "tables", "verify"]

@@ -86,10 +86,11 @@ def rans_decode_dequant_op(payload: torch.Tensor, offsets: torch.Tensor, freq: t
                            table_id: torch.Tensor, prob_bits: int, lut: torch.Tensor,
                            s_tok: Optional[torch.Tensor], s_ch: Optional[torch.Tensor],
                            z_ch: Optional[torch.Tensor], out: torch.Tensor, status: torch.Tensor,
-                           backend: Optional[str]) -> None:
-    """payload -> out [S,N,C] float (C dense, S/N strides arbitrary), status i32 [1]."""
+                           backend: Optional[str], lut_per_segment: bool = False) -> None:
+    """payload -> out [S,N,C] float (C dense, S/N strides arbitrary), status i32 [1]; lut [K, bins]
+    by table_id, or [S, bins] by segment (``lut_per_segment``)."""
     _resolve("rans_decode_dequant", out, backend)(payload, offsets, freq, table_id, prob_bits, lut, s_tok, s_ch,
-                                                  z_ch, out, status)
+                                                  z_ch, out, status, lut_per_segment)
 
 
 for _op in (ac_encode_op, ac_decode_op, rans_encode_op, rans_decode_op, rans_decode_dequant_op):
@@ -153,6 +154,34 @@ def _check_N(N):
         raise ValueError(f"N: expected an int >= 1 (tokens per segment), got {N!r}")
     if N >= 2**31:
         raise ValueError(f"N: expected < 2^31 tokens, got {N}")
+
+
+def _check_rans_blocks(payload, offsets, freq, table_id, prob_bits, device=None):
+    """The rANS decoders' common inputs -> (table_id, freq, payload, offsets), checked; the
+    device is ``payload``'s unless given."""
+    dev = device if device is not None else (payload.device if isinstance(payload, torch.Tensor) else None)
+    table_id = _tensor("table_id", table_id, torch.int32, 2, dev)
+    S, C = table_id.shape
+    freq = _check_freq(freq, prob_bits, dev)
+    payload, offsets = _check_payload(payload, offsets, S * _ref.n_groups(C), dev)
+    return table_id, freq, payload, offsets
+
+
+def _check_map(lut, s_tok, s_ch, z_ch, S, N, C, freq, lut_per_segment, device):
+    """The fused decode's map arguments -> (lut, [s_tok, s_ch, z_ch]), checked (float32)."""
+    lut = _tensor("lut", lut, torch.float32, 2, device)
+    want = (S, freq.shape[1]) if lut_per_segment else tuple(freq.shape)
+    if tuple(lut.shape) != want:
+        what = "[S, bins]" if lut_per_segment else "[K, bins] (as freq)"
+        raise ValueError(f"lut: expected shape {what} = {want}, got {tuple(lut.shape)}")
+    aux = []
+    for name, t, shape in (("s_tok", s_tok, (S, N)), ("s_ch", s_ch, (S, C)), ("z_ch", z_ch, (S, C))):
+        if t is not None:
+            t = _tensor(name, t, torch.float32, 2, device)
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+        aux.append(t)
+    return lut, aux
 
 
 def _raise_on(status: torch.Tensor, what: str, status_out: Optional[torch.Tensor]) -> None:
@@ -268,11 +297,9 @@ def rans_decode(payload: torch.Tensor, offsets: torch.Tensor, freq: torch.Tensor
     :func:`ac_decode`. A block must end with every lane's state at 2^16 and every word used,
     so most corruptions are detected."""
     _check_N(N)
-    dev = payload.device if isinstance(payload, torch.Tensor) else None
-    table_id = _tensor("table_id", table_id, torch.int32, 2, dev)
+    table_id, freq, payload, offsets = _check_rans_blocks(payload, offsets, freq, table_id, prob_bits)
     S, C = table_id.shape
-    freq = _check_freq(freq, prob_bits, dev)
-    payload, offsets = _check_payload(payload, offsets, S * _ref.n_groups(C), dev)
+    dev = payload.device
     out = _out_symbols(out, S, N, C, dev)
     st = torch.zeros(1, dtype=torch.int32, device=dev)
     rans_decode_op(payload, offsets, freq, table_id, prob_bits, out, st, backend)
@@ -284,7 +311,8 @@ def rans_decode_dequant(payload: torch.Tensor, offsets: torch.Tensor, freq: torc
                         N: int, prob_bits: int, lut: torch.Tensor, s_tok: Optional[torch.Tensor] = None,
                         s_ch: Optional[torch.Tensor] = None, z_ch: Optional[torch.Tensor] = None, *,
                         out: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.bfloat16,
-                        status: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
+                        status: Optional[torch.Tensor] = None, lut_per_segment: bool = False,
+                        backend: Optional[str] = None) -> torch.Tensor:
     """rANS decode fused with dequantization (one kernel, no symbol buffer on the GPU).
 
     ``out[s, n, c] = lut[table_id[s, c], sym[s, n, c]] * s_tok[s, n] * s_ch[s, c] + z_ch[s, c]``
@@ -292,7 +320,10 @@ def rans_decode_dequant(payload: torch.Tensor, offsets: torch.Tensor, freq: torc
 
     Args:
         payload, offsets, freq, table_id, N, prob_bits: as for :func:`rans_decode`.
-        lut: float32 ``[K, bins]`` (same K and bins as ``freq``): the level of each symbol.
+        lut: float32 ``[K, bins]`` (same K and bins as ``freq``): the level of each symbol; with
+            ``lut_per_segment``, ``[S, bins]``: one level row per segment, used by all its channels
+            (what a preset stores: levels per (layer, kind)); the GPU kernel then keeps no level
+            rows in shared memory (the plain decode's occupancy).
         s_tok: optional float32 ``[S, N]`` (default 1); s_ch, z_ch: optional float32 ``[S, C]``
             (defaults 1 and 0).
         out: optional ``[S, N, C]`` bf16/fp16/fp32 with ``out.stride(-1) == 1`` (other strides
@@ -301,21 +332,10 @@ def rans_decode_dequant(payload: torch.Tensor, offsets: torch.Tensor, freq: torc
         status: as in :func:`ac_decode`. Blocks that fail to decode are written as zeros.
     """
     _check_N(N)
-    dev = payload.device if isinstance(payload, torch.Tensor) else None
-    table_id = _tensor("table_id", table_id, torch.int32, 2, dev)
+    table_id, freq, payload, offsets = _check_rans_blocks(payload, offsets, freq, table_id, prob_bits)
     S, C = table_id.shape
-    freq = _check_freq(freq, prob_bits, dev)
-    payload, offsets = _check_payload(payload, offsets, S * _ref.n_groups(C), dev)
-    lut = _tensor("lut", lut, torch.float32, 2, dev)
-    if tuple(lut.shape) != tuple(freq.shape):
-        raise ValueError(f"lut: expected shape {tuple(freq.shape)} (as freq), got {tuple(lut.shape)}")
-    aux = []
-    for name, t, shape in (("s_tok", s_tok, (S, N)), ("s_ch", s_ch, (S, C)), ("z_ch", z_ch, (S, C))):
-        if t is not None:
-            t = _tensor(name, t, torch.float32, 2, dev)
-            if tuple(t.shape) != shape:
-                raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
-        aux.append(t)
+    dev = payload.device
+    lut, aux = _check_map(lut, s_tok, s_ch, z_ch, S, N, C, freq, lut_per_segment, dev)
     if out is None:
         if dtype not in OUT_DTYPES:
             raise TypeError(f"dtype: expected one of {[str(d) for d in OUT_DTYPES]}, got {dtype}")
@@ -330,7 +350,8 @@ def rans_decode_dequant(payload: torch.Tensor, offsets: torch.Tensor, freq: torc
         if out.stride(-1) != 1:
             raise ValueError(f"out: the channel dim must be dense (stride 1), got strides {out.stride()}")
     st = torch.zeros(1, dtype=torch.int32, device=dev)
-    rans_decode_dequant_op(payload, offsets, freq, table_id, prob_bits, lut, *aux, out, st, backend)
+    rans_decode_dequant_op(payload, offsets, freq, table_id, prob_bits, lut, *aux, out, st, backend,
+                           bool(lut_per_segment))
     _raise_on(st, "rans_decode_dequant", status)
     return out
 

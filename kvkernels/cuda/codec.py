@@ -28,7 +28,7 @@ def available() -> Optional[str]:
     from . import quant
 
     why = quant.available()
-    if why is None and not hasattr(_ext(), "codec_rans_decode"):
+    if why is None and not hasattr(_ext(), "codec_rans_decode_dequant"):
         return "kvkernels._C was built without the codec kernels (rebuild it)"
     return why
 
@@ -36,7 +36,7 @@ def available() -> Optional[str]:
 def supports(t: torch.Tensor, *args) -> Optional[str]:
     if t.device.type != "cuda":
         return f"the CUDA coders need CUDA tensors (got one on {t.device})"
-    if not hasattr(_ext(), "codec_rans_decode"):
+    if not hasattr(_ext(), "codec_rans_decode_dequant"):
         return "kvkernels._C was built without the codec kernels (rebuild it)"
     return None
 
@@ -108,10 +108,25 @@ def rans_decode_into(payload, offsets, freq, table_id, prob_bits, out, status) -
                              _p(status), *_dev(out))
 
 
+def _check_dequant_op(offsets, freq, table_id, lut, s_tok, s_ch, z_ch, out, lut_per_segment) -> None:
+    """Extents the fused kernel indexes by (a direct op call brings its own buffers)."""
+    S, N, C = out.shape
+    K, bins = freq.shape
+    for name, t, shape in (("offsets", offsets, (S * _ref.n_groups(C) + 1,)), ("table_id", table_id, (S, C)),
+                           ("lut", lut, (S if lut_per_segment else K, bins)), ("s_tok", s_tok, (S, N)),
+                           ("s_ch", s_ch, (S, C)), ("z_ch", z_ch, (S, C))):
+        if t is not None and (tuple(t.shape) != shape or not t.is_contiguous()):
+            raise ValueError(f"{name}: expected a contiguous tensor of shape {shape}, got {tuple(t.shape)}")
+    if out.dtype not in _DTYPE_CODE or (out.stride(-1) != 1 and C > 1):
+        raise ValueError(f"out: expected fp32/fp16/bf16 with a dense last dim, got {out.dtype} {out.stride()}")
+
+
 def rans_decode_dequant_into(payload, offsets, freq, table_id, prob_bits, lut, s_tok, s_ch, z_ch, out,
-                             status) -> None:
+                             status, lut_per_segment=False) -> None:
+    _check_dequant_op(offsets, freq, table_id, lut, s_tok, s_ch, z_ch, out, lut_per_segment)
     S, N, C = out.shape
     cum, ok = _prep(freq, prob_bits)
-    _ext().codec_rans_decode(_p(payload), payload.numel(), _p(offsets), _p(cum), _p(ok), freq.shape[0],
-                             freq.shape[1], _p(table_id), prob_bits, S, N, C, _p(out), _p(lut), _p(s_tok), _p(s_ch),
-                             _p(z_ch), _DTYPE_CODE[out.dtype], out.stride(0), out.stride(1), _p(status), *_dev(out))
+    _ext().codec_rans_decode_dequant(_p(payload), payload.numel(), _p(offsets), _p(cum), _p(ok), freq.shape[0],
+                                     freq.shape[1], _p(table_id), prob_bits, S, N, C, _p(out), _p(lut),
+                                     bool(lut_per_segment), _p(s_tok), _p(s_ch), _p(z_ch), _DTYPE_CODE[out.dtype],
+                                     out.stride(0), out.stride(1), _p(status), *_dev(out))

@@ -364,14 +364,52 @@ def dequant_spec(sym: torch.Tensor, table_id: torch.Tensor, lut: torch.Tensor, s
     (multiplications left to right, then the add; each rounded to float32, no FMA)."""
     S, N, C = sym.shape
     idx = table_id.long().unsqueeze(1).expand(S, N, C)
-    v = lut.float()[idx, sym.long()]
+    return _apply_map(lut.float()[idx, sym.long()], s_tok, s_ch, z_ch)
+
+
+def _apply_map(v: torch.Tensor, s_tok, s_ch, z_ch) -> torch.Tensor:
+    """The map's factors on levels ``v [S, N, C]`` (float32, in order; absent factors skipped)."""
+    S, N, C = v.shape
     if s_tok is not None:
-        v = v * s_tok.float().reshape(S, N, 1)
+        v = v * s_tok.float()[:, :N].reshape(S, N, 1)
     if s_ch is not None:
         v = v * s_ch.float().reshape(S, 1, C)
     if z_ch is not None:
         v = v + z_ch.float().reshape(S, 1, C)
     return v
+
+
+def failed_blocks(payload, offsets, freq, table_id, prob_bits: int, N: int) -> Tuple[torch.Tensor, int]:
+    """(bool ``[S, G]``: which rANS blocks fail to decode on their own, the OR of their status
+    bits): offsets outside the payload, a bad table, a corrupt stream. The decoders write those
+    blocks as zeros. Error path only (decodes block by block)."""
+    S, C = table_id.shape
+    G = n_groups(C)
+    off = _np(offsets).astype(np.int64)
+    B = payload.numel()
+    bad = torch.zeros(S, G, dtype=torch.bool)
+    code = 0
+    for s in range(S):
+        for g in range(G):
+            b = s * G + g
+            if off.size != S * G + 1 or not _block_ok(off, b, B):
+                bad[s, g] = True
+                code |= ERR_OFFSETS
+                continue
+            lo, hi = int(off[b]), int(off[b + 1])
+            c0, c1 = g * LANES, min(C, (g + 1) * LANES)
+            ks = table_id[s:s + 1, c0:c1].contiguous()
+            if N == 0:
+                st = _empty_block_status(_np(payload[lo:hi]).tobytes(), freq, ks[0], prob_bits)
+            else:
+                st_t = torch.zeros(1, dtype=torch.int32)
+                one = torch.empty((1, N, c1 - c0), dtype=torch.uint8)
+                part = payload[lo:hi].contiguous() if hi > lo else torch.zeros(1, dtype=torch.uint8)
+                rans_decode_into(part, torch.tensor([0, hi - lo]), freq, ks, prob_bits, one, st_t)
+                st = int(st_t.item())
+            bad[s, g] = st != 0
+            code |= st
+    return bad, code
 
 
 # ---- dispatch backend (torch): caller buffers + status ---------------------------------------
@@ -416,6 +454,24 @@ def _store(dst: torch.Tensor, src: torch.Tensor) -> None:
     dst.copy_(src.to(dst.device))
 
 
+def _spec_encode_into(encode, table_word: str, out, offsets, status) -> None:
+    """Run a pure-Python encoder ``encode() -> (payload, offsets)`` into caller buffers: its
+    ValueError becomes the status bit its message names (table_id, the table, else a symbol)."""
+    try:
+        payload, off = encode()
+    except ValueError as e:
+        status.fill_(ERR_TABLE_ID if "table_id" in str(e) else ERR_TABLE if table_word in str(e) else ERR_SYMBOL)
+        offsets.zero_()
+        return
+    if payload.numel() > out.numel():
+        status.fill_(ERR_CAPACITY)
+        offsets.zero_()
+        return
+    out[:payload.numel()].copy_(payload)
+    _store(offsets, off)
+    status.fill_(0)
+
+
 def _cpu_args(fn):
     """Run ``fn`` on CPU copies when any tensor argument lives elsewhere (backend='torch' on
     CUDA tensors), copying the mutated ones (the trailing outputs) back."""
@@ -444,19 +500,7 @@ def ac_encode_into(symbols, cdf, table_id, out, offsets, status) -> None:
                            _ptr(out), out.numel(), _ptr(offsets))
         status.fill_(st)
         return
-    try:
-        payload, off = ac_encode_spec(symbols, cdf, table_id)
-    except ValueError as e:
-        status.fill_(ERR_TABLE_ID if "table_id" in str(e) else ERR_TABLE if "cdf" in str(e) else ERR_SYMBOL)
-        offsets.zero_()
-        return
-    if payload.numel() > out.numel():
-        status.fill_(ERR_CAPACITY)
-        offsets.zero_()
-        return
-    out[:payload.numel()].copy_(payload)
-    _store(offsets, off)
-    status.fill_(0)
+    _spec_encode_into(lambda: ac_encode_spec(symbols, cdf, table_id), "cdf", out, offsets, status)
 
 
 @_cpu_args
@@ -483,19 +527,7 @@ def rans_encode_into(symbols, freq, table_id, prob_bits, out, offsets, status) -
                              prob_bits, _ptr(out), out.numel(), _ptr(offsets))
         status.fill_(st)
         return
-    try:
-        payload, off = rans_encode_spec(symbols, freq, table_id, prob_bits)
-    except ValueError as e:
-        status.fill_(ERR_TABLE_ID if "table_id" in str(e) else ERR_TABLE if "freq" in str(e) else ERR_SYMBOL)
-        offsets.zero_()
-        return
-    if payload.numel() > out.numel():
-        status.fill_(ERR_CAPACITY)
-        offsets.zero_()
-        return
-    out[:payload.numel()].copy_(payload)
-    _store(offsets, off)
-    status.fill_(0)
+    _spec_encode_into(lambda: rans_encode_spec(symbols, freq, table_id, prob_bits), "freq", out, offsets, status)
 
 
 @_cpu_args
@@ -514,11 +546,24 @@ def rans_decode_into(payload, offsets, freq, table_id, prob_bits, out, status) -
 
 @_cpu_args
 def rans_decode_dequant_into(payload, offsets, freq, table_id, prob_bits, lut, s_tok, s_ch, z_ch, out,
-                             status) -> None:
+                             status, lut_per_segment=False) -> None:
     """out [S, N, C] bf16/fp16/fp32 with out.stride(-1) == 1 (other strides arbitrary), written.
-    Blocks that fail to decode are written as zeros."""
+    Blocks that fail to decode are written as zeros. ``lut_per_segment``: ``lut`` is ``[S, bins]``
+    (row s for every channel of segment s) instead of ``[K, bins]`` by ``table_id``."""
     S, N, C = out.shape
     ext = _cpu_ext()
+    if lut_per_segment or ext is None:  # symbols (the CPU coder when built), then the map
+        sym = torch.empty((S, N, C), dtype=torch.uint8)
+        rans_decode_into(payload, offsets, freq, table_id, prob_bits, sym, status)
+        if lut_per_segment:
+            v = _apply_map(lut.float()[torch.arange(S).view(S, 1, 1), sym.long()], s_tok, s_ch, z_ch)
+        else:
+            v = dequant_spec(sym, table_id.long().clamp(0, lut.shape[0] - 1), lut, s_tok, s_ch, z_ch)
+        if int(status.item()):  # failed blocks are zeros (as the CPU coder and the GPU kernel)
+            bad, _ = failed_blocks(payload, offsets, freq, table_id, prob_bits, N)
+            v = torch.where(bad.repeat_interleave(LANES, 1)[:, :C].unsqueeze(1), torch.zeros(()), v)
+        out.copy_(v.to(out.dtype))
+        return
     if ext is not None:
         st = ext.rans_decode_dequant(_ptr(payload), payload.numel(), _ptr(offsets), offsets.numel(), _ptr(freq),
                                      freq.shape[0], freq.shape[1], _ptr(table_id), prob_bits, S, N, C, _ptr(lut),
@@ -526,10 +571,129 @@ def rans_decode_dequant_into(payload, offsets, freq, table_id, prob_bits, lut, s
                                      out.stride(0), out.stride(1))
         status.fill_(st)
         return
-    sym = torch.empty((S, N, C), dtype=torch.uint8)
-    rans_decode_into(payload, offsets, freq, table_id, prob_bits, sym, status)
-    tid = table_id.long().clamp(0, lut.shape[0] - 1)
-    v = dequant_spec(sym, tid, lut, s_tok, s_ch, z_ch)
-    if int(status.item()):
-        v.zero_()
-    out.copy_(v.to(out.dtype))
+
+
+# ---- decode into paged caches (docs/codec.md "Decode into pages") --------------------------
+ERR_SEGMENT = 128    # decode into pages: a segment descriptor outside the caches / slot_mapping
+ERR_NAMES[ERR_SEGMENT] = "a segment descriptor is outside the caches or slot_mapping"
+
+
+def _block_ok(off: np.ndarray, b: int, B: int) -> bool:
+    lo, hi = int(off[b]), int(off[b + 1])
+    return 0 <= lo <= hi <= B and (b != 0 or lo == 0)
+
+
+def _decode_group(data: bytes, off: np.ndarray, freq, tid: torch.Tensor, prob_bits: int, ns: int,
+                  segs) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """Symbols ``[len(segs), ns, C]`` of segments ``segs`` (all of ``ns`` tokens), per-block
+    failure flags ``[len(segs), G]`` and the status bits (failed blocks: zero symbols)."""
+    C = tid.shape[1]
+    G = n_groups(C)
+    n = len(segs)
+    blocks = [s * G + g for s in segs for g in range(G)]
+    good = torch.tensor([_block_ok(off, b, len(data)) for b in blocks], dtype=torch.bool).reshape(n, G)
+    parts = [data[off[b]:off[b + 1]] if ok else b"" for b, ok in zip(blocks, good.flatten().tolist())]
+    sub_off = torch.tensor([0] + [len(p) for p in parts], dtype=torch.int64).cumsum(0)
+    sub_pay = torch.frombuffer(bytearray(b"".join(parts)) or bytearray(1), dtype=torch.uint8)
+    sub_tid = tid[list(segs)].contiguous()
+    sym = torch.zeros((n, ns, C), dtype=torch.uint8)
+    code = 0
+    if ns > 0:
+        st = torch.zeros(1, dtype=torch.int32)
+        rans_decode_into(sub_pay, sub_off, freq, sub_tid, prob_bits, sym, st)
+        code = int(st.item())
+    bad = torch.zeros(n, G, dtype=torch.bool)
+    if code or ns == 0 or not bool(good.all()):  # find the failing blocks (the error path)
+        bad, code = failed_blocks(sub_pay, sub_off, freq, sub_tid, prob_bits, ns)
+        bad |= ~good
+        code |= 0 if bool(good.all()) else ERR_OFFSETS
+        sym = torch.where(bad.repeat_interleave(LANES, 1)[:, :C].unsqueeze(1), torch.zeros((), dtype=sym.dtype), sym)
+    return sym, bad, code
+
+
+def _empty_block_status(part: bytes, freq: torch.Tensor, ks: torch.Tensor, prob_bits: int) -> int:
+    """Status of a block of 0 tokens: its tables usable, exactly n_act states of 2^16."""
+    K = freq.shape[0]
+    kk = ks.long()
+    if bool(((kk < 0) | (kk >= K)).any()):
+        return ERR_TABLE_ID
+    if not all(_freq_ok(freq[int(k)].numpy(), prob_bits) for k in kk):
+        return ERR_TABLE
+    na = ks.numel()
+    if len(part) < 4 * na or (len(part) - 4 * na) % 2:
+        return ERR_TRUNCATED
+    x = np.frombuffer(part[:4 * na], dtype="<u4")
+    if np.any(x < RANS_L):
+        return ERR_TRUNCATED
+    return ERR_TRAILING if (len(part) != 4 * na or np.any(x != RANS_L)) else 0
+
+
+def rans_decode_pages_into(payload, offsets, freq, table_id, prob_bits, N, lut, lut_per_segment, s_tok, s_ch, z_ch,
+                           segments, layout, slots, cache_scale, status) -> None:
+    """The spec of the fused decode into paged caches: decode (the reference coder), dequantize
+    (the float32 map), then write as ``reference.paged.scatter``.
+
+    Segment ``s`` = ``segments[s] = (r, t0, ns)`` (int64): its ``ns <= N`` tokens go to cache ``r``
+    (``kv = r // L``, layer ``r % L`` of ``layout``), token ``n`` to slot ``slots[t0 + n]``
+    (``t0 + ns <= len(slots)``); slots < 0 or >= NB * BS are skipped. Values: ``lut[row, sym] *
+    s_tok[s, n] * s_ch[s, c] + z_ch[s, c]`` with ``row = table_id[s, c]`` (``lut [K, bins]``) or
+    ``s`` (``lut_per_segment``, ``lut [S, bins]``); fp8 caches get ``e4m3(clamp(v / scale))``
+    with the (layer, head) scale of ``cache_scale``, others ``v`` rounded to the cache dtype.
+    A malformed descriptor writes nothing (``ERR_SEGMENT``); a block that fails to decode writes
+    zeros at its addressed slots. ``status`` int32 ``[1]`` gets the OR of the bits."""
+    from . import paged as pref
+
+    dev = layout.device
+    S, C = table_id.shape
+    G = n_groups(C)
+    L, H, D, x = layout.num_layers, layout.num_heads, layout.head_dim, layout.x
+    seg = segments.detach().cpu().to(torch.int64)
+    sl = slots.detach().cpu().to(torch.int64)
+    T = sl.numel()
+    data = _np(payload).tobytes()
+    off = _np(offsets).astype(np.int64)
+    fr, tid = freq.detach().cpu().contiguous(), table_id.detach().cpu().contiguous()
+    lut_c = lut.detach().cpu().float()
+    aux = [None if t is None else t.detach().cpu().float() for t in (s_tok, s_ch, z_ch)]
+    code = 0
+    if off.size != S * G + 1:
+        code |= ERR_OFFSETS
+        off = np.zeros(S * G + 1, dtype=np.int64)
+    groups = {}
+    for s in range(S):
+        r, t0, ns = (int(v) for v in seg[s])
+        if not (0 <= r < layout.num_kv * L and 0 <= ns <= N and 0 <= t0 <= T - ns):
+            code |= ERR_SEGMENT
+            continue
+        groups.setdefault(ns, []).append(s)
+    views = layout.views()
+    for ns, segs in groups.items():
+        sym, bad, st = _decode_group(data, off, fr, tid, prob_bits, ns, segs)
+        code |= st
+        if ns == 0:
+            continue
+        idx = torch.tensor(segs, dtype=torch.long)
+        if lut_per_segment:
+            v = lut_c[idx.view(-1, 1, 1), sym.long()]
+        else:
+            v = lut_c[tid[idx].long().clamp(0, lut_c.shape[0] - 1).unsqueeze(1), sym.long()]
+        if aux[0] is not None:
+            v = v * aux[0][idx, :ns].unsqueeze(2)
+        if aux[1] is not None:
+            v = v * aux[1][idx].unsqueeze(1)
+        if aux[2] is not None:
+            v = v + aux[2][idx].unsqueeze(1)
+        badc = bad.repeat_interleave(LANES, dim=1)[:, :C]  # [n, C]
+        v = torch.where(badc.unsqueeze(1), torch.zeros((), dtype=v.dtype), v)
+        for i, s in enumerate(segs):
+            r, t0, _ = (int(q) for q in seg[s])
+            ss = sl[t0:t0 + ns]
+            keep = torch.nonzero((ss >= 0) & (ss < layout.num_slots)).flatten()
+            if keep.numel() == 0:
+                continue
+            blk, o = ss[keep] // layout.block_size, ss[keep] % layout.block_size
+            vals = v[i, keep].reshape(-1, H, D)
+            kv, l = divmod(r, L)
+            y = pref.fp8_encode(vals, cache_scale[kv][l].cpu()) if layout.fp8 else vals.to(layout.dtype)
+            views[r][blk.to(dev), o.to(dev)] = y.reshape(-1, H, D // x, x).to(dev)
+    status.fill_(code)
