@@ -3,9 +3,15 @@
 // CUDA needed) into kvkernels._codec_cpu; see csrc/codec_cpu.h for the conventions.
 #include "codec_cpu.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 #include <vector>
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define KVK_CPU_X86 1
+#endif
 
 #include "codec_ac.cuh"
 #include "codec_rans.cuh"
@@ -129,6 +135,354 @@ struct DqSink {
   }
 };
 
+
+// ---- rANS block decode, x86-64 AVX-512 (runtime dispatch; the generic loop is the spec) --------
+// One full 32-lane block: the 32 states live in two 16 x u32 registers; the symbol of every lane is
+// found at once by comparing the 32 slots (u16) against the block's transposed cumulative table
+// cumT[b][j] = cum_j[b] for b = 1..nb-1 (nb = the block's last used bin + 1, <= 32, padded with
+// 0xFFFF to a multiple of 8) and counting the bins passed -- the same symbol as rans_find for a
+// valid row (cum non-decreasing); (cum[s], freq[s]) then come from one gather per 16 lanes of the
+// block's packed table. The lanes that renormalise read consecutive words in lane order (the
+// encoder's order): a 16-word load, zero-extended to u32, expanded into the lanes that need one
+// (vpexpandd), the position advanced by the popcount. Two blocks are decoded in lockstep (their
+// dependency chains overlap). A row runs on the fast path while 32 words remain in its block, then
+// on the block's last words copied into a zero-padded buffer while the position stays within the
+// block (beyond: the block is truncated); the end-of-block checks are those of rans_decode_block,
+// so symbols and status are byte for byte the generic decoder's.
+constexpr int FAST_MAX_BINS = 32;
+#ifndef KVK_RANS_ASM
+#define KVK_RANS_ASM 1
+#endif
+#ifndef KVK_RANS_GATHER
+#define KVK_RANS_GATHER 0  // 1: (cum[s], freq[s]) by vpgatherdd instead of masked sums (measured slower)
+#endif
+
+struct BlockT {
+  alignas(64) uint16_t cum[FAST_MAX_BINS][LANES];  // [b][j] = cum_j[b]; padding rows 0xFFFF
+  alignas(64) uint32_t cf[LANES * FAST_MAX_BINS];  // [j * 32 + s] = cum_j[s] | freq_j[s] << 16
+  alignas(64) uint16_t dc[FAST_MAX_BINS][LANES];   // [b][j] = cum_j[b] - cum_j[b-1] (b >= 1)
+  alignas(64) uint16_t df[FAST_MAX_BINS][LANES];   // [b][j] = freq_j[b] - freq_j[b-1] mod 2^16; [0] = freq_j[0]
+  int nbp;                                         // bins compared, padded: 8, 16, 24 or 32
+};
+
+// Transposed tables of a block (rows valid); false if a lane uses a bin >= FAST_MAX_BINS.
+bool block_transpose(const uint16_t* const* rows, int bins, BlockT* t) {
+  int nb = 1;
+  for (int j = 0; j < LANES; ++j) {
+    int last = bins - 1;
+    while (last > 0 && rows[j][last + 1] == rows[j][last]) --last;
+    if (last + 1 > nb) nb = last + 1;
+  }
+  if (nb > FAST_MAX_BINS) return false;
+  const int nbp = (nb + 7) & ~7;
+  for (int b = 0; b < nbp; ++b)
+    for (int j = 0; j < LANES; ++j) {
+      const bool used = b < nb;
+      t->cum[b][j] = used ? rows[j][b] : 0xFFFF;
+#if KVK_RANS_GATHER
+      t->cf[j * FAST_MAX_BINS + b] = used ? (uint32_t)rows[j][b] | ((uint32_t)(rows[j][b + 1] - rows[j][b]) << 16) : 0;
+#endif
+      const uint16_t f = used ? (uint16_t)(rows[j][b + 1] - rows[j][b]) : 0;
+      const uint16_t fp = b == 0 ? 0 : (uint16_t)(rows[j][b] - rows[j][b - 1]);
+      t->dc[b][j] = used && b > 0 ? (uint16_t)(rows[j][b] - rows[j][b - 1]) : 0;
+      t->df[b][j] = used ? (uint16_t)(f - fp) : 0;
+    }
+  t->nbp = nbp;
+  return true;
+}
+
+// The generic decode loop from token n0 with states x[] and word position p (rans_decode_block's
+// loop and epilogue, unchanged).
+template <class Sink>
+int32_t rans_decode_rows(const uint8_t* w, int64_t nw, int64_t n0, int64_t N, uint32_t* x, int64_t p,
+                         const RansCumLookup& lookup, int pb, Sink& sink) {
+  bool bad = false;
+  const uint32_t mask = (1u << pb) - 1;
+  for (int64_t n = n0; n < N; ++n) {
+    for (int j = 0; j < LANES; ++j) {
+      const uint32_t xj = x[j], slot = xj & mask;
+      int s;
+      uint32_t c;
+      const uint32_t f = lookup(j, slot, &s, &c);
+      uint32_t v = f * (xj >> pb) + slot - c;
+      sink(n, j, s);
+      const bool need = v < RANS_L;
+      uint32_t word = 0;
+      if (p < nw) word = load_u16le(w + 2 * p);
+      bad |= need && p >= nw;
+      v = need ? (v << 16) | word : v;
+      p += need;
+      x[j] = v;
+    }
+  }
+  if (bad) return ERR_TRUNCATED;
+  if (p != nw) return ERR_TRAILING;
+  for (int j = 0; j < LANES; ++j)
+    if (x[j] != RANS_L) return ERR_TRAILING;
+  return 0;
+}
+
+struct RowSink {  // symbols of token n, lane j -> out[n * stride + j]
+  uint8_t* out;
+  int64_t stride;
+  void operator()(int64_t n, int j, int s) const { out[n * stride + j] = (uint8_t)s; }
+};
+
+// One full block on the fast path: its words, states, position and output.
+struct FastBlock {
+  const uint8_t* w;  // the block's words
+  int64_t nw;        // their count
+  int64_t p = 0;     // next word
+  int64_t n = 0;     // next token
+  uint32_t x[LANES];
+  uint8_t* out;  // symbol (n, j) at out[n * stride + j]
+  int64_t stride;
+  const BlockT* t;
+  const uint16_t* const* rows;  // for the generic rows
+  int32_t status = 0;
+};
+
+#if KVK_CPU_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,popcnt")
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12: _mm512_undefined_* in the intrinsics
+#define KVK_AI static inline __attribute__((always_inline))
+
+struct Row512 {  // one block's state in registers
+  __m512i x0, x1, lane0, lane1;
+  const uint8_t* w;
+  int64_t p;
+  const BlockT* t;
+  uint8_t* out;
+  int64_t stride;
+};
+
+// One token of one block (tables padded to NBP bins).
+template <int NBP>
+KVK_AI void row_step(Row512& r, int64_t n, __m512i m, __m512i L, __m128i cnt) {
+  const __m512i sl0 = _mm512_and_si512(r.x0, m), sl1 = _mm512_and_si512(r.x1, m);
+  const __m512i slot = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(sl0)),
+                                          _mm512_cvtepi32_epi16(sl1), 1);
+  const __m256i one8 = _mm256_set1_epi8(1);
+  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;  // four chains of bin counts
+#if !KVK_RANS_GATHER
+  // (cum[s], freq[s]) as sums of the deltas of the bins passed (the passed bins are a prefix)
+  __m512i ca = _mm512_setzero_si512(), cb = ca, fa = _mm512_load_si512(r.t->df[0]), fb = ca;
+#if KVK_RANS_SPLIT
+#pragma GCC unroll 32
+  for (int b = 1; b < NBP; b += 2) {
+    const __mmask32 k = _mm512_cmple_epu16_mask(_mm512_load_si512(r.t->cum[b]), slot);
+    a0 = _mm256_mask_add_epi8(a0, k, a0, one8);
+    ca = _mm512_mask_add_epi16(ca, k, ca, _mm512_load_si512(r.t->dc[b]));
+    fa = _mm512_mask_add_epi16(fa, k, fa, _mm512_load_si512(r.t->df[b]));
+    if (b + 1 < NBP) {
+      const __mmask32 k2 = _mm512_cmple_epu16_mask(_mm512_load_si512(r.t->cum[b + 1]), slot);
+      a1 = _mm256_mask_add_epi8(a1, k2, a1, one8);
+      cb = _mm512_mask_add_epi16(cb, k2, cb, _mm512_load_si512(r.t->dc[b + 1]));
+      fb = _mm512_mask_add_epi16(fb, k2, fb, _mm512_load_si512(r.t->df[b + 1]));
+    }
+  }
+#elif KVK_RANS_ASM
+  // (inline asm: GCC 12 copies the merge-masked accumulators around; one instruction each here)
+#pragma GCC unroll 32
+  for (int b = 1; b < NBP; ++b) {
+    __mmask32 k;
+    __m512i tmp;
+    // k = cum[b] <= slot; s += k; c = k ? cum[b] : c (the passed bins are a prefix: c = cum[s]);
+    // f += k ? df[b] : 0 (f = freq[s]). Two loads a bin (cum, df): L1 load bandwidth is the limit.
+    asm("vmovdqa64 %[cum], %[t]\n\t"
+        "vpcmpnltuw %[t], %[slot], %[k]\n\t"
+        "vpaddb %[one], %[s], %[s]%{%[k]%}\n\t"
+        "vmovdqu16 %[t], %[c]%{%[k]%}\n\t"
+        "vpaddw %[df], %[f], %[f]%{%[k]%}"
+        : [k] "=&Yk"(k), [t] "=&v"(tmp), [s] "+v"(a0), [c] "+v"(ca), [f] "+v"(fa)
+        : [cum] "m"(*(const __m512i*)r.t->cum[b]), [slot] "v"(slot), [one] "v"(one8),
+          [df] "m"(*(const __m512i*)r.t->df[b]));
+  }
+#else
+#pragma GCC unroll 32
+  for (int b = 1; b < NBP; ++b) {
+    const __mmask32 k = _mm512_cmple_epu16_mask(_mm512_load_si512(r.t->cum[b]), slot);
+    a0 = _mm256_mask_add_epi8(a0, k, a0, one8);
+    ca = _mm512_mask_add_epi16(ca, k, ca, _mm512_load_si512(r.t->dc[b]));
+    fa = _mm512_mask_add_epi16(fa, k, fa, _mm512_load_si512(r.t->df[b]));
+  }
+#endif
+  ca = _mm512_add_epi16(ca, cb);
+  fa = _mm512_add_epi16(fa, fb);
+#else
+#pragma GCC unroll 32
+  for (int b = 1; b < NBP; b += 4) {
+    a0 = _mm256_mask_add_epi8(a0, _mm512_cmple_epu16_mask(_mm512_load_si512(r.t->cum[b]), slot), a0, one8);
+    if (b + 1 < NBP)
+      a1 = _mm256_mask_add_epi8(a1, _mm512_cmple_epu16_mask(_mm512_load_si512(r.t->cum[b + 1]), slot), a1, one8);
+    if (b + 2 < NBP)
+      a2 = _mm256_mask_add_epi8(a2, _mm512_cmple_epu16_mask(_mm512_load_si512(r.t->cum[b + 2]), slot), a2, one8);
+    if (b + 3 < NBP)
+      a3 = _mm256_mask_add_epi8(a3, _mm512_cmple_epu16_mask(_mm512_load_si512(r.t->cum[b + 3]), slot), a3, one8);
+  }
+#endif
+  const __m256i s8 = _mm256_add_epi8(_mm256_add_epi8(a0, a1), _mm256_add_epi8(a2, a3));
+  _mm256_storeu_si256((__m256i*)(r.out + n * r.stride), s8);
+#if KVK_RANS_GATHER
+  const __m512i i0 = _mm512_add_epi32(r.lane0, _mm512_cvtepu8_epi32(_mm256_castsi256_si128(s8)));
+  const __m512i i1 = _mm512_add_epi32(r.lane1, _mm512_cvtepu8_epi32(_mm256_extracti128_si256(s8, 1)));
+  const __m512i cf0 = _mm512_i32gather_epi32(i0, r.t->cf, 4), cf1 = _mm512_i32gather_epi32(i1, r.t->cf, 4);
+  const __m512i lo16 = _mm512_set1_epi32(0xFFFF);
+  __m512i v0 = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_srli_epi32(cf0, 16), _mm512_srl_epi32(r.x0, cnt)),
+                                _mm512_sub_epi32(sl0, _mm512_and_si512(cf0, lo16)));
+  __m512i v1 = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_srli_epi32(cf1, 16), _mm512_srl_epi32(r.x1, cnt)),
+                                _mm512_sub_epi32(sl1, _mm512_and_si512(cf1, lo16)));
+#else
+  __m512i v0 = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(fa)), _mm512_srl_epi32(r.x0, cnt)),
+                                _mm512_sub_epi32(sl0, _mm512_cvtepu16_epi32(_mm512_castsi512_si256(ca))));
+  __m512i v1 = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(fa, 1)), _mm512_srl_epi32(r.x1, cnt)),
+                                _mm512_sub_epi32(sl1, _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(ca, 1))));
+#endif
+  const __mmask16 k0 = _mm512_cmplt_epu32_mask(v0, L), k1 = _mm512_cmplt_epu32_mask(v1, L);
+  const int64_t p1 = r.p + __builtin_popcount((unsigned)k0);
+  const __m512i w0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(r.w + 2 * r.p)));
+  const __m512i w1 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(r.w + 2 * p1)));
+  r.x0 = _mm512_mask_or_epi32(v0, k0, _mm512_slli_epi32(v0, 16), _mm512_maskz_expand_epi32(k0, w0));
+  r.x1 = _mm512_mask_or_epi32(v1, k1, _mm512_slli_epi32(v1, 16), _mm512_maskz_expand_epi32(k1, w1));
+  r.p = p1 + __builtin_popcount((unsigned)k1);
+}
+
+KVK_AI Row512 row_load(const FastBlock& b, const uint8_t* w, int64_t p) {
+  Row512 r;
+  r.x0 = _mm512_loadu_si512(b.x);
+  r.x1 = _mm512_loadu_si512(b.x + 16);
+  r.lane0 = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                               _mm512_set1_epi32(FAST_MAX_BINS));
+  r.lane1 = _mm512_add_epi32(r.lane0, _mm512_set1_epi32(16 * FAST_MAX_BINS));
+  r.w = w;
+  r.p = p;
+  r.t = b.t;
+  r.out = b.out;
+  r.stride = b.stride;
+  return r;
+}
+
+KVK_AI void row_store(const Row512& r, FastBlock& b) {
+  _mm512_storeu_si512(b.x, r.x0);
+  _mm512_storeu_si512(b.x + 16, r.x1);
+}
+
+// Rows of one block while p + 32 <= limit (reads inside w[0, limit)) and p <= nw.
+template <int NBP>
+void rows1(FastBlock& b, const uint8_t* w, int64_t p, int64_t nw, int64_t limit, int64_t N, int pb, int64_t* p_out) {
+  const __m512i m = _mm512_set1_epi32((int)((1u << pb) - 1)), L = _mm512_set1_epi32((int)RANS_L);
+  const __m128i cnt = _mm_cvtsi32_si128(pb);
+  Row512 r = row_load(b, w, p);
+  int64_t n = b.n;
+  for (; n < N && r.p + 32 <= limit && r.p <= nw; ++n) row_step<NBP>(r, n, m, L, cnt);
+  row_store(r, b);
+  b.n = n;
+  *p_out = r.p;
+}
+
+// Rows of two blocks in lockstep while both have 32 words left.
+template <int NBP>
+void rows2(FastBlock& a, FastBlock& b, int64_t N, int pb) {
+  const __m512i m = _mm512_set1_epi32((int)((1u << pb) - 1)), L = _mm512_set1_epi32((int)RANS_L);
+  const __m128i cnt = _mm_cvtsi32_si128(pb);
+  Row512 ra = row_load(a, a.w, a.p), rb = row_load(b, b.w, b.p);
+  int64_t n = a.n;
+  for (; n < N && ra.p + 32 <= a.nw && rb.p + 32 <= b.nw; ++n) {
+    row_step<NBP>(ra, n, m, L, cnt);
+    row_step<NBP>(rb, n, m, L, cnt);
+  }
+  row_store(ra, a);
+  row_store(rb, b);
+  a.n = b.n = n;
+  a.p = ra.p;
+  b.p = rb.p;
+}
+#undef KVK_AI
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+
+template <int NBP>
+void fast_finish(FastBlock& b, int64_t N, int pb) {
+  rows1<NBP>(b, b.w, b.p, b.nw, b.nw, N, pb, &b.p);
+  if (b.n < N && b.p <= b.nw) {
+    // The block's last (< 32) words, zero-padded to 64: rows go on while the position stays within.
+    uint16_t tail[64] = {0};
+    const int64_t left = b.nw - b.p;
+    memcpy(tail, b.w + 2 * b.p, (size_t)(2 * left));
+    int64_t pt = 0;
+    rows1<NBP>(b, reinterpret_cast<const uint8_t*>(tail), 0, left, 64, N, pb, &pt);
+    b.p += pt;
+  }
+}
+
+// Both blocks to the end (rows2 while both have words, then each alone); statuses in .status.
+template <int NBP>
+void fast_pair(FastBlock* a, FastBlock* b, int64_t N, int pb) {
+  if (b) rows2<NBP>(*a, *b, N, pb);
+  fast_finish<NBP>(*a, N, pb);
+  if (b) fast_finish<NBP>(*b, N, pb);
+}
+#endif
+
+// The end of a block after its fast rows: the generic rows (none, unless the fast path did not
+// run) and rans_decode_block's checks.
+void fast_epilogue(FastBlock& b, int64_t N, int bins, int pb) {
+  if (b.p > b.nw) {
+    b.status = ERR_TRUNCATED;
+    return;
+  }
+  const RansCumLookup lookup{b.rows, bins};
+  RowSink sink{b.out, b.stride};
+  b.status = rans_decode_rows(b.w, b.nw, b.n, N, b.x, b.p, lookup, pb, sink);
+}
+
+enum class Isa { generic, avx512 };
+
+Isa cpu_isa() {
+  const char* e = getenv("KVK_CODEC_CPU_ISA");
+  if (e && strcmp(e, "generic") == 0) return Isa::generic;
+#if KVK_CPU_X86
+  static const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (has512) return Isa::avx512;
+#endif
+  return Isa::generic;
+}
+
+// Block header: states and words (rans_decode_block's checks). 0 or ERR_TRUNCATED.
+int32_t fast_header(const uint8_t* in, int64_t len, FastBlock* b) {
+  if (len < 4 * LANES || ((len - 4 * LANES) & 1)) return ERR_TRUNCATED;
+  for (int j = 0; j < LANES; ++j) {
+    b->x[j] = load_u32le(in + 4 * j);
+    if (b->x[j] < RANS_L) return ERR_TRUNCATED;
+  }
+  b->w = in + 4 * LANES;
+  b->nw = (len - 4 * LANES) / 2;
+  b->p = 0;
+  b->n = 0;
+  return 0;
+}
+
+// Decode up to two prepared blocks of the same padded bin count (b may be null).
+void fast_run(Isa isa, FastBlock* a, FastBlock* b, int64_t N, int bins, int pb) {
+#if KVK_CPU_X86
+  if (isa == Isa::avx512) {
+    switch (a->t->nbp) {
+      case 8: fast_pair<8>(a, b, N, pb); break;
+      case 16: fast_pair<16>(a, b, N, pb); break;
+      case 24: fast_pair<24>(a, b, N, pb); break;
+      default: fast_pair<32>(a, b, N, pb); break;
+    }
+  }
+#else
+  (void)isa;
+#endif
+  fast_epilogue(*a, N, bins, pb);
+  if (b) fast_epilogue(*b, N, bins, pb);
+}
+
 }  // namespace
 
 int32_t kvk_cpu_rans_encode(const uint8_t* sym, int64_t S, int64_t N, int64_t C, const int32_t* freq, int64_t K,
@@ -164,8 +518,8 @@ int32_t kvk_cpu_rans_decode(const uint8_t* payload, int64_t nbytes, const int64_
                             const int32_t* freq, int64_t K, int bins, const int32_t* tid, int pb, int64_t S,
                             int64_t N, int64_t C, uint8_t* out, const DequantArgs* dq) {
   const int64_t G = (C + LANES - 1) / LANES;
-  if (dq == nullptr) memset(out, 0, (size_t)(S * N * C));
   if (n_offsets != S * G + 1) {
+    if (dq == nullptr) memset(out, 0, (size_t)(S * N * C));
     if (dq)
       for (int64_t s = 0; s < S; ++s)
         for (int64_t n = 0; n < N; ++n)
@@ -173,17 +527,23 @@ int32_t kvk_cpu_rans_decode(const uint8_t* payload, int64_t nbytes, const int64_
     return ERR_OFFSETS;
   }
   RansTables t(freq, K, bins, pb);
-  t.build_slots(S * N * C, bins, pb);
-  t.build_coarse(S * N * C, bins, pb);
-  const bool use_slots = !t.slots.empty(), use_coarse = !t.coarse.empty();
+  bool built = false, use_slots = false, use_coarse = false;  // lookup tables of the generic path, on first use
   int32_t status = 0;
   const uint16_t* rows[LANES];
   const uint32_t* srows[LANES];
-  const RansCumLookup cum_lookup{rows, bins};
   const RansSlotLookup slot_lookup{srows};
   const uint8_t* crows[LANES];
-  const RansCoarseLookup coarse_lookup{rows, crows, bins, pb - t.qbits};
+  RansCoarseLookup coarse_lookup{rows, crows, bins, pb};  // shift set once the tables are built
+  const RansCumLookup cum_lookup{rows, bins};
   auto decode = [&](const uint8_t* in, int64_t len, int na, auto& sink) -> int32_t {
+    if (!built) {
+      t.build_slots(S * N * C, bins, pb);
+      t.build_coarse(S * N * C, bins, pb);
+      use_slots = !t.slots.empty();
+      use_coarse = !t.coarse.empty();
+      coarse_lookup.shift = pb - t.qbits;
+      built = true;
+    }
     if (use_slots) {
       for (int j = 0; j < na; ++j) srows[j] = t.slot_row((rows[j] - t.row(0)) / t.stride);
       return rans_decode_block(in, len, N, na, slot_lookup, pb, sink);
@@ -194,6 +554,68 @@ int32_t kvk_cpu_rans_decode(const uint8_t* payload, int64_t nbytes, const int64_
     }
     return rans_decode_block(in, len, N, na, cum_lookup, pb, sink);
   };
+  auto dq_sink = [&](int64_t s, int64_t c0, int na) {
+    DqSink sink;
+    sink.stok = dq->s_tok ? dq->s_tok + s * N : nullptr;
+    sink.has_sch = dq->s_ch != nullptr;
+    sink.has_z = dq->z_ch != nullptr;
+    sink.out = dq->out;
+    sink.dtype = dq->dtype;
+    sink.base = s * dq->os_s + c0;
+    sink.os_n = dq->os_n;
+    for (int j = 0; j < na; ++j) {
+      int64_t k = tid[s * C + c0 + j];
+      k = k < 0 ? 0 : (k >= K ? K - 1 : k);
+      sink.lut_rows[j] = dq->lut + k * bins;
+      sink.sch[j] = sink.has_sch ? dq->s_ch[s * C + c0 + j] : 1.f;
+      sink.zch[j] = sink.has_z ? dq->z_ch[s * C + c0 + j] : 0.f;
+    }
+    return sink;
+  };
+  // A block's result: zeros if it failed, else (fused decode on the fast path) its levels.
+  auto finish = [&](int64_t s, int64_t c0, int na, int32_t st, const uint8_t* syms) {
+    if (dq == nullptr) {
+      if (st)
+        for (int64_t n = 0; n < N; ++n) memset(out + (s * N + n) * C + c0, 0, (size_t)na);
+    } else if (st) {
+      const int64_t base = s * dq->os_s + c0;
+      for (int64_t n = 0; n < N; ++n)
+        for (int j = 0; j < na; ++j) store_out(dq->out, base + n * dq->os_n + j, dq->dtype, 0.f);
+    } else if (syms) {
+      const DqSink sink = dq_sink(s, c0, na);
+      for (int64_t n = 0; n < N; ++n)
+        for (int j = 0; j < LANES; ++j) sink(n, j, syms[n * LANES + j]);
+    }
+    status |= st;
+  };
+  // Fast path: blocks queued in pairs of the same padded bin count.
+  const Isa isa = cpu_isa();
+  struct Slot {
+    FastBlock fb;
+    BlockT* tab;
+    const uint16_t* rows[LANES];
+    uint8_t* tmp;  // [N, 32] symbols (fused decode)
+    int64_t s, c0, g;
+  };
+  std::vector<uint8_t> mem;
+  std::vector<const uint16_t*> keys;  // [G, 32]: the rows of each cached table (null: none)
+  Slot slots[2];
+  int queued = 0;
+  const size_t tab_size = (sizeof(BlockT) + 63) & ~size_t(63);
+  uint8_t* cache = nullptr;  // [G] transposed tables
+  if (isa != Isa::generic) {
+    const size_t sym = dq ? (size_t)(N * LANES) : 0;
+    mem.resize(G * tab_size + 2 * sym + 64);
+    cache = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(mem.data()) + 63) & ~uintptr_t(63));
+    for (int i = 0; i < 2; ++i) slots[i].tmp = dq ? cache + G * tab_size + i * sym : nullptr;
+    keys.assign((size_t)(G * LANES), nullptr);
+  }
+  auto flush = [&](int count) {
+    FastBlock* a = &slots[0].fb;
+    FastBlock* b = count > 1 ? &slots[1].fb : nullptr;
+    fast_run(isa, a, b, N, bins, pb);
+    for (int i = 0; i < count; ++i) finish(slots[i].s, slots[i].c0, LANES, slots[i].fb.status, slots[i].tmp);
+  };
   for (int64_t s = 0; s < S; ++s) {
     for (int64_t g = 0; g < G; ++g) {
       const int64_t c0 = g * LANES, b = s * G + g;
@@ -202,34 +624,59 @@ int32_t kvk_cpu_rans_decode(const uint8_t* payload, int64_t nbytes, const int64_
       int32_t st = 0;
       if (!stream_bounds(offsets, b, nbytes, &lo, &hi)) st = ERR_OFFSETS;
       if (!st) st = block_rows(t, tid, K, s, C, c0, na, rows);
-      if (!st && dq == nullptr) {
-        SymSink sink{out + s * N * C + c0, C};
-        st = decode(payload + lo, hi - lo, na, sink);
-        if (st)
-          for (int64_t n = 0; n < N; ++n) memset(out + (s * N + n) * C + c0, 0, (size_t)na);
-      } else if (dq != nullptr) {
-        DqSink sink;
-        sink.stok = dq->s_tok ? dq->s_tok + s * N : nullptr;
-        sink.has_sch = dq->s_ch != nullptr;
-        sink.has_z = dq->z_ch != nullptr;
-        sink.out = dq->out;
-        sink.dtype = dq->dtype;
-        sink.base = s * dq->os_s + c0;
-        sink.os_n = dq->os_n;
-        for (int j = 0; j < na; ++j) {
-          int64_t k = tid[s * C + c0 + j];
-          k = k < 0 ? 0 : (k >= K ? K - 1 : k);
-          sink.lut_rows[j] = dq->lut + k * bins;
-          sink.sch[j] = sink.has_sch ? dq->s_ch[s * C + c0 + j] : 1.f;
-          sink.zch[j] = sink.has_z ? dq->z_ch[s * C + c0 + j] : 0.f;
+      if (!st && na == LANES && isa != Isa::generic) {
+        if (queued == 1 && slots[0].g == g) {  // its tables may be rebuilt below: run the first alone
+          flush(1);
+          queued = 0;
         }
-        if (!st) st = decode(payload + lo, hi - lo, na, sink);
-        if (st)
-          for (int64_t n = 0; n < N; ++n)
-            for (int j = 0; j < na; ++j) store_out(dq->out, sink.base + n * dq->os_n + j, dq->dtype, 0.f);
+        // Transposed tables, cached per channel group (chunks of one (kind, layer) share rows).
+        BlockT* tab = reinterpret_cast<BlockT*>(cache + g * tab_size);
+        bool ok_tab = true;
+        if (memcmp(&keys[g * LANES], rows, sizeof(rows)) != 0) {
+          ok_tab = block_transpose(rows, bins, tab);
+          if (ok_tab) memcpy(&keys[g * LANES], rows, sizeof(rows));
+          else memset(&keys[g * LANES], 0, sizeof(rows));
+        }
+        if (ok_tab) {
+          if (queued == 1 && tab->nbp != slots[0].tab->nbp) {  // different bin counts: run the first alone
+            flush(1);
+            queued = 0;
+          }
+          Slot& r = slots[queued];
+          r.tab = tab;
+          r.g = g;
+          st = fast_header(payload + lo, hi - lo, &r.fb);
+          if (!st) {
+            for (int j = 0; j < LANES; ++j) r.rows[j] = rows[j];
+            r.fb.rows = r.rows;
+            r.fb.t = r.tab;
+            r.fb.out = dq ? r.tmp : out + s * N * C + c0;
+            r.fb.stride = dq ? LANES : C;
+            r.fb.status = 0;
+            r.s = s;
+            r.c0 = c0;
+            if (++queued == 2) {
+              flush(2);
+              queued = 0;
+            }
+            continue;
+          }
+          finish(s, c0, na, st, nullptr);
+          continue;
+        }
       }
-      status |= st;
+      if (!st) {
+        if (dq == nullptr) {
+          SymSink sink{out + s * N * C + c0, C};
+          st = decode(payload + lo, hi - lo, na, sink);
+        } else {
+          DqSink sink = dq_sink(s, c0, na);
+          st = decode(payload + lo, hi - lo, na, sink);
+        }
+      }
+      finish(s, c0, na, st, nullptr);
     }
   }
+  if (queued) flush(queued);
   return status;
 }
