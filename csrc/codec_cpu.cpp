@@ -151,22 +151,17 @@ struct DqSink {
 // so symbols and status are byte for byte the generic decoder's.
 constexpr int FAST_MAX_BINS = 32;
 #ifndef KVK_RANS_ASM
-#define KVK_RANS_ASM 1
-#endif
-#ifndef KVK_RANS_GATHER
-#define KVK_RANS_GATHER 0  // 1: (cum[s], freq[s]) by vpgatherdd instead of masked sums (measured slower)
+#define KVK_RANS_ASM 1  // the bin step in inline asm (0: the same in intrinsics)
 #endif
 
 struct BlockT {
-  alignas(64) uint16_t cum[FAST_MAX_BINS][LANES];  // [b][j] = cum_j[b]; padding rows 0xFFFF
-  alignas(64) uint32_t cf[LANES * FAST_MAX_BINS];  // [j * 32 + s] = cum_j[s] | freq_j[s] << 16
-  alignas(64) uint16_t dc[FAST_MAX_BINS][LANES];   // [b][j] = cum_j[b] - cum_j[b-1] (b >= 1)
+  alignas(64) uint16_t cum[FAST_MAX_BINS][LANES];  // [b][j] = cum_j[b]; padding rows 2^pb
   alignas(64) uint16_t df[FAST_MAX_BINS][LANES];   // [b][j] = freq_j[b] - freq_j[b-1] mod 2^16; [0] = freq_j[0]
   int nbp;                                         // bins compared, padded: 8, 16, 24 or 32
 };
 
 // Transposed tables of a block (rows valid); false if a lane uses a bin >= FAST_MAX_BINS.
-bool block_transpose(const uint16_t* const* rows, int bins, BlockT* t) {
+bool block_transpose(const uint16_t* const* rows, int bins, int pb, BlockT* t) {
   int nb = 1;
   for (int j = 0; j < LANES; ++j) {
     int last = bins - 1;
@@ -175,18 +170,17 @@ bool block_transpose(const uint16_t* const* rows, int bins, BlockT* t) {
   }
   if (nb > FAST_MAX_BINS) return false;
   const int nbp = (nb + 7) & ~7;
-  for (int b = 0; b < nbp; ++b)
-    for (int j = 0; j < LANES; ++j) {
+  for (int j = 0; j < LANES; ++j) {
+    const uint16_t* row = rows[j];
+    uint16_t fprev = 0;
+    for (int b = 0; b < nbp; ++b) {
       const bool used = b < nb;
-      t->cum[b][j] = used ? rows[j][b] : 0xFFFF;
-#if KVK_RANS_GATHER
-      t->cf[j * FAST_MAX_BINS + b] = used ? (uint32_t)rows[j][b] | ((uint32_t)(rows[j][b + 1] - rows[j][b]) << 16) : 0;
-#endif
-      const uint16_t f = used ? (uint16_t)(rows[j][b + 1] - rows[j][b]) : 0;
-      const uint16_t fp = b == 0 ? 0 : (uint16_t)(rows[j][b] - rows[j][b - 1]);
-      t->dc[b][j] = used && b > 0 ? (uint16_t)(rows[j][b] - rows[j][b - 1]) : 0;
-      t->df[b][j] = used ? (uint16_t)(f - fp) : 0;
+      const uint16_t f = used ? (uint16_t)(row[b + 1] - row[b]) : 0;
+      t->cum[b][j] = used ? row[b] : (uint16_t)(1u << pb);  // padding: above every slot
+      t->df[b][j] = (uint16_t)(f - fprev);
+      fprev = f;
     }
+  }
   t->nbp = nbp;
   return true;
 }
@@ -250,7 +244,7 @@ struct FastBlock {
 #define KVK_AI static inline __attribute__((always_inline))
 
 struct Row512 {  // one block's state in registers
-  __m512i x0, x1, lane0, lane1;
+  __m512i x0, x1;
   const uint8_t* w;
   int64_t p;
   const BlockT* t;
@@ -259,87 +253,55 @@ struct Row512 {  // one block's state in registers
 };
 
 // One token of one block (tables padded to NBP bins).
+KVK_AI void row_update(Row512& r, int64_t n, __m512i sl0, __m512i sl1, __m256i s8, __m512i c, __m512i f, __m512i L,
+                       __m128i cnt);
+
 template <int NBP>
 KVK_AI void row_step(Row512& r, int64_t n, __m512i m, __m512i L, __m128i cnt) {
   const __m512i sl0 = _mm512_and_si512(r.x0, m), sl1 = _mm512_and_si512(r.x1, m);
   const __m512i slot = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(sl0)),
                                           _mm512_cvtepi32_epi16(sl1), 1);
   const __m256i one8 = _mm256_set1_epi8(1);
-  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;  // four chains of bin counts
-#if !KVK_RANS_GATHER
-  // (cum[s], freq[s]) as sums of the deltas of the bins passed (the passed bins are a prefix)
-  __m512i ca = _mm512_setzero_si512(), cb = ca, fa = _mm512_load_si512(r.t->df[0]), fb = ca;
-#if KVK_RANS_SPLIT
-#pragma GCC unroll 32
-  for (int b = 1; b < NBP; b += 2) {
-    const __mmask32 k = _mm512_cmple_epu16_mask(_mm512_load_si512(r.t->cum[b]), slot);
-    a0 = _mm256_mask_add_epi8(a0, k, a0, one8);
-    ca = _mm512_mask_add_epi16(ca, k, ca, _mm512_load_si512(r.t->dc[b]));
-    fa = _mm512_mask_add_epi16(fa, k, fa, _mm512_load_si512(r.t->df[b]));
-    if (b + 1 < NBP) {
-      const __mmask32 k2 = _mm512_cmple_epu16_mask(_mm512_load_si512(r.t->cum[b + 1]), slot);
-      a1 = _mm256_mask_add_epi8(a1, k2, a1, one8);
-      cb = _mm512_mask_add_epi16(cb, k2, cb, _mm512_load_si512(r.t->dc[b + 1]));
-      fb = _mm512_mask_add_epi16(fb, k2, fb, _mm512_load_si512(r.t->df[b + 1]));
-    }
-  }
-#elif KVK_RANS_ASM
-  // (inline asm: GCC 12 copies the merge-masked accumulators around; one instruction each here)
+  // Per bin b: k = (cum[b] <= slot); s += k; c = k ? cum[b] : c; f += k ? df[b] : 0. The passed bins
+  // are a prefix (cum non-decreasing), so c = cum[s] and f = freq[s] at the end.
+  __m256i s8 = _mm256_setzero_si256();
+  __m512i c = _mm512_setzero_si512(), f = _mm512_load_si512(r.t->df[0]);
 #pragma GCC unroll 32
   for (int b = 1; b < NBP; ++b) {
+#if KVK_RANS_ASM
+    // (GCC 12 copies merge-masked accumulators between registers: ~1.7 extra moves a bin)
     __mmask32 k;
-    __m512i tmp;
-    // k = cum[b] <= slot; s += k; c = k ? cum[b] : c (the passed bins are a prefix: c = cum[s]);
-    // f += k ? df[b] : 0 (f = freq[s]). Two loads a bin (cum, df): L1 load bandwidth is the limit.
+    __m512i t;
     asm("vmovdqa64 %[cum], %[t]\n\t"
         "vpcmpnltuw %[t], %[slot], %[k]\n\t"
         "vpaddb %[one], %[s], %[s]%{%[k]%}\n\t"
         "vmovdqu16 %[t], %[c]%{%[k]%}\n\t"
         "vpaddw %[df], %[f], %[f]%{%[k]%}"
-        : [k] "=&Yk"(k), [t] "=&v"(tmp), [s] "+v"(a0), [c] "+v"(ca), [f] "+v"(fa)
+        : [k] "=&Yk"(k), [t] "=&v"(t), [s] "+v"(s8), [c] "+v"(c), [f] "+v"(f)
         : [cum] "m"(*(const __m512i*)r.t->cum[b]), [slot] "v"(slot), [one] "v"(one8),
           [df] "m"(*(const __m512i*)r.t->df[b]));
-  }
 #else
-#pragma GCC unroll 32
-  for (int b = 1; b < NBP; ++b) {
-    const __mmask32 k = _mm512_cmple_epu16_mask(_mm512_load_si512(r.t->cum[b]), slot);
-    a0 = _mm256_mask_add_epi8(a0, k, a0, one8);
-    ca = _mm512_mask_add_epi16(ca, k, ca, _mm512_load_si512(r.t->dc[b]));
-    fa = _mm512_mask_add_epi16(fa, k, fa, _mm512_load_si512(r.t->df[b]));
-  }
+    const __m512i cb = _mm512_load_si512(r.t->cum[b]);
+    const __mmask32 k = _mm512_cmple_epu16_mask(cb, slot);
+    s8 = _mm256_mask_add_epi8(s8, k, s8, one8);
+    c = _mm512_mask_mov_epi16(c, k, cb);
+    f = _mm512_mask_add_epi16(f, k, f, _mm512_load_si512(r.t->df[b]));
 #endif
-  ca = _mm512_add_epi16(ca, cb);
-  fa = _mm512_add_epi16(fa, fb);
-#else
-#pragma GCC unroll 32
-  for (int b = 1; b < NBP; b += 4) {
-    a0 = _mm256_mask_add_epi8(a0, _mm512_cmple_epu16_mask(_mm512_load_si512(r.t->cum[b]), slot), a0, one8);
-    if (b + 1 < NBP)
-      a1 = _mm256_mask_add_epi8(a1, _mm512_cmple_epu16_mask(_mm512_load_si512(r.t->cum[b + 1]), slot), a1, one8);
-    if (b + 2 < NBP)
-      a2 = _mm256_mask_add_epi8(a2, _mm512_cmple_epu16_mask(_mm512_load_si512(r.t->cum[b + 2]), slot), a2, one8);
-    if (b + 3 < NBP)
-      a3 = _mm256_mask_add_epi8(a3, _mm512_cmple_epu16_mask(_mm512_load_si512(r.t->cum[b + 3]), slot), a3, one8);
   }
-#endif
-  const __m256i s8 = _mm256_add_epi8(_mm256_add_epi8(a0, a1), _mm256_add_epi8(a2, a3));
+  row_update(r, n, sl0, sl1, s8, c, f, L, cnt);
+}
+
+// Store the symbols, advance the states, read the words.
+KVK_AI void row_update(Row512& r, int64_t n, __m512i sl0, __m512i sl1, __m256i s8, __m512i c, __m512i f, __m512i L,
+                       __m128i cnt) {
   _mm256_storeu_si256((__m256i*)(r.out + n * r.stride), s8);
-#if KVK_RANS_GATHER
-  const __m512i i0 = _mm512_add_epi32(r.lane0, _mm512_cvtepu8_epi32(_mm256_castsi256_si128(s8)));
-  const __m512i i1 = _mm512_add_epi32(r.lane1, _mm512_cvtepu8_epi32(_mm256_extracti128_si256(s8, 1)));
-  const __m512i cf0 = _mm512_i32gather_epi32(i0, r.t->cf, 4), cf1 = _mm512_i32gather_epi32(i1, r.t->cf, 4);
-  const __m512i lo16 = _mm512_set1_epi32(0xFFFF);
-  __m512i v0 = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_srli_epi32(cf0, 16), _mm512_srl_epi32(r.x0, cnt)),
-                                _mm512_sub_epi32(sl0, _mm512_and_si512(cf0, lo16)));
-  __m512i v1 = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_srli_epi32(cf1, 16), _mm512_srl_epi32(r.x1, cnt)),
-                                _mm512_sub_epi32(sl1, _mm512_and_si512(cf1, lo16)));
-#else
-  __m512i v0 = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(fa)), _mm512_srl_epi32(r.x0, cnt)),
-                                _mm512_sub_epi32(sl0, _mm512_cvtepu16_epi32(_mm512_castsi512_si256(ca))));
-  __m512i v1 = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(fa, 1)), _mm512_srl_epi32(r.x1, cnt)),
-                                _mm512_sub_epi32(sl1, _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(ca, 1))));
-#endif
+  const __m512i c0 = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(c));
+  const __m512i c1 = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(c, 1));
+  const __m512i f0 = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(f));
+  const __m512i f1 = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(f, 1));
+  // x' = f * (x >> pb) + slot - c, then a word into the lanes with x' < 2^16, in lane order
+  const __m512i v0 = _mm512_add_epi32(_mm512_mullo_epi32(f0, _mm512_srl_epi32(r.x0, cnt)), _mm512_sub_epi32(sl0, c0));
+  const __m512i v1 = _mm512_add_epi32(_mm512_mullo_epi32(f1, _mm512_srl_epi32(r.x1, cnt)), _mm512_sub_epi32(sl1, c1));
   const __mmask16 k0 = _mm512_cmplt_epu32_mask(v0, L), k1 = _mm512_cmplt_epu32_mask(v1, L);
   const int64_t p1 = r.p + __builtin_popcount((unsigned)k0);
   const __m512i w0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(r.w + 2 * r.p)));
@@ -353,9 +315,6 @@ KVK_AI Row512 row_load(const FastBlock& b, const uint8_t* w, int64_t p) {
   Row512 r;
   r.x0 = _mm512_loadu_si512(b.x);
   r.x1 = _mm512_loadu_si512(b.x + 16);
-  r.lane0 = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                               _mm512_set1_epi32(FAST_MAX_BINS));
-  r.lane1 = _mm512_add_epi32(r.lane0, _mm512_set1_epi32(16 * FAST_MAX_BINS));
   r.w = w;
   r.p = p;
   r.t = b.t;
@@ -588,36 +547,57 @@ int32_t kvk_cpu_rans_decode(const uint8_t* payload, int64_t nbytes, const int64_
     }
     status |= st;
   };
-  // Fast path: blocks queued in pairs of the same padded bin count.
+  // Fast path: full blocks queued in pairs (of the same padded bin count), channel group by channel
+  // group (consecutive chunks of one (kind, layer) reuse the transposed tables).
   const Isa isa = cpu_isa();
   struct Slot {
     FastBlock fb;
-    BlockT* tab;
     const uint16_t* rows[LANES];
     uint8_t* tmp;  // [N, 32] symbols (fused decode)
-    int64_t s, c0, g;
+    int64_t s, c0;
+  };
+  struct Tab {
+    BlockT* t;
+    const uint16_t* key[LANES];  // the rows it was built from (null: none)
   };
   std::vector<uint8_t> mem;
-  std::vector<const uint16_t*> keys;  // [G, 32]: the rows of each cached table (null: none)
   Slot slots[2];
-  int queued = 0;
-  const size_t tab_size = (sizeof(BlockT) + 63) & ~size_t(63);
-  uint8_t* cache = nullptr;  // [G] transposed tables
+  Tab tabs[2];
+  int queued = 0, next_tab = 0;
   if (isa != Isa::generic) {
-    const size_t sym = dq ? (size_t)(N * LANES) : 0;
-    mem.resize(G * tab_size + 2 * sym + 64);
-    cache = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(mem.data()) + 63) & ~uintptr_t(63));
-    for (int i = 0; i < 2; ++i) slots[i].tmp = dq ? cache + G * tab_size + i * sym : nullptr;
-    keys.assign((size_t)(G * LANES), nullptr);
+    const size_t tab_size = (sizeof(BlockT) + 63) & ~size_t(63), sym = dq ? (size_t)(N * LANES) : 0;
+    mem.resize(2 * tab_size + 2 * sym + 64);
+    uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(mem.data()) + 63) & ~uintptr_t(63));
+    for (int i = 0; i < 2; ++i) {
+      tabs[i].t = reinterpret_cast<BlockT*>(base + i * tab_size);
+      memset(tabs[i].key, 0, sizeof(tabs[i].key));
+      slots[i].tmp = dq ? base + 2 * tab_size + i * sym : nullptr;
+    }
   }
   auto flush = [&](int count) {
     FastBlock* a = &slots[0].fb;
     FastBlock* b = count > 1 ? &slots[1].fb : nullptr;
     fast_run(isa, a, b, N, bins, pb);
     for (int i = 0; i < count; ++i) finish(slots[i].s, slots[i].c0, LANES, slots[i].fb.status, slots[i].tmp);
+    queued = 0;
   };
-  for (int64_t s = 0; s < S; ++s) {
-    for (int64_t g = 0; g < G; ++g) {
+  // The transposed tables of `rows` (null: not on the fast path), not those of a queued block
+  // unless they are the same.
+  auto table_for = [&](const uint16_t* const* r) -> BlockT* {
+    for (int i = 0; i < 2; ++i)
+      if (memcmp(tabs[i].key, r, sizeof(tabs[i].key)) == 0) return tabs[i].t;
+    int i = next_tab;
+    if (queued == 1 && slots[0].fb.t == tabs[i].t) i ^= 1;
+    next_tab = i ^ 1;
+    if (!block_transpose(r, bins, pb, tabs[i].t)) {
+      memset(tabs[i].key, 0, sizeof(tabs[i].key));
+      return nullptr;
+    }
+    memcpy(tabs[i].key, r, sizeof(tabs[i].key));
+    return tabs[i].t;
+  };
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t s = 0; s < S; ++s) {
       const int64_t c0 = g * LANES, b = s * G + g;
       const int na = (int)(C - c0 < LANES ? C - c0 : LANES);
       int64_t lo, hi;
@@ -625,40 +605,21 @@ int32_t kvk_cpu_rans_decode(const uint8_t* payload, int64_t nbytes, const int64_
       if (!stream_bounds(offsets, b, nbytes, &lo, &hi)) st = ERR_OFFSETS;
       if (!st) st = block_rows(t, tid, K, s, C, c0, na, rows);
       if (!st && na == LANES && isa != Isa::generic) {
-        if (queued == 1 && slots[0].g == g) {  // its tables may be rebuilt below: run the first alone
-          flush(1);
-          queued = 0;
-        }
-        // Transposed tables, cached per channel group (chunks of one (kind, layer) share rows).
-        BlockT* tab = reinterpret_cast<BlockT*>(cache + g * tab_size);
-        bool ok_tab = true;
-        if (memcmp(&keys[g * LANES], rows, sizeof(rows)) != 0) {
-          ok_tab = block_transpose(rows, bins, tab);
-          if (ok_tab) memcpy(&keys[g * LANES], rows, sizeof(rows));
-          else memset(&keys[g * LANES], 0, sizeof(rows));
-        }
-        if (ok_tab) {
-          if (queued == 1 && tab->nbp != slots[0].tab->nbp) {  // different bin counts: run the first alone
-            flush(1);
-            queued = 0;
-          }
+        BlockT* tab = table_for(rows);
+        if (tab) {
+          if (queued == 1 && tab->nbp != slots[0].fb.t->nbp) flush(1);  // different bin counts
           Slot& r = slots[queued];
-          r.tab = tab;
-          r.g = g;
           st = fast_header(payload + lo, hi - lo, &r.fb);
           if (!st) {
             for (int j = 0; j < LANES; ++j) r.rows[j] = rows[j];
             r.fb.rows = r.rows;
-            r.fb.t = r.tab;
+            r.fb.t = tab;
             r.fb.out = dq ? r.tmp : out + s * N * C + c0;
             r.fb.stride = dq ? LANES : C;
             r.fb.status = 0;
             r.s = s;
             r.c0 = c0;
-            if (++queued == 2) {
-              flush(2);
-              queued = 0;
-            }
+            if (++queued == 2) flush(2);
             continue;
           }
           finish(s, c0, na, st, nullptr);
