@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvkernels.codec.coders import rans_decode, rans_decode_dequant, rans_encode
+from kvkernels.codec.coders import ac_decode, ac_encode, rans_decode, rans_decode_dequant, rans_encode
 from kvkernels.reference import codec as R
 
 pytestmark = pytest.mark.skipif(not R.cpu_coder_available(), reason="kvkernels._codec_cpu is not built")
@@ -110,3 +110,27 @@ def test_fast_equals_generic_on_corruption(monkeypatch, seed):
         (a, sa), (b, sb) = _both(monkeypatch, lambda st: rans_decode_dequant(pl, off, freq, tid, N, pb, lut,
                                                                            dtype=torch.float32, status=st))
         assert sa == sb and torch.equal(a, b), it
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ac_fast_equals_generic(monkeypatch, seed):
+    """The ac decoder's count search (rows <= 64 bins) against ac_decode_stream's binary search, on
+    valid and corrupted streams (bins 2..300: both sides of the 64-bin switch)."""
+    rng = np.random.default_rng(50 + seed)
+    for it in range(30):
+        S, N, C = int(rng.integers(1, 3)), int(rng.integers(1, 120)), int(rng.integers(1, 40))
+        bins = int(rng.choice([2, 3, 7, 8, 9, 16, 17, 31, 32, 33, 64, 65, 200]))
+        pb = 12 if bins > 16 else int(rng.integers(max(1, int(np.ceil(np.log2(bins)))), 13))
+        sym, freq, tid = _case(rng, S, N, C, bins, pb, zero_frac=0.3 if it % 3 == 0 else 0.0)
+        cdf = torch.zeros(freq.shape[0], bins + 1, dtype=torch.int32)
+        cdf[:, 1:] = (torch.cumsum(freq.long(), 1) << (16 - pb)).to(torch.int32)
+        pl, off = ac_encode(sym, cdf, tid)
+        if it % 2:
+            pl = pl.clone()
+            for _ in range(int(rng.integers(1, 5))):
+                if pl.numel():
+                    pl[int(rng.integers(0, pl.numel()))] ^= 1 << int(rng.integers(0, 8))
+        (a, sa), (b, sb) = _both(monkeypatch, lambda st: ac_decode(pl, off, cdf, tid, N, status=st))
+        assert sa == sb and torch.equal(a, b), (it, bins)
+        if it % 2 == 0:
+            assert sa == 0 and torch.equal(a, sym)
