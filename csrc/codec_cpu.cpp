@@ -246,8 +246,17 @@ constexpr int FAST_MAX_BINS = 32;
 struct BlockT {
   alignas(64) uint16_t cum[FAST_MAX_BINS][LANES];  // [b][j] = cum_j[b]; padding rows 2^pb
   alignas(64) uint16_t df[FAST_MAX_BINS][LANES];   // [b][j] = freq_j[b] - freq_j[b-1] mod 2^16; [0] = freq_j[0]
-  int nbp;                                         // bins compared, padded: 8, 16, 24 or 32
+  // Window of WIN_BINS bins a lane holding most of its probability, bins base_j .. base_j + 15:
+  // wcum[b][j] = cum_j[base_j + b], wdf the deltas of freq_j from freq_j[base_j], whi[j] =
+  // cum_j[base_j + 16]. A row whose slots all lie in their windows compares 15 bins, not nbp - 1.
+  alignas(64) uint16_t wcum[16][LANES];
+  alignas(64) uint16_t wdf[16][LANES];
+  alignas(64) uint16_t whi[LANES];
+  alignas(32) uint8_t wbase[LANES];
+  int nbp;   // bins compared, padded: 8, 16, 24 or 32
+  bool win;  // windows built (nb > 16)
 };
+constexpr int WIN_BINS = 16;
 
 // Transposed tables of a block (rows valid); false if a lane uses a bin >= FAST_MAX_BINS.
 bool block_transpose(const uint16_t* const* rows, int bins, int pb, BlockT* t) {
@@ -271,6 +280,25 @@ bool block_transpose(const uint16_t* const* rows, int bins, int pb, BlockT* t) {
     }
   }
   t->nbp = nbp;
+  t->win = nb > WIN_BINS;
+  if (t->win)
+    for (int j = 0; j < LANES; ++j) {
+      const uint16_t* row = rows[j];
+      int best = 0, mass = -1;
+      for (int a = 0; a + WIN_BINS <= nb; ++a) {
+        const int m = row[a + WIN_BINS] - row[a];
+        if (m > mass) { mass = m; best = a; }
+      }
+      uint16_t fprev = 0;
+      for (int b = 0; b < WIN_BINS; ++b) {
+        const uint16_t f = (uint16_t)(row[best + b + 1] - row[best + b]);
+        t->wcum[b][j] = row[best + b];
+        t->wdf[b][j] = (uint16_t)(f - fprev);
+        fprev = f;
+      }
+      t->whi[j] = row[best + WIN_BINS];
+      t->wbase[j] = (uint8_t)best;
+    }
   return true;
 }
 
@@ -345,18 +373,15 @@ struct Row512 {  // one block's state in registers
 KVK_AI void row_update(Row512& r, int64_t n, __m512i sl0, __m512i sl1, __m256i s8, __m512i c, __m512i f, __m512i L,
                        __m128i cnt);
 
-template <int NBP>
-KVK_AI void row_step(Row512& r, int64_t n, __m512i m, __m512i L, __m128i cnt) {
-  const __m512i sl0 = _mm512_and_si512(r.x0, m), sl1 = _mm512_and_si512(r.x1, m);
-  const __m512i slot = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(sl0)),
-                                          _mm512_cvtepi32_epi16(sl1), 1);
+// Bins 1..NB-1 of tables cum/df: per bin b, k = (cum[b] <= slot); s += k; c = k ? cum[b] : c;
+// f += k ? df[b] : 0. The passed bins are a prefix (cum non-decreasing), so from s = s0, c = cum[0],
+// f = df[0] this ends at the symbol, its cum and its freq.
+template <int NB>
+KVK_AI void bin_scan(const uint16_t (*cum)[LANES], const uint16_t (*df)[LANES], __m512i slot, __m256i& s8, __m512i& c,
+                     __m512i& f) {
   const __m256i one8 = _mm256_set1_epi8(1);
-  // Per bin b: k = (cum[b] <= slot); s += k; c = k ? cum[b] : c; f += k ? df[b] : 0. The passed bins
-  // are a prefix (cum non-decreasing), so c = cum[s] and f = freq[s] at the end.
-  __m256i s8 = _mm256_setzero_si256();
-  __m512i c = _mm512_setzero_si512(), f = _mm512_load_si512(r.t->df[0]);
 #pragma GCC unroll 32
-  for (int b = 1; b < NBP; ++b) {
+  for (int b = 1; b < NB; ++b) {
 #if KVK_RANS_ASM
     // (GCC 12 copies merge-masked accumulators between registers: ~1.7 extra moves a bin)
     __mmask32 k;
@@ -367,15 +392,37 @@ KVK_AI void row_step(Row512& r, int64_t n, __m512i m, __m512i L, __m128i cnt) {
         "vmovdqu16 %[t], %[c]%{%[k]%}\n\t"
         "vpaddw %[df], %[f], %[f]%{%[k]%}"
         : [k] "=&Yk"(k), [t] "=&v"(t), [s] "+v"(s8), [c] "+v"(c), [f] "+v"(f)
-        : [cum] "m"(*(const __m512i*)r.t->cum[b]), [slot] "v"(slot), [one] "v"(one8),
-          [df] "m"(*(const __m512i*)r.t->df[b]));
+        : [cum] "m"(*(const __m512i*)cum[b]), [slot] "v"(slot), [one] "v"(one8),
+          [df] "m"(*(const __m512i*)df[b]));
 #else
-    const __m512i cb = _mm512_load_si512(r.t->cum[b]);
+    const __m512i cb = _mm512_load_si512(cum[b]);
     const __mmask32 k = _mm512_cmple_epu16_mask(cb, slot);
     s8 = _mm256_mask_add_epi8(s8, k, s8, one8);
     c = _mm512_mask_mov_epi16(c, k, cb);
-    f = _mm512_mask_add_epi16(f, k, f, _mm512_load_si512(r.t->df[b]));
+    f = _mm512_mask_add_epi16(f, k, f, _mm512_load_si512(df[b]));
 #endif
+  }
+}
+
+template <int NBP>
+KVK_AI void row_step(Row512& r, int64_t n, __m512i m, __m512i L, __m128i cnt) {
+  const __m512i sl0 = _mm512_and_si512(r.x0, m), sl1 = _mm512_and_si512(r.x1, m);
+  const __m512i slot = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(sl0)),
+                                          _mm512_cvtepi32_epi16(sl1), 1);
+  __m256i s8;
+  __m512i c, f;
+  if (NBP > WIN_BINS && r.t->win &&
+      (_mm512_cmple_epu16_mask(_mm512_load_si512(r.t->wcum[0]), slot) &
+       _mm512_cmplt_epu16_mask(slot, _mm512_load_si512(r.t->whi))) == 0xFFFFFFFFu) {
+    s8 = _mm256_load_si256((const __m256i*)r.t->wbase);  // every lane's slot in its window
+    c = _mm512_load_si512(r.t->wcum[0]);
+    f = _mm512_load_si512(r.t->wdf[0]);
+    bin_scan<WIN_BINS>(r.t->wcum, r.t->wdf, slot, s8, c, f);
+  } else {
+    s8 = _mm256_setzero_si256();
+    c = _mm512_setzero_si512();
+    f = _mm512_load_si512(r.t->df[0]);
+    bin_scan<NBP>(r.t->cum, r.t->df, slot, s8, c, f);
   }
   row_update(r, n, sl0, sl1, s8, c, f, L, cnt);
 }
