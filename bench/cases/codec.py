@@ -8,7 +8,9 @@ Symbols: Gaussian values quantized to 16 bins (32 in the first layers, as CacheG
 
 Extra rows: ``decode_then_dequant`` (rans_decode + the dequantization map in torch, the unfused
 baseline of ``rans_decode_dequant``) and, on the CPU, ``torchac`` encode/decode of the same
-symbols (one stream with a per-symbol CDF, its native interface) when it imports.
+symbols (one stream with a per-symbol CDF, its native interface) when it imports, the decoders on
+the C++ coder's portable path (``rans_decode:generic``, ``ac_decode:generic``) and ``x_torchac``
+on every CPU coder row (its Msym/s over torchac's, same direction, same run).
 Decode-into-pages (the paged layout) is added once kvkernels.paged lands.
 """
 from __future__ import annotations
@@ -106,7 +108,10 @@ def run(args, timer, copy, info, op_names):
                              "bits_per_symbol": bits[coder], "check": "ok" if ok else "MISMATCH", "status": "ran"})
                 print(_fmt_row(rows[-1]), flush=True)
         if device == "cpu":
-            rows += _torchac_rows(c, base)
+            rows += _cpu_generic_rows(c, base, timer, st, pl_r, off_r, pl_a, off_a, bits)
+            peer = _torchac_rows(c, base)
+            rows += peer
+            _add_torchac_ratio(rows, peer, base)
         del c
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -145,6 +150,51 @@ def _case_fn(op, c, backend, st, pl_r, off_r, pl_a, off_a, want_dq):
         v = c["lut"][idx, out.long()] * c["s_tok"].unsqueeze(2)
         y.copy_(v)
     return unfused, lambda: torch.equal(y.cpu(), want_dq)
+
+
+def _cpu_generic_rows(c, base, timer, st, pl_r, off_r, pl_a, off_a, bits):
+    """CPU only: the decoders on the C++ coder's portable path (``KVK_CODEC_CPU_ISA=generic``, the
+    baseline of its AVX-512 / SSE2 fast paths), ops ``rans_decode:generic``, ``ac_decode:generic``."""
+    import os
+
+    if not R.cpu_coder_available():
+        return []
+    out = []
+    old = os.environ.get("KVK_CODEC_CPU_ISA")
+    os.environ["KVK_CODEC_CPU_ISA"] = "generic"
+    try:
+        for op in ("rans_decode", "ac_decode"):
+            coder = op.split("_")[0]
+            fn, check = _case_fn(op, c, "torch", st, pl_r, off_r, pl_a, off_a, None)
+            st.zero_()
+            fn()
+            ok = check() and int(st.item()) == 0
+            t = timer(fn)
+            nsym = c["sym"].numel()
+            out.append({**base, "op": f"{op}:generic", "format": f"{coder}:{bits[coder]:.3f}bits", "backend": "torch",
+                        **t, "GBps": 2 * nsym / t["median_us"] / 1e3, "Msym_s": nsym / t["median_us"],
+                        "bits_per_symbol": bits[coder], "check": "ok" if ok else "MISMATCH", "status": "ran"})
+            print(_fmt_row(out[-1]), flush=True)
+    finally:
+        if old is None:
+            os.environ.pop("KVK_CODEC_CPU_ISA", None)
+        else:
+            os.environ["KVK_CODEC_CPU_ISA"] = old
+    return out
+
+
+def _add_torchac_ratio(rows, peer, base):
+    """CPU rows of this size get ``x_torchac``: Msym/s over torchac's of the same direction, timed in
+    the same run (a rough figure on a shared machine; scripts/codec_cpu_ratio.py alternates the two
+    and reports the median ratio)."""
+    ref = {r["op"]: r.get("Msym_s") for r in peer if r.get("status") == "ran"}
+    for r in rows:
+        if r.get("status") != "ran" or r.get("backend") != "torch" or r.get("T") != base["T"] or r.get("L") != base["L"]:
+            continue
+        peer_op = "torchac_encode" if r["op"].split(":")[0].endswith("encode") else "torchac_decode"
+        if ref.get(peer_op):
+            r["x_torchac"] = r["Msym_s"] / ref[peer_op]
+            print(f"{r['op']:20s} {r['backend']:8s} x torchac ({peer_op}): {r['x_torchac']:.1f}", flush=True)
 
 
 def _torchac_rows(c, base):
