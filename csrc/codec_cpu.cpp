@@ -494,6 +494,55 @@ void rows2(FastBlock& a, FastBlock& b, int64_t N, int pb) {
   a.p = ra.p;
   b.p = rb.p;
 }
+// The fused decode's map over a fast-path block's symbols [N, 32] (fp32 / bf16 out; DqSink's
+// arithmetic in the same order, one rounding per product: the same bits): the level of each
+// symbol by a gather from the block's lut rows, copied to lut32[j * 32 + s] (s < 32 here).
+void dq_rows_avx512(const DqSink& k, const uint8_t* syms, int64_t N, int bins, float* lut32) {
+  const int nb = bins < FAST_MAX_BINS ? bins : FAST_MAX_BINS;
+  for (int j = 0; j < LANES; ++j)
+    for (int b = 0; b < FAST_MAX_BINS; ++b) lut32[j * FAST_MAX_BINS + b] = b < nb ? k.lut_rows[j][b] : 0.f;
+  const __m512i lane0 = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32(FAST_MAX_BINS));
+  const __m512i lane1 = _mm512_add_epi32(lane0, _mm512_set1_epi32(16 * FAST_MAX_BINS));
+  const __m512 sch0 = _mm512_loadu_ps(k.sch), sch1 = _mm512_loadu_ps(k.sch + 16);
+  const __m512 z0 = _mm512_loadu_ps(k.zch), z1 = _mm512_loadu_ps(k.zch + 16);
+  const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF), inf = _mm512_set1_epi32(0x7F800000);
+  const __m512i rnd = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1), qnan = _mm512_set1_epi32(0x40);
+  auto bf16 = [&](__m512 v) {  // f32_to_bf16: round to nearest even, NaN -> (x >> 16) | 0x40
+    const __m512i x = _mm512_castps_si512(v);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(x, abs_mask), inf);
+    const __m512i r = _mm512_srli_epi32(
+        _mm512_add_epi32(_mm512_add_epi32(x, rnd), _mm512_and_si512(_mm512_srli_epi32(x, 16), one)), 16);
+    return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(x, 16), qnan)));
+  };
+  for (int64_t n = 0; n < N; ++n) {
+    const __m256i s8 = _mm256_loadu_si256((const __m256i*)(syms + n * LANES));
+    const __m512i i0 = _mm512_add_epi32(lane0, _mm512_cvtepu8_epi32(_mm256_castsi256_si128(s8)));
+    const __m512i i1 = _mm512_add_epi32(lane1, _mm512_cvtepu8_epi32(_mm256_extracti128_si256(s8, 1)));
+    __m512 v0 = _mm512_i32gather_ps(i0, lut32, 4), v1 = _mm512_i32gather_ps(i1, lut32, 4);
+    if (k.stok) {
+      const __m512 t = _mm512_set1_ps(k.stok[n]);
+      v0 = _mm512_mul_ps(v0, t);
+      v1 = _mm512_mul_ps(v1, t);
+    }
+    if (k.has_sch) {
+      v0 = _mm512_mul_ps(v0, sch0);
+      v1 = _mm512_mul_ps(v1, sch1);
+    }
+    if (k.has_z) {
+      v0 = _mm512_add_ps(v0, z0);
+      v1 = _mm512_add_ps(v1, z1);
+    }
+    const int64_t e = k.base + n * k.os_n;
+    if (k.dtype == 0) {
+      _mm512_storeu_ps(static_cast<float*>(k.out) + e, v0);
+      _mm512_storeu_ps(static_cast<float*>(k.out) + e + 16, v1);
+    } else {
+      _mm256_storeu_si256((__m256i*)(static_cast<uint16_t*>(k.out) + e), bf16(v0));
+      _mm256_storeu_si256((__m256i*)(static_cast<uint16_t*>(k.out) + e + 16), bf16(v1));
+    }
+  }
+}
 #undef KVK_AI
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
@@ -666,6 +715,8 @@ int32_t kvk_cpu_rans_decode(const uint8_t* payload, int64_t nbytes, const int64_
     }
     return sink;
   };
+  const Isa isa = cpu_isa();
+  alignas(64) float lut32[LANES * FAST_MAX_BINS];  // dq_rows_avx512's lut rows of a block
   // A block's result: zeros if it failed, else (fused decode on the fast path) its levels.
   auto finish = [&](int64_t s, int64_t c0, int na, int32_t st, const uint8_t* syms) {
     if (dq == nullptr) {
@@ -677,6 +728,13 @@ int32_t kvk_cpu_rans_decode(const uint8_t* payload, int64_t nbytes, const int64_
         for (int j = 0; j < na; ++j) store_out(dq->out, base + n * dq->os_n + j, dq->dtype, 0.f);
     } else if (syms) {
       const DqSink sink = dq_sink(s, c0, na);
+#if KVK_CPU_X86
+      if (isa == Isa::avx512 && dq->dtype != 1) {  // fp16 stays scalar (f32_to_f16's NaN / subnormal rules)
+        dq_rows_avx512(sink, syms, N, bins, lut32);
+        status |= st;
+        return;
+      }
+#endif
       for (int64_t n = 0; n < N; ++n)
         for (int j = 0; j < LANES; ++j) sink(n, j, syms[n * LANES + j]);
     }
@@ -684,7 +742,6 @@ int32_t kvk_cpu_rans_decode(const uint8_t* payload, int64_t nbytes, const int64_
   };
   // Fast path: full blocks queued in pairs (of the same padded bin count), channel group by channel
   // group (consecutive chunks of one (kind, layer) reuse the transposed tables).
-  const Isa isa = cpu_isa();
   struct Slot {
     FastBlock fb;
     const uint16_t* rows[LANES];

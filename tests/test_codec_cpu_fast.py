@@ -134,3 +134,33 @@ def test_ac_fast_equals_generic(monkeypatch, seed):
         assert sa == sb and torch.equal(a, b), (it, bins)
         if it % 2 == 0:
             assert sa == 0 and torch.equal(a, sym)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_dequant_fast_bits_special_values(monkeypatch, dtype):
+    """The vectorised fused map (fp32 / bf16) against the scalar one bit for bit: NaN (with
+    payloads), infinities, subnormals, bf16 rounding ties, overflow to infinity; strided output."""
+    rng = np.random.default_rng(7)
+    S, N, C, bins, pb = 2, 37, 96, 24, 12
+    sym, freq, tid = _case(rng, S, N, C, bins, pb)
+    pl, off = rans_encode(sym, freq, tid, pb)
+    special = np.array([np.nan, -np.nan, np.inf, -np.inf, 1e-40, -1e-42, 3e38, 1.00390625, 1.01171875,
+                        -2.00781250, 65520.0, 6e-8], np.float32)
+    lut = rng.standard_normal(freq.shape).astype(np.float32) * 3
+    lut.reshape(-1)[rng.integers(0, lut.size, 60)] = rng.choice(special, 60)
+    lut.view(np.uint32).reshape(-1)[:5] = [0x7FC00001, 0xFF800123, 0x7F800001, 0x00000001, 0x80000003]
+    lut = torch.tensor(lut)
+    s_tok = torch.tensor(rng.choice([1.0, 0.5, 3.0, 1e30, 1e-30], (S, N)).astype(np.float32))
+    s_ch = torch.rand(S, C) + 0.5
+    z_ch = torch.randn(S, C)
+    big = torch.zeros((S, N + 2, C + 4), dtype=dtype)
+    view = big[:, 1:N + 1, 2:C + 2]
+    res = []
+    for isa in ("generic", "auto"):
+        monkeypatch.setenv("KVK_CODEC_CPU_ISA", isa)
+        for aux in ((s_tok, s_ch, z_ch), (s_tok, None, None), (None, None, None)):
+            big.fill_(7)
+            rans_decode_dequant(pl, off, freq, tid, N, pb, lut, *aux, out=view)
+            res.append(big.view(torch.int16 if dtype != torch.float32 else torch.int32).clone())
+    for a, b in zip(res[:3], res[3:]):
+        assert torch.equal(a, b)
