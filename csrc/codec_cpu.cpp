@@ -587,7 +587,8 @@ enum class Isa { generic, avx512 };
 Isa cpu_isa() {
   if (cpu_generic()) return Isa::generic;
 #if KVK_CPU_X86
-  static const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+  // (libgcc's CPU model, which also checks that the OS saves the AVX-512 state (XCR0))
+  static const bool has512 = (__builtin_cpu_init(), true) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   if (has512) return Isa::avx512;
 #endif
