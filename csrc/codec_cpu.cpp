@@ -717,7 +717,9 @@ int32_t kvk_cpu_rans_decode(const uint8_t* payload, int64_t nbytes, const int64_
     return sink;
   };
   const Isa isa = cpu_isa();
+#if KVK_CPU_X86
   alignas(64) float lut32[LANES * FAST_MAX_BINS];  // dq_rows_avx512's lut rows of a block
+#endif
   // A block's result: zeros if it failed, else (fused decode on the fast path) its levels.
   auto finish = [&](int64_t s, int64_t c0, int na, int32_t st, const uint8_t* syms) {
     if (dq == nullptr) {
