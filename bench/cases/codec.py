@@ -10,7 +10,9 @@ Extra rows: ``decode_then_dequant`` (rans_decode + the dequantization map in tor
 baseline of ``rans_decode_dequant``), ``rans_decode_dequant_seglut`` (the fused decode with one
 level row per segment, ``lut_per_segment=True``: what the container's presets store, levels per
 (layer, kind); no level rows in shared memory) and, on the CPU, ``torchac`` encode/decode of the
-same symbols (one stream with a per-symbol CDF, its native interface) when it imports.
+same symbols (one stream with a per-symbol CDF, its native interface) when it imports, the decoders on
+the C++ coder's portable path (``rans_decode:generic``, ``ac_decode:generic``) and ``x_torchac``
+on every CPU coder row (its Msym/s over torchac's, same direction, same run).
 
 Decode into pages (vLLM flash-attn NHD caches ``[2, NB, 16, H, D]`` bf16 per layer, tokens at a
 random permutation of the slots), same run, same symbols: ``rans_decode_pages`` (one fused
@@ -136,7 +138,10 @@ def run(args, timer, copy, info, op_names):
                              "bits_per_symbol": bits[coder], "check": "ok" if ok else "MISMATCH", "status": "ran"})
                 print(_fmt_row(rows[-1]), flush=True)
         if device == "cpu":
-            rows += _torchac_rows(c, base)
+            rows += _cpu_generic_rows(c, base, timer, st, pl_r, off_r, pl_a, off_a, bits)
+            peer = _torchac_rows(c, base)
+            rows += peer
+            _add_torchac_ratio(rows, peer, base)
         del c, pages
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -222,6 +227,51 @@ class _Pages:
         """The caches hold the fused map's values at the slots (read back with ``gather``)."""
         back = kvkernels.gather(layout, self.slots)
         return torch.equal(back.view(self.c["S"], self.c["N"], self.c["C"]).cpu(), self.want)
+
+
+def _cpu_generic_rows(c, base, timer, st, pl_r, off_r, pl_a, off_a, bits):
+    """CPU only: the decoders on the C++ coder's portable path (``KVK_CODEC_CPU_ISA=generic``, the
+    baseline of its AVX-512 / SSE2 fast paths), ops ``rans_decode:generic``, ``ac_decode:generic``."""
+    import os
+
+    if not R.cpu_coder_available():
+        return []
+    out = []
+    old = os.environ.get("KVK_CODEC_CPU_ISA")
+    os.environ["KVK_CODEC_CPU_ISA"] = "generic"
+    try:
+        for op in ("rans_decode", "ac_decode"):
+            coder = op.split("_")[0]
+            fn, check = _case_fn(op, c, "torch", st, pl_r, off_r, pl_a, off_a, None)
+            st.zero_()
+            fn()
+            ok = check() and int(st.item()) == 0
+            t = timer(fn)
+            nsym = c["sym"].numel()
+            out.append({**base, "op": f"{op}:generic", "format": f"{coder}:{bits[coder]:.3f}bits", "backend": "torch",
+                        **t, "GBps": 2 * nsym / t["median_us"] / 1e3, "Msym_s": nsym / t["median_us"],
+                        "bits_per_symbol": bits[coder], "check": "ok" if ok else "MISMATCH", "status": "ran"})
+            print(_fmt_row(out[-1]), flush=True)
+    finally:
+        if old is None:
+            os.environ.pop("KVK_CODEC_CPU_ISA", None)
+        else:
+            os.environ["KVK_CODEC_CPU_ISA"] = old
+    return out
+
+
+def _add_torchac_ratio(rows, peer, base):
+    """CPU rows of this size get ``x_torchac``: Msym/s over torchac's of the same direction, timed in
+    the same run (a rough figure on a shared machine; scripts/codec_cpu_ratio.py alternates the two
+    and reports the median ratio)."""
+    ref = {r["op"]: r.get("Msym_s") for r in peer if r.get("status") == "ran"}
+    for r in rows:
+        if r.get("status") != "ran" or r.get("backend") != "torch" or r.get("T") != base["T"] or r.get("L") != base["L"]:
+            continue
+        peer_op = "torchac_encode" if r["op"].split(":")[0].endswith("encode") else "torchac_decode"
+        if ref.get(peer_op):
+            r["x_torchac"] = r["Msym_s"] / ref[peer_op]
+            print(f"{r['op']:20s} {r['backend']:8s} x torchac ({peer_op}): {r['x_torchac']:.1f}", flush=True)
 
 
 def _torchac_rows(c, base):
