@@ -2,6 +2,9 @@
 
 * :func:`rerotate_keys` -- move cached keys from their stored RoPE positions to new ones, in
   place (``kvkernels::rerotate_keys``, mutates ``key``).
+* :func:`rerotate_keys_paged` -- the same for keys that live in an engine's paged cache
+  (a :class:`~kvkernels.layouts.PagedLayout` and a slot mapping; ``kvkernels::rerotate_keys_paged``,
+  mutates the K caches).
 * :func:`select_tokens` -- per-token KV deviation and the top-k tokens to recompute, joined with
   the tokens that must always be computed (``kvkernels::select_tokens``, mutates its
   ``mask`` / ``deviation`` outputs).
@@ -10,15 +13,20 @@ The math is in ``kvkernels/reference/blend.py`` (the spec).
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import List, NamedTuple, Optional, Sequence, Union
+
+import dataclasses
 
 import torch
 
 from .. import dispatch
+from ..layouts import PagedLayout
 
 for _b, _mod in (("cuda", "kvkernels.cuda.blend"), ("triton", "kvkernels.triton_kernels.blend"),
                  ("torch", "kvkernels.reference.blend")):
     dispatch.register("rerotate_keys", _b, _mod, "rerotate_keys_into", None if _b == "torch" else "supports")
+    dispatch.register("rerotate_keys_paged", _b, _mod, "rerotate_keys_paged_into",
+                      None if _b == "torch" else "supports_paged")
 for _b, _mod in (("triton", "kvkernels.triton_kernels.blend"), ("torch", "kvkernels.reference.blend")):
     dispatch.register("select_tokens", _b, _mod, "select_tokens_into", None if _b == "torch" else "supports_select")
 
@@ -45,6 +53,35 @@ def rerotate_keys_op(key: torch.Tensor, old_pos: torch.Tensor, new_pos: torch.Te
 
 @rerotate_keys_op.register_fake
 def _(key, old_pos, new_pos, cos_sin_cache, is_neox, k_scale, backend) -> None:
+    return None
+
+
+def _k_layout(spec: List[int], caches: List[torch.Tensor], ptrs: torch.Tensor) -> PagedLayout:
+    """The K caches of a layout, from an op's primitive arguments (``spec``: a one-cache
+    ``PagedLayout.spec()``, ``caches`` its L bases, ``ptrs`` their addresses)."""
+    L, _, NB, BS, H, D, x, dcode = spec[:8]
+    return PagedLayout(engine="op", num_layers=L, num_kv=1, num_blocks=NB, block_size=BS, num_heads=H, head_dim=D,
+                       dtype=caches[0].dtype, fp8=dcode == 3, strides=(tuple(spec[8:13]),), x=x,
+                       device=caches[0].device, bases=tuple(caches), ptrs=ptrs)
+
+
+@torch.library.custom_op("kvkernels::rerotate_keys_paged", mutates_args=("caches",))
+def rerotate_keys_paged_op(caches: List[torch.Tensor], ptrs: torch.Tensor, spec: List[int], slots: torch.Tensor,
+                           old_pos: torch.Tensor, new_pos: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool,
+                           k_scale: Optional[torch.Tensor], backend: Optional[str]) -> None:
+    """The K caches (``caches``: L tensors, ``ptrs`` their int64 addresses, ``spec`` a one-cache
+    layout spec), tokens at ``slots`` (int64 ``[T]``), positions int64 ``[T]``; fp8: ``k_scale``
+    float32 ``[L, H]``."""
+    lay = _k_layout(spec, caches, ptrs)
+    key = (tuple(spec), lay.dtype, lay.device, cos_sin_cache.dtype, cos_sin_cache.shape[1], is_neox,
+           slots.shape[0] * lay.num_layers >= 2**31)
+    case = (lay, slots, cos_sin_cache, is_neox)
+    _, impl = dispatch.resolve("rerotate_keys_paged", key, case, backend, lay.device.type)
+    impl(lay, slots, old_pos, new_pos, cos_sin_cache, is_neox, k_scale)
+
+
+@rerotate_keys_paged_op.register_fake
+def _(caches, ptrs, spec, slots, old_pos, new_pos, cos_sin_cache, is_neox, k_scale, backend) -> None:
     return None
 
 
@@ -92,6 +129,24 @@ def _check_range(name, p, max_pos) -> None:
                          f"got values in [{lo}, {hi}]")
 
 
+def _check_cos_sin(cos_sin_cache, rot_dim, D, device) -> int:
+    _tensor("cos_sin_cache", cos_sin_cache)
+    if cos_sin_cache.dtype not in CACHE_DTYPES:
+        raise TypeError(f"cos_sin_cache: expected a float tensor, got {cos_sin_cache.dtype}")
+    if cos_sin_cache.dim() != 2:
+        raise ValueError(f"cos_sin_cache: expected shape [max_pos, rot_dim], got {tuple(cos_sin_cache.shape)}")
+    max_pos, rot = cos_sin_cache.shape
+    if rot_dim is not None and rot_dim != rot:
+        raise ValueError(f"cos_sin_cache: has rot_dim {rot}, expected rot_dim={rot_dim}")
+    if rot % 2 or rot == 0 or rot > D:
+        raise ValueError(f"cos_sin_cache: rot_dim {rot} must be even, > 0 and <= head_dim {D}")
+    if max_pos == 0:
+        raise ValueError("cos_sin_cache: has no rows (max_pos = 0)")
+    if cos_sin_cache.device != device:
+        raise ValueError(f"cos_sin_cache: expected a tensor on {device}, got {cos_sin_cache.device}")
+    return max_pos
+
+
 def rerotate_keys(key: torch.Tensor, old_positions: torch.Tensor, new_positions: torch.Tensor,
                   cos_sin_cache: torch.Tensor, *, is_neox: bool = True, k_scale: Optional[torch.Tensor] = None,
                   rot_dim: Optional[int] = None, num_kv_heads: Optional[int] = None,
@@ -136,20 +191,7 @@ def rerotate_keys(key: torch.Tensor, old_positions: torch.Tensor, new_positions:
     L, T, H, D = k4.shape
     if num_kv_heads is not None and num_kv_heads != H:
         raise ValueError(f"key: has {H} KV heads, expected num_kv_heads={num_kv_heads}")
-    _tensor("cos_sin_cache", cos_sin_cache)
-    if cos_sin_cache.dtype not in CACHE_DTYPES:
-        raise TypeError(f"cos_sin_cache: expected a float tensor, got {cos_sin_cache.dtype}")
-    if cos_sin_cache.dim() != 2:
-        raise ValueError(f"cos_sin_cache: expected shape [max_pos, rot_dim], got {tuple(cos_sin_cache.shape)}")
-    max_pos, rot = cos_sin_cache.shape
-    if rot_dim is not None and rot_dim != rot:
-        raise ValueError(f"cos_sin_cache: has rot_dim {rot}, expected rot_dim={rot_dim}")
-    if rot % 2 or rot == 0 or rot > D:
-        raise ValueError(f"cos_sin_cache: rot_dim {rot} must be even, > 0 and <= head_dim {D}")
-    if max_pos == 0:
-        raise ValueError("cos_sin_cache: has no rows (max_pos = 0)")
-    if cos_sin_cache.device != key.device:
-        raise ValueError(f"cos_sin_cache: expected a tensor on {key.device}, got {cos_sin_cache.device}")
+    max_pos = _check_cos_sin(cos_sin_cache, rot_dim, D, key.device)
     old = _positions("old_positions", old_positions, T, key.device)
     new = _positions("new_positions", new_positions, T, key.device)
     if validate or (validate is None and key.device.type == "cpu"):
@@ -175,6 +217,104 @@ def rerotate_keys(key: torch.Tensor, old_positions: torch.Tensor, new_positions:
     if T and L and H:
         rerotate_keys_op(k4, old, new, cos_sin_cache.contiguous(), bool(is_neox), sc, backend)
     return key
+
+
+def _paged_k_scale(k_scale, layout: PagedLayout) -> Optional[torch.Tensor]:
+    """-> float32 ``[L, H]`` (0 strides for broadcast dims) for fp8 caches, None otherwise."""
+    if not layout.fp8:
+        if k_scale is not None:
+            raise ValueError(f"k_scale: only fp8 caches take a scale (the caches are {layout.dtype})")
+        return None
+    if k_scale is None:
+        raise ValueError("k_scale: fp8 caches need their float32 K scale (shape (), [1], [H], [L, 1] or [L, H])")
+    _tensor("k_scale", k_scale)
+    if k_scale.dtype != torch.float32:
+        raise TypeError(f"k_scale: expected float32, got {k_scale.dtype}")
+    if k_scale.device != layout.device:
+        raise ValueError(f"k_scale: expected a tensor on {layout.device}, got {k_scale.device}")
+    L, H = layout.num_layers, layout.num_heads
+    shp = tuple(k_scale.shape)
+    if shp in ((), (1,)):
+        s = k_scale.reshape(1, 1)
+    elif shp == (H,):
+        s = k_scale.reshape(1, H)
+    elif shp in ((L, 1), (L, H)):
+        s = k_scale
+    else:
+        raise ValueError(f"k_scale: expected shape (), [1], [H]={H}, [L, 1] or [L, H]=[{L}, {H}], got {shp}")
+    return s.expand(L, H)
+
+
+def rerotate_keys_paged(layout: PagedLayout, slot_mapping: torch.Tensor, old_positions: torch.Tensor,
+                        new_positions: torch.Tensor, cos_sin_cache: torch.Tensor, *, is_neox: bool = True,
+                        k_scale: Optional[torch.Tensor] = None, rot_dim: Optional[int] = None,
+                        num_kv_heads: Optional[int] = None, validate: Optional[bool] = None,
+                        backend: Optional[str] = None) -> None:
+    """Re-rotate, in place, keys that live in an engine's paged K caches (every layer).
+
+    The paged counterpart of :func:`rerotate_keys` (same rotation, rounding and fp8 handling):
+    token ``t`` of ``slot_mapping`` (slot ``block * block_size + offset``, vLLM's convention)
+    is rotated, in the K cache of every layer of ``layout``, from ``old_positions[t]`` to
+    ``new_positions[t]``, once from its stored position. V caches are not touched.
+
+    Args:
+        layout: a :class:`~kvkernels.layouts.PagedLayout` with K and V (``num_kv == 2``): any of
+            its constructors (vLLM NHD/HND, the 2026 K|V side-by-side view, FlashInfer, legacy
+            x-split K, cross-layer, SGLang). Its K caches are modified in place.
+        slot_mapping: int32/int64 ``[T]`` on the caches' device; ``< 0`` skips a token; slots
+            must be distinct (a token appears once).
+        old_positions, new_positions: int64 (or int32) ``[T]`` on the caches' device.
+        cos_sin_cache: ``[max_pos, rot_dim]`` as in :func:`rerotate_keys`.
+        is_neox, rot_dim, num_kv_heads, backend: as in :func:`rerotate_keys`.
+        k_scale: fp8 caches only (required there): float32 K scale of shape ``()``/``[1]``,
+            ``[H]``, ``[L, 1]`` or ``[L, H]`` (the paged ops' convention, ``kvkernels.scatter``).
+        validate: check slot and position values on the host (range; distinct slots): None
+            (default) when they are on the CPU (no device sync); True always (syncs); False never.
+            Kernels skip tokens whose slot or positions are out of range either way.
+
+    Raises ``ValueError`` / ``TypeError`` naming the argument before anything is written.
+    """
+    if not isinstance(layout, PagedLayout):
+        raise TypeError(f"layout: expected a kvkernels.PagedLayout, got {type(layout).__name__}")
+    if layout.ptrs is None or len(layout.bases) != layout.num_kv * layout.num_layers:
+        raise ValueError("layout: has no caches bound (build it with a PagedLayout constructor)")
+    if layout.num_kv != 2:
+        raise ValueError("layout: a latent (MLA) cache keeps its rotary channels after kv_lora_rank; "
+                         "rerotate_keys_paged supports K/V layouts (num_kv == 2) only")
+    L, H, D = layout.num_layers, layout.num_heads, layout.head_dim
+    if num_kv_heads is not None and num_kv_heads != H:
+        raise ValueError(f"layout: has {H} KV heads, expected num_kv_heads={num_kv_heads}")
+    _tensor("slot_mapping", slot_mapping)
+    if slot_mapping.dtype not in POS_DTYPES:
+        raise TypeError(f"slot_mapping: expected an int64 or int32 tensor, got {slot_mapping.dtype}")
+    if slot_mapping.dim() != 1:
+        raise ValueError(f"slot_mapping: expected a 1-D tensor [T], got shape {tuple(slot_mapping.shape)}")
+    if slot_mapping.device != layout.device:
+        raise ValueError(f"slot_mapping: expected a tensor on {layout.device} (the caches' device), "
+                         f"got {slot_mapping.device}")
+    T = slot_mapping.shape[0]
+    max_pos = _check_cos_sin(cos_sin_cache, rot_dim, D, layout.device)
+    old = _positions("old_positions", old_positions, T, layout.device)
+    new = _positions("new_positions", new_positions, T, layout.device)
+    slots = slot_mapping.to(torch.int64)
+    sc = _paged_k_scale(k_scale, layout)
+    if validate or (validate is None and layout.device.type == "cpu"):
+        _check_range("old_positions", old, max_pos)
+        _check_range("new_positions", new, max_pos)
+        sv = slots.cpu()
+        if T and int(sv.max()) >= layout.num_slots:
+            raise ValueError(f"slot_mapping: slots must be < {layout.num_slots} ({layout.num_blocks} blocks x "
+                             f"{layout.block_size}), got {int(sv.max())}; negative slots skip a token")
+        used = sv[sv >= 0]
+        if used.numel() != torch.unique(used).numel():
+            raise ValueError("slot_mapping: slots must be distinct (a token would be rotated twice)")
+    if T == 0:
+        return None
+    k = dataclasses.replace(layout, num_kv=1, strides=(layout.strides[0],), bases=tuple(layout.bases[:L]),
+                            ptrs=layout.ptrs[:L])
+    rerotate_keys_paged_op(list(k.bases), k.ptrs, k.spec(), slots, old, new, cos_sin_cache.contiguous(),
+                           bool(is_neox), sc, backend)
+    return None
 
 
 class Selection(NamedTuple):

@@ -137,3 +137,108 @@ def token_deviation_into(fresh_k, cached_k, fresh_v, cached_v, deviation) -> Non
 def select_tokens_into(fresh_k, cached_k, fresh_v, cached_v, count, forced, candidates, mask, deviation) -> None:
     token_deviation_into(fresh_k, cached_k, fresh_v, cached_v, deviation)
     topk_mask_into(deviation, count, forced, candidates, mask)
+
+
+# ---- paged keys -----------------------------------------------------------------------------
+_PAGED_CDT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float8_e4m3fn: 3, torch.uint8: 3}
+
+
+def supports_paged(layout, slots: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool) -> Optional[str]:
+    if layout.dtype not in _PAGED_CDT:
+        return f"cache dtype {layout.dtype} is not supported"
+    if cos_sin_cache.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"cos_sin_cache dtype {cos_sin_cache.dtype} is not float32/16"
+    if layout.fp8 and layout.device.type != "cuda":
+        return "fp8 keys need a GPU (the interpreter has no e4m3 conversion)"
+    if triton.next_power_of_2(layout.num_heads) * triton.next_power_of_2(max(cos_sin_cache.shape[1] // 2, 1)) > 16384:
+        return "heads x rotary pairs too large for one tile"
+    if layout.num_layers * slots.shape[0] >= 2**31:
+        return "more than 2^31 - 1 (layer, token) programs"
+    return None
+
+
+@triton.jit
+def _key_base(ptrs_ptr, l, CDT: tl.constexpr):
+    a = tl.load(ptrs_ptr + l)
+    if CDT == 0:
+        p = a.to(tl.pointer_type(tl.float32))
+    elif CDT == 1:
+        p = a.to(tl.pointer_type(tl.float16))
+    elif CDT == 2:
+        p = a.to(tl.pointer_type(tl.bfloat16))
+    else:
+        p = a.to(tl.pointer_type(tl.float8e4nv))
+    return p
+
+
+@triton.jit
+def _chan(o, X, sDX, sDI, SPLIT: tl.constexpr):
+    if SPLIT:
+        c = (o // X).to(tl.int64) * sDX + (o % X).to(tl.int64) * sDI
+    else:
+        c = o.to(tl.int64) * sDI
+    return c
+
+
+@triton.jit
+def _rerotate_paged_kernel(ptrs_ptr, sc_ptr, slots_ptr, old_ptr, new_ptr, cs_ptr, T, H, max_pos, NSLOTS, BS,
+                           s_b, s_t, s_h, s_dx, s_di, X, ss_l, ss_h, cs_stride,
+                           HALF: tl.constexpr, NEOX: tl.constexpr, FP8: tl.constexpr, SPLIT: tl.constexpr,
+                           CDT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
+    pid = tl.program_id(0)
+    l = pid // T
+    t = pid % T
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    po = tl.load(old_ptr + t)
+    pn = tl.load(new_ptr + t)
+    ok = (po >= 0) & (po < max_pos) & (pn >= 0) & (pn < max_pos) & (slot >= 0) & (slot < NSLOTS)
+    if ok:
+        blk = slot // BS
+        r = tl.arange(0, BLOCK_R)
+        rm = r < HALF
+        co = tl.load(cs_ptr + po * cs_stride + r, mask=rm, other=1.0).to(tl.float32)
+        so = tl.load(cs_ptr + po * cs_stride + HALF + r, mask=rm, other=0.0).to(tl.float32)
+        cn = tl.load(cs_ptr + pn * cs_stride + r, mask=rm, other=1.0).to(tl.float32)
+        sn = tl.load(cs_ptr + pn * cs_stride + HALF + r, mask=rm, other=0.0).to(tl.float32)
+        cd = cn * co + sn * so
+        sd = sn * co - cn * so
+        h = tl.arange(0, BLOCK_H)
+        m = (h[:, None] < H) & rm[None, :]
+        base = _key_base(ptrs_ptr, l, CDT) + blk * s_b + (slot - blk * BS) * s_t
+        rows = base + h[:, None].to(tl.int64) * s_h
+        if NEOX:
+            o1 = _chan(r, X, s_dx, s_di, SPLIT)
+            o2 = _chan(r + HALF, X, s_dx, s_di, SPLIT)
+        else:
+            o1 = _chan(2 * r, X, s_dx, s_di, SPLIT)
+            o2 = _chan(2 * r + 1, X, s_dx, s_di, SPLIT)
+        x1 = tl.load(rows + o1[None, :], mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(rows + o2[None, :], mask=m, other=0.0).to(tl.float32)
+        if FP8:
+            sc = tl.load(sc_ptr + l.to(tl.int64) * ss_l + h.to(tl.int64) * ss_h, mask=h < H, other=1.0)[:, None]
+            x1 = x1 * sc
+            x2 = x2 * sc
+        y1 = x1 * cd[None, :] - x2 * sd[None, :]
+        y2 = x2 * cd[None, :] + x1 * sd[None, :]
+        if FP8:
+            inv = 1.0 / sc
+            y1 = tl.minimum(tl.maximum(y1 * inv, -448.0), 448.0)
+            y2 = tl.minimum(tl.maximum(y2 * inv, -448.0), 448.0)
+        tl.store(rows + o1[None, :], y1.to(base.dtype.element_ty), mask=m)
+        tl.store(rows + o2[None, :], y2.to(base.dtype.element_ty), mask=m)
+
+
+def rerotate_keys_paged_into(layout, slots, old_pos, new_pos, cos_sin_cache, is_neox: bool, k_scale) -> None:
+    L, T = layout.num_layers, slots.shape[0]
+    half = cos_sin_cache.shape[1] // 2
+    cs = cos_sin_cache.contiguous()
+    sB, sT, sH, sDX, sDI = layout.strides[0]
+    fp8 = layout.fp8
+    sc = k_scale if fp8 else cs
+    ss = k_scale.stride() if fp8 else (0, 0)
+    _rerotate_paged_kernel[(L * T,)](layout.ptrs, sc, slots, old_pos, new_pos, cs, T, layout.num_heads, cs.shape[0],
+                                     layout.num_slots, layout.block_size, sB, sT, sH, sDX, sDI, layout.x, ss[0], ss[1],
+                                     cs.stride(0), HALF=half, NEOX=bool(is_neox), FP8=fp8,
+                                     SPLIT=layout.x != layout.head_dim, CDT=_PAGED_CDT[layout.dtype],
+                                     BLOCK_H=triton.next_power_of_2(layout.num_heads),
+                                     BLOCK_R=triton.next_power_of_2(half))
