@@ -27,7 +27,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .ops import cos_sin_cache_from_inv_freq, rerotate_keys, select_tokens
+from .ops import cos_sin_cache_from_inv_freq, rerotate_keys, scatter_tokens, select_tokens
 from ..reference.blend import topk_mask_into
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -314,8 +314,7 @@ class Blender:
                 keep = self._select(ks[0], vs[0], K[li][:, act], V[li][:, act], act, cand, forced,
                                     int(round(f * n_free)), "ranked", deviation_on, seed)
             # write K/V of every active token, then attend with the active queries
-            K[li].index_copy_(1, act, ks[0].to(dt))
-            V[li].index_copy_(1, act, vs[0].to(dt))
+            scatter_tokens([K[li], V[li]], act, [ks[0], vs[0]], dim=1, validate=False)
             if keep is not None:
                 act = act[keep]
                 qs, h = qs[:, :, keep], h[:, keep]

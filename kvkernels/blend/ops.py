@@ -5,6 +5,9 @@
 * :func:`rerotate_keys_paged` -- the same for keys that live in an engine's paged cache
   (a :class:`~kvkernels.layouts.PagedLayout` and a slot mapping; ``kvkernels::rerotate_keys_paged``,
   mutates the K caches).
+* :func:`gather_tokens` / :func:`scatter_tokens` -- the selected tokens' rows out of hidden
+  states / positions, and their recomputed K/V back into the cache (``kvkernels::gather_tokens``
+  mutates its outputs, ``kvkernels::scatter_tokens`` the caches).
 * :func:`select_tokens` -- per-token KV deviation and the top-k tokens to recompute, joined with
   the tokens that must always be computed (``kvkernels::select_tokens``, mutates its
   ``mask`` / ``deviation`` outputs).
@@ -28,6 +31,8 @@ for _b, _mod in (("cuda", "kvkernels.cuda.blend"), ("triton", "kvkernels.triton_
     dispatch.register("rerotate_keys_paged", _b, _mod, "rerotate_keys_paged_into",
                       None if _b == "torch" else "supports_paged")
 for _b, _mod in (("triton", "kvkernels.triton_kernels.blend"), ("torch", "kvkernels.reference.blend")):
+    dispatch.register("gather_tokens", _b, _mod, "gather_tokens_into", None if _b == "torch" else "supports_rows")
+    dispatch.register("scatter_tokens", _b, _mod, "scatter_tokens_into", None if _b == "torch" else "supports_rows")
     dispatch.register("select_tokens", _b, _mod, "select_tokens_into", None if _b == "torch" else "supports_select")
 
 KEY_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)
@@ -82,6 +87,39 @@ def rerotate_keys_paged_op(caches: List[torch.Tensor], ptrs: torch.Tensor, spec:
 
 @rerotate_keys_paged_op.register_fake
 def _(caches, ptrs, spec, slots, old_pos, new_pos, cos_sin_cache, is_neox, k_scale, backend) -> None:
+    return None
+
+
+def _rows_key(xs, ys):
+    return tuple((x.device, x.dtype, y.dtype, x.dim(), x.stride(-1) == 1 or x.shape[-1] <= 1,
+                  y.stride(-1) == 1 or y.shape[-1] <= 1) for x, y in zip(xs, ys))
+
+
+@torch.library.custom_op("kvkernels::gather_tokens", mutates_args=("outs",))
+def gather_tokens_op(xs: List[torch.Tensor], index: torch.Tensor, outs: List[torch.Tensor],
+                     backend: Optional[str]) -> None:
+    """``outs[i][s] = xs[i][index[s]]``: ``xs[i]`` ``[T, R, C]``, ``outs[i]`` ``[S, R, C]``, index int64 ``[S]``."""
+    case = (xs, outs)
+    _, impl = dispatch.resolve("gather_tokens", _rows_key(xs, outs), case, backend, xs[0].device.type)
+    impl(xs, index, outs)
+
+
+@gather_tokens_op.register_fake
+def _(xs, index, outs, backend) -> None:
+    return None
+
+
+@torch.library.custom_op("kvkernels::scatter_tokens", mutates_args=("caches",))
+def scatter_tokens_op(caches: List[torch.Tensor], index: torch.Tensor, srcs: List[torch.Tensor],
+                      backend: Optional[str]) -> None:
+    """``caches[i][index[s]] = srcs[i][s]``: ``caches[i]`` ``[T, R, C]``, ``srcs[i]`` ``[S, R, C]``."""
+    case = (srcs, caches)
+    _, impl = dispatch.resolve("scatter_tokens", _rows_key(srcs, caches), case, backend, caches[0].device.type)
+    impl(caches, index, srcs)
+
+
+@scatter_tokens_op.register_fake
+def _(caches, index, srcs, backend) -> None:
     return None
 
 
@@ -414,6 +452,169 @@ def select_tokens(fresh_k: Optional[torch.Tensor] = None, cached_k: Optional[tor
     if T:
         select_tokens_op(fresh_k, cached_k, fresh_v, cached_v, count, fm, cm, mask, dev, backend)
     return Selection(indices=mask.nonzero().flatten(), mask=mask, deviation=dev)
+
+
+# ---- gather / scatter of selected tokens ------------------------------------------------------
+TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def _as_list(name, t) -> List[torch.Tensor]:
+    if isinstance(t, torch.Tensor):
+        return [t]
+    if not isinstance(t, (list, tuple)) or not t:
+        raise TypeError(f"{name}: expected a tensor or a non-empty list of tensors, got {type(t).__name__}")
+    for i, x in enumerate(t):
+        _tensor(f"{name}[{i}]", x)
+    return list(t)
+
+
+def _trc(name: str, t: torch.Tensor, dim: int) -> torch.Tensor:
+    """``t`` with ``dim`` moved first, seen as ``[tokens, R, C]`` (a view, never a copy)."""
+    if t.dim() == 0:
+        raise ValueError(f"{name}: expected at least one dim (the tokens), got a 0-d tensor")
+    if not -t.dim() <= dim < t.dim():
+        raise ValueError(f"dim: {dim} is out of range for {name} of shape {tuple(t.shape)}")
+    x = t.movedim(dim, 0)
+    if x.dim() == 1:
+        return x.view(x.shape[0], 1, 1) if x.is_contiguous() else x.unsqueeze(1).unsqueeze(2)
+    C = x.shape[-1]
+    if x.stride(-1) != 1 and C > 1:
+        raise ValueError(f"{name}: the last dim must be dense (stride 1), got strides {tuple(t.stride())}")
+    try:
+        return x.view(x.shape[0], -1, C) if x.numel() else x.reshape(x.shape[0], -1, C)
+    except RuntimeError:
+        raise ValueError(f"{name}: the dims between the token dim and the last one cannot be viewed as one "
+                         f"(shape {tuple(t.shape)}, strides {tuple(t.stride())}); pass a view with those dims "
+                         f"collapsible") from None
+
+
+def _index(index, T: int, device, validate: Optional[bool], distinct: bool) -> torch.Tensor:
+    _tensor("index", index)
+    if index.dtype not in POS_DTYPES:
+        raise TypeError(f"index: expected an int64 or int32 tensor, got {index.dtype}")
+    if index.dim() != 1:
+        raise ValueError(f"index: expected a 1-D tensor [S], got shape {tuple(index.shape)}")
+    if index.device != device:
+        raise ValueError(f"index: expected a tensor on {device}, got {index.device}")
+    if validate or (validate is None and device.type == "cpu"):
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= T):
+            raise ValueError(f"index: token indices must lie in [0, {T}), got values in "
+                             f"[{int(index.min())}, {int(index.max())}]")
+        if distinct and index.numel() != torch.unique(index).numel():
+            raise ValueError("index: scatter indices must be distinct (two sources for one token)")
+    return index.to(torch.int64)
+
+
+def gather_tokens(x: TensorOrList, index: torch.Tensor, *, dim: int = 0, out: Optional[TensorOrList] = None,
+                  validate: Optional[bool] = None, backend: Optional[str] = None) -> TensorOrList:
+    """The selected tokens' rows: ``out = x.index_select(dim, index)``, as one data-moving kernel.
+
+    For the tokens a blend recomputes: their hidden states (``[T, hidden]``, or HF's
+    ``[1, T, hidden]`` with ``dim=1``), their positions (``[T]``), or rows of K/V.
+
+    Args:
+        x: a tensor, or a list of tensors (gathered with the same index in one launch per two
+            tensors), each with the tokens along ``dim`` (size T; all the same T); any strides
+            as long as the last dim is dense and the dims between ``dim`` and the last can be
+            viewed as one. float32/16, bf16, fp8, int64/32/16/8, uint8, bool.
+        index: int64/int32 ``[S]`` on ``x``'s device: the tokens to take, in output order.
+        dim: the token dim.
+        out: optional outputs (``x``'s shape with ``dim`` of size S, ``x``'s dtype and device,
+            last dim dense); allocated if None.
+        validate: check the index values on the host (None: when on the CPU; True syncs).
+            Kernels skip (leave the output row unchanged for) indices outside ``[0, T)``.
+        backend: ``"triton"`` or ``"torch"`` (default: ``KVKERNELS_BACKEND`` or the first that
+            supports the case).
+
+    Returns: ``out`` (a tensor, or a list if ``x`` was a list).
+    """
+    single = isinstance(x, torch.Tensor)
+    xs = _as_list("x", x)
+    S = index.shape[0] if isinstance(index, torch.Tensor) and index.dim() == 1 else 0
+    T = None
+    xv = []
+    for i, t in enumerate(xs):
+        name = "x" if single else f"x[{i}]"
+        v = _trc(name, t, dim)
+        if T is not None and v.shape[0] != T:
+            raise ValueError(f"{name}: has {v.shape[0]} tokens along dim {dim}, the others {T}")
+        if t.device != xs[0].device:
+            raise ValueError(f"{name}: expected a tensor on {xs[0].device}, got {t.device}")
+        T = v.shape[0]
+        xv.append(v)
+    idx = _index(index, T, xs[0].device, validate, False)
+    if out is None:
+        outs = []
+        for t in xs:
+            shp = list(t.shape)
+            shp[dim] = S
+            outs.append(torch.empty(shp, dtype=t.dtype, device=t.device))
+    else:
+        outs = _as_list("out", out)
+        if len(outs) != len(xs):
+            raise ValueError(f"out: expected {len(xs)} tensors like x, got {len(outs)}")
+    ov = []
+    for i, (t, o) in enumerate(zip(xs, outs)):
+        name = "out" if single else f"out[{i}]"
+        shp = list(t.shape)
+        shp[dim] = S
+        if tuple(o.shape) != tuple(shp) or o.dtype != t.dtype or o.device != t.device:
+            raise ValueError(f"{name}: expected shape {tuple(shp)}, dtype {t.dtype} on {t.device}, got "
+                             f"{tuple(o.shape)} {o.dtype} on {o.device}")
+        ov.append(_trc(name, o, dim))
+    if S and T:
+        gather_tokens_op(xv, idx, ov, backend)
+    return outs[0] if single else outs
+
+
+def scatter_tokens(cache: TensorOrList, index: torch.Tensor, src: TensorOrList, *, dim: int = 0,
+                   validate: Optional[bool] = None, backend: Optional[str] = None) -> TensorOrList:
+    """Write the selected tokens' rows back, in place: ``cache.index_copy_(dim, index, src)``.
+
+    For the recomputed K/V of a blend's selected tokens going back into the blended cache (e.g.
+    ``scatter_tokens([K, V], index, [k_new, v_new], dim=1)`` for HF's ``[H, T, D]`` layer caches;
+    K and V in one launch). For paged caches use :func:`kvkernels.scatter` with the selected
+    tokens' slots.
+
+    Args:
+        cache: a tensor or a list of tensors (the same T along ``dim``), modified in place; last
+            dim dense, the dims between ``dim`` and the last viewable as one.
+        index: int64/int32 ``[S]``, distinct token indices (checked when validated).
+        src: as many tensors, each its cache's shape with ``dim`` of size S, on its device, any
+            dtype that rounds (RNE) to the cache's (e.g. float32 into bf16).
+        dim, validate, backend: as in :func:`gather_tokens` (indices outside ``[0, T)`` skip).
+
+    Returns: ``cache``.
+    """
+    single = isinstance(cache, torch.Tensor)
+    cs = _as_list("cache", cache)
+    ss = _as_list("src", src)
+    if len(ss) != len(cs):
+        raise ValueError(f"src: expected {len(cs)} tensors like cache, got {len(ss)}")
+    S = index.shape[0] if isinstance(index, torch.Tensor) and index.dim() == 1 else 0
+    cv, sv, T = [], [], None
+    for i, (c, s) in enumerate(zip(cs, ss)):
+        cn, sn = ("cache", "src") if single else (f"cache[{i}]", f"src[{i}]")
+        v = _trc(cn, c, dim)
+        if T is not None and v.shape[0] != T:
+            raise ValueError(f"{cn}: has {v.shape[0]} tokens along dim {dim}, the others {T}")
+        T = v.shape[0]
+        shp = list(c.shape)
+        shp[dim] = S
+        if tuple(s.shape) != tuple(shp):
+            raise ValueError(f"{sn}: expected shape {tuple(shp)} ({cn}'s with dim {dim} of size {S}), "
+                             f"got {tuple(s.shape)}")
+        if s.device != c.device or c.device != cs[0].device:
+            raise ValueError(f"{sn}: expected a tensor on {cs[0].device}, got {s.device}")
+        if (c.dtype == torch.bool) != (s.dtype == torch.bool) or (c.dtype.is_floating_point and not
+                                                                   s.dtype.is_floating_point):
+            raise TypeError(f"{sn}: dtype {s.dtype} cannot be written into {cn} of dtype {c.dtype}")
+        cv.append(v)
+        sv.append(_trc(sn, s, dim))
+    idx = _index(index, T, cs[0].device, validate, True)
+    if S and T:
+        scatter_tokens_op(cv, idx, sv, backend)
+    return cache
 
 
 def cos_sin_cache_from_inv_freq(inv_freq: torch.Tensor, max_pos: int, dtype=torch.float32) -> torch.Tensor:

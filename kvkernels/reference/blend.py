@@ -138,6 +138,28 @@ def select_tokens_into(fresh_k, cached_k, fresh_v, cached_v, count: int, forced,
 
 
 # ---- gather / scatter of selected tokens -----------------------------------------------------
+# Normal form (what the ops receive): every tensor is a 3-D view ``[tokens, R, C]`` (the token
+# dim first, the dims between it and the last collapsed into R, the last dim C dense), and
+# ``index`` int64 ``[S]``. An index outside ``[0, T)`` skips its row (nothing read or written
+# for it); scatter indices must be distinct.
+def gather_tokens_into(xs, index: torch.Tensor, outs) -> None:
+    """``outs[i][s] = xs[i][index[s]]`` for each pair: ``xs[i]`` ``[T, R, C]``, ``outs[i]``
+    ``[S, R, C]`` of the same dtype (hidden states, positions, K/V rows)."""
+    for x, out in zip(xs, outs):
+        ok = (index >= 0) & (index < x.shape[0])
+        sel = ok.nonzero().flatten()
+        out[sel] = x[index[sel]]
+
+
+def scatter_tokens_into(caches, index: torch.Tensor, srcs) -> None:
+    """``caches[i][index[s]] = srcs[i][s]`` for each pair (``[T, R, C]`` / ``[S, R, C]``),
+    rounded (RNE) to the cache's dtype (recomputed K/V into the blended cache)."""
+    for c, src in zip(caches, srcs):
+        ok = (index >= 0) & (index < c.shape[0])
+        sel = ok.nonzero().flatten()
+        c[index[sel]] = src[sel].to(c.dtype)
+
+
 def gather_tokens(x: torch.Tensor, index: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """The selected tokens of ``x`` along ``dim`` (hidden states ``[T, hidden]``, positions ``[T]``)."""
     return x.index_select(dim, index)

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -17,6 +18,9 @@ import triton.language as tl
 
 from ..reference.blend import topk_mask_into
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# no FMA contraction: the rotation is the spec's separate roundings, bit-identical to the reference
+_LAUNCH = {} if _INTERPRET else {"enable_fp_fusion": False}
 _DT = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn)
 
 
@@ -73,7 +77,7 @@ def _rerotate_kernel(key_ptr, sc_ptr, old_ptr, new_ptr, cs_ptr, T, H, max_pos,
         y1 = x1 * cd[None, :] - x2 * sd[None, :]
         y2 = x2 * cd[None, :] + x1 * sd[None, :]
         if FP8:
-            inv = 1.0 / sc
+            inv = tl.math.div_rn(tl.full(sc.shape, 1.0, tl.float32), sc)
             y1 = tl.minimum(tl.maximum(y1 * inv, -448.0), 448.0)
             y2 = tl.minimum(tl.maximum(y2 * inv, -448.0), 448.0)
         tl.store(base + o1, y1.to(key_ptr.dtype.element_ty), mask=m)
@@ -90,7 +94,7 @@ def rerotate_keys_into(key, old_pos, new_pos, cos_sin_cache, is_neox: bool, k_sc
     _rerotate_kernel[(L * T,)](key, sc, old_pos, new_pos, cs, T, H, cs.shape[0],
                                key.stride(0), key.stride(1), key.stride(2), ss[0], ss[1], ss[2], cs.stride(0),
                                HALF=half, NEOX=bool(is_neox), FP8=fp8,
-                               BLOCK_H=triton.next_power_of_2(H), BLOCK_R=triton.next_power_of_2(half))
+                               BLOCK_H=triton.next_power_of_2(H), BLOCK_R=triton.next_power_of_2(half), **_LAUNCH)
 
 
 # ---- selection ------------------------------------------------------------------------------
@@ -221,7 +225,7 @@ def _rerotate_paged_kernel(ptrs_ptr, sc_ptr, slots_ptr, old_ptr, new_ptr, cs_ptr
         y1 = x1 * cd[None, :] - x2 * sd[None, :]
         y2 = x2 * cd[None, :] + x1 * sd[None, :]
         if FP8:
-            inv = 1.0 / sc
+            inv = tl.math.div_rn(tl.full(sc.shape, 1.0, tl.float32), sc)
             y1 = tl.minimum(tl.maximum(y1 * inv, -448.0), 448.0)
             y2 = tl.minimum(tl.maximum(y2 * inv, -448.0), 448.0)
         tl.store(rows + o1[None, :], y1.to(base.dtype.element_ty), mask=m)
@@ -241,4 +245,113 @@ def rerotate_keys_paged_into(layout, slots, old_pos, new_pos, cos_sin_cache, is_
                                      cs.stride(0), HALF=half, NEOX=bool(is_neox), FP8=fp8,
                                      SPLIT=layout.x != layout.head_dim, CDT=_PAGED_CDT[layout.dtype],
                                      BLOCK_H=triton.next_power_of_2(layout.num_heads),
-                                     BLOCK_R=triton.next_power_of_2(half))
+                                     BLOCK_R=triton.next_power_of_2(half), **_LAUNCH)
+
+
+# ---- gather / scatter of selected tokens ------------------------------------------------------
+# A pure data move: program (i, j, p) copies BM rows x BC channels of pair p (0 or 1: up to two
+# (source, destination) pairs per launch, e.g. K and V), rows being the flattened (selected token
+# s, middle index r) of the [S, R, C] side; one index load and one division per row, the channel
+# dim dense so that the accesses are 16-byte vectors when the strides allow (Triton specialises
+# strides divisible by 16). A row whose index is outside [0, T) is skipped.
+_ROW_DT = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.int64, torch.int32,
+           torch.int16, torch.uint8, torch.int8, torch.bool)
+_TILE_BYTES = 16384
+
+
+def supports_rows(xs, ys) -> Optional[str]:
+    for t in list(xs) + list(ys):
+        if t.dtype not in _ROW_DT:
+            return f"dtype {t.dtype} is not supported"
+        if t.dtype == torch.float8_e4m3fn and t.device.type != "cuda":
+            return "fp8 tensors need a GPU (the interpreter has no e4m3 type)"
+        if t.dim() != 3 or (t.stride(-1) != 1 and t.shape[-1] > 1):
+            return "expects [tokens, R, C] views with a dense last dim"
+    for x, y in zip(xs, ys):
+        if (x.dtype == torch.bool) != (y.dtype == torch.bool):
+            return "bool tensors pair with bool tensors only"
+    return None
+
+
+@triton.jit
+def _rows_body(src_ptr, dst_ptr, idx_ptr, S, T, R, C, s_t, s_r, d_t, d_r, pid_m, pid_c,
+               SCATTER: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+    m = pid_m * BM + tl.arange(0, BM)
+    mm = m < S * R
+    s = m // R
+    r = m - s * R
+    j = tl.load(idx_ptr + s, mask=mm, other=-1).to(tl.int64)
+    ok = mm & (j >= 0) & (j < T)
+    c = pid_c * BC + tl.arange(0, BC)
+    msk = ok[:, None] & (c < C)[None, :]
+    s64 = s.to(tl.int64)
+    r64 = r.to(tl.int64)
+    if SCATTER:
+        so = s64 * s_t + r64 * s_r
+        do = j * d_t + r64 * d_r
+    else:
+        so = j * s_t + r64 * s_r
+        do = s64 * d_t + r64 * d_r
+    v = tl.load(src_ptr + so[:, None] + c[None, :], mask=msk)
+    tl.store(dst_ptr + do[:, None] + c[None, :], v.to(dst_ptr.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _rows_kernel(a_src, a_dst, a_S, a_T, a_R, a_C, a_st, a_sr, a_dt, a_dr,
+                 b_src, b_dst, b_S, b_T, b_R, b_C, b_st, b_sr, b_dt, b_dr, idx_ptr,
+                 SCATTER: tl.constexpr, A_BM: tl.constexpr, A_BC: tl.constexpr, B_BM: tl.constexpr,
+                 B_BC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    if tl.program_id(2) == 0:
+        if (pid_m * A_BM < a_S * a_R) & (pid_c * A_BC < a_C):
+            _rows_body(a_src, a_dst, idx_ptr, a_S, a_T, a_R, a_C, a_st, a_sr, a_dt, a_dr, pid_m, pid_c,
+                       SCATTER, A_BM, A_BC)
+    else:
+        if (pid_m * B_BM < b_S * b_R) & (pid_c * B_BC < b_C):
+            _rows_body(b_src, b_dst, idx_ptr, b_S, b_T, b_R, b_C, b_st, b_sr, b_dt, b_dr, pid_m, pid_c,
+                       SCATTER, B_BM, B_BC)
+
+
+def _bv(t):
+    return t.view(torch.uint8) if t.dtype == torch.bool else t
+
+
+def _tile(S, R, C, esize):
+    BC = min(triton.next_power_of_2(max(C, 1)), max(1, _TILE_BYTES // esize))
+    BM = max(1, min(_TILE_BYTES // esize // BC, triton.next_power_of_2(max(S * R, 1))))
+    return BM, BC
+
+
+def _rows(srcs, dsts, index, scatter: bool) -> None:
+    """(source, destination) [.., R, C] pairs; the [S, R, C] side is the destination for gather,
+    the source for scatter; index int64 [S]."""
+    pairs = list(zip(srcs, dsts))
+    for k in range(0, len(pairs), 2):
+        args, tiles, grid_m, grid_c = [], [], 0, 0
+        chunk = pairs[k:k + 2]
+        for src, dst in chunk:
+            small = src if scatter else dst
+            big = dst if scatter else src
+            S, R, C = small.shape
+            BM, BC = _tile(S, R, C, max(src.element_size(), dst.element_size()))
+            tiles += [BM, BC]
+            grid_m = max(grid_m, triton.cdiv(S * R, BM))
+            grid_c = max(grid_c, triton.cdiv(C, BC))
+            args += [_bv(src), _bv(dst), S, big.shape[0], R, C, src.stride(0), src.stride(1), dst.stride(0),
+                     dst.stride(1)]
+        if len(chunk) == 1:
+            args += args[:10]
+            tiles += tiles[:2]
+        if grid_m == 0:
+            continue
+        _rows_kernel[(grid_m, grid_c, len(chunk))](*args, index, SCATTER=scatter, A_BM=tiles[0], A_BC=tiles[1],
+                                                   B_BM=tiles[2], B_BC=tiles[3])
+
+
+def gather_tokens_into(xs, index, outs) -> None:
+    _rows(xs, outs, index, False)
+
+
+def scatter_tokens_into(caches, index, srcs) -> None:
+    _rows(srcs, caches, index, True)
