@@ -4,6 +4,13 @@
   per (layer, token), all heads and rotary pairs as one ``[BLOCK_H, BLOCK_R]`` tile; cos/sin of
   both positions read once per token, the rotation by (new - old) composed in float32;
   tokens with a position outside the cache are skipped. Only the rotary channels are touched.
+  Compiled without FMA contraction: bit-identical to the reference on the GPU.
+* ``rerotate_keys_paged_into(layout, slots, ...)``: the same program per (layer, token) over a
+  :class:`~kvkernels.layouts.PagedLayout`'s K caches (base address from ``ptrs``, the slot's
+  block / offset, the layout's channel addressing with the legacy x-split compiled in only
+  where it exists).
+* ``gather_tokens_into`` / ``scatter_tokens_into``: a pure row move of ``[tokens, R, C]`` views
+  by an index, two (source, destination) pairs per launch (K and V; hidden states and positions).
 * ``select_tokens_into(...)``: the per-token deviation (squared difference over heads and
   head_dim, float32) as one program per block of tokens, then the reference's top-k.
 """
@@ -267,6 +274,8 @@ def supports_rows(xs, ys) -> Optional[str]:
             return "fp8 tensors need a GPU (the interpreter has no e4m3 type)"
         if t.dim() != 3 or (t.stride(-1) != 1 and t.shape[-1] > 1):
             return "expects [tokens, R, C] views with a dense last dim"
+        if t.shape[0] * t.shape[1] >= 2**31:
+            return "more than 2^31 - 1 rows (tokens x R)"
     for x, y in zip(xs, ys):
         if (x.dtype == torch.bool) != (y.dtype == torch.bool):
             return "bool tensors pair with bool tensors only"
