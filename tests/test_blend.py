@@ -380,9 +380,10 @@ def test_rerotate_paged_fp8(backend):
     sc = torch.rand(L, H, device=DEVICE) * 0.01 + 0.005
     slots = torch.randperm(NB * BS, device=DEVICE)[:T]
     x = [torch.randn(T, H, D, device=DEVICE) for _ in range(L)]
+    by_slot = lambda l: ks[l].view(torch.uint8).view(-1, H, D)  # index fp8 through uint8 views
     for l in range(L):
-        ks[l].view(-1, H, D)[slots] = (x[l] / sc[l][None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
-    flat = torch.stack([ks[l].view(-1, H, D)[slots] for l in range(L)])  # [L, T, H, D] codes
+        by_slot(l)[slots] = (x[l] / sc[l][None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
+    flat = torch.stack([by_slot(l)[slots] for l in range(L)]).view(torch.float8_e4m3fn)  # [L, T, H, D] codes
     old = torch.randint(0, 256, (T,), device=DEVICE)
     new = torch.randint(0, 256, (T,), device=DEVICE)
     scf = sc[:, None, :].expand(L, T, H)
@@ -393,8 +394,8 @@ def test_rerotate_paged_fp8(backend):
     if why:
         pytest.skip(f"{backend}: {why}")
     rerotate_keys_paged(lay, slots, old, new, cs, k_scale=sc, backend=backend)
-    got = torch.stack([ks[l].view(-1, H, D)[slots] for l in range(L)])
-    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    got = torch.stack([by_slot(l)[slots] for l in range(L)])
+    assert torch.equal(got, want.view(torch.uint8))
     assert all(torch.equal(v.view(torch.uint8), torch.zeros_like(v.view(torch.uint8))) for v in vv)
 
 
