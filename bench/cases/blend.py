@@ -2,9 +2,14 @@
 ``select_tokens`` overhead, and time to first token (TTFT) of a blend vs full prefill.
 
 Bytes moved (the floor): rerotate reads and writes the rotary channels of every key
-(``2 * L*T*H*rot_dim * esize``) plus two cos/sin rows per token; gather/scatter of ``S`` selected
-tokens of one layer's K and V reads and writes ``2 * 2 * S*H*D * esize``; select reads the fresh
-and cached K and V (``4 * T*H*D * esize``). Each row has the same-run device copy of the same bytes.
+(``2 * L*T*H*rot_dim * esize``) plus two cos/sin rows per token (paged: plus the int64 slot
+mapping; vLLM NHD caches of 16-token blocks in shuffled order); ``scatter_tokens`` of ``S = 15%``
+selected tokens' recomputed K and V into one layer's ``[H, T, D]`` cache reads and writes
+``2 * 2 * S*H*D * esize`` plus the index (``scatter_tokens_paged``: the same through
+``kvkernels.scatter`` into a one-layer vLLM NHD layout); ``gather_tokens`` of their hidden states
+``[T, hidden]`` and int64 positions reads and writes ``2 * S*hidden * esize + 2 * S*8`` plus the
+index; select reads the fresh and cached K and V (``4 * T*H*D * esize``). Each row has the
+same-run device copy of the same bytes.
 TTFT rows (``op=ttft``): full prefill (one HF forward, SDPA causal) vs ``Blender.blend`` at 15%
 on the same chunks (each prefilled alone beforehand, not timed), median of eager runs.
 """
@@ -202,7 +207,7 @@ def _paged_scatter_rows(args, timer, copy, info, model, T, H, D, S, idx, src_k, 
         fn = functools.partial(kvkernels.scatter, kv, lay, slots, backend=backend)
         fn()
         ok = torch.equal(kc.view(-1, H, D)[slots], kv[0, 0]) and torch.equal(vc.view(-1, H, D)[slots], kv[1, 0])
-        rows.append(_row("scatter_tokens", f"paged:{backend}", model, 1, T, H, D, nb, timer(fn), copy, info, S=S,
+        rows.append(_row("scatter_tokens_paged", backend, model, 1, T, H, D, nb, timer(fn), copy, info, S=S,
                          layout="vllm NHD bs16 (kvkernels.scatter)", check="ok" if ok else "MISMATCH"))
         print(_fmt(rows[-1]), flush=True)
     return rows
