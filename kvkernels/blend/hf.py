@@ -205,7 +205,8 @@ class Blender:
             check_layer: the layer whose deviation selects (>= 1; layers up to it run in full).
             deviation_on: ``"k"``, ``"v"``, ``"kv"`` (the sum of both squared deviations) or
                 ``"kv_norm"`` (each divided by its mean over the candidates first, so that K, whose
-                deviations are larger, does not drown V's).
+                deviations are larger, does not drown V's) or ``"kv_union"`` (half of the budget
+                by K's ranking, the rest by V's among the others).
             narrow: ``[(layer, fraction), ...]`` increasing layers > check_layer: at each, keep the
                 forced tokens and the ``fraction`` of the selected others that deviate most.
         """
@@ -367,13 +368,21 @@ class Blender:
             m = torch.empty(a.numel(), dtype=torch.bool, device=fk.device)
             topk_mask_into(dk / nk + dv / nv, count, f_rel, c_rel, m)
             return m.nonzero().flatten()
+        if deviation_on == "kv_union":  # half of the count by K's ranking, the rest by V's
+            dk = select_tokens(tk(fk), tk(ck), count=0).deviation
+            dv = select_tokens(fresh_v=tk(fv), cached_v=tk(cv), count=0).deviation
+            m1 = torch.empty(a.numel(), dtype=torch.bool, device=fk.device)
+            topk_mask_into(dk, (count + 1) // 2, f_rel, c_rel, m1)
+            m = torch.empty_like(m1)
+            topk_mask_into(dv, count - (count + 1) // 2, m1, c_rel, m)
+            return m.nonzero().flatten()
         s = select_tokens(tk(fk) if "k" in deviation_on else None, tk(ck) if "k" in deviation_on else None,
                           tk(fv) if "v" in deviation_on else None, tk(cv) if "v" in deviation_on else None,
                           count=count, forced=f_rel, candidates=c_rel)
         return s.indices
 
 
-DEVIATIONS = ("k", "v", "kv", "kv_norm")
+DEVIATIONS = ("k", "v", "kv", "kv_norm", "kv_union")
 
 
 def _apply_rope(q, k, cos, sin):

@@ -89,6 +89,13 @@ def methods(first_k: int, sink_frac: float) -> List[dict]:
     return rows
 
 
+def union_methods(first_k: int, sink_frac: float) -> List[dict]:
+    """``--study union``: half of the budget by K's ranking, half by V's (compare with the rule
+    and ranked K+V rows of the selection study)."""
+    return [dict(label=f"K half + V half (union) {int(r * 100)}%", ratio=r, first_k=0, deviation_on="kv_union")
+            for r in (0.10, 0.15, 0.30)]
+
+
 def study_methods(first_k: int, sink_frac: float) -> List[dict]:
     """The selection study (``--study``): at 10/15/30% recomputed, CacheBlend's rule against
     variants of the deviation (K, K+V, K+V each normalised by its mean), narrowing across layers
@@ -121,7 +128,7 @@ def answer_metrics(full_logits: torch.Tensor, blend_logits: torch.Tensor, answer
 
 
 def evaluate(model, tok, text_key: str, first_k: int = 16, n_questions: int = None, seed: int = 0,
-             study: bool = False) -> dict:
+             study: str = "") -> dict:
     from kvkernels.blend import Blender
 
     b = Blender(model)
@@ -130,7 +137,7 @@ def evaluate(model, tok, text_key: str, first_k: int = 16, n_questions: int = No
     chunks = [b.prefill(torch.tensor(p)) for p in passages]
     n_ctx = sum(len(p) for p in passages)
     sink_frac = sum(min(first_k, len(p)) for p in passages[1:]) / n_ctx
-    rows = (study_methods if study else methods)(first_k, sink_frac)
+    rows = {"": methods, "selection": study_methods, "union": union_methods}[study](first_k, sink_frac)
     agg = {m["label"]: dict(kl=[], top1=[], gold_lp=[], frac=[]) for m in rows}
     full_gold = []
     qs = QUESTIONS[text_key][:n_questions] if n_questions else QUESTIONS[text_key]
@@ -179,7 +186,8 @@ def main(argv=None) -> int:
     ap.add_argument("--questions", type=int, default=None)
     ap.add_argument("--first-k", type=int, default=16)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--study", action="store_true", help="the selection study (study_methods) instead of the report")
+    ap.add_argument("--study", default="", choices=["", "selection", "union"],
+                    help="a study (study_methods / union_methods) instead of the report")
     args = ap.parse_args(argv)
     from kvkernels.eval.ppl import GGUF_NAME, _cpu_name, load_smollm2
 
