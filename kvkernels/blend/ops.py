@@ -91,8 +91,10 @@ def _(caches, ptrs, spec, slots, old_pos, new_pos, cos_sin_cache, is_neox, k_sca
 
 
 def _rows_key(xs, ys):
-    return tuple((x.device, x.dtype, y.dtype, x.dim(), x.stride(-1) == 1 or x.shape[-1] <= 1,
-                  y.stride(-1) == 1 or y.shape[-1] <= 1) for x, y in zip(xs, ys))
+    return tuple((x.device, x.dtype, y.dtype, x.dim(), y.dim(), x.stride(-1) == 1 or x.shape[-1] <= 1,
+                  y.stride(-1) == 1 or y.shape[-1] <= 1,
+                  max(t.shape[0] * t.shape[1] if t.dim() >= 2 else 0 for t in (x, y)) >= 2**31)
+                 for x, y in zip(xs, ys))
 
 
 @torch.library.custom_op("kvkernels::gather_tokens", mutates_args=("outs",))

@@ -1,5 +1,5 @@
-"""CUDA backend for ``rerotate_keys``: a thin launcher over ``kvkernels._C.rerotate_keys``
-(csrc/blend.{h,cu}, python/blend.cpp). Same conventions as kvkernels/reference/blend.py:
+"""CUDA backend for ``rerotate_keys`` and ``rerotate_keys_paged``: thin launchers over
+``kvkernels._C.rerotate_keys`` / ``rerotate_keys_paged`` (csrc/blend.{h,cu}, python/blend.cpp). Same conventions as kvkernels/reference/blend.py:
 ``key`` ``[L, T, H, D]`` (head_dim dense, other strides arbitrary), int64 positions ``[T]``,
 float32 ``cos_sin_cache`` ``[max_pos, rot_dim]``; fp8 keys with ``k_scale`` expanded to
 ``[L, T, H]`` (strides may be 0). Runs on torch's current stream; nothing synchronises.
