@@ -22,6 +22,7 @@ from .paged import gather, scatter
 from . import codec  # noqa: F401  (kvkernels.codec: encode/decode/inspect/verify)
 from .codec import coders as _codec_coders  # noqa: F401  (registers the entropy-coder ops)
 from .blend import rerotate_keys, select_tokens
+from .blend import gather_tokens, rerotate_keys_paged, scatter_tokens
 from .store import KVStore, LocalKVStore, StoreCorruptError, store_key
 
 __version__ = "0.1.0"
@@ -29,4 +30,5 @@ __version__ = "0.1.0"
 __all__ = ["BACKENDS", "BackendError", "QuantFormat", "QuantizedKV", "backend_report", "dequantize",
            "quantize", "__version__",
            "PagedLayout", "PageTable", "gather", "scatter", "rerotate_keys", "select_tokens", "codec"]
+__all__ += ["rerotate_keys_paged", "gather_tokens", "scatter_tokens"]
 __all__ += ["KVStore", "LocalKVStore", "StoreCorruptError", "store_key"]

@@ -107,3 +107,16 @@ def test_refuses_bad_input(setup):
         s.b.blend(s.chunks, s.query, ratio=1.2)
     with pytest.raises(ValueError, match="query_ids"):
         s.b.blend(s.chunks, [])
+
+
+def test_deviation_variants(setup):
+    """kv_norm / kv_union spend the same budget as kv and beat plain reuse; unknown rules refused."""
+    s = setup
+    base = s.b.blend(s.chunks, s.query, ratio=0.15, first_k=0, deviation_on="kv")
+    reuse = _kl(s, s.b.blend(s.chunks, s.query, ratio=0.0, first_k=0))
+    for how in ("kv_norm", "kv_union"):
+        r = s.b.blend(s.chunks, s.query, ratio=0.15, first_k=0, deviation_on=how)
+        assert r.n_recomputed == base.n_recomputed
+        assert _kl(s, r) < reuse
+    with pytest.raises(ValueError, match="deviation_on"):
+        s.b.blend(s.chunks, s.query, deviation_on="q")

@@ -27,7 +27,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .ops import cos_sin_cache_from_inv_freq, rerotate_keys, select_tokens
+from .ops import cos_sin_cache_from_inv_freq, rerotate_keys, scatter_tokens, select_tokens
 from ..reference.blend import topk_mask_into
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -203,7 +203,10 @@ class Blender:
                 of the context tokens to recompute (``ratio`` and ``first_k`` then ignored).
             prefix_ids: shared prefix (system prompt / BOS) placed first, computed exactly.
             check_layer: the layer whose deviation selects (>= 1; layers up to it run in full).
-            deviation_on: ``"k"``, ``"v"`` or ``"kv"``.
+            deviation_on: ``"k"``, ``"v"``, ``"kv"`` (the sum of both squared deviations) or
+                ``"kv_norm"`` (each divided by its mean over the candidates first, so that K, whose
+                deviations are larger, does not drown V's) or ``"kv_union"`` (half of the budget
+                by K's ranking, the rest by V's among the others).
             narrow: ``[(layer, fraction), ...]`` increasing layers > check_layer: at each, keep the
                 forced tokens and the ``fraction`` of the selected others that deviate most.
         """
@@ -221,8 +224,8 @@ class Blender:
             raise ValueError(f"first_k: expected an int >= 0, got {first_k!r}")
         if not isinstance(check_layer, int) or not 1 <= check_layer < max(self.L, 2):
             raise ValueError(f"check_layer: expected an int in [1, {self.L - 1}], got {check_layer!r}")
-        if deviation_on not in ("k", "v", "kv"):
-            raise ValueError(f"deviation_on: expected 'k', 'v' or 'kv', got {deviation_on!r}")
+        if deviation_on not in DEVIATIONS:
+            raise ValueError(f"deviation_on: expected one of {DEVIATIONS}, got {deviation_on!r}")
         explicit = None
         if not isinstance(selection, str):
             explicit = selection
@@ -314,8 +317,7 @@ class Blender:
                 keep = self._select(ks[0], vs[0], K[li][:, act], V[li][:, act], act, cand, forced,
                                     int(round(f * n_free)), "ranked", deviation_on, seed)
             # write K/V of every active token, then attend with the active queries
-            K[li].index_copy_(1, act, ks[0].to(dt))
-            V[li].index_copy_(1, act, vs[0].to(dt))
+            scatter_tokens([K[li], V[li]], act, [ks[0], vs[0]], dim=1, validate=False)
             if keep is not None:
                 act = act[keep]
                 qs, h = qs[:, :, keep], h[:, keep]
@@ -357,10 +359,30 @@ class Blender:
             topk_mask_into(r, count, f_rel, c_rel, m)
             return m.nonzero().flatten()
         tk = lambda t: t.transpose(0, 1)  # [A, H, D] views
+        if deviation_on == "kv_norm":
+            dk = select_tokens(tk(fk), tk(ck), count=0).deviation
+            dv = select_tokens(fresh_v=tk(fv), cached_v=tk(cv), count=0).deviation
+            w = c_rel & ~f_rel
+            nk = dk[w].mean().clamp_min(1e-30) if bool(w.any()) else dk.new_ones(())
+            nv = dv[w].mean().clamp_min(1e-30) if bool(w.any()) else dv.new_ones(())
+            m = torch.empty(a.numel(), dtype=torch.bool, device=fk.device)
+            topk_mask_into(dk / nk + dv / nv, count, f_rel, c_rel, m)
+            return m.nonzero().flatten()
+        if deviation_on == "kv_union":  # half of the count by K's ranking, the rest by V's
+            dk = select_tokens(tk(fk), tk(ck), count=0).deviation
+            dv = select_tokens(fresh_v=tk(fv), cached_v=tk(cv), count=0).deviation
+            m1 = torch.empty(a.numel(), dtype=torch.bool, device=fk.device)
+            topk_mask_into(dk, (count + 1) // 2, f_rel, c_rel, m1)
+            m = torch.empty_like(m1)
+            topk_mask_into(dv, count - (count + 1) // 2, m1, c_rel, m)
+            return m.nonzero().flatten()
         s = select_tokens(tk(fk) if "k" in deviation_on else None, tk(ck) if "k" in deviation_on else None,
                           tk(fv) if "v" in deviation_on else None, tk(cv) if "v" in deviation_on else None,
                           count=count, forced=f_rel, candidates=c_rel)
         return s.indices
+
+
+DEVIATIONS = ("k", "v", "kv", "kv_norm", "kv_union")
 
 
 def _apply_rope(q, k, cos, sin):

@@ -89,6 +89,34 @@ def methods(first_k: int, sink_frac: float) -> List[dict]:
     return rows
 
 
+def union_methods(first_k: int, sink_frac: float) -> List[dict]:
+    """``--study union``: half of the budget by K's ranking, half by V's (compare with the rule
+    and ranked K+V rows of the selection study)."""
+    return [dict(label=f"K half + V half (union) {int(r * 100)}%", ratio=r, first_k=0, deviation_on="kv_union")
+            for r in (0.10, 0.15, 0.30)]
+
+
+def study_methods(first_k: int, sink_frac: float) -> List[dict]:
+    """The selection study (``--study``): at 10/15/30% recomputed, CacheBlend's rule against
+    variants of the deviation (K, K+V, K+V each normalised by its mean), narrowing across layers
+    (twice the budget selected at layer 1, half of it kept from layer 2 on: the final fraction
+    is the budget, layer 2 pays for 2x) and a later check layer (layers 0-2 in full)."""
+    rows = [dict(label="plain reuse", ratio=0.0, first_k=0)]
+    for r in (0.10, 0.15, 0.30):
+        p = f"{int(r * 100)}%"
+        rows += [dict(label=f"CacheBlend rule (layer 1, V) {p}", ratio=r, first_k=0, deviation_on="v"),
+                 dict(label=f"ranked K+V {p}", ratio=r, first_k=0, deviation_on="kv"),
+                 dict(label=f"ranked K {p}", ratio=r, first_k=0, deviation_on="k"),
+                 dict(label=f"ranked K+V normalised {p}", ratio=r, first_k=0, deviation_on="kv_norm"),
+                 dict(label=f"V, 2x at layer 1 narrowed to {p} at layer 2", ratio=min(1.0, 2 * r), first_k=0,
+                      deviation_on="v", narrow=[(2, 0.5)]),
+                 dict(label=f"K+V normalised, 2x narrowed to {p} at layer 2", ratio=min(1.0, 2 * r), first_k=0,
+                      deviation_on="kv_norm", narrow=[(2, 0.5)]),
+                 dict(label=f"V at layer 2 (layers 0-2 in full) {p}", ratio=r, first_k=0, deviation_on="v",
+                      check_layer=2)]
+    return rows
+
+
 @torch.no_grad()
 def answer_metrics(full_logits: torch.Tensor, blend_logits: torch.Tensor, answer: torch.Tensor) -> Dict[str, float]:
     """Over the answer tokens: mean KL(full || blend), top-1 agreement, gold log-prob (blend, full)."""
@@ -99,7 +127,8 @@ def answer_metrics(full_logits: torch.Tensor, blend_logits: torch.Tensor, answer
                 gold_lp=float(lb.gather(-1, answer[:, None]).sum()), gold_lp_full=float(lf.gather(-1, answer[:, None]).sum()))
 
 
-def evaluate(model, tok, text_key: str, first_k: int = 16, n_questions: int = None, seed: int = 0) -> dict:
+def evaluate(model, tok, text_key: str, first_k: int = 16, n_questions: int = None, seed: int = 0,
+             study: str = "") -> dict:
     from kvkernels.blend import Blender
 
     b = Blender(model)
@@ -108,7 +137,7 @@ def evaluate(model, tok, text_key: str, first_k: int = 16, n_questions: int = No
     chunks = [b.prefill(torch.tensor(p)) for p in passages]
     n_ctx = sum(len(p) for p in passages)
     sink_frac = sum(min(first_k, len(p)) for p in passages[1:]) / n_ctx
-    rows = methods(first_k, sink_frac)
+    rows = {"": methods, "selection": study_methods, "union": union_methods}[study](first_k, sink_frac)
     agg = {m["label"]: dict(kl=[], top1=[], gold_lp=[], frac=[]) for m in rows}
     full_gold = []
     qs = QUESTIONS[text_key][:n_questions] if n_questions else QUESTIONS[text_key]
@@ -157,6 +186,8 @@ def main(argv=None) -> int:
     ap.add_argument("--questions", type=int, default=None)
     ap.add_argument("--first-k", type=int, default=16)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--study", default="", choices=["", "selection", "union"],
+                    help="a study (study_methods / union_methods) instead of the report")
     args = ap.parse_args(argv)
     from kvkernels.eval.ppl import GGUF_NAME, _cpu_name, load_smollm2
 
@@ -164,7 +195,7 @@ def main(argv=None) -> int:
     model, tok = load_smollm2(args.device, torch.float32)
     parts = []
     for t in args.texts.split(","):
-        res = evaluate(model, tok, t, first_k=args.first_k, n_questions=args.questions)
+        res = evaluate(model, tok, t, first_k=args.first_k, n_questions=args.questions, study=args.study)
         parts.append(markdown(res))
         print(parts[-1], flush=True)
     dev = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else _cpu_name()
@@ -180,7 +211,7 @@ def main(argv=None) -> int:
             "layer 1 (layers 0 and 1 run in full: their fresh K/V are written back for every token); CacheBlend's "
             "rule uses V only and no sinks. Every recomputed token attends to the keys at positions <= its own.\n")
     doc = head + "\n" + "\n\n".join(parts) + "\n"
-    if args.out:
+    if args.out and not args.study:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "blend-quality.md").write_text(doc)
     return 0

@@ -138,6 +138,28 @@ def select_tokens_into(fresh_k, cached_k, fresh_v, cached_v, count: int, forced,
 
 
 # ---- gather / scatter of selected tokens -----------------------------------------------------
+# Normal form (what the ops receive): every tensor is a 3-D view ``[tokens, R, C]`` (the token
+# dim first, the dims between it and the last collapsed into R, the last dim C dense), and
+# ``index`` int64 ``[S]``. An index outside ``[0, T)`` skips its row (nothing read or written
+# for it); scatter indices must be distinct.
+def gather_tokens_into(xs, index: torch.Tensor, outs) -> None:
+    """``outs[i][s] = xs[i][index[s]]`` for each pair: ``xs[i]`` ``[T, R, C]``, ``outs[i]``
+    ``[S, R, C]`` of the same dtype (hidden states, positions, K/V rows)."""
+    for x, out in zip(xs, outs):
+        ok = (index >= 0) & (index < x.shape[0])
+        sel = ok.nonzero().flatten()
+        out[sel] = x[index[sel]]
+
+
+def scatter_tokens_into(caches, index: torch.Tensor, srcs) -> None:
+    """``caches[i][index[s]] = srcs[i][s]`` for each pair (``[T, R, C]`` / ``[S, R, C]``),
+    rounded (RNE) to the cache's dtype (recomputed K/V into the blended cache)."""
+    for c, src in zip(caches, srcs):
+        ok = (index >= 0) & (index < c.shape[0])
+        sel = ok.nonzero().flatten()
+        c[index[sel]] = src[sel].to(c.dtype)
+
+
 def gather_tokens(x: torch.Tensor, index: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """The selected tokens of ``x`` along ``dim`` (hidden states ``[T, hidden]``, positions ``[T]``)."""
     return x.index_select(dim, index)
@@ -146,3 +168,34 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor, dim: int = 0) -> torch.T
 def scatter_tokens_(cache: torch.Tensor, index: torch.Tensor, src: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """``cache[index] = src`` along ``dim`` in place (recomputed K/V back into ``[T, H, D]``)."""
     return cache.index_copy_(dim, index, src.to(cache.dtype))
+
+
+# ---- paged keys ------------------------------------------------------------------------------
+def rerotate_keys_paged_into(layout, slots: torch.Tensor, old_pos: torch.Tensor, new_pos: torch.Tensor,
+                             cos_sin_cache: torch.Tensor, is_neox: bool, k_scale: Optional[torch.Tensor]) -> None:
+    """In place: the K caches of ``layout`` (a :class:`~kvkernels.layouts.PagedLayout`; the first
+    ``L`` of its per-(kv, layer) caches) at the tokens of ``slots`` (int64 ``[T]``; slot ``s`` is
+    block ``s // block_size``, offset ``s % block_size``) moved from ``old_pos`` to ``new_pos``
+    (int64 ``[T]``), every layer and head. A slot outside ``[0, num_blocks * block_size)`` skips
+    its token (as an out-of-range position does); slots must be distinct. fp8 caches:
+    ``k_scale`` float32 ``[L, H]`` (strides may be 0), codes as in :func:`rerotate_keys_into`."""
+    L, H, D, BS = layout.num_layers, layout.num_heads, layout.head_dim, layout.block_size
+    ok = (slots >= 0) & (slots < layout.num_slots)
+    idx = ok.nonzero().flatten()
+    if idx.numel() == 0:
+        return
+    s = slots[idx]
+    b, o = s // BS, s % BS
+    n = idx.numel()
+    views = layout.views()[:L]  # [NB, BS, H, D // x, x] each (uint8 for fp8)
+    for l in range(L):
+        v = views[l]
+        k = v[b, o].reshape(1, n, H, D)  # a copy, gathered
+        sc = None
+        if layout.fp8:
+            k = k.view(torch.float8_e4m3fn)
+            sc = k_scale[l][None, None, :].expand(1, n, H)
+        rerotate_keys_into(k, old_pos[idx], new_pos[idx], cos_sin_cache, is_neox, sc)
+        if layout.fp8:
+            k = k.view(torch.uint8)
+        v[b, o] = k.reshape(n, H, D // layout.x, layout.x).to(v.dtype)
