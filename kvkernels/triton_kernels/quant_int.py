@@ -226,38 +226,46 @@ def _token_program(H, D: tl.constexpr, DC: tl.constexpr, HB: tl.constexpr):
     return tl.program_id(2).to(tl.int64), tl.program_id(1) % NDC, tl.minimum(h, H - 1), h < H
 
 
-@triton.jit
-def _x2_minmax(mn_a, mx_a, mn_b, mx_b, TY: tl.constexpr, NAN: tl.constexpr = ".NaN"):
-    """(min(mn_a, mn_b), max(mx_a, mx_b)) per 16-bit half of int32 words, TY = bf16x2 / f16x2;
-    NaN-propagating (NAN=".NaN") or NaN-ignoring (NAN="": a NaN half gives the other operand's,
-    NaN only if both are)."""
-    return tl.inline_asm_elementwise(
-        "min" + NAN + "." + TY + " $0, $2, $4;\n\tmax" + NAN + "." + TY + " $1, $3, $5;", "=r,=r,r,r,r,r",
-        [mn_a, mx_a, mn_b, mx_b], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
-
-
+# Packed (min, max) per 16-bit half of int32 words. NaN-propagating (min.NaN / max.NaN) for the
+# plain programs, NaN-ignoring (a NaN half gives the other operand's, NaN only if both are) on the
+# finite-only path. Four literal-asm functions rather than one taking the type as a string: Triton
+# 3.6 does not pass a str constexpr into a jit function called from a reduce combine.
 @triton.jit
 def _bf16x2_minmax(mn_a, mx_a, mn_b, mx_b):
-    return _x2_minmax(mn_a, mx_a, mn_b, mx_b, "bf16x2")
+    return tl.inline_asm_elementwise("min.NaN.bf16x2 $0, $2, $4;\n\tmax.NaN.bf16x2 $1, $3, $5;", "=r,=r,r,r,r,r",
+                                     [mn_a, mx_a, mn_b, mx_b], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
 
 
 @triton.jit
 def _f16x2_minmax(mn_a, mx_a, mn_b, mx_b):
-    return _x2_minmax(mn_a, mx_a, mn_b, mx_b, "f16x2")
+    return tl.inline_asm_elementwise("min.NaN.f16x2 $0, $2, $4;\n\tmax.NaN.f16x2 $1, $3, $5;", "=r,=r,r,r,r,r",
+                                     [mn_a, mx_a, mn_b, mx_b], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _bf16x2_minmax_nonan(mn_a, mx_a, mn_b, mx_b):
+    return tl.inline_asm_elementwise("min.bf16x2 $0, $2, $4;\n\tmax.bf16x2 $1, $3, $5;", "=r,=r,r,r,r,r",
+                                     [mn_a, mx_a, mn_b, mx_b], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _f16x2_minmax_nonan(mn_a, mx_a, mn_b, mx_b):
+    return tl.inline_asm_elementwise("min.f16x2 $0, $2, $4;\n\tmax.f16x2 $1, $3, $5;", "=r,=r,r,r,r,r",
+                                     [mn_a, mx_a, mn_b, mx_b], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
 
 
 @triton.jit
 def _bf16x2_minmax_fin(mn_a, mx_a, mn_b, mx_b):
     """Packed (min, max) of the finite halves (NaN where neither operand's is): the non-finite
     halves made NaN in the combine, so that no sanitized copy of x is held beside x (registers)."""
-    return _x2_minmax(_x2_nan_nonfinite(mn_a, True), _x2_nan_nonfinite(mx_a, True),
-                          _x2_nan_nonfinite(mn_b, True), _x2_nan_nonfinite(mx_b, True), "bf16x2", "")
+    return _bf16x2_minmax_nonan(_x2_nan_nonfinite(mn_a, True), _x2_nan_nonfinite(mx_a, True),
+                                _x2_nan_nonfinite(mn_b, True), _x2_nan_nonfinite(mx_b, True))
 
 
 @triton.jit
 def _f16x2_minmax_fin(mn_a, mx_a, mn_b, mx_b):
-    return _x2_minmax(_x2_nan_nonfinite(mn_a, False), _x2_nan_nonfinite(mx_a, False),
-                          _x2_nan_nonfinite(mn_b, False), _x2_nan_nonfinite(mx_b, False), "f16x2", "")
+    return _f16x2_minmax_nonan(_x2_nan_nonfinite(mn_a, False), _x2_nan_nonfinite(mx_a, False),
+                               _x2_nan_nonfinite(mn_b, False), _x2_nan_nonfinite(mx_b, False))
 
 
 @triton.jit
