@@ -281,6 +281,7 @@ def plot(rows, path):
     ax.set_xlabel("bits per element (real container, everything included)")
     ax.set_ylabel("perplexity change vs full-precision KV (%)")
     ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_ylim(-0.3, 60)
     ax.set_title("SmolLM2-135M-Instruct: codec size vs perplexity")
     ax.legend(fontsize=8)
     fig.tight_layout()
