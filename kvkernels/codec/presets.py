@@ -336,7 +336,8 @@ def bins_for(step: float) -> int:
 
 def default(L: int, k_step: float = None, v_step: float = None, bins=None, tables: str = "shared", *,
             steps=None, model: str = "", scale: float = 1.0, target: float = None) -> Preset:
-    """The default: channel_affine K and V (per-chunk, per-channel mean/std), shared tables.
+    """``affine_v1`` (the default before the Fisher study; named "default" when built directly):
+    channel_affine K and V (per-chunk, per-channel mean/std), shared tables.
 
     Steps: ``steps=(k_list, v_list)``, else a uniform ``k_step``/``v_step``, else the model's
     sensitivity profile (``kvkernels/data/codec-profiles.json``), else ``DEFAULT_STEP``; all
