@@ -93,6 +93,35 @@ def _chunk_bounds(T: int, ct: int, c: int) -> Tuple[int, int]:
     return c * ct, min(T, (c + 1) * ct)
 
 
+def _n_exact(spec, T: int, ct: int, c: int) -> int:
+    """Exact tokens of chunk ``c`` (global positions < ``spec.exact``)."""
+    t0, t1 = _chunk_bounds(T, ct, c)
+    return max(0, min(spec.exact, t1) - t0)
+
+
+_NP_DT = {torch.float32: ("<f4", 4), torch.float16: ("<f2", 2), torch.bfloat16: ("<u2", 2)}
+
+
+def _raw_bytes(x: torch.Tensor) -> bytes:
+    x = x.detach().cpu().contiguous()
+    if x.dtype == torch.bfloat16:
+        return x.view(torch.int16).numpy().astype("<i2").tobytes()
+    return x.numpy().astype(_NP_DT[x.dtype][0]).tobytes()
+
+
+def _raw_tensor(b, dtype: torch.dtype, shape) -> torch.Tensor:
+    import numpy as np
+
+    code, _ = _NP_DT[dtype]
+    a = np.frombuffer(b, dtype=code).copy()
+    t = torch.from_numpy(a)
+    if dtype == torch.bfloat16:
+        t = t.view(torch.int16).view(torch.bfloat16)
+    elif dtype == torch.float16:
+        t = t.view(torch.float16) if t.dtype != torch.float16 else t
+    return t.reshape(shape)
+
+
 def _tables_for(bank: Optional[_tables.Bank], kind: int, layer: int, C: int, bins: int, pb: int) -> torch.Tensor:
     """freq int32 [C, bins] of the shared bank (rows per channel, or one row broadcast)."""
     counts = bank.counts[kind, layer, :, :bins]
@@ -177,6 +206,10 @@ def encode(kv: torch.Tensor, preset="default", *, chunk_tokens: int = 256, coder
                 groups.append(([nf], x[k, l, nf * ct:].reshape(1, T - nf * ct, C)))
             for cidx, seg in groups:
                 S, N = seg.shape[0], seg.shape[1]
+                if spec.exact:  # exact tokens (the sink): the quantizer sees their chunk's mean
+                    seg = seg.clone()
+                    for i, c in enumerate(cidx):
+                        seg[i] = _presets.neutralize(seg[i], spec.exact - c * ct)
                 sym, side = _presets.quantize(seg, spec, l)
                 if table_mode == 0:
                     cnt = torch.zeros(S * C, bins, dtype=torch.int64, device=dev)
@@ -209,6 +242,10 @@ def encode(kv: torch.Tensor, preset="default", *, chunk_tokens: int = 256, coder
                     out += struct.pack("<B", width)
                     out += struct.pack(f"<{ns}{'H' if width == 2 else 'I'}", *lens)
                     out += payload[so[0]:so[-1]]
+                    e = _n_exact(spec, T, ct, c)
+                    if e:  # post-pass data: the exact tokens raw, in the KV dtype, [e, C]
+                        t0 = c * ct
+                        out += _raw_bytes(kv[k, l, t0:t0 + e].reshape(e, C))
                     parts[c][l][k] = bytes(out)
     # assemble
     chunks = []
@@ -393,7 +430,7 @@ def _parse_record(mv, h: _Header, c: int, l: int, start: int, end: int):
             t = torch.from_numpy(a).view(torch.float16)
             if not bool(torch.isfinite(t).all()):
                 raise CodecError(f"chunk {c} layer {l}: non-finite scale")
-            if name in ("amax", "std") and bool((t < 0).any()):
+            if name in ("amax", "std", "delta") and bool((t < 0).any()):
                 raise CodecError(f"chunk {c} layer {l}: negative scale")
             side[name] = t
         freq = None
@@ -408,7 +445,13 @@ def _parse_record(mv, h: _Header, c: int, l: int, start: int, end: int):
             raise CodecError(f"chunk {c} layer {l}: bad stream length width {width}")
         lens = list(struct.unpack(f"<{ns}{'H' if width == 2 else 'I'}", r.take(width * ns)))
         payload = bytes(r.take(sum(lens)))
-        out.append((side, freq, lens, payload))
+        exact = None
+        e = _n_exact(spec, info.T, info.chunk_tokens, c)
+        if e:
+            exact = _raw_tensor(bytes(r.take(_NP_DT[info.dtype][1] * e * C)), info.dtype, (e, C))
+            if not bool(torch.isfinite(exact).all()):
+                raise CodecError(f"chunk {c} layer {l}: non-finite exact token")
+        out.append((side, freq, lens, payload, exact))
     if r.p != r.end:
         raise CodecError(f"chunk {c} layer {l}: {r.end - r.p} trailing bytes")
     return out
@@ -496,9 +539,10 @@ def decode(data, *, dtype: Optional[torch.dtype] = None, device="cpu", layers: O
             bins = spec.bins[l]
             for N, cs in groups.items():
                 S = len(cs)
-                lens, pay, sides, freqs = [], [], [], []
+                lens, pay, sides, freqs, exacts = [], [], [], [], []
                 for c in cs:
-                    side, freq, ln, p = recs[(c, l)][k]
+                    side, freq, ln, p, ex = recs[(c, l)][k]
+                    exacts.append(ex)
                     lens += ln
                     pay.append(p)
                     sides.append(side)
@@ -529,4 +573,7 @@ def decode(data, *, dtype: Optional[torch.dtype] = None, device="cpu", layers: O
                 for i, c in enumerate(cs):
                     t0, t1 = _chunk_bounds(info.T, ct, c)
                     out[k, li, t0 - t_start:t1 - t_start] = x[i].to(dtype)
+                    if exacts[i] is not None:  # post-pass: exact tokens overwrite their rows
+                        e = exacts[i].shape[0]
+                        out[k, li, t0 - t_start:t0 - t_start + e] = exacts[i].to(device=device, dtype=torch.float32).to(dtype)
     return out.reshape(2, len(layers), t_stop - t_start, info.H, info.D)

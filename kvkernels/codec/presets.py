@@ -12,6 +12,14 @@ Modes (per kind, per layer ``bins`` and ``step``):
   channels, ``q = clamp(round(x * M / amax) + M, 0, 2M)``.
 * ``channel_affine``: per-channel ``mean``/``std`` over the segment's tokens,
   ``Δ = step * std``, ``q = clamp(round((x - mean) / Δ) + bins // 2, 0, bins - 1)``.
+* ``channel_delta``: per-channel ``zero`` (the mean) and step ``delta`` stored per segment;
+  the encoder takes ``delta = max(base[c], max|x - zero| / (bins // 2 - 1))`` (never clamps),
+  ``base`` from the model's Fisher step profile (``kvkernels/data/*.kvsteps.json``: rate-optimal
+  steps ``sqrt(lam / F[c])``, capped at ``alpha * std[c]``), else ``step * std`` of the segment.
+
+A kind may keep its first ``exact`` tokens (global positions ``0 .. exact-1``, the attention
+sink) exactly: they are stored raw beside the coded streams (a post-pass after the generic map)
+and replaced, for the quantizer, by the mean of their chunk's other tokens (:func:`neutralize`).
 
 Presets are values (:class:`Preset`); their JSON config (``to_config``) is what a container
 stores, and :meth:`Preset.from_config` validates one strictly (untrusted input).
@@ -20,12 +28,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-MODES = ("token_sym", "channel_affine")
+MODES = ("token_sym", "channel_affine", "channel_delta")
+MAX_EXACT = 256
 TABLE_MODES = ("chunk", "shared")
 MAX_BINS = 256
 
@@ -41,11 +50,16 @@ class KindSpec:
     mode: str
     bins: Tuple[int, ...]
     step: Tuple[float, ...] = ()
+    exact: int = 0  # first tokens of the sequence stored exactly (the attention sink)
+    # encoder only (not in the config): per-layer base steps float32 [C] of channel_delta
+    ch_step: Optional[Tuple[torch.Tensor, ...]] = field(default=None, compare=False, hash=False, repr=False)
 
     def to_config(self) -> dict:
         d = {"mode": self.mode, "bins": list(self.bins)}
-        if self.mode == "channel_affine":
+        if self.mode in ("channel_affine", "channel_delta"):
             d["step"] = [float(s) for s in self.step]
+        if self.exact:
+            d["exact"] = int(self.exact)
         return d
 
     @staticmethod
@@ -61,10 +75,10 @@ class KindSpec:
         for b in bins:
             if type(b) is not int or not 2 <= b <= MAX_BINS:
                 raise PresetError(f"bins entries must be integers in 2..{MAX_BINS}, got {b!r}")
-            if mode == "token_sym" and b < 4:
-                raise PresetError("token_sym needs bins >= 4")
+            if mode in ("token_sym", "channel_delta") and b < 4:
+                raise PresetError(f"{mode} needs bins >= 4")
         step: Tuple[float, ...] = ()
-        if mode == "channel_affine":
+        if mode in ("channel_affine", "channel_delta"):
             st = d.get("step")
             if not isinstance(st, list) or len(st) != L:
                 raise PresetError(f"step must be a list of {L} numbers")
@@ -72,10 +86,13 @@ class KindSpec:
                 if type(s) not in (int, float) or not (math.isfinite(s) and 1e-4 <= s <= 1e4):
                     raise PresetError(f"step entries must be finite numbers in [1e-4, 1e4], got {s!r}")
             step = tuple(float(s) for s in st)
-        extra = set(d) - {"mode", "bins", "step"}
+        exact = d.get("exact", 0)
+        if type(exact) is not int or not 0 <= exact <= MAX_EXACT or ("exact" in d and exact == 0):
+            raise PresetError(f"exact must be an integer in 1..{MAX_EXACT} when present, got {exact!r}")
+        extra = set(d) - {"mode", "bins", "step", "exact"}
         if extra:
             raise PresetError(f"unknown keys {sorted(extra)}")
-        return KindSpec(mode, tuple(bins), step)
+        return KindSpec(mode, tuple(bins), step, exact)
 
 
 @dataclass(frozen=True)
@@ -163,13 +180,47 @@ def quantize(x: torch.Tensor, spec: KindSpec, layer: int) -> Tuple[torch.Tensor,
         q = torch.round((x - mean.unsqueeze(1)) * inv.unsqueeze(1)) + center
         q = q.clamp(0, bins - 1)
         return q.to(torch.uint8), {"mean": mean.to(torch.float16), "std": std.to(torch.float16)}
+    if spec.mode == "channel_delta":
+        zero = _f16(x.mean(dim=1))  # [S, C]
+        center = bins // 2
+        dev = (x - zero.unsqueeze(1)).abs().amax(dim=1)  # [S, C]
+        C = x.shape[2]
+        base = None
+        if spec.ch_step is not None and len(spec.ch_step) > layer and spec.ch_step[layer].numel() == C:
+            base = spec.ch_step[layer].to(device=x.device, dtype=torch.float32).unsqueeze(0)
+        if base is None:
+            std = x.std(dim=1, unbiased=False) if x.shape[1] > 1 else torch.zeros_like(zero)
+            base = std * spec.step[layer]
+        d = torch.maximum(base.expand_as(dev), dev / (center - 1))
+        # fp16 step rounded up so that |x - zero| / delta <= center - 1 still holds (no clamping)
+        delta = _f16(d * (1.0 + 2.0 ** -10))
+        delta = torch.where(torch.isfinite(delta), delta, torch.full_like(delta, 65504.0))
+        inv = torch.where(delta > 0, 1.0 / delta.clamp_min(1e-30), torch.zeros_like(delta))
+        q = torch.round((x - zero.unsqueeze(1)) * inv.unsqueeze(1)) + center
+        q = q.clamp(0, bins - 1)
+        return q.to(torch.uint8), {"zero": zero.to(torch.float16), "delta": delta.to(torch.float16)}
     raise PresetError(f"unknown mode {spec.mode!r}")
+
+
+def neutralize(seg: torch.Tensor, e: int) -> torch.Tensor:
+    """``seg`` float ``[N, C]`` with its first ``e`` (exact) tokens replaced by the mean of the
+    others (0 when none): what the quantizer sees of exactly stored tokens, so the sink does
+    not widen the chunk's statistics. Returns a new tensor when ``e > 0``."""
+    if e <= 0:
+        return seg
+    seg = seg.clone()
+    N = seg.shape[0]
+    e = min(e, N)
+    seg[:e] = seg[e:].mean(0, keepdim=True) if N > e else 0.0
+    return seg
 
 
 def side_names(spec: KindSpec) -> Tuple[Tuple[str, str], ...]:
     """(name, axis) of the side info a mode stores, in container order; axis 'n' or 'c'."""
     if spec.mode == "token_sym":
         return (("amax", "n"),)
+    if spec.mode == "channel_delta":
+        return (("zero", "c"), ("delta", "c"))
     return (("mean", "c"), ("std", "c"))
 
 
@@ -188,6 +239,8 @@ def dequant_params(spec: KindSpec, layer: int, side: Dict[str, torch.Tensor]):
     if spec.mode == "token_sym":
         M = spec.bins[layer] // 2 - 1
         return side["amax"].to(torch.float32) / M, None, None
+    if spec.mode == "channel_delta":
+        return None, side["delta"].to(torch.float32), side["zero"].to(torch.float32)
     std = side["std"].to(torch.float32)
     return None, std * spec.step[layer], side["mean"].to(torch.float32)
 
@@ -207,9 +260,20 @@ def dequantize(sym: torch.Tensor, spec: KindSpec, layer: int, side: Dict[str, to
 
 
 def fake_quant_layer(x: torch.Tensor, spec: KindSpec, layer: int, chunk_tokens: int) -> torch.Tensor:
-    """Quantize then dequantize one layer's kind ``x`` float ``[T, C]`` chunk by chunk."""
+    """Quantize then dequantize one layer's kind ``x`` float ``[T, C]`` (tokens from position 0)
+    chunk by chunk: exactly what ``decode`` returns (exact tokens included) in float32."""
     T, C = x.shape
     out = torch.empty(T, C, dtype=torch.float32, device=x.device)
+    if spec.exact:
+        raw = x
+        x = x.to(torch.float32).clone()
+        for t0 in range(0, min(spec.exact, T), chunk_tokens):
+            t1 = min(T, t0 + chunk_tokens)
+            x[t0:t1] = neutralize(x[t0:t1], spec.exact - t0)
+        y = fake_quant_layer(x, KindSpec(spec.mode, spec.bins, spec.step, 0, spec.ch_step), layer, chunk_tokens)
+        e = min(spec.exact, T)
+        y[:e] = raw[:e].to(torch.float32)
+        return y
     nf = T // chunk_tokens
     if nf:
         seg = x[: nf * chunk_tokens].reshape(nf, chunk_tokens, C)
@@ -272,7 +336,8 @@ def bins_for(step: float) -> int:
 
 def default(L: int, k_step: float = None, v_step: float = None, bins=None, tables: str = "shared", *,
             steps=None, model: str = "", scale: float = 1.0, target: float = None) -> Preset:
-    """The default: channel_affine K and V (per-chunk, per-channel mean/std), shared tables.
+    """``affine_v1`` (the default before the Fisher study; named "default" when built directly):
+    channel_affine K and V (per-chunk, per-channel mean/std), shared tables.
 
     Steps: ``steps=(k_list, v_list)``, else a uniform ``k_step``/``v_step``, else the model's
     sensitivity profile (``kvkernels/data/codec-profiles.json``), else ``DEFAULT_STEP``; all
@@ -301,7 +366,102 @@ def default(L: int, k_step: float = None, v_step: float = None, bins=None, table
     return Preset("default", k, v, tables)
 
 
-NAMED = {"cachegen": cachegen, "default": default}
+# ---------------------------------------------------------------------------------------------
+# Fisher-allocated steps (the default since the second quality study, docs/codec-quality.md)
+#
+# The perplexity cost of independent quantization noise d[t, c] in the cache is, to second
+# order, mean-NLL change ~= 1/2 sum_c Fbar[c] E[d^2] with Fbar the per-token diagonal Fisher
+# information of the cached element (profiled once per model). An entropy-coded uniform
+# quantizer of step s costs ~ h - log2(s) bits for E[d^2] = s^2/12, so the rate-optimal steps
+# are s[c] = sqrt(lam / Fbar[c]) for one global lam (every kind, layer and channel), capped at
+# alpha * std[c] (coarser steps turn the error into a dropped, structured signal: measured
+# far worse than the model predicts). The attention sink (token 0, ~10^4 x the median token's
+# Fisher) is stored exactly.
+
+FISHER_LAM = 7e-6
+FISHER_ALPHA = 1.0
+FISHER_EXACT = 1
+
+
+def _b64_f32(s: str, n: int) -> torch.Tensor:
+    import base64
+
+    import numpy as np
+
+    b = base64.b64decode(s)
+    if len(b) != 4 * n:
+        raise ValueError("step profile: array size mismatch")
+    return torch.from_numpy(np.frombuffer(b, dtype="<f4").copy())
+
+
+_STEP_PROFILES: Dict[str, Optional[dict]] = {}
+
+
+def step_profile(model: str) -> Optional[dict]:
+    """The bundled Fisher profile of ``model`` (``kvkernels/data/*.kvsteps.json``): ``fisher``,
+    ``std``, ``dev`` float32 ``[2, L, C]`` (or None)."""
+    from pathlib import Path
+
+    if not model:
+        return None
+    if model in _STEP_PROFILES:
+        return _STEP_PROFILES[model]
+    found = None
+    for p in sorted((Path(__file__).resolve().parent.parent / "data").glob("*.kvsteps.json")):
+        try:
+            d = json.loads(p.read_text())
+            if d.get("model") != model:
+                continue
+            shape = tuple(int(v) for v in d["shape"])
+            n = shape[0] * shape[1] * shape[2]
+            found = {k: _b64_f32(d[k], n).reshape(shape) for k in ("fisher", "std", "dev")}
+            found["chunk"] = int(d.get("chunk", 256))
+            break
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    _STEP_PROFILES[model] = found
+    return found
+
+
+def fisher_steps(prof: dict, lam: float, alpha: float) -> torch.Tensor:
+    """Base steps float32 ``[2, L, C]``: ``min(sqrt(lam / fisher), alpha * std)``."""
+    F = prof["fisher"].clamp_min(1e-20)
+    s = torch.sqrt(lam / F)
+    return torch.minimum(s, alpha * prof["std"]).clamp_min(1e-6)
+
+
+def fisher(L: int, *, model: str = "", lam: float = FISHER_LAM, alpha: float = FISHER_ALPHA,
+           exact: int = FISHER_EXACT, tables: str = "shared", name: str = "default") -> Preset:
+    """channel_delta K and V with Fisher-allocated per-channel steps; first ``exact`` tokens exact.
+
+    Without a step profile for ``model`` (or for another layer count): std-relative steps
+    ``DEFAULT_STEP * std`` of each segment (the mode's fallback), 64 bins.
+    """
+    prof = step_profile(model)
+    if prof is None or prof["fisher"].shape[1] != L:
+        k = KindSpec("channel_delta", (64,) * L, (DEFAULT_STEP,) * L, exact)
+        return Preset(name, k, KindSpec("channel_delta", (64,) * L, (DEFAULT_STEP,) * L, exact), tables)
+    base = fisher_steps(prof, lam, alpha)
+    kinds = []
+    for k in range(2):
+        bins, step = [], []
+        for l in range(L):
+            r = prof["dev"][k, l] / base[k, l]  # deviations in steps of a typical chunk
+            b = 2 * math.ceil(float(torch.quantile(r, 0.99)) + 1)
+            bins.append(int(min(MAX_BINS, max(4, b))))
+            step.append(round(float((base[k, l] / prof["std"][k, l].clamp_min(1e-12)).median()), 5))
+        kinds.append(KindSpec("channel_delta", tuple(bins), tuple(min(1e4, max(1e-4, v)) for v in step), exact,
+                              tuple(base[k, l].contiguous() for l in range(L))))
+    return Preset(name, kinds[0], kinds[1], tables)
+
+
+def affine_v1(L: int, model: str = "") -> Preset:
+    """The previous default (channel_affine, sensitivity-profiled per-layer steps), for comparison."""
+    p = default(L, model=model)
+    return Preset("affine_v1", p.k, p.v, p.tables)
+
+
+NAMED = {"cachegen": cachegen, "default": fisher, "affine_v1": affine_v1}
 
 
 def get(preset, L: int, model: str = "") -> Preset:
@@ -315,4 +475,6 @@ def get(preset, L: int, model: str = "") -> Preset:
         raise TypeError(f"preset must be a name or a Preset, got {type(preset).__name__}")
     if preset not in NAMED:
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(NAMED)}")
-    return default(L, model=model) if preset == "default" else NAMED[preset](L)
+    if preset == "cachegen":
+        return cachegen(L)
+    return NAMED[preset](L, model=model)

@@ -22,7 +22,7 @@ import torch
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 BANK_MAGIC = b"KVKT"
-BANK_VERSION = 1
+BANK_VERSION = 2  # written; 1 (raw counts) is still read
 MAX_BANK_BYTES = 64 << 20
 
 
@@ -100,8 +100,14 @@ def bank_hash(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=32).digest()
 
 
-def bank_to_bytes(model: str, counts: torch.Tensor) -> bytes:
-    """File bytes of a bank of ``counts`` ``[2, L, Cb, bins_max]`` (values < 2^32)."""
+def bank_to_bytes(model: str, counts: torch.Tensor, version: int = BANK_VERSION) -> bytes:
+    """File bytes of a bank of ``counts`` ``[2, L, Cb, bins_max]`` (values < 2^32).
+
+    Version 1 stores the counts raw (uint32 LE); version 2 (the default) stores them zlib-
+    compressed (level 9; per-channel banks are mostly zeros), same header, CRC32 of the file.
+    """
+    if version not in (1, 2):
+        raise ValueError(f"version: expected 1 or 2, got {version!r}")
     counts = counts.to(torch.int64)
     if counts.dim() != 4 or counts.shape[0] != 2:
         raise ValueError(f"counts: expected [2, L, Cb, bins_max], got {tuple(counts.shape)}")
@@ -109,8 +115,9 @@ def bank_to_bytes(model: str, counts: torch.Tensor) -> bytes:
         raise ValueError("counts: expected values in [0, 2^32)")
     m = model.encode("utf-8")
     _, L, Cb, W = counts.shape
-    head = BANK_MAGIC + struct.pack("<HHH", BANK_VERSION, 0, len(m)) + m + struct.pack("<IIHH", L, Cb, W, 0)
-    body = head + counts.to(torch.int32).numpy().astype("<u4").tobytes()
+    head = BANK_MAGIC + struct.pack("<HHH", version, 0, len(m)) + m + struct.pack("<IIHH", L, Cb, W, 0)
+    raw = counts.numpy().astype("<u4").tobytes()
+    body = head + (raw if version == 1 else zlib.compress(raw, 9))
     return body + struct.pack("<I", zlib.crc32(body))
 
 
@@ -121,7 +128,7 @@ def bank_from_bytes(data: bytes) -> Bank:
     if data[:4] != BANK_MAGIC:
         raise TableError("table bank: bad magic")
     ver, _, ml = struct.unpack_from("<HHH", data, 4)
-    if ver != BANK_VERSION:
+    if ver not in (1, 2):
         raise TableError(f"table bank: unknown version {ver}")
     p = 10 + ml
     if p + 12 + 4 > len(data):
@@ -132,13 +139,24 @@ def bank_from_bytes(data: bytes) -> Bank:
     if not (1 <= L <= 4096 and 1 <= Cb <= 65536 and 2 <= W <= 256):
         raise TableError("table bank: dimensions out of range")
     n = 2 * L * Cb * W
-    if p + 4 * n + 4 != len(data):
+    if 4 * n > MAX_BANK_BYTES or (ver == 1 and p + 4 * n + 4 != len(data)):
         raise TableError("table bank: size does not match its dimensions")
     if zlib.crc32(data[:-4]) != struct.unpack_from("<I", data, len(data) - 4)[0]:
         raise TableError("table bank: checksum mismatch")
     import numpy as np
 
-    counts = torch.from_numpy(np.frombuffer(data, dtype="<u4", count=n, offset=p).astype(np.int64))
+    if ver == 2:
+        d = zlib.decompressobj()
+        try:
+            raw = d.decompress(bytes(data[p:-4]), 4 * n)  # bounded: never more than the dimensions say
+        except zlib.error as e:
+            raise TableError(f"table bank: bad compressed counts ({e})") from None
+        if len(raw) != 4 * n or d.unconsumed_tail or not d.eof or d.unused_data:
+            raise TableError("table bank: compressed counts do not match its dimensions")
+        p, data_c = 0, raw
+    else:
+        data_c = data
+    counts = torch.from_numpy(np.frombuffer(data_c, dtype="<u4", count=n, offset=p).astype(np.int64))
     return Bank(model, counts.reshape(2, L, Cb, W), bytes(data), bank_hash(data))
 
 
@@ -149,6 +167,7 @@ _BUNDLED_LOADED = False
 def register_bank(bank_or_bytes) -> Bank:
     """Register a bank (a :class:`Bank` or file bytes) so containers referring to it decode."""
     bank = bank_or_bytes if isinstance(bank_or_bytes, Bank) else bank_from_bytes(bytes(bank_or_bytes))
+    _REGISTRY.pop(bank.hash, None)  # re-registering makes it the most recent
     _REGISTRY[bank.hash] = bank
     return bank
 
@@ -169,9 +188,10 @@ def lookup(h: bytes) -> Optional[Bank]:
 
 
 def bank_for(model: str, L: int, C: int) -> Optional[Bank]:
-    """A registered bank for ``model`` matching ``L`` layers and ``C`` channels (or None)."""
+    """The registered bank for ``model`` matching ``L`` layers and ``C`` channels (or None);
+    the most recently registered one when several match."""
     _load_bundled()
-    for b in _REGISTRY.values():
+    for b in reversed(list(_REGISTRY.values())):
         if b.model == model and b.L == L and b.channels in (1, C):
             return b
     return None

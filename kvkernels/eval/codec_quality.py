@@ -8,11 +8,12 @@ reconstruction (the values ``decode`` returns), vs full-precision KV.
 
     python -m kvkernels.eval.codec_quality --out docs/            # the table + plot
     python -m kvkernels.eval.codec_quality --profile               # rebuild the bundled bank
-    python -m kvkernels.eval.codec_quality --sensitivity           # per-layer step profile
+    python -m kvkernels.eval.codec_quality --steps                 # rebuild the Fisher step profile
+    python -m kvkernels.eval.codec_quality --sensitivity           # per-layer sensitivity (affine_v1)
 
-The default preset's per-layer steps come from ``--sensitivity`` (tuned on the Pride and
-Prejudice excerpt, 1,024 tokens) and its shared tables from ``--profile`` (a third text: the
-opening chapters of Pride and Prejudice, not either evaluation excerpt).
+The default preset's per-channel steps come from ``--steps`` (the diagonal Fisher information
+of every cached element) and its shared per-channel tables from ``--profile``, both measured
+on a third text (the opening chapters of Pride and Prejudice, not either evaluation excerpt).
 """
 from __future__ import annotations
 
@@ -101,55 +102,136 @@ def sensitivity(model, ids, chunk=256) -> dict:
     return out
 
 
-def profile(model, tok, n_tokens=2048, chunk=256, preset=None, name=MODEL_NAME) -> bytes:
-    """Bank bytes: histograms of the default (or ``preset``'s) symbols on the profile text."""
+def profile_ids(tok, n_tokens=2048):
+    text = PROFILE_TEXT.read_text(encoding="utf-8")
+    return tok(text[: 12 * n_tokens], return_tensors="pt", add_special_tokens=False).input_ids[:, :n_tokens]
+
+
+_PROFILE_KV = {}
+
+
+def profile(model, tok, n_tokens=2048, chunk=256, preset=None, name=MODEL_NAME, per_channel=None) -> bytes:
+    """Bank bytes: histograms of the default (or ``preset``'s) symbols on the profile text.
+
+    ``per_channel`` (default: for channel_delta presets): one row per (kind, layer, channel)
+    (stored zlib-compressed, bank version 2), else one row per (kind, layer).
+    """
     from ..codec import presets as P
     from ..codec import tables as TB
 
-    text = PROFILE_TEXT.read_text(encoding="utf-8")
-    ids = tok(text[: 12 * n_tokens], return_tensors="pt", add_special_tokens=False).input_ids[:, :n_tokens]
-    _, kv = run(model, ids)
+    if n_tokens not in _PROFILE_KV:
+        _PROFILE_KV[n_tokens] = run(model, profile_ids(tok, n_tokens))[1]
+    kv = _PROFILE_KV[n_tokens]
     _, L, T, H, D = kv.shape
     C = H * D
-    pr = P.default(L, model=MODEL_NAME) if preset is None else preset
+    pr = P.get("default", L, MODEL_NAME) if preset is None else preset
+    if per_channel is None:
+        per_channel = pr.k.mode == "channel_delta"
     W = pr.bins_max()
     counts = torch.zeros(2, L, C, W, dtype=torch.int64)
     nf = T // chunk
     x = kv.reshape(2, L, T, C)
     for k in range(2):
+        spec = pr.kind(k)
         for l in range(L):
-            sym, _ = P.quantize(x[k, l, : nf * chunk].reshape(nf, chunk, C), pr.kind(k), l)
+            seg = x[k, l, : nf * chunk].reshape(nf, chunk, C).clone()
+            if spec.exact:
+                seg[0] = P.neutralize(seg[0], spec.exact)
+            sym, _ = P.quantize(seg, spec, l)
             s = sym.reshape(-1, C).t().long()
             counts[k, l].scatter_add_(1, s, torch.ones_like(s))
-    # one row per (kind, layer), shared by its channels (per-channel rows: 2*L*C*bins*4 bytes,
-    # 11.8 MB for SmolLM2, too big to bundle)
-    return TB.bank_to_bytes(name, counts.sum(2, keepdim=True))
+    if not per_channel:
+        counts = counts.sum(2, keepdim=True)
+    return TB.bank_to_bytes(name, counts)
 
 
-def study(model, tok, n_tokens=2048, chunks=(256, 1024), coder="rans", extra=True) -> List[dict]:
+def fisher_profile(model, tok, n_tokens=2048, n_samples=4, chunk=256, seed=0) -> dict:
+    """The default's step profile on the profile text: per (kind, layer, channel) the per-token
+    diagonal Fisher information of the cached element (tokens 1..; labels sampled from the
+    model, so one backward's squared gradient is an unbiased estimate), the std (tokens 1..)
+    and the median over ``chunk``-token chunks of max |x - chunk mean| (sizes the bins)."""
+    import base64
+
+    from transformers import DynamicCache
+
+    class GradCache(DynamicCache):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.leaves = []
+
+        def update(self, ks, vs, li, *a, **k):
+            ks, vs = ks.detach().requires_grad_(), vs.detach().requires_grad_()
+            self.leaves.append((ks, vs))
+            return super().update(ks, vs, li, *a, **k)
+
+    ids = profile_ids(tok, n_tokens)
+    T = ids.shape[1]
+    g = torch.Generator().manual_seed(seed)
+    key = "cache" if "cache" in _inspect.signature(model.forward).parameters else "past_key_values"
+    acc = None
+    for _ in range(n_samples):
+        cache = GradCache(config=model.config)
+        out = model(input_ids=ids, use_cache=True, **{key: cache})
+        lg = out.logits[0, :-1].float()
+        y = torch.multinomial(torch.softmax(lg.detach(), -1), 1, generator=g)[:, 0]
+        torch.nn.functional.cross_entropy(lg, y, reduction="sum").backward()
+        gr = torch.stack([torch.stack([kv[k].grad[0].transpose(0, 1).reshape(T, -1) for kv in cache.leaves])
+                          for k in range(2)])  # [2, L, T, C]
+        sq = (gr.double() ** 2)[:, :, 1:].sum(2)
+        acc = sq if acc is None else acc + sq
+        model.zero_grad(set_to_none=True)
+    fisher = (acc / n_samples / (T - 1)).float()
+    with torch.no_grad():
+        _, kv = run(model, ids)
+    x = kv.reshape(2, kv.shape[1], T, -1)
+    std = x[:, :, 1:].std(2, unbiased=False)
+    devs = []
+    for t0 in range(0, T - chunk + 1, chunk):
+        seg = x[:, :, max(t0, 1):t0 + chunk]
+        devs.append((seg - seg.mean(2, keepdim=True)).abs().amax(2))
+    dev = torch.stack(devs).median(0).values
+
+    def b64(t):
+        return base64.b64encode(t.contiguous().numpy().astype("<f4").tobytes()).decode()
+
+    return {"model": MODEL_NAME, "shape": list(fisher.shape), "chunk": chunk,
+            "basis": f"diagonal Fisher of the mean NLL per cached element (labels sampled, {n_samples} "
+                     f"samples), std and median chunk max-deviation; {T} tokens of {PROFILE_TEXT.name} "
+                     "(python -m kvkernels.eval.codec_quality --steps)",
+            "fisher": b64(fisher), "std": b64(std), "dev": b64(dev)}
+
+
+CURVE = (1.25, 1.5, 3.0, 10.0, 100.0)  # the default's lam times these: the size-perplexity curve
+
+
+def study(model, tok, n_tokens=2048, chunks=(256, 1024), coder="rans", extra=True, texts=None) -> List[dict]:
     from .. import codec
     from ..codec import presets as P
     from ..codec import tables as TB
 
     L = model.config.num_hidden_layers
+    C = model.config.num_key_value_heads * (getattr(model.config, "head_dim", None) or
+                                            model.config.hidden_size // model.config.num_attention_heads)
+    cands = [("cachegen", P.cachegen(L), MODEL_NAME, chunks),
+             ("default", P.get("default", L, MODEL_NAME), MODEL_NAME, chunks),
+             ]
+    if extra:  # the default at coarser steps, each with its own bank profiled on the profile text
+        for f in CURVE:
+            lam = P.FISHER_LAM * f
+            cands.append((f"default, lam x{f:g}", P.fisher(L, model=MODEL_NAME, lam=lam), f"{MODEL_NAME} lam x{f:g}", (256,)))
+    for name, pr, mname, _ in cands:
+        if mname != MODEL_NAME and TB.bank_for(mname, L, C) is None:
+            TB.register_bank(profile(model, tok, preset=pr, name=mname, per_channel=pr.k.mode == "channel_delta"))
     rows = []
     for text, path in TEXTS.items():
+        if texts and text not in texts:
+            continue
         ids = tokens(tok, path, n_tokens)
         base, kv = run(model, ids)
         rows.append(dict(text=text, preset="full precision (fp32 KV)", chunk=None, bits=32.0, ppl=base, delta=0.0))
         print(rows[-1], flush=True)
-        cands = [("cachegen", P.cachegen(L), MODEL_NAME), ("default", P.default(L, model=MODEL_NAME), MODEL_NAME)]
-        if extra:  # the default with all steps scaled, each with its own bank profiled on the profile text
-            for f in (0.5, 2.0):
-                pr = P.default(L, model=MODEL_NAME, scale=f)
-                bank_name = f"{MODEL_NAME} steps x{f:g}"
-                if TB.bank_for(bank_name, L, kv.shape[3] * kv.shape[4]) is None:
-                    TB.register_bank(profile(model, tok, preset=pr, name=bank_name))
-                cands.append((f"default, steps x{f:g}", pr, bank_name))
-        for name, pr, mname in cands:
-            for ch in chunks:
-                if name.startswith("default,") and ch != 256:
-                    continue
+        for name, pr, mname, chs in cands:
+            for ch in chs:
                 t0 = time.perf_counter()
                 data = codec.encode(kv, pr, chunk_tokens=ch, coder=coder, model=mname)
                 info = codec.inspect(data)
@@ -187,16 +269,19 @@ def plot(rows, path):
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for text, mk in zip(TEXTS, "os"):
-        for preset, color in (("cachegen", "tab:red"), ("default", "tab:blue")):
+        for preset, color in (("cachegen", "tab:red"), ("default", "tab:blue"), ("affine_v1", "tab:gray")):
             pts = [r for r in rows if r["text"] == text and r["chunk"] and r["preset"].startswith(preset)]
             pts.sort(key=lambda r: r["bits"])
             if pts:
+                if preset == "default":
+                    pts = [r for r in pts if r["chunk"] == 256]
                 ax.plot([r["bits"] for r in pts], [r["delta"] for r in pts], mk + ("-" if preset == "default" else ""),
                         color=color, label=f"{preset} ({text})", alpha=0.8)
     ax.axhline(1.0, color="gray", lw=0.8, ls="--")
     ax.set_xlabel("bits per element (real container, everything included)")
     ax.set_ylabel("perplexity change vs full-precision KV (%)")
     ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_ylim(-0.3, 60)
     ax.set_title("SmolLM2-135M-Instruct: codec size vs perplexity")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -211,12 +296,27 @@ def main(argv=None) -> int:
     ap.add_argument("--no-extra", action="store_true", help="only the two presets (no step-scaled points)")
     ap.add_argument("--profile", action="store_true", help="write kvkernels/data/smollm2-135m-instruct.kvtables")
     ap.add_argument("--sensitivity", action="store_true", help="print the per-(kind, layer) sensitivity as JSON")
+    ap.add_argument("--text", action="append", default=None, help="only this text (repeatable)")
+    ap.add_argument("--merge", nargs="+", default=None, help="write --out from these JSON results instead of measuring")
+    ap.add_argument("--steps", action="store_true", help="write kvkernels/data/smollm2-135m-instruct.kvsteps.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        rows = [r for p in parts for r in p["rows"]]
+        setup = dict(parts[0]["setup"])
+        setup["minutes"] = round(sum(p["setup"]["minutes"] for p in parts), 1)
+        _write(rows, setup, args.out)
+        return 0
     model, tok = _ppl.load_smollm2("cpu", torch.float32)
     if args.sensitivity:
         ids = tokens(tok, TEXTS["Pride and Prejudice"], 1024)
         print(json.dumps(sensitivity(model, ids)))
+        return 0
+    if args.steps:
+        p = DATA / "smollm2-135m-instruct.kvsteps.json"
+        p.write_text(json.dumps(fisher_profile(model, tok), indent=0))
+        print(f"wrote {p}")
         return 0
     if args.profile:
         data = profile(model, tok)
@@ -225,19 +325,23 @@ def main(argv=None) -> int:
         print(f"wrote {p} ({len(data)} bytes)")
         return 0
     t0 = time.perf_counter()
-    rows = study(model, tok, args.tokens, coder=args.coder, extra=not args.no_extra)
+    rows = study(model, tok, args.tokens, coder=args.coder, extra=not args.no_extra, texts=args.text)
     setup = dict(model=f"{MODEL_NAME} (GGUF Q4_1 dequantized to fp32)", tokens=args.tokens, coder=args.coder,
                  date=datetime.date.today().isoformat(), device=f"cpu ({_ppl._cpu_name()})",
                  minutes=round((time.perf_counter() - t0) / 60, 1))
+    _write(rows, setup, args.out)
+    return 0
+
+
+def _write(rows, setup, out):
     md = markdown(rows, setup)
     print(md)
-    if args.out:
-        out = Path(args.out)
+    if out:
+        out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "codec-quality.json").write_text(json.dumps(dict(setup=setup, rows=rows), indent=1))
         (out / "codec-quality.md").write_text(md)
         plot(rows, out / "codec-quality.png")
-    return 0
 
 
 if __name__ == "__main__":
