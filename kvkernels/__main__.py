@@ -32,6 +32,8 @@ def main() -> int:
     for name, why in dispatch.backend_report().items():
         print(f"  {name:7s} {'available' if why is None else 'unavailable: ' + why}")
     print("ops: " + ", ".join(f"{op} [{', '.join(dispatch.backends_of(op))}]" for op in dispatch.ops()))
+    for op, (order, why) in sorted(dispatch.preferences().items()):
+        print(f"  {op}: tried in the order {', '.join(order)} ({why})")
     return 0
 
 

@@ -34,6 +34,7 @@ class _Lazy:
 _REGISTRY: Dict[str, Dict[str, Tuple[Callable, Callable]]] = {}
 _AVAILABILITY: Dict[str, Callable[[], Optional[str]]] = {}
 _CACHE: Dict[Hashable, Tuple[str, Callable]] = {}
+_ORDER: Dict[str, Tuple[str, ...]] = {}  # per-op backend order where it differs from BACKENDS
 _AVAIL_CACHE: Dict[str, Optional[str]] = {}
 
 
@@ -49,6 +50,25 @@ def register(op: str, backend: str, module: str, fn: str, supports: Optional[str
     impl = _Lazy(module, fn)
     sup = _Lazy(module, supports) if supports else (lambda *a, **k: None)
     _REGISTRY.setdefault(op, {})[backend] = (impl, sup)
+
+
+def prefer(op: str, order: Tuple[str, ...], why: str) -> None:
+    """Try ``op``'s backends in ``order`` instead of ``BACKENDS`` when none is requested, e.g.
+    where the bench measures the Triton kernel ahead of the CUDA one. ``why`` documents the
+    measurement (kept in ``preferences()``)."""
+    if sorted(order) != sorted(BACKENDS):
+        raise ValueError(f"order: expected a permutation of {BACKENDS}, got {order}")
+    _ORDER[op] = tuple(order)
+    _WHY[op] = why
+    _CACHE.clear()
+
+
+_WHY: Dict[str, str] = {}
+
+
+def preferences() -> Dict[str, Tuple[Tuple[str, ...], str]]:
+    """{op: (backend order, why)} for the ops whose order differs from ``BACKENDS``."""
+    return {op: (o, _WHY[op]) for op, o in _ORDER.items()}
 
 
 def ops() -> List[str]:
@@ -104,7 +124,7 @@ def resolve(op: str, key: Hashable, case_args: tuple, backend: Optional[str] = N
     if not impls:
         raise BackendError(f"{op}: no implementation registered")
     reasons = []
-    for name in ([want] if want else BACKENDS):
+    for name in ([want] if want else _ORDER.get(op, BACKENDS)):
         if not want and name == "triton" and device_type == "cpu":
             reasons.append("triton: CPU tensors run in the Triton interpreter (a test tool) only when "
                            "backend='triton' is requested")

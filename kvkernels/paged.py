@@ -21,6 +21,9 @@ for _b, _mod in (("cuda", "kvkernels.cuda.paged"), ("triton", "kvkernels.triton_
                  ("torch", "kvkernels.reference.paged")):
     dispatch.register("scatter", _b, _mod, "scatter_into", None if _b == "torch" else "supports_scatter")
     dispatch.register("gather", _b, _mod, "gather_into", None if _b == "torch" else "supports_gather")
+for _op in ("scatter", "gather"):  # H100, bench paged (bench/results/paged-*-h100-*): Triton >= CUDA on every row
+    dispatch.prefer(_op, ("triton", "cuda", "torch"),
+                    "Triton measured ahead of CUDA on every bench row (plain, fp8 caches, fused (de)quantize)")
 
 HOST_PATHS = ("auto", "copy", "kernel")
 SLOT_DTYPES = (torch.int32, torch.int64)
