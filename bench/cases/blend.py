@@ -80,7 +80,7 @@ def run(args, timer, copy, info, op_names):
         # selected tokens (15%): scatter of their recomputed K/V into one layer's cache (HF's
         # [H, T, D] layout, K and V in one launch), gather of their hidden states and positions
         S = max(1, int(0.15 * T))
-        idx = torch.randperm(T, device=device)[:S].sort().values
+        idx = torch.randperm(T)[:S].sort().values.to(device)
         kc = torch.randn(H, T, D, device=device, dtype=torch.bfloat16)
         vc = torch.randn_like(kc)
         src_k = torch.randn(H, S, D, device=device, dtype=torch.bfloat16)
@@ -149,7 +149,7 @@ def _paged_rows(args, timer, copy, info, model, L, T, H, D, cs, old, new, k0):
     rows = []
     NB = T // PAGE + 1
     kcs = [torch.zeros(NB, PAGE, H, D, device=device, dtype=torch.bfloat16) for _ in range(L)]
-    blocks = torch.randperm(NB, device=device)[:(T + PAGE - 1) // PAGE]
+    blocks = torch.randperm(NB)[:(T + PAGE - 1) // PAGE].to(device)
     slots = (blocks[:, None] * PAGE + torch.arange(PAGE, device=device)[None]).flatten()[:T].contiguous()
     b, o = slots // PAGE, slots % PAGE
     for l in range(L):
@@ -195,7 +195,7 @@ def _paged_scatter_rows(args, timer, copy, info, model, T, H, D, S, idx, src_k, 
     kc = torch.zeros(NB, PAGE, H, D, device=device, dtype=torch.bfloat16)
     vc = torch.zeros_like(kc)
     lay = PagedLayout.vllm_flash([kc], [vc])
-    blocks = torch.randperm(NB, device=device)[:(T + PAGE - 1) // PAGE]
+    blocks = torch.randperm(NB)[:(T + PAGE - 1) // PAGE].to(device)
     tok_slots = (blocks[:, None] * PAGE + torch.arange(PAGE, device=device)[None]).flatten()[:T]
     slots = tok_slots[idx].contiguous()
     kv = torch.stack([src_k.transpose(0, 1), src_v.transpose(0, 1)])[:, None]  # [2, 1, S, H, D]
