@@ -210,6 +210,24 @@ def coder_segments(c, L, T, device):
     return torch.tensor(rows, dtype=torch.int64, device=device)
 
 
+def slots32(slots):
+    """int32 slots of ``slots_for``'s: ``.int()`` would wrap 1 << 40 to slot 0 (a second write of
+    an addressed slot, whose winner is unspecified); clamp it to 2**31 - 1 (still out of range)."""
+    return slots.clamp(max=(1 << 31) - 1).to(torch.int32)
+
+
+def assert_no_slot_twice(segs, slots, num_slots):
+    """No cache gets one slot from two tokens (else which write lands is unspecified)."""
+    sl = slots.cpu().to(torch.int64)
+    seen = {}
+    for r, t0, ns in segs.cpu().tolist():
+        ss = sl[t0:t0 + ns]
+        ss = ss[(ss >= 0) & (ss < num_slots)].tolist()
+        mine = seen.setdefault(r, [])
+        mine += ss
+        assert len(set(mine)) == len(mine), f"cache {r}: a slot addressed twice"
+
+
 def run_coder(c, layout, slots, segs, per_segment, backend, status=None, **kw):
     lut = c["lut_s"] if per_segment else c["lut"]
     cpaged.rans_decode_pages(c["payload"], c["offsets"], c["freq"], c["table_id"], c["N"], 12, lut, layout, slots,
@@ -243,6 +261,26 @@ def test_coder_level_reference(per_segment):
         keep = (ss >= 0) & (ss < NB * BS)
         views[r][ss[keep] // BS, ss[keep] % BS] = v[keep].reshape(-1, H, 1, D)
     for x, y in zip(raw(ts), raw(wts)):
+        assert torch.equal(x, y)
+
+
+def test_coder_level_int32_slots():
+    """int32 slot_mapping (incl. 2**31 - 1: out of range) equals the int64 one; and the case of
+    the GPU test (S=7, N=13, bins 24, H=2) addresses no slot twice: ``.int()`` of slots_for's
+    ``1 << 40`` entry wraps to slot 0, which token 8 also maps to (the cause of the GPU test's
+    mismatches at slot 0: two writes of one slot, winner unspecified)."""
+    L, H, D, NB, BS, T = 2, 2, 64, 8, 8, 50
+    c = coder_case(S=7, N=13, C=H * D, bins=24)
+    segs = coder_segments(c, L, T, "cpu")
+    slots = slots_for(T, NB, BS, "cpu")
+    with pytest.raises(AssertionError):
+        assert_no_slot_twice(segs, slots.int(), NB * BS)
+    assert_no_slot_twice(segs, slots32(slots), NB * BS)
+    a, ta = make_layout("legacy", L, NB, BS, H, D, torch.bfloat16, "cpu")
+    b, tb = make_layout("legacy", L, NB, BS, H, D, torch.bfloat16, "cpu")
+    run_coder(c, a, slots32(slots), segs, False, "torch")
+    run_coder(c, b, slots, segs, False, "torch")
+    for x, y in zip(raw(ta), raw(tb)):
         assert torch.equal(x, y)
 
 
@@ -362,8 +400,10 @@ def test_gpu_coder_level_equals_reference(per_segment, kind, D):
     slots = slots_for(T, NB, BS, "cuda")
     (a, ta), (b, tb) = gpu_pair(kind, L, NB, BS, H, D, torch.bfloat16)
     sa, sb = (torch.zeros(1, dtype=torch.int32, device="cuda") for _ in range(2))
-    run_coder(c, a, slots.int(), segs, per_segment, "cuda", status=sa)
-    run_coder(c, b, slots.int(), segs, per_segment, "torch", status=sb)
+    s32 = slots32(slots)
+    assert_no_slot_twice(segs, s32, NB * BS)
+    run_coder(c, a, s32, segs, per_segment, "cuda", status=sa)
+    run_coder(c, b, s32, segs, per_segment, "torch", status=sb)
     assert int(sa) == int(sb) == 0
     for x, y in zip(raw(ta), raw(tb)):
         assert torch.equal(x, y)
@@ -516,3 +556,86 @@ def test_mixed_modes_and_bins(device):
     decode_then_scatter(data, b, slots)
     for x, y in zip(raw(ta), raw(tb)):
         assert torch.equal(x, y)
+
+
+# ---- exact tokens (the default preset's sink rows, stored raw) ---------------------------------
+def exact_container(L=3, T=45, H=2, D=32, ct=8, k_exact=11, v_exact=3, seed=7):
+    """channel_delta K and V (the default preset's mode) with K's first ``k_exact`` and V's first
+    ``v_exact`` tokens exact (K's spanning two chunks), the sink tokens large (as in a model):
+    their quantized values differ from the raw rows."""
+    import dataclasses
+    from kvkernels.codec import presets as P
+    base = P.fisher(L)
+    pr = dataclasses.replace(base, k=dataclasses.replace(base.k, exact=k_exact),
+                             v=dataclasses.replace(base.v, exact=v_exact))
+    g = torch.Generator().manual_seed(seed)
+    kv = torch.randn(2, L, T, H, D, generator=g)
+    kv[:, :, :2] *= 30
+    return codec.encode(kv.to(torch.bfloat16), pr, chunk_tokens=ct)
+
+
+def _check_exact(device, kind, dtype, layers=None, chunks=None, cache_layers="all", data=None, L=3, T=45,
+                 backend="torch", monkeypatch=None):
+    H, D, NB, BS = 2, 32, 8, 8
+    data = exact_container(L, T, H, D) if data is None else data
+    Lc = L if cache_layers == "all" else len(layers)
+    slots = slots_for(T, NB, BS, device)
+    a, ta = make_layout(kind, Lc, NB, BS, H, D, dtype, device)
+    b, tb = make_layout(kind, Lc, NB, BS, H, D, dtype, device)
+    cs = scales(Lc, H, device) if a.fp8 else (None, None)
+    cnt = torch.zeros(1, dtype=torch.int64, device=device)
+    codec.decode_into_pages(data, a, slots, layers=layers, chunks=chunks, k_scale=cs[0], v_scale=cs[1],
+                            oob_count=cnt, backend=backend)
+    kv = codec.decode(data, dtype=torch.float32, layers=layers, chunks=chunks).to(device)
+    lr = range(L) if layers is None else layers
+    sub = cpaged._sub_layout(b, lr, 0) if cache_layers == "all" else b
+    ks = cs[0][lr.start:lr.stop] if (a.fp8 and cache_layers == "all") else cs[0]
+    kvkernels.scatter(kv, sub, slots[:kv.shape[2]], k_scale=ks, v_scale=cs[1], validate=False, backend="torch")
+    if device == "cuda":
+        torch.cuda.synchronize()
+    for x, y in zip(raw(ta), raw(tb)):
+        assert torch.equal(x, y)
+    n = kv.shape[2]
+    s = slots[:n].cpu()
+    assert int(cnt) == int((s >= NB * BS).sum())  # counted once (not again by the exact pass)
+    return data, slots
+
+
+@pytest.mark.parametrize("kind", ["nhd", "legacy", "kv_interleaved", "cross_layer"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_exact_tokens_equal_decode_then_scatter(kind, dtype):
+    _check_exact("cpu", kind, dtype)
+
+
+@pytest.mark.parametrize("layers,chunks,cache_layers", [(range(1, 3), None, "all"), (range(0, 2), range(1, 4), "all"),
+                                                        (range(1, 3), range(0, 2), "decoded"),
+                                                        (range(2, 3), range(2, 6), "decoded")])
+def test_exact_tokens_ranges(layers, chunks, cache_layers):
+    _check_exact("cpu", "hnd", torch.bfloat16, layers, chunks, cache_layers)
+
+
+def test_exact_tokens_default_preset_and_discriminating(monkeypatch):
+    """The default preset (exact = 1) equals decode-then-scatter; without the exact pass the
+    caches differ (the test sees the exact rows)."""
+    L, T, H, D, NB, BS = 2, 40, 2, 32, 8, 8
+    g = torch.Generator().manual_seed(3)
+    kv = torch.randn(2, L, T, H, D, generator=g)
+    kv[:, :, 0] *= 40
+    data = codec.encode(kv, "default", chunk_tokens=16)
+    assert codec.inspect(data).preset == "default"
+    _check_exact("cpu", "nhd", torch.bfloat16, data=data, L=L, T=T)
+    for d in (data, exact_container()):
+        monkeypatch.setattr(cpaged, "_write_exact", lambda *a, **k: None)
+        with pytest.raises(AssertionError):
+            _check_exact("cpu", "nhd", torch.bfloat16, data=d, L=3 if d is not data else L, T=45 if d is not data else T)
+        monkeypatch.undo()
+
+
+@needs_gpu
+@pytest.mark.parametrize("kind", ["nhd", "hnd", "legacy", "sglang"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float8_e4m3fn])
+def test_gpu_exact_tokens_equal_decode_then_scatter(kind, dtype):
+    if kind == "sglang" and dtype == torch.float8_e4m3fn:
+        dtype = torch.uint8
+    _check_exact("cuda", kind, dtype, backend="cuda")
+    _check_exact("cuda", kind, dtype, range(1, 3), range(1, 4), "decoded", backend="cuda")

@@ -156,6 +156,32 @@ def _sub_layout(layout: PagedLayout, layers: range, off: int) -> PagedLayout:
                                     x=layout.x, fp8=layout.fp8)
 
 
+def _kind_layout(layout: PagedLayout, k: int, layers: range, off: int) -> PagedLayout:
+    """The caches of kind ``k`` (K 0, V 1) of the decoded layers only, as a one-kind layout."""
+    L = layout.num_layers
+    bases = [layout.bases[k * L + l - off] for l in layers]
+    return PagedLayout.from_strided(layout.engine, bases, len(layers), 1, layout.num_blocks, layout.block_size,
+                                    layout.num_heads, layout.head_dim, (layout.strides[k],), x=layout.x,
+                                    fp8=layout.fp8)
+
+
+def _write_exact(exact, layout: PagedLayout, slots: torch.Tensor, layers: range, off: int, k_scale, v_scale,
+                 backend) -> None:
+    """The exact tokens (raw rows stored beside the coded streams) over what the fused kernel
+    wrote: one ``scatter`` a kind, of a small flat ``[1, L', E, H, D]`` float32 tensor with the
+    matching slots (gathered on the device: no host sync; out-of-range slots skipped, not
+    counted again)."""
+    H, D, dev = layout.num_heads, layout.head_dim, layout.device
+    for k, (idx, vals) in exact.items():
+        sub = _kind_layout(layout, k, layers, off)
+        kv = vals.to(dev, non_blocking=True).view(1, len(layers), -1, H, D)
+        sl = slots.index_select(0, idx.to(dev, non_blocking=True))
+        sc = None
+        if layout.fp8:
+            sc = _sub_scale(k_scale if k == 0 else v_scale, layers, off, layout.num_layers)
+        _paged.scatter(kv, sub, sl, k_scale=sc, validate=False, backend=backend)
+
+
 def _sub_scale(s, layers: range, off: int, L: int):
     if s is None or not isinstance(s, torch.Tensor) or s.dim() != 2 or s.shape[0] != L:
         return s
@@ -223,13 +249,18 @@ def decode_into_pages(data, layout: PagedLayout, slot_mapping: Optional[torch.Te
     slots = _paged._check_slots(slot_mapping, page_table, layout, T, False)
     if slots.shape[0] < T:
         raise ValueError(f"slot_mapping: expected at least {T} entries (the decoded tokens), got {slots.shape[0]}")
+    if layout.fp8:  # checked before anything is written (the exact-token pass needs them too)
+        _paged._check_scales(layout, k_scale, v_scale)
     args = _rans_arrays(mv, h, layers, chunks, off, layout.num_layers)
     N = args.pop("N")
+    exact = args.pop("exact")
     to = {k: (v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
     st = torch.zeros(1, dtype=torch.int32, device=dev) if status is None else status
     rans_decode_pages(to["payload"], to["offsets"], to["freq"], to["table_id"], N, info.prob_bits, to["lut"], layout,
                       slots, to["segments"], to["s_tok"], to["s_ch"], to["z_ch"], lut_per_segment=True,
                       k_scale=k_scale, v_scale=v_scale, oob_count=oob_count, status=st, backend=backend)
+    if exact:  # same stream, after the fused kernel: the exact rows overwrite their slots
+        _write_exact(exact, layout, slots, layers, off, k_scale, v_scale, backend)
     if status is None:
         code = int(st.item())
         if code:
@@ -240,7 +271,9 @@ def decode_into_pages(data, layout: PagedLayout, slot_mapping: Optional[torch.Te
 def _rans_arrays(mv, h, layers: range, chunks: range, off: int, Lc: int) -> Dict[str, object]:
     """The coder-level arrays of the chosen (chunk, layer, kind) segments, on the host:
     one payload, offsets, one freq bank (rows zero-padded to the widest layer's bins), per-segment
-    level rows and the map's factors (absent ones as 1.0 / -0.0: exact identities)."""
+    level rows and the map's factors (absent ones as 1.0 / -0.0: exact identities); ``exact``:
+    per kind with exact tokens, (int64 ``[E]`` their indices in the decoded range, float32
+    ``[L', E, C]`` their raw rows)."""
     info = h.info
     C, ct = info.H * info.D, info.chunk_tokens
     t_start = chunks.start * ct
@@ -254,6 +287,8 @@ def _rans_arrays(mv, h, layers: range, chunks: range, off: int, Lc: int) -> Dict
     shared: Dict[Tuple[int, int], int] = {}
     nrows = 0
     use = {"s_tok": False, "s_ch": False, "z_ch": False}
+    ex_idx: Dict[int, List[torch.Tensor]] = {}
+    ex_rows: Dict[Tuple[int, int], List[torch.Tensor]] = {}
     for c in chunks:
         d = _ct._layer_dir(mv, h, c)
         t0, t1 = _ct._chunk_bounds(info.T, ct, c)
@@ -263,7 +298,11 @@ def _rans_arrays(mv, h, layers: range, chunks: range, off: int, Lc: int) -> Dict
             for k in range(2):
                 spec = h.preset.kind(k)
                 bins = spec.bins[l]
-                side, freq, ln, p = rec[k]
+                side, freq, ln, p, ex = rec[k]
+                if ex is not None:  # the chunk's first ex.shape[0] tokens, raw (KV dtype) [e, C]
+                    if l == layers.start:
+                        ex_idx.setdefault(k, []).append(torch.arange(ex.shape[0]) + (t0 - t_start))
+                    ex_rows.setdefault((k, l), []).append(ex.float())
                 if freq is None:  # shared bank rows, one block per (kind, layer)
                     if (k, l) not in shared:
                         f = _ct._tables_for(h.bank, k, l, C, bins, info.prob_bits)
@@ -292,7 +331,10 @@ def _rans_arrays(mv, h, layers: range, chunks: range, off: int, Lc: int) -> Dict
                 segs.append((k * Lc + (l - off), t0 - t_start, ns))
     offs = torch.zeros(len(lens) + 1, dtype=torch.int64)
     offs[1:] = torch.tensor(lens, dtype=torch.int64).cumsum(0)
-    return dict(N=N, payload=torch.frombuffer(bytearray(b"".join(pays)) or bytearray(1), dtype=torch.uint8),
+    exact = {k: (torch.cat(ix).to(torch.int64),
+                 torch.stack([torch.cat(ex_rows[(k, l)], 0) for l in layers]).contiguous())
+             for k, ix in ex_idx.items()}
+    return dict(N=N, exact=exact, payload=torch.frombuffer(bytearray(b"".join(pays)) or bytearray(1), dtype=torch.uint8),
                 offsets=offs, freq=torch.cat(freqs, 0).contiguous(), table_id=torch.stack(tids).contiguous(),
                 lut=torch.stack(luts).contiguous(), segments=torch.tensor(segs, dtype=torch.int64),
                 s_tok=torch.stack(stoks) if use["s_tok"] else None,
