@@ -554,6 +554,23 @@ def _packable(layout: PagedLayout, K: int) -> bool:
     return all(b.data_ptr() % pw == 0 for b in layout.bases)
 
 
+def _ptxas_bad_pack(layout: PagedLayout, fmt: QuantFormat) -> bool:
+    """Int4 codes into an fp8 cache on the packed path (words of PW = 2 bytes: two e4m3 codes).
+    Routed to the element-wise ``_scatter_kernel`` (which passed on the H100 for int4 -> fp8).
+
+    Failing case (H100, Triton 3.6, its bundled ptxas): ``test_scatter_dequantizes[int4:g32:channel-
+    vllm_interleaved-float8_e4m3fn-triton]``, 2300 of 18432 cache bytes wrong, all 252 (0xFC). The
+    PTX is right (``cvt.rn.satfinite.e4m3x2.f32`` -> ``shr.u16 8`` -> ``mov.b32 {lo, hi}`` ->
+    ``and 0x00FF00FF``), but ptxas lowers the pair's upper byte as ``(R1 & 0xffff) >> 8`` (R1 is the
+    stack pointer, ``LDC R1, c[0x0][0x28]``; 0xFC is its bits 8..15) into ``F2FP...PACK_AB_MERGE_C``:
+    a miscompile. Checked by compiling for sm_90 with Triton 3.6 here and reading the SASS (nvdisasm):
+    only this variant reads R1 as data; the packed int2 -> fp8 (PW = 4), packed int4 -> bf16 / fp32,
+    the unpacked byte-tile and the element-wise kernels do not (``tests/paged_sm90.py`` checks it).
+    ``KVK_PAGED_FP8_PACK2=1`` re-enables the packed path (to retest a later Triton / ptxas)."""
+    return (layout.fp8 and fmt.kind == "int" and fmt.bits == 4 and _packable(layout, 2)
+            and os.environ.get("KVK_PAGED_FP8_PACK2", "0") != "1")
+
+
 def scatter_into(layout: PagedLayout, kv, scale, zero, fmt: Optional[QuantFormat], slots, cache_scale, oob_count,
                  max_sms: int = 0) -> None:
     T = slots.shape[0]
@@ -587,6 +604,8 @@ def scatter_into(layout: PagedLayout, kv, scale, zero, fmt: Optional[QuantFormat
         sargs = (scale, zero if zero is not None else scale, *a)
     cnt = oob_count if oob_count is not None else layout.ptrs
     grouped = _grouped(fmt, D)
+    if grouped is not None and _ptxas_bad_pack(layout, fmt):
+        grouped = None
     if grouped is not None:  # one scale per group of channels: the byte-tile kernel
         G, NG = grouped
         K = 8 // fmt.bits if fmt.kind == "int" else 1
