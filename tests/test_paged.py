@@ -267,7 +267,9 @@ ODD_DQ_CASES = [("flash_nhd", torch.float32, 80, 3, "int4:g16:channel"), ("legac
                 ("flash_hnd", torch.float32, 80, 3, "fp8:token_head"), ("flash_nhd", torch.float16, 128, 2, "int4:g32:channel"),
                 ("sglang", torch.float16, 64, 3, "int4:g64:channel"), ("cross_layer", torch.float32, 48, 2, "int8:g48:channel"),
                 ("flash_nhd", torch.float32, 64, 2, "int4:g2:channel"), ("flash_nhd", torch.float8_e4m3fn, 64, 2, "int2:g16:channel"),
-                ("vllm_interleaved", torch.float16, 64, 2, "int2:g16:channel")]
+                ("vllm_interleaved", torch.float16, 64, 2, "int2:g16:channel"),
+                # int4 -> fp8 cache: Triton routes it to the element-wise kernel (_ptxas_bad_pack)
+                ("vllm_interleaved", torch.float8_e4m3fn, 64, 2, "int4:g16:channel")]
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -683,7 +685,9 @@ def test_triton_kernels_compile_sm90():
         pytest.skip("no ptxas for an sm_90 compile")
     assert p.returncode == 0, p.stderr[-3000:]
     rows = json.loads(p.stdout.strip().splitlines()[-1])
-    assert len(rows) == 12
+    assert len(rows) == 16
+    # no SASS reads the stack pointer R1 as data (Triton 3.6's ptxas did for int4 -> fp8 packed words)
+    assert all(r["r1"] in (0, None) for r in rows), [r for r in rows if r["r1"]]
     plain = [r for r in rows if r.get("SRC", r.get("DST")) == 0 and r["kernel"] != "dequant_scatter"]
     assert all(r["v4"] > 0 for r in plain), plain
     # fused dequantize: 16-byte cache stores, one scale (+ zero) load per group row, not per element

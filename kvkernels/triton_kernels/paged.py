@@ -555,7 +555,7 @@ def _packable(layout: PagedLayout, K: int) -> bool:
 
 
 def _ptxas_bad_pack(layout: PagedLayout, fmt: QuantFormat) -> bool:
-    """Int4 codes into an fp8 cache on the packed path (words of PW = 2 bytes: two e4m3 codes).
+    """Int4 / int2 codes into an fp8 cache on the packed path (words of K e4m3 codes).
     Routed to the element-wise ``_scatter_kernel`` (which passed on the H100 for int4 -> fp8).
 
     Failing case (H100, Triton 3.6, its bundled ptxas): ``test_scatter_dequantizes[int4:g32:channel-
@@ -564,10 +564,12 @@ def _ptxas_bad_pack(layout: PagedLayout, fmt: QuantFormat) -> bool:
     ``and 0x00FF00FF``), but ptxas lowers the pair's upper byte as ``(R1 & 0xffff) >> 8`` (R1 is the
     stack pointer, ``LDC R1, c[0x0][0x28]``; 0xFC is its bits 8..15) into ``F2FP...PACK_AB_MERGE_C``:
     a miscompile. Checked by compiling for sm_90 with Triton 3.6 here and reading the SASS (nvdisasm):
-    only this variant reads R1 as data; the packed int2 -> fp8 (PW = 4), packed int4 -> bf16 / fp32,
-    the unpacked byte-tile and the element-wise kernels do not (``tests/paged_sm90.py`` checks it).
-    ``KVK_PAGED_FP8_PACK2=1`` re-enables the packed path (to retest a later Triton / ptxas)."""
-    return (layout.fp8 and fmt.kind == "int" and fmt.bits == 4 and _packable(layout, 2)
+    only this variant reads R1 as data; packed int4 -> bf16 / fp32, the unpacked byte-tile and the
+    element-wise kernels do not (``tests/paged_sm90.py`` checks it). Int2 -> fp8 packed words (PW =
+    4) passed on the H100 with Triton 3.6, but Triton 3.9's ptxas also reads R1 there (PRMTs merging
+    R1 bytes), so every int code -> fp8 cache packed case takes the element-wise kernel (no bench
+    row uses it). ``KVK_PAGED_FP8_PACK2=1`` re-enables the packed path (to retest a later ptxas)."""
+    return (layout.fp8 and fmt.kind == "int" and fmt.bits < 8 and _packable(layout, 8 // fmt.bits)
             and os.environ.get("KVK_PAGED_FP8_PACK2", "0") != "1")
 
 
