@@ -313,7 +313,10 @@ def test_corrupted_or_mismatched_objects_are_refused(plugin, codec):
     # model check: a serde configured for another model refuses the container
     s2, _ = _pair(plugin, model="")
     d2 = plugin.KVKernelsDeserializer(model="other-model")
-    b2, _, _ = _ser(s2, x)
+    x2 = _kv((2, 2, 256, 128))                                      # an LMCache chunk: coded, not raw
+    b2, n2, est2 = _ser(s2, x2)
+    assert n2 < est2, "the object was stored raw: the model check would not be exercised"
+    poison = torch.full(x2.shape, float("nan"), dtype=x2.dtype)
     with pytest.raises(ValueError):
         d2.deserialize(_obj(b2), _obj(poison.clone()), _key(1))
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import replace, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -434,13 +434,15 @@ def fisher(L: int, *, model: str = "", lam: float = FISHER_LAM, alpha: float = F
            exact: int = FISHER_EXACT, tables: str = "shared", name: str = "default") -> Preset:
     """channel_delta K and V with Fisher-allocated per-channel steps; first ``exact`` tokens exact.
 
-    Without a step profile for ``model`` (or for another layer count): std-relative steps
-    ``DEFAULT_STEP * std`` of each segment (the mode's fallback), 64 bins.
+    Without a step profile for ``model`` (or for another layer count): the ``affine_v1`` kinds
+    (channel_affine, per-chunk per-channel mean / std) with the exact sink token(s). Measured on KV-like data of the
+    Llama-3-8B shape at equal error (rel. L2 0.097): 6.6 bits/element, where channel_delta with
+    std-relative steps and 64 bins took 7.8 (and more than the raw 16 on 2-layer, 64-token objects).
     """
     prof = step_profile(model)
     if prof is None or prof["fisher"].shape[1] != L:
-        k = KindSpec("channel_delta", (64,) * L, (DEFAULT_STEP,) * L, exact)
-        return Preset(name, k, KindSpec("channel_delta", (64,) * L, (DEFAULT_STEP,) * L, exact), tables)
+        p = default(L, model=model)  # + the exact sink token(s), as with a profile
+        return Preset(name, replace(p.k, exact=exact), replace(p.v, exact=exact), p.tables)
     base = fisher_steps(prof, lam, alpha)
     kinds = []
     for k in range(2):
