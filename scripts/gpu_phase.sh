@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU call: build + the suite (xdist) + a short bench per family, each bench time-bounded.
-#   bash scripts/gpu_phase.sh OUT   (env: BENCH_S per-bench bound, default 100 s; TESTS=0 skips the suite)
+#   bash scripts/gpu_phase.sh OUT   (env: BENCH_S per-bench bound, default 100 s; TESTS=0 skips the suite;
+#   PHASE_BENCHES: any of paged paged-full codec blend quant, default "paged codec blend")
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage}; mkdir -p "$OUT"
@@ -13,6 +14,7 @@ run() { local name=$1; shift; local t0=$(date +%s); timeout "$B" "$@" > "$OUT/be
 for spec in ${PHASE_BENCHES:-paged codec blend}; do
   case $spec in
     paged) KVK_BENCH_QUICK=1 run paged python3 -m bench paged --out "$OUT" ;;
+    paged-full) run paged-full python3 -m bench paged --out "$OUT" ;;   # 8B + 70B, 16..32K tokens (issue 21)
     codec) run codec python3 -m bench codec --backends cuda --tokens 4096 --out "$OUT" ;;
     blend) run blend python3 -m bench blend --out "$OUT" ;;
     quant) run quant python3 -m bench quant --backends cuda,triton --out "$OUT" ;;
