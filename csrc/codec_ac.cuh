@@ -141,10 +141,20 @@ KVK_HD int ac_find(const int32_t* cdf, int bins, uint32_t count) {
   return base;
 }
 
-// Decode n symbols into out[i * stride] from stream in[0, len). Returns 0, or ERR_TRAILING if the
-// coder state becomes impossible (only with zero-width symbols: never for a valid row).
-KVK_HD int32_t ac_decode_stream(const uint8_t* in, int64_t len, const int32_t* cdf, int bins, uint8_t* out, int64_t n,
-                                int64_t stride) {
+// The row's symbol search: the largest s with cdf[s] <= count.
+struct AcFind {
+  const int32_t* cdf;
+  int bins;
+  KVK_HD int operator()(uint32_t count) const { return ac_find(cdf, bins, count); }
+};
+
+// Decode n symbols into out[i * stride] from stream in[0, len), the symbol of each step found by
+// find(count) (a drop-in for ac_find on the same row: the CPU passes a vectorised count). Returns
+// 0, or ERR_TRAILING if the coder state becomes impossible (only with zero-width symbols: never
+// for a valid row).
+template <class Find>
+KVK_HD int32_t ac_decode_stream_with(const uint8_t* in, int64_t len, const int32_t* cdf, int bins, uint8_t* out,
+                                     int64_t n, int64_t stride, const Find& find) {
   AcReader r(in, len);
   uint32_t low = 0, high = 0xFFFFFFFFu;
   uint32_t value = r.get(32);
@@ -157,7 +167,7 @@ KVK_HD int32_t ac_decode_stream(const uint8_t* in, int64_t len, const int32_t* c
     }
     const uint64_t t = ((uint64_t)value - (uint64_t)low + 1) * 0x10000ull - 1;
     const uint32_t count = (uint32_t)(uint16_t)(t / span);
-    const int s = ac_find(cdf, bins, count);
+    const int s = find(count);
     out[i * stride] = (uint8_t)s;
     if (i == n - 1) break;
     const uint32_t c_lo = (uint32_t)cdf[s];
@@ -177,6 +187,11 @@ KVK_HD int32_t ac_decode_stream(const uint8_t* in, int64_t len, const int32_t* c
     }
   }
   return 0;
+}
+
+KVK_HD int32_t ac_decode_stream(const uint8_t* in, int64_t len, const int32_t* cdf, int bins, uint8_t* out, int64_t n,
+                                int64_t stride) {
+  return ac_decode_stream_with(in, len, cdf, bins, out, n, stride, AcFind{cdf, bins});
 }
 
 }  // namespace kvk_codec

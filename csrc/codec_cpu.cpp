@@ -74,44 +74,21 @@ inline int ac_count_le(const int32_t* row, uint32_t count) {
 }
 #endif
 
-// ac_decode_stream with the search as a count over the row padded to P entries (P = 0: ac_find).
+// ac_decode_stream with the search as a count over the row padded to P entries.
+template <int P>
+struct AcCountFind {  // cdf[0, bins) padded with INT32_MAX (never <= count)
+  alignas(16) int32_t row[P];
+  AcCountFind(const int32_t* cdf, int bins) {
+    for (int i = 0; i < P; ++i) row[i] = i < bins ? cdf[i] : 0x7FFFFFFF;
+  }
+  int operator()(uint32_t count) const { return ac_count_le<P>(row, count) - 1; }
+};
+
 template <int P>
 int32_t ac_decode_stream_p(const uint8_t* in, int64_t len, const int32_t* cdf, int bins, uint8_t* out, int64_t n,
-                                int64_t stride) {
-  alignas(16) int32_t row[P > 0 ? P : 1];  // cdf[0, bins), padded with INT32_MAX (never <= count)
-  for (int i = 0; i < P; ++i) row[i] = i < bins ? cdf[i] : 0x7FFFFFFF;
-  AcReader r(in, len);
-  uint32_t low = 0, high = 0xFFFFFFFFu;
-  uint32_t value = r.get(32);
-  const int max_sym = bins - 1;
-  for (int64_t i = 0; i < n; ++i) {
-    const uint64_t span = (uint64_t)high - (uint64_t)low + 1;
-    if (span == 0 || span > 0x100000000ull) {
-      for (int64_t j = i; j < n; ++j) out[j * stride] = 0;
-      return ERR_TRAILING;
-    }
-    const uint64_t t = ((uint64_t)value - (uint64_t)low + 1) * 0x10000ull - 1;
-    const uint32_t count = (uint32_t)(uint16_t)(t / span);
-    const int s = P > 0 ? ac_count_le<P>(row, count) - 1 : ac_find(cdf, bins, count);
-    out[i * stride] = (uint8_t)s;
-    if (i == n - 1) break;
-    const uint32_t c_lo = (uint32_t)cdf[s];
-    const uint32_t c_hi = s == max_sym ? 0x10000u : (uint32_t)cdf[s + 1];
-    high = (uint32_t)((uint64_t)low - 1 + ((span * c_hi) >> 16));
-    low = (uint32_t)((uint64_t)low + ((span * c_lo) >> 16));
-    int k = clz32(low ^ high);
-    if (k > 0) {
-      low = (uint32_t)((uint64_t)low << k);
-      high = (uint32_t)(((uint64_t)high << k) | low_mask(k));
-      value = (uint32_t)(((uint64_t)value << k) | r.get(k));
-    }
-    while (low >= 0x40000000u && high < 0xC0000000u) {
-      low = (low << 1) & 0x7FFFFFFFu;
-      high = (high << 1) | 0x80000001u;
-      value = ((value - 0x40000000u) << 1) | r.get(1);
-    }
-  }
-  return 0;
+                           int64_t stride) {
+  const AcCountFind<P> find(cdf, bins);
+  return ac_decode_stream_with(in, len, cdf, bins, out, n, stride, find);
 }
 
 int32_t ac_decode_stream_cpu(const uint8_t* in, int64_t len, const int32_t* cdf, int bins, uint8_t* out, int64_t n,
@@ -120,7 +97,7 @@ int32_t ac_decode_stream_cpu(const uint8_t* in, int64_t len, const int32_t* cdf,
   if (bins <= 16) return ac_decode_stream_p<16>(in, len, cdf, bins, out, n, stride);
   if (bins <= 32) return ac_decode_stream_p<32>(in, len, cdf, bins, out, n, stride);
   if (bins <= 64) return ac_decode_stream_p<64>(in, len, cdf, bins, out, n, stride);
-  return ac_decode_stream_p<0>(in, len, cdf, bins, out, n, stride);
+  return ac_decode_stream(in, len, cdf, bins, out, n, stride);
 }
 
 bool cpu_generic() {
@@ -300,37 +277,6 @@ bool block_transpose(const uint16_t* const* rows, int bins, int pb, BlockT* t) {
       t->wbase[j] = (uint8_t)best;
     }
   return true;
-}
-
-// The generic decode loop from token n0 with states x[] and word position p (rans_decode_block's
-// loop and epilogue, unchanged).
-template <class Sink>
-int32_t rans_decode_rows(const uint8_t* w, int64_t nw, int64_t n0, int64_t N, uint32_t* x, int64_t p,
-                         const RansCumLookup& lookup, int pb, Sink& sink) {
-  bool bad = false;
-  const uint32_t mask = (1u << pb) - 1;
-  for (int64_t n = n0; n < N; ++n) {
-    for (int j = 0; j < LANES; ++j) {
-      const uint32_t xj = x[j], slot = xj & mask;
-      int s;
-      uint32_t c;
-      const uint32_t f = lookup(j, slot, &s, &c);
-      uint32_t v = f * (xj >> pb) + slot - c;
-      sink(n, j, s);
-      const bool need = v < RANS_L;
-      uint32_t word = 0;
-      if (p < nw) word = load_u16le(w + 2 * p);
-      bad |= need && p >= nw;
-      v = need ? (v << 16) | word : v;
-      p += need;
-      x[j] = v;
-    }
-  }
-  if (bad) return ERR_TRUNCATED;
-  if (p != nw) return ERR_TRAILING;
-  for (int j = 0; j < LANES; ++j)
-    if (x[j] != RANS_L) return ERR_TRAILING;
-  return 0;
 }
 
 struct RowSink {  // symbols of token n, lane j -> out[n * stride + j]
@@ -579,7 +525,7 @@ void fast_epilogue(FastBlock& b, int64_t N, int bins, int pb) {
   }
   const RansCumLookup lookup{b.rows, bins};
   RowSink sink{b.out, b.stride};
-  b.status = rans_decode_rows(b.w, b.nw, b.n, N, b.x, b.p, lookup, pb, sink);
+  b.status = rans_decode_rows(b.w, b.nw, b.n, N, b.x, LANES, b.p, lookup, pb, sink);
 }
 
 enum class Isa { generic, avx512 };

@@ -142,24 +142,15 @@ struct RansSlotLookup {
   }
 };
 
-// Decode one block in[0, len), symbols to sink(n, j, s). Returns 0, ERR_TRUNCATED or
-// ERR_TRAILING. (Branch-free word reads: a lane that needs a word past the block's end marks the
-// block truncated; the caller then overwrites the block's output.)
+// The decode loop of a block from token n0: states x[0, na), word position p in w[0, nw) (16-bit
+// words). Returns 0, ERR_TRUNCATED or ERR_TRAILING (the end-of-block checks). The CPU's vector
+// path resumes here after its fast tokens.
 template <class Lookup, class Sink>
-KVK_HD int32_t rans_decode_block(const uint8_t* in, int64_t len, int64_t N, int na, const Lookup& lookup, int pb,
-                                 Sink& sink) {
-  if (len < 4 * na || ((len - 4 * na) & 1)) return ERR_TRUNCATED;
-  uint32_t x[LANES];
-  for (int j = 0; j < na; ++j) {
-    x[j] = load_u32le(in + 4 * j);
-    if (x[j] < RANS_L) return ERR_TRUNCATED;
-  }
-  const uint8_t* w = in + 4 * na;
-  const int64_t nw = (len - 4 * na) / 2;
-  int64_t p = 0;
+KVK_HD int32_t rans_decode_rows(const uint8_t* w, int64_t nw, int64_t n0, int64_t N, uint32_t* x, int na, int64_t p,
+                                const Lookup& lookup, int pb, Sink& sink) {
   bool bad = false;
   const uint32_t mask = (1u << pb) - 1;
-  for (int64_t n = 0; n < N; ++n) {
+  for (int64_t n = n0; n < N; ++n) {
     for (int j = 0; j < na; ++j) {
       const uint32_t xj = x[j], slot = xj & mask;
       int s;
@@ -181,6 +172,22 @@ KVK_HD int32_t rans_decode_block(const uint8_t* in, int64_t len, int64_t N, int 
   for (int j = 0; j < na; ++j)
     if (x[j] != RANS_L) return ERR_TRAILING;
   return 0;
+}
+
+// Decode one block in[0, len), symbols to sink(n, j, s). Returns 0, ERR_TRUNCATED or
+// ERR_TRAILING. (Branch-free word reads: a lane that needs a word past the block's end marks the
+// block truncated; the caller then overwrites the block's output.)
+template <class Lookup, class Sink>
+KVK_HD int32_t rans_decode_block(const uint8_t* in, int64_t len, int64_t N, int na, const Lookup& lookup, int pb,
+                                 Sink& sink) {
+  if (len < 4 * na || ((len - 4 * na) & 1)) return ERR_TRUNCATED;
+  uint32_t x[LANES];
+  for (int j = 0; j < na; ++j) {
+    x[j] = load_u32le(in + 4 * j);
+    if (x[j] < RANS_L) return ERR_TRUNCATED;
+  }
+  const uint8_t* w = in + 4 * na;
+  return rans_decode_rows(w, (len - 4 * na) / 2, 0, N, x, na, 0, lookup, pb, sink);
 }
 
 }  // namespace kvk_codec
