@@ -46,6 +46,33 @@ def supports(key: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool, k_sc
 
 
 @triton.jit
+def _delta_cos_sin(cs_ptr, po, pn, cs_stride, r, rm, HALF: tl.constexpr):
+    """cos / sin of the rotation by pn - po ([BLOCK_R] float32), from the cache rows of both
+    positions: always from the stored position, never a chained shift."""
+    co = tl.load(cs_ptr + po * cs_stride + r, mask=rm, other=1.0).to(tl.float32)
+    so = tl.load(cs_ptr + po * cs_stride + HALF + r, mask=rm, other=0.0).to(tl.float32)
+    cn = tl.load(cs_ptr + pn * cs_stride + r, mask=rm, other=1.0).to(tl.float32)
+    sn = tl.load(cs_ptr + pn * cs_stride + HALF + r, mask=rm, other=0.0).to(tl.float32)
+    return cn * co + sn * so, sn * co - cn * so
+
+
+@triton.jit
+def _rotate(x1, x2, cd, sd, sc, FP8: tl.constexpr):
+    """The pairs (x1, x2) [BLOCK_H, BLOCK_R] rotated by (cd, sd); fp8: scaled by sc first, divided
+    by it after (correctly rounded reciprocal) and clamped to +-448."""
+    if FP8:
+        x1 = x1 * sc
+        x2 = x2 * sc
+    y1 = x1 * cd[None, :] - x2 * sd[None, :]
+    y2 = x2 * cd[None, :] + x1 * sd[None, :]
+    if FP8:
+        inv = tl.math.div_rn(tl.full(sc.shape, 1.0, tl.float32), sc)
+        y1 = tl.minimum(tl.maximum(y1 * inv, -448.0), 448.0)
+        y2 = tl.minimum(tl.maximum(y2 * inv, -448.0), 448.0)
+    return y1, y2
+
+
+@triton.jit
 def _rerotate_kernel(key_ptr, sc_ptr, old_ptr, new_ptr, cs_ptr, T, H, max_pos,
                      s_l, s_t, s_h, ss_l, ss_t, ss_h, cs_stride,
                      HALF: tl.constexpr, NEOX: tl.constexpr, FP8: tl.constexpr,
@@ -59,12 +86,7 @@ def _rerotate_kernel(key_ptr, sc_ptr, old_ptr, new_ptr, cs_ptr, T, H, max_pos,
     if ok:
         r = tl.arange(0, BLOCK_R)
         rm = r < HALF
-        co = tl.load(cs_ptr + po * cs_stride + r, mask=rm, other=1.0).to(tl.float32)
-        so = tl.load(cs_ptr + po * cs_stride + HALF + r, mask=rm, other=0.0).to(tl.float32)
-        cn = tl.load(cs_ptr + pn * cs_stride + r, mask=rm, other=1.0).to(tl.float32)
-        sn = tl.load(cs_ptr + pn * cs_stride + HALF + r, mask=rm, other=0.0).to(tl.float32)
-        cd = cn * co + sn * so
-        sd = sn * co - cn * so
+        cd, sd = _delta_cos_sin(cs_ptr, po, pn, cs_stride, r, rm, HALF)
         h = tl.arange(0, BLOCK_H)
         m = (h[:, None] < H) & rm[None, :]
         base = key_ptr + l.to(tl.int64) * s_l + t.to(tl.int64) * s_t + h[:, None].to(tl.int64) * s_h
@@ -76,17 +98,11 @@ def _rerotate_kernel(key_ptr, sc_ptr, old_ptr, new_ptr, cs_ptr, T, H, max_pos,
             o2 = 2 * r[None, :] + 1
         x1 = tl.load(base + o1, mask=m, other=0.0).to(tl.float32)
         x2 = tl.load(base + o2, mask=m, other=0.0).to(tl.float32)
+        sc = 1.0
         if FP8:
             sc = tl.load(sc_ptr + l.to(tl.int64) * ss_l + t.to(tl.int64) * ss_t + h.to(tl.int64) * ss_h,
                          mask=h < H, other=1.0)[:, None]
-            x1 = x1 * sc
-            x2 = x2 * sc
-        y1 = x1 * cd[None, :] - x2 * sd[None, :]
-        y2 = x2 * cd[None, :] + x1 * sd[None, :]
-        if FP8:
-            inv = tl.math.div_rn(tl.full(sc.shape, 1.0, tl.float32), sc)
-            y1 = tl.minimum(tl.maximum(y1 * inv, -448.0), 448.0)
-            y2 = tl.minimum(tl.maximum(y2 * inv, -448.0), 448.0)
+        y1, y2 = _rotate(x1, x2, cd, sd, sc, FP8)
         tl.store(base + o1, y1.to(key_ptr.dtype.element_ty), mask=m)
         tl.store(base + o2, y2.to(key_ptr.dtype.element_ty), mask=m)
 
@@ -207,12 +223,7 @@ def _rerotate_paged_kernel(ptrs_ptr, sc_ptr, slots_ptr, old_ptr, new_ptr, cs_ptr
         blk = slot // BS
         r = tl.arange(0, BLOCK_R)
         rm = r < HALF
-        co = tl.load(cs_ptr + po * cs_stride + r, mask=rm, other=1.0).to(tl.float32)
-        so = tl.load(cs_ptr + po * cs_stride + HALF + r, mask=rm, other=0.0).to(tl.float32)
-        cn = tl.load(cs_ptr + pn * cs_stride + r, mask=rm, other=1.0).to(tl.float32)
-        sn = tl.load(cs_ptr + pn * cs_stride + HALF + r, mask=rm, other=0.0).to(tl.float32)
-        cd = cn * co + sn * so
-        sd = sn * co - cn * so
+        cd, sd = _delta_cos_sin(cs_ptr, po, pn, cs_stride, r, rm, HALF)
         h = tl.arange(0, BLOCK_H)
         m = (h[:, None] < H) & rm[None, :]
         base = _key_base(ptrs_ptr, l, CDT) + blk * s_b + (slot - blk * BS) * s_t
@@ -225,16 +236,10 @@ def _rerotate_paged_kernel(ptrs_ptr, sc_ptr, slots_ptr, old_ptr, new_ptr, cs_ptr
             o2 = _chan(2 * r + 1, X, s_dx, s_di, SPLIT)
         x1 = tl.load(rows + o1[None, :], mask=m, other=0.0).to(tl.float32)
         x2 = tl.load(rows + o2[None, :], mask=m, other=0.0).to(tl.float32)
+        sc = 1.0
         if FP8:
             sc = tl.load(sc_ptr + l.to(tl.int64) * ss_l + h.to(tl.int64) * ss_h, mask=h < H, other=1.0)[:, None]
-            x1 = x1 * sc
-            x2 = x2 * sc
-        y1 = x1 * cd[None, :] - x2 * sd[None, :]
-        y2 = x2 * cd[None, :] + x1 * sd[None, :]
-        if FP8:
-            inv = tl.math.div_rn(tl.full(sc.shape, 1.0, tl.float32), sc)
-            y1 = tl.minimum(tl.maximum(y1 * inv, -448.0), 448.0)
-            y2 = tl.minimum(tl.maximum(y2 * inv, -448.0), 448.0)
+        y1, y2 = _rotate(x1, x2, cd, sd, sc, FP8)
         tl.store(rows + o1[None, :], y1.to(base.dtype.element_ty), mask=m)
         tl.store(rows + o2[None, :], y2.to(base.dtype.element_ty), mask=m)
 
