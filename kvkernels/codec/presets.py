@@ -435,9 +435,9 @@ def fisher(L: int, *, model: str = "", lam: float = FISHER_LAM, alpha: float = F
     """channel_delta K and V with Fisher-allocated per-channel steps; first ``exact`` tokens exact.
 
     Without a step profile for ``model`` (or for another layer count): the ``affine_v1`` kinds
-    (channel_affine, per-chunk per-channel mean / std) with the exact sink token(s). Measured on KV-like data of the
-    Llama-3-8B shape at equal error (rel. L2 0.097): 6.6 bits/element, where channel_delta with
-    std-relative steps and 64 bins took 7.8 (and more than the raw 16 on 2-layer, 64-token objects).
+    (channel_affine, per-chunk per-channel mean / std) with the exact sink token(s): 6.7
+    bits/element on KV-like Llama-3-8B-shape data where channel_delta with std-relative steps and
+    64 bins took 7.8 at the same error (docs/codec-quality.md, "Models without a profile").
     """
     prof = step_profile(model)
     if prof is None or prof["fisher"].shape[1] != L:
