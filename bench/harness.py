@@ -105,23 +105,7 @@ class Timer:
             return g
         except Exception:  # not capturable: time eager calls
             torch.cuda.synchronize()
-            Timer._end_rng_capture()
             return None
-
-    @staticmethod
-    def _end_rng_capture() -> None:
-        """A capture that raised can leave the CUDA generator marked as capturing (its epilogue
-        never ran), and the next random op on the device then fails ("Offset increment outside
-        graph capture"). One trivial capture that ends cleanly runs the epilogue."""
-        try:
-            g = torch.cuda.CUDAGraph()
-            z = torch.zeros(1, device="cuda")
-            with torch.cuda.graph(g):
-                z.add_(1)
-            torch.cuda.synchronize()
-            g.reset()
-        except Exception:
-            torch.cuda.synchronize()
 
 
 class CopyBaseline:

@@ -43,12 +43,6 @@ def _row(op, backend, model, L, T, H, D, nbytes, t, copy, info, **kw):
                 GBps=gbps, copy_GBps=c, pct_copy=100 * gbps / c, status="ran", **kw, **info)
 
 
-def _randn(device, *shape):
-    """bf16 normal values drawn on the CPU, then moved: a CUDA capture that raised earlier in the
-    run can leave the device generator unusable (bench.harness.Timer._end_rng_capture)."""
-    return torch.randn(*shape).to(torch.bfloat16).to(device)
-
-
 def run(args, timer, copy, info, op_names):
     device = args.device
     sizes = GPU_SIZES if device == "cuda" else CPU_SIZES
@@ -61,7 +55,7 @@ def run(args, timer, copy, info, op_names):
         cs = cos_sin_cache_from_inv_freq(inv, 2 * T + 8)
         old = torch.arange(T, device=device)
         new = old + T // 2
-        k0 = _randn(device, L, T, H, D)
+        k0 = torch.randn(L, T, H, D, device=device, dtype=torch.bfloat16)
         want = k0.clone()
         rerotate_keys_op(want, old, new, cs, True, None, "torch")
         nb = 2 * k0.numel() * 2 + 2 * T * D * 4
@@ -87,14 +81,14 @@ def run(args, timer, copy, info, op_names):
         # selected tokens (15%): scatter of their recomputed K/V into one layer's cache (HF's
         # [H, T, D] layout, K and V in one launch), gather of their hidden states and positions
         S = max(1, int(0.15 * T))
-        idx = torch.randperm(T)[:S].sort().values.to(device)
-        kc = _randn(device, H, T, D)
+        idx = torch.randperm(T, device=device)[:S].sort().values
+        kc = torch.randn(H, T, D, device=device, dtype=torch.bfloat16)
         vc = torch.randn_like(kc)
-        src_k = _randn(device, H, S, D)
+        src_k = torch.randn(H, S, D, device=device, dtype=torch.bfloat16)
         src_v = torch.randn_like(src_k)
         nbs = 2 * 2 * S * H * D * 2 + S * 8
         hidden = MODELS_HIDDEN[model]
-        hs = _randn(device, T, hidden)
+        hs = torch.randn(T, hidden, device=device, dtype=torch.bfloat16)
         pos = torch.arange(T, device=device) + 7
         g_h = torch.empty(S, hidden, device=device, dtype=torch.bfloat16)
         g_p = torch.empty(S, device=device, dtype=torch.int64)
@@ -156,7 +150,7 @@ def _paged_rows(args, timer, copy, info, model, L, T, H, D, cs, old, new, k0):
     rows = []
     NB = T // PAGE + 1
     kcs = [torch.zeros(NB, PAGE, H, D, device=device, dtype=torch.bfloat16) for _ in range(L)]
-    blocks = torch.randperm(NB)[:(T + PAGE - 1) // PAGE].to(device)
+    blocks = torch.randperm(NB, device=device)[:(T + PAGE - 1) // PAGE]
     slots = (blocks[:, None] * PAGE + torch.arange(PAGE, device=device)[None]).flatten()[:T].contiguous()
     b, o = slots // PAGE, slots % PAGE
     for l in range(L):
@@ -184,7 +178,9 @@ def _paged_rows(args, timer, copy, info, model, L, T, H, D, cs, old, new, k0):
         got = torch.stack([kcs[l][b, o] for l in range(L)])
         exact = torch.equal(got, want)
         ok = (got.float() - want.float()).abs().max().item() <= 2**-7 * want.float().abs().max().item()
-        t = timer(fn, graph=backend != "torch")  # the reference's host work does not capture
+        # the reference's host work does not capture; a capture that raises leaves the CUDA
+        # generator marked as capturing and the next random op fails: time it eagerly
+        t = timer(fn, graph=backend != "torch")
         rows.append(_row("rerotate_keys_paged", backend, model, L, T, H, D, nb, t, copy, info, layout="vllm NHD bs16",
                          exact=exact, check="ok" if ok else "MISMATCH"))
         print(_fmt(rows[-1]), flush=True)
@@ -202,7 +198,7 @@ def _paged_scatter_rows(args, timer, copy, info, model, T, H, D, S, idx, src_k, 
     kc = torch.zeros(NB, PAGE, H, D, device=device, dtype=torch.bfloat16)
     vc = torch.zeros_like(kc)
     lay = PagedLayout.vllm_flash([kc], [vc])
-    blocks = torch.randperm(NB)[:(T + PAGE - 1) // PAGE].to(device)
+    blocks = torch.randperm(NB, device=device)[:(T + PAGE - 1) // PAGE]
     tok_slots = (blocks[:, None] * PAGE + torch.arange(PAGE, device=device)[None]).flatten()[:T]
     slots = tok_slots[idx].contiguous()
     kv = torch.stack([src_k.transpose(0, 1), src_v.transpose(0, 1)])[:, None]  # [2, 1, S, H, D]
