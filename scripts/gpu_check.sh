@@ -29,7 +29,9 @@ if [ "${TESTS:-1}" != 0 ]; then $PY -m pytest -q $XD --junitxml="$OUT/junit.xml"
 trc=$?
 tail -25 "$OUT/pytest.log"
 echo "== bench"
-# BENCH=0: no bench; BENCH_FAMILIES: which families (default all); quant runs its GPU backends only
+# BENCH=0: no bench; BENCH_FAMILIES: which families (default all); quant runs its GPU backends only;
+# BENCH_S: a time bound per family (default none); BENCH_TOKENS: --tokens for every family;
+# KVK_BENCH_QUICK=1: the paged bench's quick set (Llama-3-8B, T=4096, block 16)
 bnc=0
 if [ "${BENCH:-1}" != 0 ]; then
   : > "$OUT/bench.txt"
@@ -37,7 +39,8 @@ if [ "${BENCH:-1}" != 0 ]; then
     echo "== bench $fam" | tee -a "$OUT/bench.txt"
     extra=""; [ "$fam" = quant ] && extra="--backends ${BENCH_BACKENDS:-cuda,triton}"
     t1=$(date +%s)
-    $PY -m bench "$fam" $extra --out "$OUT" >> "$OUT/bench.txt" 2>&1 || bnc=$?
+    [ -n "${BENCH_TOKENS:-}" ] && extra="$extra --tokens $BENCH_TOKENS"
+    timeout "${BENCH_S:-0}" $PY -m bench "$fam" $extra --out "$OUT" >> "$OUT/bench.txt" 2>&1 || bnc=$?
     echo "bench $fam rc=$? in $(( $(date +%s) - t1 ))s" | tee -a "$OUT/bench.txt"
   done
 fi
