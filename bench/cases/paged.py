@@ -29,6 +29,9 @@ cache) fits in ~75 GiB beside the copy baseline. The torch reference is not time
 
 Quick run: ``KVK_BENCH_QUICK=1 python -m bench paged`` runs one size, Llama-3-8B T=4096 block 16
 (or the ``--tokens`` given, still one model and block size), every format x backend.
+``KVK_BENCH_MODELS=llama3-70b`` (a comma list) keeps the sizes of those models only, so that a
+full run can be split over calls. With ``--out``, ``paged.json`` is rewritten after every size, so
+a run cut off by a time bound keeps the rows it finished.
 """
 from __future__ import annotations
 
@@ -54,6 +57,7 @@ GATHER_VARIANTS = ["bf16", "fp8cache", "int8:g64:channel", "fp8:token_head", "ho
 REFERENCE_MAX_ELEMS = 2**31  # the torch reference row only up to this many flat elements
 CHUNK_ELEMS = 2**28  # reference check: layers per chunk so that a chunk has at most this many elements
 QUICK = os.environ.get("KVK_BENCH_QUICK", "") not in ("", "0")
+ONLY_MODELS = [m for m in os.environ.get("KVK_BENCH_MODELS", "").split(",") if m]
 
 
 def _slots(T, NB, BS, device):
@@ -81,6 +85,11 @@ def run(args, timer, copy, info, op_names):
     if args.tokens:
         models = list(dict.fromkeys(m for m, _ in sizes))
         sizes = [(m, t) for m in models for t in args.tokens]
+    if ONLY_MODELS:
+        unknown = sorted(set(ONLY_MODELS) - set(MODELS))
+        if unknown:
+            raise ValueError(f"KVK_BENCH_MODELS: unknown models {unknown}; expected some of {sorted(MODELS)}")
+        sizes = [(m, t) for m, t in sizes if m in ONLY_MODELS]
     rows = []
     pinned_rate = {}
 
@@ -115,7 +124,17 @@ def run(args, timer, copy, info, op_names):
                     _free()
             del kv, slots, scale
             _free()
+            _dump_partial(args, rows)
     return rows
+
+
+def _dump_partial(args, rows):
+    """Rewrite <out>/paged.json with the rows so far (the CLI writes the final one)."""
+    if getattr(args, "out", None):
+        import json
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f"{FAMILY}.json"), "w") as f:
+            json.dump(rows, f, indent=1)
 
 
 def _run_variant(args, timer, copy, info, op, var, model, kv, slots, scale, L, T, H, D, NB, BS, n, pinned_gbps):
