@@ -33,36 +33,11 @@ from test_paged_emu import SHIM as PAGED_SHIM
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 WARP = r'''
-#include <atomic>
-#include <barrier>
-#include <thread>
-#include <vector>
 #define __align__(n) alignas(n)
 #define __restrict__
-struct EmuWarp { std::barrier<> bar{32}; uint64_t v[32]; };
-extern thread_local EmuWarp* emu_w;
-extern thread_local int emu_lane;
 extern thread_local unsigned char* emu_smem_base;
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 template <class K> cudaError_t cudaFuncSetAttribute(K, cudaFuncAttribute, int) { return cudaSuccess; }
-template <class T> inline uint64_t emu_bits(T x) { uint64_t b = 0; std::memcpy(&b, &x, sizeof(T)); return b; }
-template <class T> inline T emu_from(uint64_t b) { T x; std::memcpy(&x, &b, sizeof(T)); return x; }
-template <class T> inline T __shfl_sync(unsigned, T x, int src) {
-  emu_w->v[emu_lane] = emu_bits(x); emu_w->bar.arrive_and_wait();
-  const uint64_t r = emu_w->v[src & 31]; emu_w->bar.arrive_and_wait(); return emu_from<T>(r);
-}
-template <class T> inline T __shfl_xor_sync(unsigned m, T x, int d) {
-  emu_w->v[emu_lane] = emu_bits(x); emu_w->bar.arrive_and_wait();
-  const uint64_t r = emu_w->v[(emu_lane ^ d) & 31]; emu_w->bar.arrive_and_wait(); return emu_from<T>(r);
-}
-inline unsigned __ballot_sync(unsigned, int p) {
-  emu_w->v[emu_lane] = p ? 1 : 0; emu_w->bar.arrive_and_wait();
-  unsigned m = 0;
-  for (int i = 0; i < 32; ++i) m |= unsigned(emu_w->v[i] & 1) << i;
-  emu_w->bar.arrive_and_wait(); return m;
-}
-inline int __any_sync(unsigned m, int p) { return __ballot_sync(m, p) != 0; }
-inline void __syncwarp(unsigned = 0xFFFFFFFFu) { emu_w->bar.arrive_and_wait(); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int atomicOr(int* p, int v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }
 inline unsigned __cvta_generic_to_shared(const void* p) {
@@ -85,17 +60,7 @@ void emu_launch(Kernel kernel, unsigned grid, unsigned block, size_t smem, const
   blockDim = dim3(block);
   std::vector<unsigned char> buf(smem + 16, 0xCD);
   for (unsigned b = 0; b < grid; ++b)
-    for (unsigned w = 0; w < block / 32; ++w) {
-      EmuWarp warp;
-      std::vector<std::thread> th;
-      for (int lane = 0; lane < 32; ++lane)
-        th.emplace_back([&, lane] {
-          emu_w = &warp; emu_lane = lane; emu_smem_base = buf.data();
-          threadIdx = {w * 32 + lane, 0, 0}; blockIdx = {b, 0, 0};
-          kernel(a);
-        });
-      for (auto& t : th) t.join();
-    }
+    emu_run_block(b, dim3(block), [&] { emu_smem_base = buf.data(); kernel(a); });
 }
 #include "codec_dequant.cu"
 extern "C" int emu_pages(int64_t payload, int64_t nbytes, int64_t offsets, int64_t cum, int64_t ok, int64_t K,
@@ -122,9 +87,7 @@ extern "C" int emu_pages(int64_t payload, int64_t nbytes, int64_t offsets, int64
 
 
 def _shim():
-    s = PAGED_SHIM.replace("extern uint3_ threadIdx, blockIdx;", "extern thread_local uint3_ threadIdx, blockIdx;")
-    s = s.replace("inline float __shfl_xor_sync(unsigned, float v, int) { return v; }", "")
-    return s + WARP
+    return PAGED_SHIM + WARP
 
 
 @pytest.fixture(scope="module")

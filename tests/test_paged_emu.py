@@ -1,14 +1,17 @@
-"""The CUDA paged kernels (csrc/paged.cu) run on the host, without a GPU, against the reference.
+"""The CUDA paged kernels (csrc/paged.cu, csrc/paged_gather_quant.cu) run on the host, without a
+GPU, against the reference.
 
-csrc/paged.cu is compiled by g++ with ``KVK_PAGED_EMULATE`` and the small CUDA shim below (the
-intrinsics it uses, with the device's numerics: RNE conversions, e4m3 satfinite with NaN ->
+The kernels are compiled by g++ with ``KVK_PAGED_EMULATE`` and the small CUDA shim below (the
+intrinsics they use, with the device's numerics: RNE conversions, e4m3 satfinite with NaN ->
 0x7F, exact fp8 -> half, IEEE float ops without contraction); the launcher then runs every
-(block, thread) of the grid in turn on the host. The kernels have no shared memory, barriers or
-warp shuffles, so a sequential run computes what the GPU does; addressing, chunking, packing,
-the grid-stride loop, the slot prefetch and the launch geometry are the real code. The Python
-side is the real CUDA backend (kvkernels/cuda/paged.py) with its ``_C.paged_call`` replaced by
-the emulated one. This is no substitute for the GPU suite (no races, no alignment faults, no
-real cvt instructions), but it checks every index without one.
+block of the grid in turn, each warp of it as host threads (one per lane): ``__shfl_sync`` /
+``__shfl_xor_sync`` / ``__ballot_sync`` / ``__any_sync`` / ``__syncwarp`` are barriers over the
+warp's lanes (every call site is warp-uniform, as on the GPU), atomics are host atomics.
+Addressing, chunking, packing, the grid-stride loop, the slot prefetch, the group shuffles and
+the launch geometry are the real code. The Python side is the real CUDA backend
+(kvkernels/cuda/paged.py) with its ``_C.paged_call`` replaced by the emulated one. This is no
+substitute for the GPU suite (no real scheduling, alignment faults or cvt instructions), but it
+checks every index without one. tests/test_codec_paged_emu.py builds on this shim.
 """
 import ctypes
 import hashlib
@@ -29,6 +32,7 @@ from kvkernels.reference import paged as pref
 from test_paged import build, make_flat, make_slots, scales_for
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+PAGED_SOURCES = ("paged.cu", "paged_gather_quant.cu", "paged_common.cuh", "paged.h", "quant_math.cuh")
 
 SHIM = r'''
 #pragma once
@@ -41,13 +45,17 @@ SHIM = r'''
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#include <atomic>
+#include <barrier>
+#include <thread>
+#include <vector>
 typedef int cudaError_t;
 typedef void* cudaStream_t;
 enum { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorNotSupported = 801 };
 enum { cudaDevAttrMultiProcessorCount = 16 };
 struct dim3 { unsigned x, y, z; dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {} };
 struct uint3_ { unsigned x, y, z; };
-extern uint3_ threadIdx, blockIdx;
+extern thread_local uint3_ threadIdx, blockIdx;
 extern dim3 blockDim, gridDim;
 extern int emu_sms;
 inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
@@ -86,9 +94,54 @@ inline float __fadd_rd(float a, float b) {  // round toward -inf (the sum is exa
   if (double(r) > d) r = std::nextafter(r, -INFINITY);
   return r;
 }
-inline float __shfl_xor_sync(unsigned, float v, int) { return v; }                       // unused here
-inline int atomicAdd(int* p, int v) { int o = *p; *p += v; return o; }
-inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) { auto o = *p; *p += v; return o; }
+inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+  return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
+}
+// warp collectives: the lanes of a warp are host threads meeting at a barrier
+struct EmuWarp {
+  explicit EmuWarp(int n = 32) : bar(n) {}
+  std::barrier<> bar;
+  uint64_t v[32];
+};
+extern thread_local EmuWarp* emu_w;
+extern thread_local int emu_lane;
+template <class T> inline uint64_t emu_bits(T x) { uint64_t b = 0; std::memcpy(&b, &x, sizeof(T)); return b; }
+template <class T> inline T emu_from(uint64_t b) { T x; std::memcpy(&x, &b, sizeof(T)); return x; }
+template <class T> inline T __shfl_sync(unsigned, T x, int src) {
+  emu_w->v[emu_lane] = emu_bits(x); emu_w->bar.arrive_and_wait();
+  const uint64_t r = emu_w->v[src & 31]; emu_w->bar.arrive_and_wait(); return emu_from<T>(r);
+}
+template <class T> inline T __shfl_xor_sync(unsigned, T x, int d) {
+  emu_w->v[emu_lane] = emu_bits(x); emu_w->bar.arrive_and_wait();
+  const uint64_t r = emu_w->v[(emu_lane ^ d) & 31]; emu_w->bar.arrive_and_wait(); return emu_from<T>(r);
+}
+inline unsigned __ballot_sync(unsigned, int p) {
+  emu_w->v[emu_lane] = p ? 1 : 0; emu_w->bar.arrive_and_wait();
+  unsigned m = 0;
+  for (int i = 0; i < 32; ++i) m |= unsigned(emu_w->v[i] & 1) << i;
+  emu_w->bar.arrive_and_wait(); return m;
+}
+inline int __any_sync(unsigned m, int p) { return __ballot_sync(m, p) != 0; }
+inline void __syncwarp(unsigned = 0xFFFFFFFFu) { emu_w->bar.arrive_and_wait(); }
+// Runs block b of a kernel: each warp's lanes as host threads (threadIdx from the linear id).
+template <class F>
+void emu_run_block(unsigned b, dim3 block, F&& body) {
+  const unsigned n = block.x * block.y;
+  for (unsigned w0 = 0; w0 < n; w0 += 32) {
+    const int lanes = int(std::min(32u, n - w0));
+    EmuWarp warp(lanes);
+    std::vector<std::thread> th;
+    for (int lane = 0; lane < lanes; ++lane)
+      th.emplace_back([&, lane] {
+        const unsigned t = w0 + lane;
+        emu_w = &warp; emu_lane = lane;
+        threadIdx = {t % block.x, t / block.x, 0}; blockIdx = {b, 0, 0};
+        body();
+      });
+    for (auto& t : th) t.join();
+  }
+}
 // 16-bit floats
 struct __half_raw { unsigned short x; };
 struct __half2_raw { unsigned short x, y; };
@@ -148,22 +201,19 @@ inline __half2_raw __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t c, __nv_fp8_i
 
 HARNESS = r'''
 #include "cuda_runtime.h"
-uint3_ threadIdx, blockIdx;
+thread_local uint3_ threadIdx, blockIdx;
+thread_local EmuWarp* emu_w;
+thread_local int emu_lane;
 dim3 blockDim, gridDim;
 int emu_sms = 3;
 template <class Kernel, class A>
 void kvk_paged_emulate(Kernel kernel, dim3 grid, dim3 block, const A& a) {
   gridDim = grid;
   blockDim = block;
-  for (unsigned b = 0; b < grid.x; ++b)
-    for (unsigned y = 0; y < block.y; ++y)
-      for (unsigned x = 0; x < block.x; ++x) {
-        blockIdx = {b, 0, 0};
-        threadIdx = {x, y, 0};
-        kernel(a);
-      }
+  for (unsigned b = 0; b < grid.x; ++b) emu_run_block(b, block, [&] { kernel(a); });
 }
 #include "paged.cu"
+#include "paged_gather_quant.cu"
 extern "C" int emu_call(int scatter, int64_t ptrs, const int64_t* spec, int aligned16, int64_t k_scale, int64_t ks_l,
                         int64_t ks_h, int64_t v_scale, int64_t vs_l, int64_t vs_h, int kind, int dtype, int64_t data,
                         const int64_t* fs, int bits, int64_t scale, int64_t zero, const int64_t* q, int64_t slots,
@@ -194,8 +244,7 @@ def emu():
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         pytest.skip("no C++ compiler")
-    src = (ROOT / "csrc" / "paged.cu").read_text() + (ROOT / "csrc" / "paged.h").read_text() + \
-        (ROOT / "csrc" / "quant_math.cuh").read_text() + SHIM + HARNESS
+    src = "".join((ROOT / "csrc" / n).read_text() for n in PAGED_SOURCES) + SHIM + HARNESS
     key = hashlib.sha1(src.encode()).hexdigest()[:16]
     d = pathlib.Path(tempfile.gettempdir()) / f"kvk_paged_emu_{key}"
     lib = d / "emu.so"
@@ -207,7 +256,7 @@ def emu():
         for h in ("cuda_bf16.h", "cuda_fp16.h", "cuda_fp8.h"):
             (inc / h).write_text('#pragma once\n#include "cuda_runtime.h"\n')
         (d / "emu.cpp").write_text(HARNESS)
-        cmd = [cxx, "-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-DKVK_PAGED_EMULATE",
+        cmd = [cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread", "-DKVK_PAGED_EMULATE",
                "-x", "c++", f"-I{inc}", f"-I{ROOT / 'csrc'}", str(d / "emu.cpp"), "-o", str(lib) + ".tmp"]
         p = subprocess.run(cmd, capture_output=True, text=True)
         assert p.returncode == 0, p.stderr[-4000:]
@@ -353,7 +402,10 @@ GQ_CASES = [("flash_nhd", torch.bfloat16, 128, 2, "int8:g64:channel"), ("flash_h
             ("flash_nhd", torch.float32, 64, 2, "int8:g8:channel"), ("flash_nhd", torch.float8_e4m3fn, 128, 2, "int8:g64:channel"),
             ("flash_nhd", torch.bfloat16, 128, 2, "fp8:token_head"), ("cross_layer", torch.float8_e4m3fn, 80, 3, "fp8:token_head"),
             ("flash_nhd", torch.float32, 64, 2, "fp8:token_head"), ("mla", torch.bfloat16, 576, 1, "int4:g32:channel"),
-            ("flash_nhd", torch.bfloat16, 64, 2, "int8:g4:channel")]
+            ("flash_nhd", torch.bfloat16, 64, 2, "int8:g4:channel"),
+            # the lanes kernel over two rounds of pieces (640 > 2 x 256) and 3 groups per head
+            ("flash_nhd", torch.bfloat16, 128, 40, "int8:g64:channel"), ("flash_hnd", torch.float16, 96, 3, "int8:g32:channel"),
+            ("flash_nhd", torch.bfloat16, 128, 40, "fp8:token_head")]
 
 
 @pytest.mark.parametrize("kind,dtype,D,H,spec", GQ_CASES, ids=[f"{k}-{str(d)[6:]}-d{D}-h{H}-{f}" for k, d, D, H, f in GQ_CASES])
