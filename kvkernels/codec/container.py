@@ -193,60 +193,95 @@ def encode(kv: torch.Tensor, preset="default", *, chunk_tokens: int = 256, coder
     nf = T // ct
     x = kv.detach().to(torch.float32)
     dev = x.device
-    # parts[c][l][k] = list of byte strings of the record's kind part
+    # segments of (kind, layer, chunk) grouped by token count (the full chunks; the shorter last
+    # one): the symbols and tables of a group go to the coder in one call (rANS; one per
+    # (kind, layer) for ac), and everything the records need comes to the host in a few copies
+    spans = []
+    if nf:
+        spans.append((list(range(nf)), 0, nf * ct, ct))
+    if T > nf * ct:
+        spans.append(([nf], nf * ct, T, T - nf * ct))
+    bins_max = P.bins_max()
+    # parts[c][l][k] = the bytes of the record's kind part
     parts: List[List[List[bytes]]] = [[[b"", b""] for _ in range(L)] for _ in range(nc)]
-    for k in range(2):
-        spec = P.kind(k)
-        for l in range(L):
-            bins = spec.bins[l]
-            groups = []
-            if nf:
-                groups.append((list(range(nf)), x[k, l, : nf * ct].reshape(nf, ct, C)))
-            if T > nf * ct:
-                groups.append(([nf], x[k, l, nf * ct:].reshape(1, T - nf * ct, C)))
-            for cidx, seg in groups:
-                S, N = seg.shape[0], seg.shape[1]
+    for cidx, t_lo, t_hi, N in spans:
+        S = len(cidx)
+        items = []  # (k, l, sym [S, N, C], side, freq [S*C or C, bins_max] rows, bins)
+        for k in range(2):
+            spec = P.kind(k)
+            for l in range(L):
+                bins = spec.bins[l]
+                seg = x[k, l, t_lo:t_hi].reshape(S, N, C)
                 if spec.exact:  # exact tokens (the sink): the quantizer sees their chunk's mean
                     seg = seg.clone()
                     for i, c in enumerate(cidx):
                         seg[i] = _presets.neutralize(seg[i], spec.exact - c * ct)
                 sym, side = _presets.quantize(seg, spec, l)
                 if table_mode == 0:
-                    cnt = torch.zeros(S * C, bins, dtype=torch.int64, device=dev)
+                    cnt = torch.zeros(S * C, bins_max, dtype=torch.int64, device=dev)
                     cnt.scatter_add_(1, sym.permute(0, 2, 1).reshape(S * C, N).long(),
                                      torch.ones(S * C, N, dtype=torch.int64, device=dev))
-                    freq = _tables.normalize(cnt.cpu(), bins, pb)
-                    tid = torch.arange(S * C, dtype=torch.int32).reshape(S, C)
+                    freq = _tables.normalize(cnt, bins, pb)  # zeros past bins
                 else:
-                    freq = _tables_for(bank, k, l, C, bins, pb)
-                    tid = torch.arange(C, dtype=torch.int32).unsqueeze(0).expand(S, C).contiguous()
-                symc = sym.cpu().contiguous()
-                if coder == "rans":
-                    payload, offs = co.rans_encode(symc, freq, tid, pb)
-                else:
-                    payload, offs = co.ac_encode(symc, _tables.cdf_from_freq(freq), tid)
-                payload = payload.numpy().tobytes()
-                offs = offs.tolist()
-                ns = _n_streams(coder, C)
-                side_b = [{n: v[i].cpu().contiguous().view(torch.int16).numpy().astype("<i2").tobytes()
-                           for n, v in side.items()} for i in range(S)]
-                for i, c in enumerate(cidx):
-                    out = bytearray()
-                    for name, _axis in _presets.side_names(spec):
-                        out += side_b[i][name]
-                    if table_mode == 0:
-                        out += freq[i * C:(i + 1) * C].numpy().astype("<u2").tobytes() if pb <= 16 else b""
-                    so = offs[i * ns:(i + 1) * ns + 1]
-                    lens = [so[j + 1] - so[j] for j in range(ns)]
-                    width = 2 if max(lens) < 65536 else 4
-                    out += struct.pack("<B", width)
-                    out += struct.pack(f"<{ns}{'H' if width == 2 else 'I'}", *lens)
-                    out += payload[so[0]:so[-1]]
-                    e = _n_exact(spec, T, ct, c)
-                    if e:  # post-pass data: the exact tokens raw, in the KV dtype, [e, C]
-                        t0 = c * ct
-                        out += _raw_bytes(kv[k, l, t0:t0 + e].reshape(e, C))
-                    parts[c][l][k] = bytes(out)
+                    freq = torch.nn.functional.pad(_tables_for(bank, k, l, C, bins, pb), (0, bins_max - bins)).to(dev)
+                items.append((k, l, sym, side, freq, bins))
+        batches = [items] if coder == "rans" else [[it] for it in items]
+        coded = {}  # (k, l) -> (payload bytes, stream offsets relative to the batch, base stream)
+        ns = _n_streams(coder, C)
+        for batch in batches:
+            sym = torch.cat([it[2] for it in batch], 0)
+            freq = torch.cat([it[4] for it in batch], 0)
+            rows = [it[4].shape[0] for it in batch]
+            base = [sum(rows[:j]) for j in range(len(batch))]
+            if table_mode == 0:  # per-chunk tables: segment i of item j uses rows base_j + i*C ...
+                tid = torch.cat([torch.arange(b, b + S * C, dtype=torch.int32, device=dev).reshape(S, C)
+                                 for b in base], 0)
+            else:
+                tid = torch.cat([torch.arange(b, b + C, dtype=torch.int32, device=dev).unsqueeze(0).expand(S, C)
+                                 for b in base], 0).contiguous()
+            if coder == "rans":
+                payload, offs = co.rans_encode(sym.contiguous(), freq.contiguous(), tid, pb)
+            else:
+                b = batch[0][5]
+                payload, offs = co.ac_encode(sym.contiguous(), _tables.cdf_from_freq(freq[:, :b].cpu()).to(dev), tid)
+            pay = payload.cpu().numpy().tobytes()
+            offs = offs.tolist()
+            for j, it in enumerate(batch):
+                coded[(it[0], it[1])] = (pay, offs, j * S * ns)
+        # side info and per-chunk tables to the host in one copy each
+        side_all = torch.cat([v.reshape(-1).view(torch.int16) for it in items for v in it[3].values()]).cpu()
+        side_np = side_all.numpy().astype("<i2")
+        freq_np = None
+        if table_mode == 0 and pb <= 16:
+            freq_np = torch.cat([it[4] for it in items], 0).cpu().numpy().astype("<u2")
+        spos = 0
+        frow = 0
+        for k, l, sym, side, freq, bins in items:
+            spec = P.kind(k)
+            side_b = {}
+            for n, v in side.items():  # each [S, per]: chunk i's slice
+                per = v.numel() // S
+                side_b[n] = [side_np[spos + i * per: spos + (i + 1) * per].tobytes() for i in range(S)]
+                spos += v.numel()
+            pay, offs, s0 = coded[(k, l)]
+            for i, c in enumerate(cidx):
+                out = bytearray()
+                for name, _axis in _presets.side_names(spec):
+                    out += side_b[name][i]
+                if table_mode == 0 and freq_np is not None:
+                    out += freq_np[frow + i * C: frow + (i + 1) * C, :bins].tobytes()
+                so = offs[s0 + i * ns: s0 + (i + 1) * ns + 1]
+                lens = [so[j + 1] - so[j] for j in range(ns)]
+                width = 2 if max(lens) < 65536 else 4
+                out += struct.pack("<B", width)
+                out += struct.pack(f"<{ns}{'H' if width == 2 else 'I'}", *lens)
+                out += pay[so[0]:so[-1]]
+                e = _n_exact(spec, T, ct, c)
+                if e:  # post-pass data: the exact tokens raw, in the KV dtype, [e, C]
+                    t0 = c * ct
+                    out += _raw_bytes(kv[k, l, t0:t0 + e].reshape(e, C))
+                parts[c][l][k] = bytes(out)
+            frow += freq.shape[0]
     # assemble
     chunks = []
     for c in range(nc):
@@ -276,6 +311,25 @@ def encode(kv: torch.Tensor, preset="default", *, chunk_tokens: int = 256, coder
     head += struct.pack("<I", zlib.crc32(head))
     body = head + b"".join(chunks)
     return body + struct.pack("<I", zlib.crc32(body))
+
+
+def _decode_flat_pages(data, info: ContainerInfo, dtype, device, layers: range, chunks: range, T: int):
+    """rANS on a GPU: the whole decode as one fused decode-dequantize launch for every (chunk,
+    layer, K/V) segment, writing the flat output through a one-block paged layout (block =
+    the decoded tokens, slot i = token i); the same values as the per-record path (decode to
+    float32, then one rounding to ``dtype``). None when the kernel is not available here."""
+    from ..cuda import codec_paged as _cp  # noqa: WPS433 (lazy: the codec imports without CUDA)
+    from ..layouts import PagedLayout
+    from . import paged as _cpaged
+
+    out = torch.empty(2, len(layers), T, info.H, info.D, dtype=dtype, device=device)
+    lay = PagedLayout.from_tensors([out[0, i].unsqueeze(0) for i in range(len(layers))],
+                                   [out[1, i].unsqueeze(0) for i in range(len(layers))], engine="flat")
+    if _cp.supports(lay) is not None:
+        return None
+    slots = torch.arange(T, dtype=torch.int32, device=device)
+    _cpaged.decode_into_pages(data, lay, slots, layers=layers, chunks=chunks, backend="cuda")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -521,6 +575,10 @@ def decode(data, *, dtype: Optional[torch.dtype] = None, device="cpu", layers: O
     C, ct = info.H * info.D, info.chunk_tokens
     t_start = chunks.start * ct
     t_stop = min(info.T, chunks.stop * ct)
+    if device.type == "cuda" and info.coder == "rans":
+        fast = _decode_flat_pages(data, info, dtype, device, layers, chunks, t_stop - t_start)
+        if fast is not None:
+            return fast
     out = torch.empty(2, len(layers), t_stop - t_start, C, dtype=dtype, device=device)
     recs: Dict[Tuple[int, int], list] = {}
     for c in chunks:

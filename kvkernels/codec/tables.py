@@ -35,12 +35,15 @@ def normalize(counts: torch.Tensor, bins, prob_bits: int) -> torch.Tensor:
 
     ``bins``: int or int tensor ``[K]``: row k uses its first ``bins[k]`` symbols; entries past
     it are 0. ``f = floor(count * (2^p - bins) / total) + 1`` then the remainder goes to the most
-    frequent symbol (the first on ties). Deterministic integer arithmetic (int64).
+    frequent symbol (the first on ties). Deterministic integer arithmetic (int64), on the
+    counts' device (the same rows on any device).
     """
     counts = counts.to(torch.int64)
+    dev = counts.device
     K, W = counts.shape
-    b = torch.as_tensor(bins, dtype=torch.int64).expand(K) if not isinstance(bins, torch.Tensor) else bins.to(torch.int64)
-    col = torch.arange(W, dtype=torch.int64).unsqueeze(0)
+    b = (torch.as_tensor(bins, dtype=torch.int64, device=dev).expand(K) if not isinstance(bins, torch.Tensor)
+         else bins.to(device=dev, dtype=torch.int64))
+    col = torch.arange(W, dtype=torch.int64, device=dev).unsqueeze(0)
     live = col < b.unsqueeze(1)
     counts = torch.where(live, counts, torch.zeros_like(counts))
     total = counts.sum(1, keepdim=True)
@@ -49,7 +52,7 @@ def normalize(counts: torch.Tensor, bins, prob_bits: int) -> torch.Tensor:
     f = torch.where(live, f, torch.zeros_like(f))
     rem = (1 << prob_bits) - f.sum(1)
     top = torch.where(live, counts, torch.full_like(counts, -1)).argmax(1)  # first max
-    f[torch.arange(K), top] += rem
+    f[torch.arange(K, device=dev), top] += rem
     return f.to(torch.int32)
 
 
