@@ -8,7 +8,7 @@
   + per-segment destinations), what a serving engine with its own framing would call.
 
 rANS decode -> dequantize -> write through the :class:`~kvkernels.layouts.PagedLayout`
-strides, no intermediate buffer (csrc/codec_paged.cu); the torch reference
+strides, no intermediate buffer (csrc/codec_dequant.cu); the torch reference
 (``kvkernels.reference.codec.rans_decode_pages_into``) is the spec and the CPU path. Slots
 follow vLLM's ``slot_mapping``: ``slot = block * block_size + offset``, ``< 0`` skips a token,
 ``>= num_blocks * block_size`` is out of range (skipped, never written, counted into

@@ -1,4 +1,4 @@
-"""CUDA backend of the fused rANS decode into paged caches (csrc/codec_paged.cu).
+"""CUDA backend of the fused rANS decode into paged caches (csrc/codec_dequant.cu).
 
 Same function and arguments as ``kvkernels.reference.codec.rans_decode_pages_into`` (the spec);
 the public wrapper ``kvkernels.codec.paged.rans_decode_pages`` checks every tensor. One launch

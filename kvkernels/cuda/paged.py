@@ -5,7 +5,7 @@ Same functions and conventions as ``kvkernels/reference/paged.py`` (the spec):
 ``gather_into(layout, slots, out, codes, scale, zero, fmt, cache_scale, oob_count, max_sms=0)``,
 plus ``supports_scatter`` / ``supports_gather`` (why a case cannot run, None if it can).
 
-One launch for all layers (csrc/paged.cu). The flat side may be pinned host memory, read or
+One launch for all layers (csrc/paged.cu; gather + quantize in csrc/paged_gather_quant.cu). The flat side may be pinned host memory, read or
 written by the kernel directly (UVA); ``max_sms > 0`` bounds the grid to that many blocks (one
 SM each at most) so that a host transfer does not starve concurrent work. Gather with an int
 ``channel`` format (groups of a multiple of 4 channels) or fp8 ``token_head`` is fused (a thread
@@ -32,7 +32,7 @@ def _ext():
 
 
 def _esize(layout: PagedLayout, t: Optional[torch.Tensor], fmt) -> int:
-    """Elements per thread group (csrc/paged.cu pick_e)."""
+    """Elements per thread group (csrc/paged_common.cuh min_e)."""
     widest = max(layout.element_size, t.element_size() if (t is not None and fmt is None) else 1)
     return 4 if widest == 4 else 8
 
