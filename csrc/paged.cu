@@ -12,7 +12,7 @@ template <typename STr, int KIND, int BITS, typename CTr, int E>
 __global__ void __launch_bounds__(1024) scatter_kernel(const Args a) {
   constexpr int SB = KIND == 0 ? E * STr::kSize : E * BITS / 8;  // source bytes of a chunk
   constexpr bool kCopy = KIND == 0 && std::is_same<STr, CTr>::value;
-  constexpr int U = chunks_per_thread(SB, kCopy, std::is_same<CTr, FP8>::value);
+  constexpr int U = chunks_per_thread(SB, kCopy, std::is_same<CTr, FP8>::value, KIND == 1);
   constexpr bool kFp8Cache = std::is_same<CTr, FP8>::value;
   constexpr bool kWide =
       E > emin_for(KIND == 0 ? (STr::kSize > CTr::kSize ? STr::kSize : CTr::kSize) : CTr::kSize);
@@ -151,7 +151,14 @@ constexpr bool e_ok(int E, int wide_bytes) {
 }
 template <typename STr, int KIND, int BITS, typename CTr, int E>
 constexpr bool scatter_e_ok() {
-  return e_ok(E, KIND == 0 ? (STr::kSize > CTr::kSize ? STr::kSize : CTr::kSize) : CTr::kSize);
+  if constexpr (KIND == 1) {  // int codes: up to 16 bytes of the narrowest side (pref_e)
+    constexpr int emin = CTr::kSize == 4 ? 4 : 8;
+    constexpr int nb = BITS < 8 * CTr::kSize ? BITS : 8 * CTr::kSize;
+    constexpr int pref = 128 / nb < 16 ? 128 / nb : 16;
+    return E >= emin && E <= (pref > emin ? pref : emin);
+  } else {
+    return e_ok(E, KIND == 0 ? (STr::kSize > CTr::kSize ? STr::kSize : CTr::kSize) : CTr::kSize);
+  }
 }
 
 template <typename STr, int KIND, int BITS, typename CTr, int E>
@@ -162,7 +169,7 @@ cudaError_t run_scatter(Args& a, int max_blocks, cudaStream_t stream) {
     constexpr int SB = KIND == 0 ? E * STr::kSize : E * BITS / 8;
     static int per_sm[kMaxDevices * 33] = {};
     constexpr bool kCopy = KIND == 0 && std::is_same<STr, CTr>::value;
-    constexpr int U = chunks_per_thread(SB, kCopy, std::is_same<CTr, FP8>::value);
+    constexpr int U = chunks_per_thread(SB, kCopy, std::is_same<CTr, FP8>::value, KIND == 1);
     return launch(a, U, max_blocks, scatter_kernel<STr, KIND, BITS, CTr, E>, per_sm, stream);
   }
 }

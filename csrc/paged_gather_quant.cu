@@ -321,7 +321,9 @@ cudaError_t gather_quant(const KvkPagedCaches* c, const KvkPagedFlat* f, const v
   const int E = pick_e_quant(c, int(f->dg));
   cudaError_t err = prepare_quant(a, c, f, slots, slots64, T, cnt, cnt64, E);
   if (err != cudaSuccess) return err;
-  const int gl = lanes_per_group(f->dg, E);
+  // fp8 token_head only: measured on an H100 (Llama-3-8B, 4K tokens) the lanes kernel took fp8
+  // from 18% to 61% of copy but int8 g64 from 46% to 40% (docs/perf-notes.md)
+  const int gl = f->kind == 2 ? lanes_per_group(f->dg, E) : 0;
   if (gl > 0) lanes_geometry(a, c, E, gl);
   return gather_quant_dispatch(a, c, f, E, max_blocks, stream);
 }
