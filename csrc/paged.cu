@@ -144,21 +144,18 @@ __global__ void __launch_bounds__(1024) gather_kernel(const Args a) {
 
 
 // The chunk widths pick_e can choose: from emin (16 bytes of the widest element, 8 channels for
-// 1-byte sides) to 16 bytes of the widest element; others are not compiled.
-constexpr bool e_ok(int E, int wide_bytes) {
+// 1-byte sides) to max_e (16 bytes of the narrowest side, at most 16 channels); others are not
+// compiled.
+constexpr bool e_ok(int E, int wide_bytes, int narrow_bits) {
   const int emin = wide_bytes == 4 ? 4 : 8;
-  return E >= emin && E <= 16 / wide_bytes;
+  const int pref = 128 / narrow_bits < 16 ? 128 / narrow_bits : 16;
+  return E >= emin && E <= (pref > emin ? pref : emin);  // pref < emin: fp32 with 2-byte codes
 }
 template <typename STr, int KIND, int BITS, typename CTr, int E>
 constexpr bool scatter_e_ok() {
-  if constexpr (KIND == 1) {  // int codes: up to 16 bytes of the narrowest side (pref_e)
-    constexpr int emin = CTr::kSize == 4 ? 4 : 8;
-    constexpr int nb = BITS < 8 * CTr::kSize ? BITS : 8 * CTr::kSize;
-    constexpr int pref = 128 / nb < 16 ? 128 / nb : 16;
-    return E >= emin && E <= (pref > emin ? pref : emin);
-  } else {
-    return e_ok(E, KIND == 0 ? (STr::kSize > CTr::kSize ? STr::kSize : CTr::kSize) : CTr::kSize);
-  }
+  constexpr int wide = KIND == 0 ? (STr::kSize > CTr::kSize ? STr::kSize : CTr::kSize) : CTr::kSize;
+  constexpr int sbits = KIND == 0 ? 8 * STr::kSize : BITS;
+  return e_ok(E, wide, sbits < 8 * CTr::kSize ? sbits : 8 * CTr::kSize);
 }
 
 template <typename STr, int KIND, int BITS, typename CTr, int E>
@@ -215,7 +212,8 @@ cudaError_t scatter_dispatch(Args& a, const KvkPagedCaches* c, const KvkPagedFla
 template <typename CTr, typename DTr, int E>
 cudaError_t run_gather(Args& a, int max_blocks, cudaStream_t s) {
   constexpr int wide = CTr::kSize > DTr::kSize ? CTr::kSize : DTr::kSize;
-  if constexpr (!e_ok(E, wide)) {
+  constexpr int narrow = CTr::kSize < DTr::kSize ? CTr::kSize : DTr::kSize;
+  if constexpr (!e_ok(E, wide, 8 * narrow)) {
     return cudaErrorNotSupported;  // never picked (pick_e)
   } else {
     static int per_sm[kMaxDevices * 33] = {};
@@ -272,7 +270,7 @@ extern "C" cudaError_t kvk_paged_scatter(const KvkPagedCaches* caches, const Kvk
   if (src->kind != 0 && (src->tg < 1 || src->dg < 1)) return cudaErrorInvalidValue;
   if (T == 0) return cudaSuccess;
   Args a;
-  const int E = pick_e(caches, src);
+  const int E = pick_e(caches, src, true);
   cudaError_t err = prepare(a, caches, src, slots, slots_int64, T, oob_count, count_int64, E);
   if (err != cudaSuccess) return err;
   return scatter_dispatch(a, caches, src, E, max_blocks, stream);
@@ -295,7 +293,7 @@ extern "C" cudaError_t kvk_paged_gather(const KvkPagedCaches* caches, const KvkP
   }
   if (T == 0) return cudaSuccess;
   Args a;
-  const int E = pick_e(caches, dst);
+  const int E = pick_e(caches, dst, false);
   cudaError_t err = prepare(a, caches, dst, slots, slots_int64, T, oob_count, count_int64, E);
   if (err != cudaSuccess) return err;
   return gather_dispatch(a, caches, dst, E, max_blocks, stream);
