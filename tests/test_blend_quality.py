@@ -120,3 +120,20 @@ def test_deviation_variants(setup):
         assert _kl(s, r) < reuse
     with pytest.raises(ValueError, match="deviation_on"):
         s.b.blend(s.chunks, s.query, deviation_on="q")
+
+
+def test_budget_rule_is_k_then_v(setup):
+    """kv_budget: K's selection up to 15% of the context; above it K's first 15% plus V's
+    ranking for the rest (the same count, every K pick kept, the rest among V's top)."""
+    s = setup
+    k15 = s.b.blend(s.chunks, s.query, ratio=0.15, first_k=0, deviation_on="k")
+    b15 = s.b.blend(s.chunks, s.query, ratio=0.15, first_k=0, deviation_on="kv_budget")
+    assert torch.equal(b15.recomputed, k15.recomputed)
+    b40 = s.b.blend(s.chunks, s.query, ratio=0.40, first_k=0, deviation_on="kv_budget")
+    k40 = s.b.blend(s.chunks, s.query, ratio=0.40, first_k=0, deviation_on="k")
+    v40 = s.b.blend(s.chunks, s.query, ratio=0.40, first_k=0, deviation_on="v")
+    assert b40.n_recomputed == k40.n_recomputed == v40.n_recomputed
+    got = set(b40.recomputed.tolist())
+    assert set(k15.recomputed.tolist()) <= got
+    extra = got - set(k15.recomputed.tolist())
+    assert extra and extra <= set(v40.recomputed.tolist()) | set(k15.recomputed.tolist())

@@ -110,19 +110,22 @@ def emu():
     key = hashlib.sha1((_shim() + HARNESS + "".join(srcs.values())).encode()).hexdigest()[:16]
     out = pathlib.Path(tempfile.gettempdir()) / f"kvk_codec_emu_{key}"
     lib = out / "emu.so"
-    if not lib.exists():
-        (out / "inc").mkdir(parents=True, exist_ok=True)
-        (out / "inc" / "cuda_runtime.h").write_text(_shim())
+    if not lib.exists():  # built in a private folder, then renamed: xdist workers never share files
+        out.mkdir(exist_ok=True)
+        w = pathlib.Path(tempfile.mkdtemp(prefix="build_", dir=out))
+        (w / "inc").mkdir()
+        (w / "inc" / "cuda_runtime.h").write_text(_shim())
         for h in ("cuda_bf16.h", "cuda_fp16.h", "cuda_fp8.h"):
-            (out / "inc" / h).write_text('#pragma once\n#include "cuda_runtime.h"\n')
+            (w / "inc" / h).write_text('#pragma once\n#include "cuda_runtime.h"\n')
         for n, t in srcs.items():
-            (out / n).write_text(t)
-        (out / "emu.cpp").write_text(HARNESS)
+            (w / n).write_text(t)
+        (w / "emu.cpp").write_text(HARNESS)
         cmd = [cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread", "-x", "c++",
-               f"-I{out / 'inc'}", f"-I{out}", str(out / "emu.cpp"), "-o", str(lib) + ".tmp"]
+               f"-I{w / 'inc'}", f"-I{w}", str(w / "emu.cpp"), "-o", str(w / "emu.so")]
         p = subprocess.run(cmd, capture_output=True, text=True)
         assert p.returncode == 0, p.stderr[-6000:]
-        os.replace(str(lib) + ".tmp", lib)
+        os.replace(w / "emu.so", lib)
+        shutil.rmtree(w, ignore_errors=True)
     so = ctypes.CDLL(str(lib))
     so.emu_pages.restype = ctypes.c_int
     return so

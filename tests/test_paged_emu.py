@@ -248,19 +248,21 @@ def emu():
     key = hashlib.sha1(src.encode()).hexdigest()[:16]
     d = pathlib.Path(tempfile.gettempdir()) / f"kvk_paged_emu_{key}"
     lib = d / "emu.so"
-    if not lib.exists():
+    if not lib.exists():  # built in a private folder, then renamed: xdist workers never share files
         d.mkdir(exist_ok=True)
-        inc = d / "inc"
-        inc.mkdir(exist_ok=True)
+        w = pathlib.Path(tempfile.mkdtemp(prefix="build_", dir=d))
+        inc = w / "inc"
+        inc.mkdir()
         (inc / "cuda_runtime.h").write_text(SHIM)
         for h in ("cuda_bf16.h", "cuda_fp16.h", "cuda_fp8.h"):
             (inc / h).write_text('#pragma once\n#include "cuda_runtime.h"\n')
-        (d / "emu.cpp").write_text(HARNESS)
+        (w / "emu.cpp").write_text(HARNESS)
         cmd = [cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread", "-DKVK_PAGED_EMULATE",
-               "-x", "c++", f"-I{inc}", f"-I{ROOT / 'csrc'}", str(d / "emu.cpp"), "-o", str(lib) + ".tmp"]
+               "-x", "c++", f"-I{inc}", f"-I{ROOT / 'csrc'}", str(w / "emu.cpp"), "-o", str(w / "emu.so")]
         p = subprocess.run(cmd, capture_output=True, text=True)
         assert p.returncode == 0, p.stderr[-4000:]
-        os.replace(str(lib) + ".tmp", lib)
+        os.replace(w / "emu.so", lib)
+        shutil.rmtree(w, ignore_errors=True)
     so = ctypes.CDLL(str(lib))
     so.emu_call.restype = ctypes.c_int
     return so

@@ -21,6 +21,8 @@ the same prefix. The budget: ``round(ratio * n_context)`` recomputed context tok
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Union
 
@@ -206,7 +208,9 @@ class Blender:
             deviation_on: ``"k"``, ``"v"``, ``"kv"`` (the sum of both squared deviations) or
                 ``"kv_norm"`` (each divided by its mean over the candidates first, so that K, whose
                 deviations are larger, does not drown V's) or ``"kv_union"`` (half of the budget
-                by K's ranking, the rest by V's among the others).
+                by K's ranking, the rest by V's among the others) or ``"kv_budget"`` (K's ranking
+                for up to ``KV_BUDGET_K`` = 15% of the candidates, V's for the rest of a larger
+                budget: the selection study's split, docs/blend-quality.md).
             narrow: ``[(layer, fraction), ...]`` increasing layers > check_layer: at each, keep the
                 forced tokens and the ``fraction`` of the selected others that deviate most.
         """
@@ -310,7 +314,8 @@ class Blender:
             keep = None
             if li == check_layer and budget_rank + int(forced.sum()) < A:
                 keep = self._select(ks[0], vs[0], K[li][:, act], V[li][:, act], act, cand, forced, budget_rank,
-                                    selection if explicit is None else "explicit", deviation_on, seed)
+                                    selection if explicit is None else "explicit", deviation_on, seed,
+                                    k_count=math.ceil(KV_BUDGET_K * n_ctx))
             elif narrow and li == narrow[0][0]:
                 f = narrow.pop(0)[1]
                 n_free = int((~forced[act.cpu()]).sum())
@@ -345,8 +350,9 @@ class Blender:
                            n_recomputed=rec.numel(), recomputed_fraction=rec.numel() / max(n_ctx, 1), n_context=n_ctx,
                            extra=dict(query_logits=q_logits, active_per_layer=nsel_hist, prefix_len=P, chunk_lens=lens))
 
-    def _select(self, fk, fv, ck, cv, act, cand, forced, count, how, deviation_on, seed):
-        """Indices into ``act`` of the tokens that keep running. fk/fv/ck/cv: [H, A, D]."""
+    def _select(self, fk, fv, ck, cv, act, cand, forced, count, how, deviation_on, seed, k_count=None):
+        """Indices into ``act`` of the tokens that keep running. fk/fv/ck/cv: [H, A, D];
+        ``k_count``: kv_budget's share for K's ranking (15% of the context tokens)."""
         a = act.cpu()
         f_rel = forced[a].to(fk.device)
         c_rel = cand[a].to(fk.device)
@@ -368,6 +374,15 @@ class Blender:
             m = torch.empty(a.numel(), dtype=torch.bool, device=fk.device)
             topk_mask_into(dk / nk + dv / nv, count, f_rel, c_rel, m)
             return m.nonzero().flatten()
+        if deviation_on == "kv_budget":  # K's ranking up to KV_BUDGET_K of the candidates, V's after
+            dk = select_tokens(tk(fk), tk(ck), count=0).deviation
+            dv = select_tokens(fresh_v=tk(fv), cached_v=tk(cv), count=0).deviation
+            nk = min(count, count if k_count is None else k_count)
+            m1 = torch.empty(a.numel(), dtype=torch.bool, device=fk.device)
+            topk_mask_into(dk, nk, f_rel, c_rel, m1)
+            m = torch.empty_like(m1)
+            topk_mask_into(dv, count - nk, m1, c_rel, m)
+            return m.nonzero().flatten()
         if deviation_on == "kv_union":  # half of the count by K's ranking, the rest by V's
             dk = select_tokens(tk(fk), tk(ck), count=0).deviation
             dv = select_tokens(fresh_v=tk(fv), cached_v=tk(cv), count=0).deviation
@@ -382,7 +397,8 @@ class Blender:
         return s.indices
 
 
-DEVIATIONS = ("k", "v", "kv", "kv_norm", "kv_union")
+DEVIATIONS = ("k", "v", "kv", "kv_norm", "kv_union", "kv_budget")
+KV_BUDGET_K = 0.15  # kv_budget: the fraction of the context K's ranking picks before V's takes over
 
 
 def _apply_rope(q, k, cos, sin):

@@ -96,6 +96,18 @@ def union_methods(first_k: int, sink_frac: float) -> List[dict]:
             for r in (0.10, 0.15, 0.30)]
 
 
+def budget_methods(first_k: int, sink_frac: float) -> List[dict]:
+    """``--study budget``: the budget-dependent rule (K's ranking up to 15% of the context, V's
+    after) against K and V alone at 20% and 30% (at <= 15% it is K's selection)."""
+    rows = []
+    for r in (0.20, 0.30):
+        p = f"{int(r * 100)}%"
+        rows += [dict(label=f"K to 15%, then V {p}", ratio=r, first_k=0, deviation_on="kv_budget"),
+                 dict(label=f"CacheBlend rule (layer 1, V) {p}", ratio=r, first_k=0, deviation_on="v"),
+                 dict(label=f"ranked K {p}", ratio=r, first_k=0, deviation_on="k")]
+    return rows
+
+
 def study_methods(first_k: int, sink_frac: float) -> List[dict]:
     """The selection study (``--study``): at 10/15/30% recomputed, CacheBlend's rule against
     variants of the deviation (K, K+V, K+V each normalised by its mean), narrowing across layers
@@ -137,7 +149,8 @@ def evaluate(model, tok, text_key: str, first_k: int = 16, n_questions: int = No
     chunks = [b.prefill(torch.tensor(p)) for p in passages]
     n_ctx = sum(len(p) for p in passages)
     sink_frac = sum(min(first_k, len(p)) for p in passages[1:]) / n_ctx
-    rows = {"": methods, "selection": study_methods, "union": union_methods}[study](first_k, sink_frac)
+    rows = {"": methods, "selection": study_methods, "union": union_methods,
+            "budget": budget_methods}[study](first_k, sink_frac)
     agg = {m["label"]: dict(kl=[], top1=[], gold_lp=[], frac=[]) for m in rows}
     full_gold = []
     qs = QUESTIONS[text_key][:n_questions] if n_questions else QUESTIONS[text_key]
@@ -186,7 +199,7 @@ def main(argv=None) -> int:
     ap.add_argument("--questions", type=int, default=None)
     ap.add_argument("--first-k", type=int, default=16)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--study", default="", choices=["", "selection", "union"],
+    ap.add_argument("--study", default="", choices=["", "selection", "union", "budget"],
                     help="a study (study_methods / union_methods) instead of the report")
     args = ap.parse_args(argv)
     from kvkernels.eval.ppl import GGUF_NAME, _cpu_name, load_smollm2
