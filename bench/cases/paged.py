@@ -30,8 +30,8 @@ cache) fits in ~75 GiB beside the copy baseline. The torch reference is not time
 Quick run: ``KVK_BENCH_QUICK=1 python -m bench paged`` runs one size, Llama-3-8B T=4096 block 16
 (or the ``--tokens`` given, still one model and block size), every format x backend.
 ``KVK_BENCH_MODELS=llama3-70b`` (a comma list) keeps the sizes of those models only, so that a
-full run can be split over calls. With ``--out``, ``paged.json`` is rewritten after every size, so
-a run cut off by a time bound keeps the rows it finished.
+full run can be split over calls. With ``--out``, ``paged.json`` is rewritten after every case
+(op x format), so a run cut off by a time bound keeps the rows it finished.
 """
 from __future__ import annotations
 
@@ -122,6 +122,7 @@ def run(args, timer, copy, info, op_names):
                     rows += _run_variant(args, timer, copy, info, op, var, model, kv, slots, scale, L, T, H, D,
                                          NB, BS, n, pinned_gbps)
                     _free()
+                    _dump_partial(args, rows)
             del kv, slots, scale
             _free()
             _dump_partial(args, rows)
