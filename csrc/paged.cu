@@ -12,7 +12,7 @@ template <typename STr, int KIND, int BITS, typename CTr, int E>
 __global__ void __launch_bounds__(1024) scatter_kernel(const Args a) {
   constexpr int SB = KIND == 0 ? E * STr::kSize : E * BITS / 8;  // source bytes of a chunk
   constexpr bool kCopy = KIND == 0 && std::is_same<STr, CTr>::value;
-  constexpr int U = chunks_per_thread(SB, kCopy, std::is_same<CTr, FP8>::value, KIND == 1);
+  constexpr int U = chunks_per_thread(SB, kCopy, KIND != 1 && CTr::kSize > 1);
   constexpr bool kFp8Cache = std::is_same<CTr, FP8>::value;
   constexpr bool kWide =
       E > emin_for(KIND == 0 ? (STr::kSize > CTr::kSize ? STr::kSize : CTr::kSize) : CTr::kSize);
@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(1024) gather_kernel(const Args a) {
   constexpr int CB = E * CTr::kSize;
   constexpr int DB = E * DTr::kSize;
   constexpr bool kCopy = std::is_same<DTr, CTr>::value;
-  constexpr int U = chunks_per_thread(CB, kCopy);
+  constexpr int U = chunks_per_thread(CB, kCopy, true);  // 8-byte reads: an fp8 cache
   constexpr bool kFp8Cache = std::is_same<CTr, FP8>::value;
   constexpr bool kWide = E > emin_for(CTr::kSize > DTr::kSize ? CTr::kSize : DTr::kSize);
   for_each_row(a, [&](const Row& row) {
@@ -166,7 +166,7 @@ cudaError_t run_scatter(Args& a, int max_blocks, cudaStream_t stream) {
     constexpr int SB = KIND == 0 ? E * STr::kSize : E * BITS / 8;
     static int per_sm[kMaxDevices * 33] = {};
     constexpr bool kCopy = KIND == 0 && std::is_same<STr, CTr>::value;
-    constexpr int U = chunks_per_thread(SB, kCopy, std::is_same<CTr, FP8>::value, KIND == 1);
+    constexpr int U = chunks_per_thread(SB, kCopy, KIND != 1 && CTr::kSize > 1);
     return launch(a, U, max_blocks, scatter_kernel<STr, KIND, BITS, CTr, E>, per_sm, stream);
   }
 }
@@ -217,7 +217,7 @@ cudaError_t run_gather(Args& a, int max_blocks, cudaStream_t s) {
     return cudaErrorNotSupported;  // never picked (pick_e)
   } else {
     static int per_sm[kMaxDevices * 33] = {};
-    return launch(a, chunks_per_thread(E * CTr::kSize, std::is_same<CTr, DTr>::value), max_blocks,
+    return launch(a, chunks_per_thread(E * CTr::kSize, std::is_same<CTr, DTr>::value, true), max_blocks,
                   gather_kernel<CTr, DTr, E>, per_sm, s);
   }
 }

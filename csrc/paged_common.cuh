@@ -335,13 +335,13 @@ __device__ __forceinline__ void for_each_row(const Args& a, Body&& body) {
 }
 
 // Chunks per thread: two (one where a chunk reads >= 32 bytes); four where a chunk reads 8 bytes
-// (int8 / fp8 codes into a 16-bit cache: 32 bytes of reads and 64 of writes in flight, as the
-// Triton kernels that reach 96% of a device copy; four chunks of 4- or 2-byte reads, or of codes
-// into an fp8 cache, spill at the 64 registers of a 1024-thread block). Plain copies (no
-// conversion, few registers) take four 16-byte chunks, as the Triton copy kernels that reach 98%
-// of a device copy (64 bytes a thread).
-constexpr int chunks_per_thread(int read_bytes, bool copy = false, bool fp8_cache = false, bool int_codes = false) {
-  return (copy && read_bytes == 16) ? 4 : read_bytes >= 32 ? 1 : (read_bytes == 8 && !fp8_cache && !int_codes) ? 4 : 2;
+// that widen into a wider side (`widen8`: fp8 codes or an fp8 cache into bf16, 16-bit values into
+// fp32; 32 bytes of reads and 64 of writes in flight, as the Triton kernels; four chunks of int
+// codes or into an fp8 cache spill at the 64 registers of a 1024-thread block). Plain copies (no conversion, few
+// registers) take four 16-byte chunks, as the Triton copy kernels that reach 98% of a device copy
+// (64 bytes a thread).
+constexpr int chunks_per_thread(int read_bytes, bool copy = false, bool widen8 = false) {
+  return (copy && read_bytes == 16) ? 4 : read_bytes >= 32 ? 1 : (read_bytes == 8 && widen8) ? 4 : 2;
 }
 
 // The contract's chunk (16 bytes of the widest element): every case runs with it; wider chunks

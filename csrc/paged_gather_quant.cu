@@ -118,30 +118,29 @@ __global__ void __launch_bounds__(256) gather_quant_kernel(const Args a) {
   });
 }
 
-// ---- gather + quantize, a group over lanes ----------------------------------------------------
-// Where a group is GL = G / E pieces of E channels with GL a power of two <= 32 (int8 g64 from
-// bf16: 8 lanes; fp8 token_head, D = 128: 16), a thread takes one piece (16 bytes of the cache)
-// of U groups, the GL lanes of a group combine their finite min / max (or amax) by an xor
-// butterfly of shuffles (every lane ends with the group's), and each lane quantizes its piece
-// from registers and stores its codes; lane 0 of the group stores the scale (and zero point).
-// One pass over the cache, and every warp access is one contiguous span (the per-thread kernel
-// above strides a warp's loads over G channels). Pieces of a row are c0 + u * TPR + x with TPR a
-// multiple of 32, so a warp is one row, a group's lanes never straddle rows or rounds, and lanes
-// past the row's pieces join the shuffles with neutral values: every shuffle is warp-uniform.
-// The group's min / max / amax are the same values as the per-thread kernel's (a min / max picks
-// one of its inputs, in any order), so the codes and scales are too.
-template <typename CTr, int KIND, int BITS, int E, int U>
-__global__ void __launch_bounds__(256) gather_quant_lanes_kernel(const Args a) {
+// ---- gather + quantize fp8 token_head over lanes ----------------------------------------------
+// Where a head is GL = D / E pieces of E channels with GL a power of two <= 32 (D = 128 from
+// bf16: 16 lanes), a thread takes one piece (16 bytes of the cache) of U heads, the GL lanes of a
+// head combine their finite amax by an xor butterfly of shuffles (every lane ends with the
+// head's), and each lane scales and encodes its piece from registers and stores its codes; lane 0
+// of the head stores the scale. One pass over the cache, and every warp access is one contiguous
+// span (the per-thread kernel above strides a warp's loads over a whole head). Pieces of a row are
+// c0 + u * TPR + x with TPR a multiple of 32, so a warp is one row, a head's lanes never straddle
+// rows or rounds, and lanes past the row's pieces join the shuffles with neutral values: every
+// shuffle is warp-uniform. The amax is the same value as the per-thread kernel's (a max picks one
+// of its inputs, in any order), so the codes and scales are too. fp8 only: for int channel groups
+// the same scheme measured slower than the per-thread kernel on an H100 (40% against 46% of copy,
+// docs/perf-notes.md).
+template <typename CTr, int E, int U>
+__global__ void __launch_bounds__(256) gather_fp8_lanes_kernel(const Args a) {
   constexpr bool kFp8Cache = std::is_same<CTr, FP8>::value;
-  constexpr int qmax = (1 << BITS) - 1;
-  constexpr int CB = KIND == 1 ? E * BITS / 8 : E;  // code bytes of a piece
   const int GL = a.gl;
   const int pieces = a.chunks;  // H * D / E
   uint8_t* codes = static_cast<uint8_t*>(a.f.data);
   for_each_row<true>(a, [&](const Row& row) {
     const int64_t rowi = row.r * a.T + row.i;  // (r, token) row of the quantized output
     for (int c0 = 0; c0 < pieces; c0 += U * int(blockDim.x)) {
-      float f[U][E];
+      float f[U][E], amax[U];
       int hh[U], dd[U];
       bool on[U];
 #pragma unroll
@@ -149,85 +148,34 @@ __global__ void __launch_bounds__(256) gather_quant_lanes_kernel(const Args a) {
         const int c = c0 + u * int(blockDim.x) + int(threadIdx.x);
         on[u] = c < pieces;
         chunk_pos<E>(a, on[u] ? c : 0, hh[u], dd[u]);
+        amax[u] = 0.f;  // a skipped row stays at 0: zeros
         if (on[u] && row.valid) {
           load_piece<CTr, E>(a, row, hh[u], dd[u], f[u], kFp8Cache ? cache_scale(a, row.kv, row.l, hh[u]) : 1.f);
+#pragma unroll
+          for (int j = 0; j < E; ++j) {
+            const float m = fabsf(f[u][j]);
+            if (m <= 3.402823466e38f) amax[u] = fmaxf(amax[u], m);
+          }
         } else {
 #pragma unroll
           for (int j = 0; j < E; ++j) f[u][j] = 0.f;
         }
       }
-      float mn[U], mx[U], amax[U];
-      int nonfinite[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        mn[u] = mx[u] = __int_as_float(0x7fffffff);  // none yet (a skipped row stays so: zeros)
-        amax[u] = 0.f;
-        nonfinite[u] = 0;
-        if (on[u] && row.valid) {
-#pragma unroll
-          for (int j = 0; j < E; ++j) {
-            if constexpr (KIND == 1) {
-              const float v = finite_or_nan(f[u][j]);
-              nonfinite[u] |= v != v;
-              mn[u] = fminf(mn[u], v);
-              mx[u] = fmaxf(mx[u], v);
-            } else {
-              const float m = fabsf(f[u][j]);
-              if (m <= 3.402823466e38f) amax[u] = fmaxf(amax[u], m);
-            }
-          }
-        }
-      }
       for (int o = 1; o < GL; o <<= 1) {
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-          if constexpr (KIND == 1) {
-            mn[u] = fminf(mn[u], __shfl_xor_sync(0xffffffffu, mn[u], o));
-            mx[u] = fmaxf(mx[u], __shfl_xor_sync(0xffffffffu, mx[u], o));
-            nonfinite[u] |= __shfl_xor_sync(0xffffffffu, nonfinite[u], o);
-          } else {
-            amax[u] = fmaxf(amax[u], __shfl_xor_sync(0xffffffffu, amax[u], o));
-          }
-        }
+        for (int u = 0; u < U; ++u) amax[u] = fmaxf(amax[u], __shfl_xor_sync(0xffffffffu, amax[u], o));
       }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         if (!on[u]) continue;
-        const int c = c0 + u * int(blockDim.x) + int(threadIdx.x);
-        const int64_t gidx = rowi * (pieces / GL) + c / GL;  // [R, T, H, D / G] (fp8: [R, T, H])
-        uint8_t* cp = codes + (rowi * a.c.num_heads + hh[u]) * a.f.f_h + int64_t(dd[u]) * BITS / 8;
-        Words<CB> w;
-        if constexpr (KIND == 1) {
-          const IntGroup grp = make_int_group(mn[u], mx[u], qmax, nonfinite[u] != 0);
-          uint32_t q[E];
+        const float scale = fp8_scale_from_amax(amax[u]);
+        const float inv = fp8_inv(scale);
 #pragma unroll
-          for (int j = 0; j < E; ++j) q[j] = int_quantize(f[u][j], grp, float(qmax));
-          if constexpr (CB <= 8) {
-            const uint64_t word = pack_code_word<BITS, E>(q);
-            w.w[0] = uint32_t(word);
-            if constexpr (CB == 8) w.w[1] = uint32_t(word >> 32);
-          } else {  // 16 int8 codes: two 8-byte words
-            uint32_t lo[E / 2], hi[E / 2];
-#pragma unroll
-            for (int j = 0; j < E / 2; ++j) { lo[j] = q[j]; hi[j] = q[E / 2 + j]; }
-            const uint64_t a0 = pack_code_word<BITS, E / 2>(lo), a1 = pack_code_word<BITS, E / 2>(hi);
-            w.w[0] = uint32_t(a0); w.w[1] = uint32_t(a0 >> 32); w.w[2] = uint32_t(a1); w.w[3] = uint32_t(a1 >> 32);
-          }
-          store_flat<CB, false>(a, cp, w);
-          if ((threadIdx.x & (GL - 1)) == 0) {
-            const_cast<float*>(a.f.scale)[gidx] = grp.scale;
-            const_cast<float*>(a.f.zero)[gidx] = grp.mn;
-          }
-        } else {
-          const float scale = fp8_scale_from_amax(amax[u]);
-          const float inv = fp8_inv(scale);
-          float y[E];
-#pragma unroll
-          for (int j = 0; j < E; ++j) y[j] = __fmul_rn(f[u][j], inv);
-          floats_to_fp8<E>(y, w);
-          store_flat<CB, false>(a, cp, w);
-          if ((threadIdx.x & (GL - 1)) == 0) const_cast<float*>(a.f.scale)[gidx] = scale;
-        }
+        for (int j = 0; j < E; ++j) f[u][j] = __fmul_rn(f[u][j], inv);
+        Words<E> w;
+        floats_to_fp8<E>(f[u], w);
+        store_flat<E, false>(a, codes + (rowi * a.c.num_heads + hh[u]) * a.f.f_h + dd[u], w);
+        if ((threadIdx.x & (GL - 1)) == 0) const_cast<float*>(a.f.scale)[rowi * a.c.num_heads + hh[u]] = scale;
       }
     }
   });
@@ -256,15 +204,15 @@ cudaError_t prepare_quant(Args& a, const KvkPagedCaches* c, const KvkPagedFlat* 
   return cudaSuccess;
 }
 
-// Lanes per group for the lanes kernel: G / E when that is a power of two <= 32, else 0 (the
+// Lanes per head for the fp8 lanes kernel: G / E when that is a power of two <= 32, else 0 (the
 // per-thread kernel).
 int lanes_per_group(int64_t G, int E) {
   const int64_t gl = G / E;
   return (G % E == 0 && gl <= 32 && (gl & (gl - 1)) == 0) ? int(gl) : 0;
 }
 
-// The lanes kernel's pieces: chunks of E channels over the row (prepare's), one scale group per
-// GL lanes; the per-thread kernel's: one group per thread.
+// The lanes kernel's pieces: chunks of E channels over the row (prepare's), one head per GL
+// lanes; the per-thread kernel's: one group per thread.
 void lanes_geometry(Args& a, const KvkPagedCaches* c, int E, int gl) {
   a.gl = gl;
   a.chunks = int(c->num_heads * (c->head_dim / E));
@@ -275,10 +223,10 @@ template <typename CTr, int KIND, int BITS, int E>
 cudaError_t run_gather_quant(Args& a, int max_blocks, cudaStream_t s) {
   if constexpr (E > 16 / CTr::kSize) {
     return cudaErrorNotSupported;  // never picked (pick_e_quant)
-  } else if (a.gl > 0) {
+  } else if (KIND == 2 && a.gl > 0) {
     static int per_sm[kMaxDevices * 33] = {};
     constexpr int U = 2;  // two 16-byte pieces in flight per thread
-    return launch(a, U, max_blocks, gather_quant_lanes_kernel<CTr, KIND, BITS, E, U>, per_sm, s, 256, 32);
+    return launch(a, U, max_blocks, gather_fp8_lanes_kernel<CTr, E, U>, per_sm, s, 256, 32);
   } else {
     static int per_sm[kMaxDevices * 33] = {};
     return launch(a, 1, max_blocks, gather_quant_kernel<CTr, KIND, BITS, E>, per_sm, s, 256);
@@ -321,9 +269,7 @@ cudaError_t gather_quant(const KvkPagedCaches* c, const KvkPagedFlat* f, const v
   const int E = pick_e_quant(c, int(f->dg));
   cudaError_t err = prepare_quant(a, c, f, slots, slots64, T, cnt, cnt64, E);
   if (err != cudaSuccess) return err;
-  // fp8 token_head only: measured on an H100 (Llama-3-8B, 4K tokens) the lanes kernel took fp8
-  // from 18% to 61% of copy but int8 g64 from 46% to 40% (docs/perf-notes.md)
-  const int gl = f->kind == 2 ? lanes_per_group(f->dg, E) : 0;
+  const int gl = f->kind == 2 ? lanes_per_group(f->dg, E) : 0;  // fp8 token_head: the lanes kernel
   if (gl > 0) lanes_geometry(a, c, E, gl);
   return gather_quant_dispatch(a, c, f, E, max_blocks, stream);
 }
