@@ -365,31 +365,21 @@ class Blender:
             topk_mask_into(r, count, f_rel, c_rel, m)
             return m.nonzero().flatten()
         tk = lambda t: t.transpose(0, 1)  # [A, H, D] views
-        if deviation_on == "kv_norm":
+        if deviation_on in ("kv_norm", "kv_union", "kv_budget"):  # both deviations, combined
             dk = select_tokens(tk(fk), tk(ck), count=0).deviation
             dv = select_tokens(fresh_v=tk(fv), cached_v=tk(cv), count=0).deviation
-            w = c_rel & ~f_rel
-            nk = dk[w].mean().clamp_min(1e-30) if bool(w.any()) else dk.new_ones(())
-            nv = dv[w].mean().clamp_min(1e-30) if bool(w.any()) else dv.new_ones(())
             m = torch.empty(a.numel(), dtype=torch.bool, device=fk.device)
-            topk_mask_into(dk / nk + dv / nv, count, f_rel, c_rel, m)
-            return m.nonzero().flatten()
-        if deviation_on == "kv_budget":  # K's ranking up to KV_BUDGET_K of the candidates, V's after
-            dk = select_tokens(tk(fk), tk(ck), count=0).deviation
-            dv = select_tokens(fresh_v=tk(fv), cached_v=tk(cv), count=0).deviation
-            nk = min(count, count if k_count is None else k_count)
-            m1 = torch.empty(a.numel(), dtype=torch.bool, device=fk.device)
-            topk_mask_into(dk, nk, f_rel, c_rel, m1)
-            m = torch.empty_like(m1)
-            topk_mask_into(dv, count - nk, m1, c_rel, m)
-            return m.nonzero().flatten()
-        if deviation_on == "kv_union":  # half of the count by K's ranking, the rest by V's
-            dk = select_tokens(tk(fk), tk(ck), count=0).deviation
-            dv = select_tokens(fresh_v=tk(fv), cached_v=tk(cv), count=0).deviation
-            m1 = torch.empty(a.numel(), dtype=torch.bool, device=fk.device)
-            topk_mask_into(dk, (count + 1) // 2, f_rel, c_rel, m1)
-            m = torch.empty_like(m1)
-            topk_mask_into(dv, count - (count + 1) // 2, m1, c_rel, m)
+            if deviation_on == "kv_norm":  # each over its mean on the free candidates
+                w = c_rel & ~f_rel
+                nk = dk[w].mean().clamp_min(1e-30) if bool(w.any()) else dk.new_ones(())
+                nv = dv[w].mean().clamp_min(1e-30) if bool(w.any()) else dv.new_ones(())
+                topk_mask_into(dk / nk + dv / nv, count, f_rel, c_rel, m)
+            else:  # n_k tokens by K's ranking (half, or kv_budget's share), the rest by V's
+                n_k = (count + 1) // 2 if deviation_on == "kv_union" else (
+                    count if k_count is None else min(count, k_count))
+                by_k = torch.empty_like(m)
+                topk_mask_into(dk, n_k, f_rel, c_rel, by_k)
+                topk_mask_into(dv, count - n_k, by_k, c_rel, m)
             return m.nonzero().flatten()
         s = select_tokens(tk(fk) if "k" in deviation_on else None, tk(ck) if "k" in deviation_on else None,
                           tk(fv) if "v" in deviation_on else None, tk(cv) if "v" in deviation_on else None,
