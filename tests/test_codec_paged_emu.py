@@ -12,12 +12,9 @@ scheduling, conversions or alignment faults), but it checks every index without 
 """
 import ctypes
 import hashlib
-import os
 import pathlib
 import re
 import shutil
-import subprocess
-import tempfile
 
 import pytest
 import torch
@@ -28,7 +25,7 @@ from kvkernels.reference import codec as R
 
 from test_codec_paged import (assert_no_slot_twice, coder_case, coder_segments, make_layout, raw, scales,
                               slots32, slots_for)
-from test_paged_emu import SHIM as PAGED_SHIM
+from test_paged_emu import SHIM as PAGED_SHIM, STUB, build_emu
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -108,24 +105,8 @@ def emu():
     assert n == 1
     srcs["codec_dequant.cu"] = d
     key = hashlib.sha1((_shim() + HARNESS + "".join(srcs.values())).encode()).hexdigest()[:16]
-    out = pathlib.Path(tempfile.gettempdir()) / f"kvk_codec_emu_{key}"
-    lib = out / "emu.so"
-    if not lib.exists():  # built in a private folder, then renamed: xdist workers never share files
-        out.mkdir(exist_ok=True)
-        w = pathlib.Path(tempfile.mkdtemp(prefix="build_", dir=out))
-        (w / "inc").mkdir()
-        (w / "inc" / "cuda_runtime.h").write_text(_shim())
-        for h in ("cuda_bf16.h", "cuda_fp16.h", "cuda_fp8.h"):
-            (w / "inc" / h).write_text('#pragma once\n#include "cuda_runtime.h"\n')
-        for n, t in srcs.items():
-            (w / n).write_text(t)
-        (w / "emu.cpp").write_text(HARNESS)
-        cmd = [cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread", "-x", "c++",
-               f"-I{w / 'inc'}", f"-I{w}", str(w / "emu.cpp"), "-o", str(w / "emu.so")]
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        assert p.returncode == 0, p.stderr[-6000:]
-        os.replace(w / "emu.so", lib)
-        shutil.rmtree(w, ignore_errors=True)
+    inc = {"cuda_runtime.h": _shim(), **{h: STUB for h in ("cuda_bf16.h", "cuda_fp16.h", "cuda_fp8.h")}}
+    lib = build_emu(cxx, f"kvk_codec_emu_{key}", {**srcs, "emu.cpp": HARNESS}, inc, [])
     so = ctypes.CDLL(str(lib))
     so.emu_pages.restype = ctypes.c_int
     return so

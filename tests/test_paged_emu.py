@@ -239,6 +239,33 @@ extern "C" int emu_call(int scatter, int64_t ptrs, const int64_t* spec, int alig
 '''
 
 
+STUB = '#pragma once\n#include "cuda_runtime.h"\n'
+
+
+def build_emu(cxx, name, files, inc, flags) -> pathlib.Path:
+    """The emulation library ``<tmp>/<name>/emu.so`` (cached by name): ``files`` (name -> text,
+    ``emu.cpp`` the one compiled) and the ``inc`` headers (the shims) written to a private build
+    folder, compiled there and renamed into place, so that xdist workers never share a file (one
+    rewriting a header while another compiles makes ``#pragma once`` see two files)."""
+    d = pathlib.Path(tempfile.gettempdir()) / name
+    lib = d / "emu.so"
+    if not lib.exists():
+        d.mkdir(exist_ok=True)
+        w = pathlib.Path(tempfile.mkdtemp(prefix="build_", dir=d))
+        (w / "inc").mkdir()
+        for n, t in inc.items():
+            (w / "inc" / n).write_text(t)
+        for n, t in files.items():
+            (w / n).write_text(t)
+        cmd = [cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread", "-x", "c++",
+               f"-I{w / 'inc'}", f"-I{w}", *flags, str(w / "emu.cpp"), "-o", str(w / "emu.so")]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr[-6000:]
+        os.replace(w / "emu.so", lib)
+        shutil.rmtree(w, ignore_errors=True)
+    return lib
+
+
 @pytest.fixture(scope="module")
 def emu():
     cxx = shutil.which("g++") or shutil.which("c++")
@@ -246,23 +273,9 @@ def emu():
         pytest.skip("no C++ compiler")
     src = "".join((ROOT / "csrc" / n).read_text() for n in PAGED_SOURCES) + SHIM + HARNESS
     key = hashlib.sha1(src.encode()).hexdigest()[:16]
-    d = pathlib.Path(tempfile.gettempdir()) / f"kvk_paged_emu_{key}"
-    lib = d / "emu.so"
-    if not lib.exists():  # built in a private folder, then renamed: xdist workers never share files
-        d.mkdir(exist_ok=True)
-        w = pathlib.Path(tempfile.mkdtemp(prefix="build_", dir=d))
-        inc = w / "inc"
-        inc.mkdir()
-        (inc / "cuda_runtime.h").write_text(SHIM)
-        for h in ("cuda_bf16.h", "cuda_fp16.h", "cuda_fp8.h"):
-            (inc / h).write_text('#pragma once\n#include "cuda_runtime.h"\n')
-        (w / "emu.cpp").write_text(HARNESS)
-        cmd = [cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread", "-DKVK_PAGED_EMULATE",
-               "-x", "c++", f"-I{inc}", f"-I{ROOT / 'csrc'}", str(w / "emu.cpp"), "-o", str(w / "emu.so")]
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        assert p.returncode == 0, p.stderr[-4000:]
-        os.replace(w / "emu.so", lib)
-        shutil.rmtree(w, ignore_errors=True)
+    inc = {"cuda_runtime.h": SHIM, **{h: STUB for h in ("cuda_bf16.h", "cuda_fp16.h", "cuda_fp8.h")}}
+    lib = build_emu(cxx, f"kvk_paged_emu_{key}", {"emu.cpp": HARNESS}, inc,
+                    ["-DKVK_PAGED_EMULATE", f"-I{ROOT / 'csrc'}"])
     so = ctypes.CDLL(str(lib))
     so.emu_call.restype = ctypes.c_int
     return so
