@@ -226,24 +226,21 @@ def encode(kv: torch.Tensor, preset="default", *, chunk_tokens: int = 256, coder
                     freq = torch.nn.functional.pad(_tables_for(bank, k, l, C, bins, pb), (0, bins_max - bins)).to(dev)
                 items.append((k, l, sym, side, freq, bins))
         batches = [items] if coder == "rans" else [[it] for it in items]
-        coded = {}  # (k, l) -> (payload bytes, stream offsets relative to the batch, base stream)
+        coded = {}  # (k, l) -> (payload bytes, stream offsets of its batch, its first stream)
         ns = _n_streams(coder, C)
         for batch in batches:
+            nb = len(batch)
             sym = torch.cat([it[2] for it in batch], 0)
             freq = torch.cat([it[4] for it in batch], 0)
-            rows = [it[4].shape[0] for it in batch]
-            base = [sum(rows[:j]) for j in range(len(batch))]
-            if table_mode == 0:  # per-chunk tables: segment i of item j uses rows base_j + i*C ...
-                tid = torch.cat([torch.arange(b, b + S * C, dtype=torch.int32, device=dev).reshape(S, C)
-                                 for b in base], 0)
-            else:
-                tid = torch.cat([torch.arange(b, b + C, dtype=torch.int32, device=dev).unsqueeze(0).expand(S, C)
-                                 for b in base], 0).contiguous()
+            if table_mode == 0:  # per-chunk tables: segment s uses rows s*C .. s*C + C - 1
+                tid = torch.arange(nb * S * C, dtype=torch.int32, device=dev).reshape(nb * S, C)
+            else:  # item j's C bank rows, for each of its S segments
+                tid = (torch.arange(nb, dtype=torch.int32, device=dev)[:, None, None] * C
+                       + torch.arange(C, dtype=torch.int32, device=dev)).expand(nb, S, C).reshape(nb * S, C)
             if coder == "rans":
                 payload, offs = co.rans_encode(sym.contiguous(), freq.contiguous(), tid, pb)
-            else:
-                b = batch[0][5]
-                payload, offs = co.ac_encode(sym.contiguous(), _tables.cdf_from_freq(freq[:, :b].cpu()).to(dev), tid)
+            else:  # one (kind, layer) a batch: its own bins
+                payload, offs = co.ac_encode(sym.contiguous(), _tables.cdf_from_freq(freq[:, :batch[0][5]]), tid)
             pay = payload.cpu().numpy().tobytes()
             offs = offs.tolist()
             for j, it in enumerate(batch):

@@ -58,7 +58,7 @@ def normalize(counts: torch.Tensor, bins, prob_bits: int) -> torch.Tensor:
 
 def cdf_from_freq(freq: torch.Tensor) -> torch.Tensor:
     """int32 ``[K, W + 1]`` CDF rows ``[0, cumsum(freq)]`` (16-bit freq: last = 65536)."""
-    z = torch.zeros(freq.shape[0], 1, dtype=torch.int64)
+    z = torch.zeros(freq.shape[0], 1, dtype=torch.int64, device=freq.device)
     return torch.cat([z, freq.to(torch.int64).cumsum(1)], 1).to(torch.int32)
 
 
