@@ -36,6 +36,7 @@ full run can be split over calls. With ``--out``, ``paged.json`` is rewritten af
 from __future__ import annotations
 
 import gc
+import json
 import math
 import os
 
@@ -125,14 +126,12 @@ def run(args, timer, copy, info, op_names):
                     _dump_partial(args, rows)
             del kv, slots, scale
             _free()
-            _dump_partial(args, rows)
     return rows
 
 
 def _dump_partial(args, rows):
     """Rewrite <out>/paged.json with the rows so far (the CLI writes the final one)."""
     if getattr(args, "out", None):
-        import json
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, f"{FAMILY}.json"), "w") as f:
             json.dump(rows, f, indent=1)
