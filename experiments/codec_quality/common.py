@@ -14,10 +14,6 @@ def load():
 def ids_of(tok, text="Pride and Prejudice", n=2048):
     return cq.tokens(tok, cq.TEXTS[text], n)
 
-def profile_ids(tok, n=1024):
-    text = cq.PROFILE_TEXT.read_text(encoding="utf-8")
-    return tok(text[: 12 * n], return_tensors="pt", add_special_tokens=False).input_ids[:, :n]
-
 def run_fq(model, ids, fq):
     """ppl with fq(li, kind, t [T, C]) -> [T, C] applied as each layer writes."""
     H = model.config.num_key_value_heads

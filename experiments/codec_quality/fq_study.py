@@ -96,7 +96,7 @@ if __name__ == "__main__":
     fis = torch.load(CACHE / "fisher_2048.pt")
     kvp_path = CACHE / "kv_profile2048.pt"
     if not kvp_path.exists():
-        _, kvp = run_fq(model, profile_ids(tok, 2048), None)
+        _, kvp = run_fq(model, cq.profile_ids(tok, 2048), None)
         torch.save(kvp, kvp_path)
     kvp = torch.load(kvp_path)
     kvp = kvp.reshape(2, L, kvp.shape[2], -1)

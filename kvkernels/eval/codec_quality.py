@@ -145,13 +145,10 @@ def profile(model, tok, n_tokens=2048, chunk=256, preset=None, name=MODEL_NAME, 
     return TB.bank_to_bytes(name, counts)
 
 
-def fisher_profile(model, tok, n_tokens=2048, n_samples=4, chunk=256, seed=0) -> dict:
-    """The default's step profile on the profile text: per (kind, layer, channel) the per-token
-    diagonal Fisher information of the cached element (tokens 1..; labels sampled from the
-    model, so one backward's squared gradient is an unbiased estimate), the std (tokens 1..)
-    and the median over ``chunk``-token chunks of max |x - chunk mean| (sizes the bins)."""
-    import base64
-
+def kv_fisher(model, ids, n_samples: int = 4, seed: int = 0) -> torch.Tensor:
+    """float64 ``[2, L, T, C]``: the mean over ``n_samples`` backwards of the squared gradient of
+    the summed NLL w.r.t. every cached K / V element, labels sampled from the model's own
+    predictions (so one sample is an unbiased estimate of the diagonal Fisher information)."""
     from transformers import DynamicCache
 
     class GradCache(DynamicCache):
@@ -164,7 +161,6 @@ def fisher_profile(model, tok, n_tokens=2048, n_samples=4, chunk=256, seed=0) ->
             self.leaves.append((ks, vs))
             return super().update(ks, vs, li, *a, **k)
 
-    ids = profile_ids(tok, n_tokens)
     T = ids.shape[1]
     g = torch.Generator().manual_seed(seed)
     key = "cache" if "cache" in _inspect.signature(model.forward).parameters else "past_key_values"
@@ -177,10 +173,23 @@ def fisher_profile(model, tok, n_tokens=2048, n_samples=4, chunk=256, seed=0) ->
         torch.nn.functional.cross_entropy(lg, y, reduction="sum").backward()
         gr = torch.stack([torch.stack([kv[k].grad[0].transpose(0, 1).reshape(T, -1) for kv in cache.leaves])
                           for k in range(2)])  # [2, L, T, C]
-        sq = (gr.double() ** 2)[:, :, 1:].sum(2)
+        sq = gr.double() ** 2
         acc = sq if acc is None else acc + sq
         model.zero_grad(set_to_none=True)
-    fisher = (acc / n_samples / (T - 1)).float()
+    return acc / n_samples
+
+
+def fisher_profile(model, tok, n_tokens=2048, n_samples=4, chunk=256, seed=0) -> dict:
+    """The default's step profile on the profile text: per (kind, layer, channel) the per-token
+    diagonal Fisher information of the cached element (tokens 1..; labels sampled from the
+    model, so one backward's squared gradient is an unbiased estimate), the std (tokens 1..)
+    and the median over ``chunk``-token chunks of max |x - chunk mean| (sizes the bins)."""
+    import base64
+
+    ids = profile_ids(tok, n_tokens)
+    T = ids.shape[1]
+    F = kv_fisher(model, ids, n_samples, seed)
+    fisher = (F[:, :, 1:].sum(2) / (T - 1)).float()
     with torch.no_grad():
         _, kv = run(model, ids)
     x = kv.reshape(2, kv.shape[1], T, -1)
